@@ -1,0 +1,204 @@
+"""Checkpoint: a lazy reader of one model folder.
+
+Names, shapes and dtypes come from the safetensors headers (or the index) without reading tensor
+data; bytes are read on demand with pread, so no input file is memory-mapped and nothing is
+held beyond the caller's buffer. Pickle (`.bin`) weights are read only when the caller allows
+it, with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import hub
+from .errors import ShadowMergeError
+from .stformat import itemsize, read_header
+
+INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file and absolute byte offset (None for a pickle-loaded tensor)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    offset: int | None
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return self.nbytes // itemsize(self.dtype)
+
+    @property
+    def row_numel(self) -> int:
+        """Elements in one slice along dim 0 (the unit every chunk is made of)."""
+        return self.numel // self.shape[0] if self.shape and self.shape[0] else max(self.numel, 1)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.row_numel * itemsize(self.dtype)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+
+class Checkpoint:
+    """A model folder opened for lazy reading. Use `Checkpoint.open(ref, label)`."""
+
+    def __init__(self, folder: Path, label: str, ref: str, allow_pickle: bool = False):
+        self.folder = folder
+        self.label = label
+        self.ref = ref
+        self.config = self._read_config()
+        self._pickled: dict[str, torch.Tensor] = {}
+        self._weight_map: dict | None = None
+        self.tensors: dict[str, TensorInfo] = self._scan(allow_pickle)
+        self._fds: dict[Path, int] = {}
+
+    @classmethod
+    def open(cls, ref: str | Path, label: str, allow_pickle: bool = False) -> "Checkpoint":
+        return cls(hub.resolve(ref, allow_pickle), label, str(ref), allow_pickle)
+
+    # --- metadata -------------------------------------------------------------------------
+    def _read_config(self) -> dict:
+        path = self.folder / "config.json"
+        if not path.is_file():
+            raise ShadowMergeError(f"{self.label} {self.folder}: no config.json; pass a Hugging Face model folder")
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ShadowMergeError(f"{self.label} {path}: unreadable config.json ({exc})") from None
+
+    @property
+    def architecture(self) -> tuple[str | None, tuple[str, ...]]:
+        cfg = self.config
+        return cfg.get("model_type"), tuple(cfg.get("architectures") or ())
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        cfg = self.config
+        if "tie_word_embeddings" in cfg:
+            return bool(cfg["tie_word_embeddings"])
+        text = cfg.get("text_config") or {}
+        return bool(text.get("tie_word_embeddings", False))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def _scan(self, allow_pickle: bool) -> dict[str, TensorInfo]:
+        folder = self.folder
+        index = folder / INDEX
+        if index.is_file():
+            files = self._index_files(index)
+        elif (folder / "model.safetensors").is_file():
+            files = [folder / "model.safetensors"]
+        else:
+            files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
+        if files:
+            return self._scan_safetensors(files)
+        pickles = sorted(folder.glob("*.bin"))
+        if pickles:
+            if not allow_pickle:
+                raise ShadowMergeError(
+                    f"{self.label} {folder}: only pickle weights ({pickles[0].name}); pass --allow-pickle to "
+                    f"load them with torch.load(weights_only=True), or convert the model to safetensors")
+            return self._scan_pickles(pickles)
+        hint = "; it looks like a PEFT adapter" if (folder / "adapter_config.json").is_file() else ""
+        raise ShadowMergeError(f"{self.label} {folder}: no weights found (expected model.safetensors or "
+                               f"{INDEX}){hint}")
+
+    def _index_files(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            raise ShadowMergeError(f"{self.label} {index}: unreadable index (no weight_map); re-save the model")
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            path = self.folder / name
+            if not path.is_file():
+                raise ShadowMergeError(f"{self.label} {index} names shard {name}, which is missing; "
+                                       f"re-download the model")
+            files.append(path)
+        self._weight_map = weight_map
+        return files
+
+    def _scan_safetensors(self, files: list[Path]) -> dict[str, TensorInfo]:
+        found: list[TensorInfo] = []
+        for path in files:
+            start, header, _ = read_header(path, path.stat().st_size)
+            for name, (dtype, shape, begin, end) in header.items():
+                found.append(TensorInfo(name, dtype, shape, path, start + begin, end - begin))
+        found.sort(key=lambda t: (files.index(t.file), t.offset))
+        tensors: dict[str, TensorInfo] = {}
+        for info in found:
+            if info.name in tensors:
+                raise ShadowMergeError(f"{self.label} {self.folder}: tensor {info.name!r} is stored twice "
+                                       f"({tensors[info.name].file.name}, {info.file.name})")
+            tensors[info.name] = info
+        weight_map = self._weight_map
+        if weight_map is not None:
+            wrong = [n for n, f in weight_map.items() if n not in tensors or tensors[n].file.name != f]
+            if wrong:
+                raise ShadowMergeError(f"{self.label} {self.folder / INDEX} disagrees with the shard headers "
+                                       f"about {len(wrong)} tensor(s), e.g. {wrong[0]!r}; re-save the model")
+        return tensors
+
+    def _scan_pickles(self, files: list[Path]) -> dict[str, TensorInfo]:
+        tensors: dict[str, TensorInfo] = {}
+        for path in files:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise ShadowMergeError(f"{self.label} {path}: cannot be loaded with weights_only=True "
+                                       f"({type(exc).__name__}); convert it to safetensors") from None
+            for name, t in state.items():
+                if not isinstance(t, torch.Tensor):
+                    continue
+                t = t.contiguous()
+                self._pickled[name] = t
+                tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), path, None, t.numel() * t.element_size())
+        return tensors
+
+    # --- data -----------------------------------------------------------------------------
+    def fd(self, path: Path) -> int:
+        """An open read-only descriptor of one of this checkpoint's files (kept until close())."""
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def read_into(self, info: TensorInfo, row0: int, row1: int, out: torch.Tensor) -> torch.Tensor:
+        """Read rows [row0, row1) of a tensor's raw bytes into the uint8 tensor `out`; return that slice."""
+        row_bytes = info.row_bytes
+        n = (row1 - row0) * row_bytes
+        dst = out[:n]
+        if info.offset is None:
+            src = self._pickled[info.name].reshape(-1).view(torch.uint8)
+            dst.copy_(src[row0 * row_bytes: row0 * row_bytes + n])
+            return dst
+        view = memoryview(dst.numpy())
+        fd, pos, done = self.fd(info.file), info.offset + row0 * row_bytes, 0
+        while done < n:
+            got = os.preadv(fd, [view[done:]], pos + done)
+            if got <= 0:
+                raise ShadowMergeError(f"{self.label} {info.file}: file ended while reading {info.name!r}; "
+                                       f"it was truncated or changed during the run")
+            done += got
+        return dst
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+

@@ -1,0 +1,82 @@
+"""The `shadowmerge` command line (click). Each command parses options and calls the library."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+from .errors import ShadowMergeError
+
+
+class _Group(click.Group):
+    """Expected errors become one line and exit 1; Ctrl-C exits 130 after cleanup."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ShadowMergeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted; no output was left behind", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="shadowmerge")
+def main():
+    """Shadow-FT merges: tune the Base, graft the update onto the Instruct.
+
+    \b
+    Example:
+      shadowmerge graft --instruct Qwen/Qwen3-4B --base Qwen/Qwen3-4B-Base \\
+                        --tuned ./qwen3-4b-base-sft --out ./qwen3-4b-shadow
+    """
+
+
+@main.command(context_settings={"max_content_width": 100})
+@click.option("--instruct", required=True, metavar="MODEL", help="Instruct model: local folder or Hub id.")
+@click.option("--base", metavar="MODEL", help="Base model that was fine-tuned: local folder or Hub id.")
+@click.option("--tuned", metavar="MODEL", help="The fine-tuned Base: local folder or Hub id.")
+@click.option("--out", metavar="DIR", help="Output folder (written beside, then renamed into place).")
+@click.option("--alpha", type=float, default=1.0, show_default=True, help="Scale of the grafted update.")
+@click.option("--include", metavar="REGEX", help="Graft only tensors whose name matches (re.search).")
+@click.option("--exclude", metavar="REGEX", help="Never graft tensors whose name matches; copy them from Instruct.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
+              help="Output dtype of floating tensors [default: each Instruct tensor's dtype].")
+@click.option("--shard-size", default="5GB", show_default=True, help="Maximum shard size (5GB, 500MB, 2GiB).")
+@click.option("--device", default="cpu", show_default=True, help="Where the arithmetic runs: cpu, cuda, cuda:N.")
+@click.option("--vocab", type=click.Choice(["error", "common"]), default="error", show_default=True,
+              help="If embedding row counts differ: refuse, or graft the common rows and keep the Instruct's rest.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--dry-run", is_flag=True, help="Print the plan from the headers; read no tensor data, write nothing.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
+@click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf results with a warning instead of failing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def graft(instruct, base, tuned, out, alpha, include, exclude, dtype, shard_size, device, vocab, force, dry_run,
+          allow_pickle, allow_nonfinite, quiet):
+    """Graft a Base fine-tune onto the Instruct: OUT = I + ALPHA * (TUNED - BASE).
+
+    Every tensor is grafted unless --include/--exclude say otherwise; the others are
+    copied from the Instruct byte for byte. Arithmetic is float32, cast once. The output
+    carries the Instruct's config, tokenizer, chat template and generation config.
+
+    \b
+    Examples:
+      shadowmerge graft --instruct Qwen/Qwen3-4B --base Qwen/Qwen3-4B-Base \\
+          --tuned ./qwen3-4b-base-sft --out ./qwen3-4b-shadow
+      shadowmerge graft ... --alpha 0.8 --exclude 'embed_tokens|lm_head' --dtype bfloat16
+      shadowmerge graft ... --dry-run
+    """
+    from .pipeline import graft as run_graft
+
+    summary = run_graft(instruct, base, tuned, out, alpha=alpha, include=include, exclude=exclude, dtype=dtype,
+                        shard_size=shard_size, device=device, vocab=vocab, force=force, dry_run=dry_run,
+                        allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, progress=not quiet)
+    click.echo(str(summary))
+
+
+if __name__ == "__main__":
+    main()

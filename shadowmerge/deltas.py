@@ -1,0 +1,89 @@
+"""Delta sources: where the learned update W_B' - W_B of each tensor comes from.
+
+A source maps Instruct tensor names to entries, reads the raw bytes an entry needs for a block of
+rows (I/O, on the reader thread) and turns them into a float32 delta (arithmetic, on the compute
+device). `FullDelta` is the full fine-tune case: tuned minus base, tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import Checkpoint, TensorInfo
+from .errors import ShadowMergeError
+
+# Names of output / input embedding matrices, to follow tied embeddings across checkpoints.
+OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
+INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
+                    "transformer.wte.weight", "gpt_neox.embed_in.weight", "model.decoder.embed_tokens.weight",
+                    "transformer.word_embeddings.weight")
+
+
+def tied_alias(ckpt: Checkpoint, name: str) -> TensorInfo | None:
+    """The tensor a tied checkpoint uses for `name`: itself, or its input embedding for a missing lm_head."""
+    info = ckpt.tensors.get(name)
+    if info is None and ckpt.tie_word_embeddings and name.endswith(OUTPUT_EMBEDDINGS):
+        prefix = name[: -len("lm_head.weight")] if name.endswith("lm_head.weight") else ""
+        for candidate in INPUT_EMBEDDINGS:
+            info = ckpt.tensors.get(prefix + candidate) or ckpt.tensors.get(candidate)
+            if info is not None:
+                break
+    return info
+
+
+@dataclass(frozen=True)
+class FullEntry:
+    base: TensorInfo
+    tuned: TensorInfo
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
+
+
+class FullDelta:
+    """delta = tuned - base for every same-named tensor (a full fine-tune of the Base)."""
+
+    kind = "full"
+    #: Every grafted Instruct tensor must have a delta; a missing one is an error, not a copy.
+    strict = True
+
+    def __init__(self, base: Checkpoint, tuned: Checkpoint):
+        self.base, self.tuned = base, tuned
+        self.checkpoints = (base, tuned)
+
+    def describe(self) -> dict:
+        return {"base": self.base.ref, "tuned": self.tuned.ref}
+
+    def entry(self, name: str) -> FullEntry | None:
+        b, t = tied_alias(self.base, name), tied_alias(self.tuned, name)
+        if b is None or t is None:
+            return None
+        if b.shape != t.shape:
+            raise ShadowMergeError(f"shape differs for {name}: base {list(b.shape)}, tuned {list(t.shape)}; "
+                                   f"the tuned model must be a fine-tune of this base")
+        for info, ckpt in ((b, self.base), (t, self.tuned)):
+            if not info.dtype.is_floating_point:
+                raise ShadowMergeError(f"{ckpt.label} tensor {name} is {info.dtype}, not floating point; "
+                                       f"exclude it with --exclude")
+        return FullEntry(b, t)
+
+    def names(self) -> set[str]:
+        """Every tensor name the source holds (to report names the Instruct lacks)."""
+        return set(self.base.tensors) | set(self.tuned.tensors)
+
+    def rows(self, entry: FullEntry) -> int:
+        return entry.base.rows
+
+    def read(self, entry: FullEntry, row0: int, row1: int, buffers) -> tuple:
+        n = (row1 - row0) * entry.base.row_bytes
+        return (self.tuned.read_into(entry.tuned, row0, row1, buffers("tuned", n)),
+                self.base.read_into(entry.base, row0, row1, buffers("base", n)))
+
+    def delta_into(self, entry: FullEntry, payload: tuple, out: torch.Tensor, to_float) -> torch.Tensor:
+        tuned_raw, base_raw = payload
+        t = to_float(tuned_raw, entry.tuned.dtype, "tuned")
+        b = to_float(base_raw, entry.base.dtype, "base")
+        return torch.sub(t, b, out=out)

@@ -1,0 +1,230 @@
+"""Engine: carries out a Plan, overlapping reading, arithmetic and writing.
+
+A reader thread fills buffer slots with raw bytes (pread), the calling thread does the float32
+arithmetic on the chosen device, and a writer thread streams the results out. Tensors move in
+chunks of whole rows, through a fixed set of reusable slots, so memory is bounded by the chunk
+size, not by a tensor, a shard or the model.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ShadowMergeError
+from .plan import Plan, TensorPlan
+from .stformat import itemsize
+from .writer import ShardWriter
+
+CHUNK_ELEMENTS = 1 << 22    # 4 Mi elements: 16 MiB of float32 per operand
+SLOTS = 3                   # chunks in flight: one being read, one computed, one written
+
+
+@dataclass
+class Job:
+    tensor: TensorPlan
+    kind: str                 # "graft", "cast" or "copy"
+    row0: int
+    row1: int
+    first: bool
+
+
+def jobs(plan: Plan, chunk_elements: int = CHUNK_ELEMENTS):
+    for t in plan.tensors:
+        info = t.info
+        step = max(1, chunk_elements // max(info.row_numel, 1))
+        first = True
+        if t.graft_rows:
+            for r in range(0, t.graft_rows, step):
+                yield Job(t, "graft", r, min(r + step, t.graft_rows), first)
+                first = False
+        rest = (t.graft_rows, info.rows)
+        if t.out_dtype == info.dtype:
+            if rest[1] > rest[0] or first:
+                yield Job(t, "copy", rest[0], rest[1], first)
+        else:
+            for r in range(rest[0], rest[1], step):
+                yield Job(t, "cast", r, min(r + step, rest[1]), first)
+                first = False
+            if first:
+                yield Job(t, "copy", 0, 0, True)    # an empty tensor
+
+
+class Buffers:
+    """Named byte buffers, grown on demand and reused (pinned when a GPU does the arithmetic)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.uint8):
+        self.device, self.dtype = device, dtype
+        self.pin = False
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def __call__(self, key: str, n: int) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 1), dtype=self.dtype, device=self.device, pin_memory=self.pin)
+            self._bufs[key] = buf
+        return buf[:n]
+
+
+class Slot:
+    def __init__(self, pin: bool):
+        self.buffers = Buffers(torch.device("cpu"))
+        self.buffers.pin = pin
+        self.instruct: torch.Tensor | None = None
+        self.payload = None
+        self.out: torch.Tensor | None = None
+
+
+class Stopped(Exception):
+    pass
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+    while True:
+        if stop.is_set():
+            raise Stopped
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            pass
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    while True:
+        if stop.is_set():
+            raise Stopped
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            pass
+
+
+@dataclass
+class RunStats:
+    unchanged: list[str]          # grafted tensors whose delta was zero everywhere
+    nonfinite: list[str]          # tensors written with NaN/Inf (only with allow_nonfinite)
+
+
+def run(plan: Plan, writer: ShardWriter, device: str | torch.device = "cpu", allow_nonfinite: bool = False,
+        chunk_elements: int = CHUNK_ELEMENTS) -> RunStats:
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    instruct, source, alpha = plan.instruct, plan.source, float(plan.alpha)
+    work = Buffers(device, torch.float32)
+    staging = Buffers(device)
+    free: queue.Queue = queue.Queue()
+    for _ in range(SLOTS):
+        free.put(Slot(pin=cuda))
+    ready: queue.Queue = queue.Queue(maxsize=SLOTS)
+    done: queue.Queue = queue.Queue(maxsize=SLOTS)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    changed: dict[str, bool] = {}
+    nonfinite: list[str] = []
+
+    def reader():
+        try:
+            for job in jobs(plan, chunk_elements):
+                if job.kind == "copy":
+                    _put(ready, (job, None), stop)
+                    continue
+                slot = _get(free, stop)
+                t = job.tensor
+                slot.instruct = instruct.read_into(t.info, job.row0, job.row1,
+                                                   slot.buffers("instruct", (job.row1 - job.row0) * t.info.row_bytes))
+                slot.payload = source.read(t.entry, job.row0, job.row1, slot.buffers) if job.kind == "graft" else None
+                _put(ready, (job, slot), stop)
+            _put(ready, None, stop)
+        except Stopped:
+            pass
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    def write():
+        scratch = torch.empty(chunk_elements * 4, dtype=torch.uint8)
+        try:
+            while True:
+                item = _get(done, stop)
+                if item is None:
+                    return
+                job, slot = item
+                if slot is None:
+                    writer.copy(instruct, job.tensor.info, job.row0, job.row1, job.first, scratch)
+                else:
+                    writer.write(job.tensor.name, slot.out, job.first)
+                    free.put(slot)
+        except Stopped:
+            pass
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    def to_float(raw: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
+        n = raw.numel() // itemsize(dtype)
+        if cuda:
+            raw = staging(key, raw.numel()).copy_(raw, non_blocking=True)
+        elif dtype == torch.float32:
+            return raw.view(torch.float32)
+        return work(key, n).copy_(raw.view(dtype))
+
+    def compute(job: Job, slot: Slot) -> None:
+        t = job.tensor
+        x = to_float(slot.instruct, t.info.dtype, "instruct")
+        if job.kind == "graft":
+            d = source.delta_into(t.entry, slot.payload, work("delta", x.numel()), to_float)
+            if not changed.get(t.name):
+                changed[t.name] = bool(d.any())
+            if alpha != 1.0:
+                d.mul_(alpha)
+            x = d.add_(x)      # == I + alpha * delta, bit for bit: float addition is commutative
+        nbytes = x.numel() * itemsize(t.out_dtype)
+        host = slot.buffers("out", nbytes)
+        if cuda:
+            out = staging("out", nbytes).view(t.out_dtype).copy_(x)
+            finite = bool(torch.isfinite(out).all())
+            host.copy_(out.view(torch.uint8), non_blocking=True)
+            torch.cuda.current_stream(device).synchronize()
+        else:
+            out = host.view(t.out_dtype).copy_(x)
+            finite = job.kind != "graft" or bool(torch.isfinite(out).all())
+        if not finite and job.kind == "graft":
+            if not allow_nonfinite:
+                raise ShadowMergeError(f"the result for {t.name} has NaN/Inf values; check the inputs (or pass "
+                                       f"--allow-nonfinite to write them anyway)")
+            if t.name not in nonfinite:
+                nonfinite.append(t.name)
+        slot.out = host
+
+    threads = [threading.Thread(target=reader, daemon=True, name="shadowmerge-reader"),
+               threading.Thread(target=write, daemon=True, name="shadowmerge-writer")]
+    for th in threads:
+        th.start()
+    try:
+        while True:
+            item = _get(ready, stop)
+            if item is None:
+                _put(done, None, stop)
+                break
+            job, slot = item
+            if slot is not None:
+                compute(job, slot)
+            _put(done, item, stop)
+        threads[1].join()
+    except Stopped:
+        pass
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(timeout=10)
+    if errors:
+        raise errors[0]
+    unchanged = [t.name for t in plan.tensors if t.graft_rows and not changed.get(t.name)]
+    return RunStats(unchanged, nonfinite)

@@ -1,0 +1,200 @@
+"""graft(): the whole Shadow-FT merge, end to end.
+
+Checkpoints -> Plan -> delta source -> Writer, into a temporary folder renamed at the end.
+`shadowmerge.graft(...)` and `shadowmerge graft` both call this.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__, engine
+from .checkpoint import Checkpoint
+from .deltas import FullDelta
+from .errors import ShadowMergeError
+from .output import OutputFolder, copy_side_files, side_files, write_record
+from .plan import Plan, build_plan, human_bytes
+from .writer import ShardWriter, layout, parse_size
+
+DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+               "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32,
+               "float": torch.float32}
+
+
+@dataclass
+class GraftSummary:
+    """What a graft did (or, with dry_run, would do)."""
+
+    out: Path | None
+    counts: dict[str, int]
+    bytes: int
+    shards: int
+    seconds: float
+    dry_run: bool
+    warnings: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    plan_text: str = ""
+
+    def __str__(self) -> str:
+        acts = ", ".join(f"{v} {k}" for k, v in self.counts.items() if v)
+        if self.dry_run:
+            return self.plan_text
+        rate = self.bytes / self.seconds / 1e6 if self.seconds else 0
+        lines = [f"wrote {self.out}: {acts}; {human_bytes(self.bytes)} in {self.shards} shard(s), "
+                 f"{self.seconds:.1f} s ({rate:.0f} MB/s)"]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPE_NAMES[str(name).lower()]
+    except KeyError:
+        raise ShadowMergeError(f"unknown dtype {name!r}; use bfloat16, float16 or float32") from None
+
+
+def parse_device(name: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ShadowMergeError(f"unknown device {name!r}; use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ShadowMergeError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ShadowMergeError(f"device {name!r} is not supported; use cpu or cuda[:N]")
+    return device
+
+
+def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Path | None = None,
+          out: str | Path | None = None, *, alpha: float = 1.0, include: str | None = None,
+          exclude: str | None = None, dtype: str | torch.dtype | None = None, shard_size: str | int = "5GB",
+          device: str = "cpu", vocab: str = "error", force: bool = False, dry_run: bool = False,
+          allow_pickle: bool = False, allow_nonfinite: bool = False, progress: bool = True) -> GraftSummary:
+    """Graft a Base model's fine-tuning update onto its Instruct sibling: out = I + alpha * (T - B).
+
+    Arithmetic is float32, cast once to the output dtype (the Instruct tensor's, unless `dtype`).
+    With `dry_run=True` only headers are read and the plan is returned, nothing is written.
+    """
+    start = time.perf_counter()
+    if base is None or tuned is None:
+        raise ShadowMergeError("a full fine-tune graft needs --base (the model that was tuned) and "
+                               "--tuned (its fine-tuned copy)")
+    if out is None and not dry_run:
+        raise ShadowMergeError("--out is required (the folder to write the grafted model into)")
+    if not math.isfinite(alpha):
+        raise ShadowMergeError(f"--alpha must be a finite number, not {alpha}")
+    out_dtype = parse_dtype(dtype)
+    dev = parse_device(device)
+    shard_bytes = parse_size(shard_size)
+
+    ckpts: list[Checkpoint] = []
+    try:
+        for ref, label in ((instruct, "instruct"), (base, "base"), (tuned, "tuned")):
+            ckpts.append(Checkpoint.open(ref, label, allow_pickle))
+        inst, source = ckpts[0], FullDelta(ckpts[1], ckpts[2])
+        plan = build_plan(inst, source, alpha=alpha, include=include, exclude=exclude, dtype=out_dtype, vocab=vocab)
+        shards = layout([(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in plan.tensors], shard_bytes)
+        shard_of = {e[0]: i for i, s in enumerate(shards, 1) for e in s.entries}
+        if dry_run:
+            return GraftSummary(None, plan.counts(), plan.total_bytes, len(shards), time.perf_counter() - start,
+                                True, plan.warnings, [], plan.render(shard_of, len(shards)))
+        need = sum(s.size for s in shards) + sum(p.stat().st_size for p in side_files(inst.folder))
+        target = OutputFolder(out, force=force, inputs=[c.folder for c in ckpts], need_bytes=need)
+        with target as tmp, _progress_bar(plan.total_bytes, progress) as bar:
+            writer = ShardWriter(tmp, shards, on_bytes=bar.update)
+            try:
+                stats = engine.run(plan, writer, dev, allow_nonfinite)
+                writer.finish()
+            finally:
+                writer.abort()
+            warnings = list(plan.warnings)
+            if stats.nonfinite:
+                warnings.append(f"{len(stats.nonfinite)} tensor(s) written with NaN/Inf values: "
+                                f"{', '.join(stats.nonfinite[:5])}")
+            grafted = sum(1 for t in plan.tensors if t.graft_rows)
+            if grafted and len(stats.unchanged) == grafted:
+                warnings.append("the tuned model equals the base in every grafted tensor: the output equals "
+                                "the instruct; is --tuned the right folder?")
+            elif stats.unchanged:
+                warnings.append(f"{len(stats.unchanged)} grafted tensor(s) had a zero update (tuned == base), "
+                                f"e.g. {stats.unchanged[0]}")
+            side = copy_side_files(inst.folder, tmp, _dtype_name(out_dtype))
+            seconds = time.perf_counter() - start
+            write_record(tmp, _record(plan, source, shards, side, out_dtype, shard_bytes, include, exclude,
+                                      vocab, dev, stats, warnings, seconds))
+            target.commit()
+        return GraftSummary(target.target, plan.counts(), plan.total_bytes, len(shards),
+                            time.perf_counter() - start, False, warnings, stats.unchanged)
+    finally:
+        for c in ckpts:
+            c.close()
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="graft", file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _record(plan: Plan, source, shards, side, out_dtype, shard_bytes, include, exclude, vocab, device, stats,
+            warnings, seconds) -> dict:
+    return {
+        "tool": "shadowmerge graft",
+        "version": __version__,
+        "formula": "out = float32(I) + alpha * (float32(T) - float32(B)), cast once to the output dtype",
+        "inputs": {"instruct": plan.instruct.ref, **source.describe()},
+        "delta": source.kind,
+        "alpha": plan.alpha,
+        "include": include,
+        "exclude": exclude,
+        "dtype": _dtype_name(out_dtype) or "as the instruct",
+        "vocab": vocab,
+        "shard_size": shard_bytes,
+        "device": str(device),
+        "counts": plan.counts(),
+        "dropped": [{"name": n, "why": w} for n, w in plan.dropped],
+        "unchanged": stats.unchanged,
+        "warnings": warnings,
+        "shards": [s.filename for s in shards],
+        "bytes": plan.total_bytes,
+        "side_files": side,
+        "seconds": round(seconds, 3),
+        "versions": {"shadowmerge": __version__, "python": platform.python_version(),
+                     **{pkg: _version(pkg) for pkg in ("torch", "safetensors", "transformers")}},
+    }
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None

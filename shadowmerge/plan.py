@@ -1,0 +1,209 @@
+"""Plan: what happens to every output tensor, decided from headers before any tensor data is read.
+
+Each Instruct tensor is grafted (out = I + alpha * delta), copied byte for byte, cast to another
+dtype, or dropped; with a vocabulary policy, an embedding can be grafted on its common rows and
+copied on the rest. Every check that can fail on headers alone (architecture, names, shapes,
+dtypes, vocabulary) fails here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import Checkpoint, TensorInfo
+from .deltas import OUTPUT_EMBEDDINGS, INPUT_EMBEDDINGS
+from .errors import ShadowMergeError
+from .stformat import itemsize
+
+VOCAB_POLICIES = ("error", "common")
+_VOCAB_NAME = re.compile(r"embed|lm_head|wte|word|output|logits")
+_SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+@dataclass
+class TensorPlan:
+    """One output tensor: rows [0, graft_rows) are grafted, the rest come from the Instruct."""
+
+    info: TensorInfo            # the Instruct's tensor
+    out_dtype: torch.dtype
+    entry: object | None        # the delta source's entry, None when nothing is grafted
+    graft_rows: int
+    reason: str = ""            # why rows are not grafted
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def action(self) -> str:
+        if self.graft_rows == 0:
+            return "copy" if self.out_dtype == self.info.dtype else "cast"
+        return "graft" if self.graft_rows == self.info.rows else "partial"
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.info.numel * itemsize(self.out_dtype)
+
+
+@dataclass
+class Plan:
+    instruct: Checkpoint
+    source: object
+    alpha: float
+    tensors: list[TensorPlan]
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.out_nbytes for t in self.tensors)
+
+    def counts(self) -> dict[str, int]:
+        counts = {"graft": 0, "partial": 0, "copy": 0, "cast": 0, "drop": len(self.dropped)}
+        for t in self.tensors:
+            counts[t.action] += 1
+        return counts
+
+    def render(self, shard_of: dict[str, int], shard_count: int) -> str:
+        """The dry-run text: inputs, formula, output, then one line per tensor."""
+        inst = self.instruct
+        lines = [f"instruct  {inst.ref}  ({', '.join(inst.architecture[1]) or inst.architecture[0]}, "
+                 f"{len(inst.tensors)} tensors, {human_bytes(inst.nbytes)})"]
+        lines += [f"{k:<9} {v}" for k, v in self.source.describe().items()]
+        lines.append(f"formula   out = I + {self.alpha:g} * delta, in float32, cast once to the output dtype")
+        lines.append(f"output    {len(self.tensors)} tensors, {human_bytes(self.total_bytes)}, "
+                     f"{shard_count} shard(s)")
+        lines.append("actions   " + ", ".join(f"{k} {v}" for k, v in self.counts().items()))
+        lines += [f"warning   {w}" for w in self.warnings]
+        lines.append("")
+        lines.append(f"{'action':<8} {'shard':>5}  {'dtype':<12} {'shape':<18} name")
+        for t in self.tensors:
+            dt = _SHORT.get(t.info.dtype, str(t.info.dtype).replace("torch.", ""))
+            if t.out_dtype != t.info.dtype:
+                dt += "->" + _SHORT.get(t.out_dtype, str(t.out_dtype).replace("torch.", ""))
+            note = f"  ({t.reason})" if t.reason else ""
+            lines.append(f"{t.action:<8} {shard_of[t.name]:>5}  {dt:<12} {str(list(t.info.shape)):<18} "
+                         f"{t.name}{note}")
+        lines += [f"{'drop':<8} {'-':>5}  {'':<12} {'':<18} {name}  ({why})" for name, why in self.dropped]
+        return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _compile(pattern: str | None, flag: str) -> re.Pattern | None:
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ShadowMergeError(f"{flag} {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_architecture(instruct: Checkpoint, others: tuple[Checkpoint, ...]) -> None:
+    want = instruct.architecture
+    for ckpt in others:
+        if ckpt.architecture != want:
+            def show(arch):
+                return f"{'/'.join(arch[1]) or '?'} ({arch[0]})"
+            raise ShadowMergeError(
+                f"architectures differ: instruct is {show(want)}, {ckpt.label} is {show(ckpt.architecture)}; "
+                f"a graft needs the Base and Instruct of one model family")
+
+
+def build_plan(instruct: Checkpoint, source, *, alpha: float = 1.0, include: str | None = None,
+               exclude: str | None = None, dtype: torch.dtype | None = None, vocab: str = "error") -> Plan:
+    if vocab not in VOCAB_POLICIES:
+        raise ShadowMergeError(f"unknown vocabulary policy {vocab!r}; use one of {', '.join(VOCAB_POLICIES)}")
+    check_architecture(instruct, tuple(getattr(source, "checkpoints", ())))
+    inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
+    plan = Plan(instruct, source, alpha, [])
+    has_input_embedding = any(n.endswith(INPUT_EMBEDDINGS) for n in instruct.tensors)
+    missing, shape_errors, vocab_errors = [], [], []
+
+    for name, info in instruct.tensors.items():
+        if instruct.tie_word_embeddings and has_input_embedding and name.endswith(OUTPUT_EMBEDDINGS):
+            plan.dropped.append((name, "the instruct config ties it to the input embedding"))
+            continue
+        out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
+        reason = ""
+        if inc is not None and not inc.search(name):
+            reason = "not matched by --include"
+        elif exc is not None and exc.search(name):
+            reason = "matched by --exclude"
+        elif not info.dtype.is_floating_point:
+            reason = "not floating point"
+        entry = None
+        if not reason:
+            entry = source.entry(name)
+            if entry is None:
+                if source.strict:
+                    missing.append(name)
+                    continue
+                reason = "no delta for it"
+        if entry is None:
+            plan.tensors.append(TensorPlan(info, out_dtype, None, 0, reason))
+            continue
+        graft_rows = info.rows
+        if tuple(entry.shape) != info.shape:
+            src_rows = source.rows(entry)
+            same_tail = len(entry.shape) == len(info.shape) and tuple(entry.shape[1:]) == info.shape[1:]
+            if not (same_tail and _VOCAB_NAME.search(name)):
+                shape_errors.append(f"{name}: instruct {list(info.shape)}, {source.kind} delta {list(entry.shape)}")
+                continue
+            if vocab == "error":
+                vocab_errors.append((name, info.rows, src_rows))
+                continue
+            graft_rows = min(info.rows, src_rows)
+            reason = f"vocab: rows {graft_rows}..{info.rows} kept from the instruct"
+            if src_rows > info.rows:
+                plan.warnings.append(f"{name}: the delta has {src_rows - info.rows} row(s) beyond the instruct's "
+                                     f"{info.rows}; they are not grafted (the instruct's tokenizer has no such tokens)")
+        if not info.dtype.is_floating_point:
+            raise ShadowMergeError(f"instruct tensor {name} is {info.dtype}; exclude it with --exclude")
+        plan.tensors.append(TensorPlan(info, out_dtype, entry, graft_rows, reason))
+
+    extra = sorted(n for n in source.names() - set(instruct.tensors)
+                   if not (exc is not None and exc.search(n)) and not _tied_away(instruct, n))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} instruct tensor(s) missing from the {source.kind} delta: {_listing(missing)}")
+        if extra:
+            parts.append(f"{len(extra)} tensor(s) not in the instruct: {_listing(extra)}")
+        raise ShadowMergeError("tensor names differ: " + "; ".join(parts) +
+                               "; pass the Base of this Instruct and its fine-tune, or leave such tensors "
+                               "out with --exclude")
+    if shape_errors:
+        raise ShadowMergeError(f"shapes differ for {len(shape_errors)} tensor(s): {_listing(shape_errors, 4)}; "
+                               f"the models must share one architecture and size")
+    if vocab_errors:
+        name, mine, theirs = vocab_errors[0]
+        raise ShadowMergeError(
+            f"vocabulary sizes differ for {_listing([v[0] for v in vocab_errors], 3)}: instruct {mine} rows, "
+            f"{source.kind} delta {theirs} (tokens added or vocab padded); pass --vocab common to graft the "
+            f"{min(mine, theirs)} common rows and keep the instruct's other rows")
+    if any(info.dtype != instruct.tensors[info.name].dtype
+           for ck in getattr(source, "checkpoints", ()) for info in ck.tensors.values() if info.name in instruct.tensors):
+        plan.warnings.append("input dtypes differ between checkpoints; all arithmetic is float32, so this is exact")
+    if not any(t.graft_rows for t in plan.tensors):
+        plan.warnings.append("no tensor is grafted: the output will equal the instruct")
+    return plan
+
+
+def _tied_away(instruct: Checkpoint, name: str) -> bool:
+    """An untied lm_head in base/tuned, while the Instruct ties it: its update has nowhere to go."""
+    return instruct.tie_word_embeddings and name.endswith(OUTPUT_EMBEDDINGS)

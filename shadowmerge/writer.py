@@ -1,0 +1,174 @@
+"""Writer: streams tensors into safetensors shards whose headers are computed from the plan.
+
+Every header is known before the first byte is written, so a tensor's bytes go straight from the
+compute buffer (or, for copies, from the input file, in the kernel) to disk: no shard is ever
+held in memory. Files are created 0666 minus the umask (0644 as usual), like any other tool's.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, TensorInfo
+from .errors import ShadowMergeError
+from .stformat import build_header
+
+INDEX = "model.safetensors.index.json"
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+@dataclass
+class Shard:
+    filename: str
+    entries: list[tuple[str, torch.dtype, tuple[int, ...], int]]   # name, dtype, shape, nbytes
+    header: bytes = b""
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(e[3] for e in self.entries)
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000 (KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024), ints as bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    units = {"TIB": 1 << 40, "GIB": 1 << 30, "MIB": 1 << 20, "KIB": 1 << 10,
+             "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            num = s[: -len(unit)]
+            break
+    else:
+        num, mult = s, 1
+    try:
+        value = int(float(num) * mult)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ShadowMergeError(f"shard size {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
+    return value
+
+
+def layout(entries: list[tuple[str, torch.dtype, tuple[int, ...], int]], shard_size: int) -> list[Shard]:
+    """Split tensors, in order, into shards of at most shard_size bytes (a bigger tensor gets its own)."""
+    groups: list[list] = [[]]
+    used = 0
+    for e in entries:
+        if groups[-1] and used + e[3] > shard_size:
+            groups.append([])
+            used = 0
+        groups[-1].append(e)
+        used += e[3]
+    n = len(groups)
+    shards = []
+    for i, group in enumerate(groups, 1):
+        name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        shard = Shard(name, group)
+        shard.header, _ = build_header(group, {"format": "pt"})
+        shards.append(shard)
+    return shards
+
+
+class ShardWriter:
+    """Receives tensors in plan order, as byte chunks or as copies from an input file."""
+
+    def __init__(self, folder: Path, shards: list[Shard], on_bytes=None):
+        self.folder = folder
+        self.shards = shards
+        self.on_bytes = on_bytes or (lambda n: None)
+        self._order = [(si, e) for si, s in enumerate(shards) for e in s.entries]
+        self._next = 0          # index into _order of the tensor being written
+        self._left = 0          # bytes still owed to it
+        self._shard = -1
+        self._fd: int | None = None
+
+    def _start(self, name: str) -> None:
+        if self._left:
+            raise RuntimeError(f"tensor {self._order[self._next - 1][1][0]} is incomplete")
+        si, (expected, _, _, nbytes) = self._order[self._next]
+        if name != expected:
+            raise RuntimeError(f"writer expected {expected}, got {name}")
+        if si != self._shard:
+            self._close_shard()
+            self._shard = si
+            path = self.folder / self.shards[si].filename
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            self._write(memoryview(self.shards[si].header))
+        self._next += 1
+        self._left = nbytes
+
+    def _close_shard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _write(self, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            done += os.write(self._fd, view[done:])
+
+    def write(self, name: str, data: torch.Tensor, first: bool) -> None:
+        """Append a chunk (uint8 CPU tensor) of tensor `name`; first=True for its first chunk."""
+        if first:
+            self._start(name)
+        n = data.numel()
+        if n > self._left:
+            raise RuntimeError(f"too many bytes for {name}")
+        self._write(memoryview(data.numpy()))
+        self._left -= n
+        self.on_bytes(n)
+
+    def copy(self, ckpt: Checkpoint, info: TensorInfo, row0: int, row1: int, first: bool,
+             scratch: torch.Tensor) -> None:
+        """Append rows [row0, row1) of an input tensor unchanged: in the kernel where it can, never decoded."""
+        if first:
+            self._start(info.name)
+        n = (row1 - row0) * info.row_bytes
+        if info.offset is not None and n:
+            src, pos, done = ckpt.fd(info.file), info.offset + row0 * info.row_bytes, 0
+            try:
+                while done < n:
+                    got = os.copy_file_range(src, self._fd, n - done, pos + done)
+                    if got == 0:
+                        raise ShadowMergeError(f"{ckpt.label} {info.file}: file ended while copying "
+                                               f"{info.name}; it was truncated or changed during the run")
+                    done += got
+                    self.on_bytes(got)
+            except OSError as exc:
+                if done or exc.errno not in _NO_KERNEL_COPY:
+                    raise
+            self._left -= done
+            row0 += done // info.row_bytes
+        step = max(1, scratch.numel() // max(info.row_bytes, 1))
+        for r in range(row0, row1, step):
+            chunk = ckpt.read_into(info, r, min(r + step, row1), scratch)
+            self._write(memoryview(chunk.numpy()))
+            self._left -= chunk.numel()
+            self.on_bytes(chunk.numel())
+
+    def finish(self) -> list[Path]:
+        """Check every planned byte was written, close, write the index; return the files written."""
+        if self._next != len(self._order) or self._left:
+            raise RuntimeError("writer finished before the plan was complete")
+        self._close_shard()
+        for shard in self.shards:
+            if (self.folder / shard.filename).stat().st_size != shard.size:
+                raise RuntimeError(f"{shard.filename} has the wrong size")
+        files = [self.folder / s.filename for s in self.shards]
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": sum(e[3] for s in self.shards for e in s.entries)},
+                     "weight_map": {e[0]: s.filename for s in self.shards for e in s.entries}}
+            path = self.folder / INDEX
+            path.write_text(json.dumps(index, indent=2) + "\n")
+            files.append(path)
+        return files
+
+    def abort(self) -> None:
+        self._close_shard()

@@ -1,0 +1,82 @@
+"""Tiny real models for the tests, built from transformers configs and saved with save_pretrained.
+
+A triple is made by perturbing: Instruct I, Base B = I + noise, Tuned T = B + noise, so the
+relations of a real Base/Instruct pair (small relative gap) hold.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+FAMILIES = {
+    # untied embeddings
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+                  tie_word_embeddings=False),
+    # tied embeddings
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+                  tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
+                  max_position_embeddings=128, tie_word_embeddings=True),
+}
+
+
+def build(family: str, seed: int = 0, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(FAMILIES[family], **overrides)
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(model_type, **spec)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def perturb(model, scale: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * (p.float().abs().mean() + 1e-3))
+    return model
+
+
+def save(model, folder: Path, dtype=torch.bfloat16, *, eos: int = 2, template: str = "instruct",
+         shard: str | None = None) -> Path:
+    """Save weights in `dtype` plus side files that tell the models apart (eos id, chat template)."""
+    folder = Path(folder)
+    model = model.to(dtype)
+    model.config.eos_token_id = eos
+    model.generation_config.eos_token_id = eos
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(folder, **kwargs)
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": f"{{{{ '<{template}>' }}}}{{% for m in messages %}}{{{{ m['content'] }}}}{{% endfor %}}",
+         "eos_token": f"<eos{eos}>"}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": f"<eos{eos}>"}))
+    (folder / "chat_template.jinja").write_text(f"<{template}>")
+    return folder
+
+
+def triple(root: Path, family: str = "llama", dtype=torch.bfloat16, shard: str | None = None, **overrides):
+    """Write instruct/, base/, tuned/ under root and return their paths."""
+    inst = build(family, 0, **overrides)
+    base = perturb(build(family, 0, **overrides), 0.02, 1)
+    tuned = perturb(build(family, 0, **overrides), 0.02, 1)
+    perturb(tuned, 0.01, 2)
+    return (save(inst, root / "instruct", dtype, eos=2, template="instruct", shard=shard),
+            save(base, root / "base", dtype, eos=7, template="base", shard=shard),
+            save(tuned, root / "tuned", dtype, eos=7, template="base", shard=shard))
+
+
+def state(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a saved folder, as stored (via safetensors' own reader)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
