@@ -78,9 +78,9 @@ class FullDelta:
         return entry.base.rows
 
     def read(self, entry: FullEntry, row0: int, row1: int, buffers) -> tuple:
-        n = (row1 - row0) * entry.base.row_bytes
-        return (self.tuned.read_into(entry.tuned, row0, row1, buffers("tuned", n)),
-                self.base.read_into(entry.base, row0, row1, buffers("base", n)))
+        rows = row1 - row0
+        return (self.tuned.read_into(entry.tuned, row0, row1, buffers("tuned", rows * entry.tuned.row_bytes)),
+                self.base.read_into(entry.base, row0, row1, buffers("base", rows * entry.base.row_bytes)))
 
     def delta_into(self, entry: FullEntry, payload: tuple, out: torch.Tensor, to_float) -> torch.Tensor:
         tuned_raw, base_raw = payload

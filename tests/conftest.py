@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny model triples on disk and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tinymodels  # noqa: E402
+
+
+@pytest.fixture
+def make_triple(tmp_path):
+    def make(family="llama", dtype=None, shard=None, **overrides):
+        import torch
+
+        return tinymodels.triple(tmp_path / f"{family}-{len(list(tmp_path.iterdir()))}", family,
+                                 dtype or torch.bfloat16, shard, **overrides)
+    return make
+
+
+@pytest.fixture
+def cli():
+    from shadowmerge.cli import main
+
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(main, [str(a) for a in args])
+    return run
+
+
+def tree_digest(*folders: Path) -> str:
+    """A digest of every file (name, mode, bytes) under the folders: inputs must never change."""
+    h = hashlib.sha256()
+    for folder in folders:
+        for p in sorted(Path(folder).rglob("*")):
+            h.update(str(p).encode())
+            if p.is_file():
+                h.update(str(p.stat().st_mode).encode())
+                h.update(p.read_bytes())
+    return h.hexdigest()

@@ -1,0 +1,254 @@
+"""The graft itself: bit-exact results, loadable output, Instruct side files, filters, dtypes, tying."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import shadowmerge
+from tinymodels import state
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def reference(i, b, t, alpha=1.0, out_dtype=None):
+    return (i.float() + alpha * (t.float() - b.float())).to(out_dtype or i.dtype)
+
+
+def assert_bit_exact(inst, base, tuned, out, alpha=1.0, out_dtype=None):
+    I, B, T, O = (state(p) for p in (inst, base, tuned, out))
+    assert set(O) == set(I)
+    for name in I:
+        want = reference(I[name], B[name], T[name], alpha, out_dtype)
+        assert O[name].dtype == want.dtype, name
+        assert torch.equal(O[name].view(torch.uint8) if O[name].dtype == torch.float8_e4m3fn else O[name], want), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("alpha", [1.0, 0.8])
+def test_bit_exact_against_reference_expression(make_triple, tmp_path, dtype, alpha):
+    inst, base, tuned = make_triple("llama", dtype)
+    summary = shadowmerge.graft(inst, base, tuned, tmp_path / "out", alpha=alpha, progress=False)
+    assert summary.counts["graft"] == len(state(inst))
+    assert_bit_exact(inst, base, tuned, tmp_path / "out", alpha)
+    # the result really moved away from the instruct where the update is non-zero
+    O, I = state(tmp_path / "out"), state(inst)
+    assert all(not torch.equal(O[n], I[n]) for n in I)
+
+
+def test_sharded_inputs_and_outputs(make_triple, tmp_path, cli):
+    inst, base, tuned = make_triple("llama", shard="60KB")
+    assert (inst / "model.safetensors.index.json").exists()
+    res = cli("graft", "--instruct", inst, "--base", base, "--tuned", tuned, "--out", tmp_path / "out",
+              "--shard-size", "100KB", "--quiet")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == {p.name for p in shards}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state(out).values())
+    for p in shards:
+        with safe_open(p, "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+    assert_bit_exact(inst, base, tuned, out)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_output_loads_and_generates(make_triple, tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    inst, base, tuned = make_triple(family)
+    shadowmerge.graft(inst, base, tuned, tmp_path / "out", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    # the loaded weights are the grafted ones, not a re-initialisation
+    O = state(tmp_path / "out")
+    for name, p in model.state_dict().items():
+        if name in O:
+            assert torch.equal(p, O[name].float()), name
+    if model.config.tie_word_embeddings:
+        assert "lm_head.weight" not in O
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    else:
+        assert torch.equal(model.lm_head.weight, O["lm_head.weight"].float())
+    ids = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert ids.shape == (1, 8)
+
+
+def test_side_files_come_from_the_instruct(make_triple, tmp_path):
+    inst, base, tuned = make_triple("qwen2")
+    shadowmerge.graft(inst, base, tuned, tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja"):
+        assert (out / name).read_bytes() == (inst / name).read_bytes(), name
+        if name != "config.json":
+            assert (out / name).read_bytes() != (base / name).read_bytes(), name
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+    assert (out / "chat_template.jinja").read_text() == "<instruct>"
+
+
+def test_files_are_readable_by_others(make_triple, tmp_path):
+    inst, base, tuned = make_triple("llama")
+    old = os.umask(0o022)
+    try:
+        shadowmerge.graft(inst, base, tuned, tmp_path / "out", progress=False)
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for p in out.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p.name
+
+
+def raw_bytes(folder, name):
+    for p in folder.glob("*.safetensors"):
+        with safe_open(p, "pt") as f:
+            if name in f.keys():
+                t = f.get_tensor(name)
+                return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    raise KeyError(name)
+
+
+def test_include_exclude_copy_untouched_tensors_byte_for_byte(make_triple, tmp_path):
+    inst, base, tuned = make_triple("llama")
+    s = shadowmerge.graft(inst, base, tuned, tmp_path / "out", include=r"self_attn|mlp",
+                          exclude=r"layers\.1\.mlp", progress=False)
+    out = tmp_path / "out"
+    I, B, T, O = (state(p) for p in (inst, base, tuned, out))
+    grafted = [n for n in I if ("self_attn" in n or "mlp" in n) and "layers.1.mlp" not in n]
+    assert s.counts["graft"] == len(grafted) and s.counts["copy"] == len(I) - len(grafted)
+    for n in I:
+        if n in grafted:
+            assert torch.equal(O[n], reference(I[n], B[n], T[n])), n
+        else:
+            assert raw_bytes(out, n) == raw_bytes(inst, n), n
+    record = json.loads((out / "shadowmerge.json").read_text())
+    assert record["counts"]["graft"] == len(grafted) and record["include"] == r"self_attn|mlp"
+    assert record["inputs"] == {"instruct": str(inst), "base": str(base), "tuned": str(tuned)}
+
+
+def test_dtype_option_casts_once_and_updates_config(make_triple, tmp_path):
+    inst, base, tuned = make_triple("llama", torch.bfloat16)
+    shadowmerge.graft(inst, base, tuned, tmp_path / "out", dtype="float32", exclude="norm", progress=False)
+    out = tmp_path / "out"
+    I, B, T, O = (state(p) for p in (inst, base, tuned, out))
+    for n in I:
+        want = I[n].float() if "norm" in n else reference(I[n], B[n], T[n], out_dtype=torch.float32)
+        assert O[n].dtype == torch.float32 and torch.equal(O[n], want), n
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_fp16_output_from_bf16_inputs_is_exact(make_triple, tmp_path):
+    inst, base, tuned = make_triple("qwen3", torch.bfloat16)
+    shadowmerge.graft(inst, base, tuned, tmp_path / "out", dtype="float16", alpha=1.5, progress=False)
+    assert_bit_exact(inst, base, tuned, tmp_path / "out", 1.5, torch.float16)
+
+
+def test_untied_instruct_with_tied_base_grafts_the_embedding_update_into_lm_head(make_triple, tmp_path):
+    inst, _, _ = make_triple("qwen2", tie_word_embeddings=False)
+    _, base, tuned = make_triple("qwen2", tie_word_embeddings=True)
+    # same model_type/architectures; only the tying differs
+    shadowmerge.graft(inst, base, tuned, tmp_path / "out", progress=False)
+    I, B, T, O = (state(p) for p in (inst, base, tuned, tmp_path / "out"))
+    assert "lm_head.weight" in I and "lm_head.weight" not in B
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(O["lm_head.weight"], reference(I["lm_head.weight"], B[emb], T[emb]))
+
+
+def test_tied_instruct_never_gets_an_lm_head(make_triple, tmp_path):
+    inst, _, _ = make_triple("qwen2", tie_word_embeddings=True)
+    _, base, tuned = make_triple("qwen2", tie_word_embeddings=False)
+    s = shadowmerge.graft(inst, base, tuned, tmp_path / "out", progress=False)
+    assert "lm_head.weight" not in state(tmp_path / "out")
+    assert any("ties it to the input embedding" in w for w in s.warnings)
+
+
+def test_vocab_policy_common_grafts_common_rows_and_keeps_the_rest(make_triple, tmp_path, cli):
+    inst, _, _ = make_triple("llama", vocab_size=260)
+    _, base, tuned = make_triple("llama", vocab_size=256)
+    res = cli("graft", "--instruct", inst, "--base", base, "--tuned", tuned, "--out", tmp_path / "o1", "-q")
+    assert res.exit_code == 1 and "vocabulary sizes differ" in res.output and "--vocab common" in res.output
+    assert not (tmp_path / "o1").exists()
+    s = shadowmerge.graft(inst, base, tuned, tmp_path / "out", vocab="common", progress=False)
+    assert s.counts["partial"] == 2
+    I, B, T, O = (state(p) for p in (inst, base, tuned, tmp_path / "out"))
+    for n in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert O[n].shape == I[n].shape == (260, 64)
+        assert torch.equal(O[n][:256], reference(I[n][:256], B[n], T[n]))
+        assert torch.equal(O[n][256:], I[n][256:])
+
+
+def test_pickle_weights_only_with_allow_pickle(make_triple, tmp_path, cli):
+    inst, base, tuned = make_triple("llama")
+    for folder in (base,):
+        sd = state(folder)
+        torch.save(sd, folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+    args = ["graft", "--instruct", inst, "--base", base, "--tuned", tuned, "-q"]
+    res = cli(*args, "--out", tmp_path / "o1")
+    assert res.exit_code == 1 and "--allow-pickle" in res.output and not (tmp_path / "o1").exists()
+    res = cli(*args, "--out", tmp_path / "o2", "--allow-pickle")
+    assert res.exit_code == 0, res.output
+    assert_bit_exact(inst, state_folder(tmp_path, base), tuned, tmp_path / "o2")
+
+
+def state_folder(tmp_path, pickled):
+    """A safetensors copy of a pickled folder, for comparison helpers that read safetensors."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "unpickled"
+    folder.mkdir(exist_ok=True)
+    save_file(torch.load(pickled / "pytorch_model.bin", weights_only=True), folder / "model.safetensors")
+    return folder
+
+
+def test_dry_run_reads_no_tensor_data_and_writes_nothing(make_triple, tmp_path, cli, monkeypatch):
+    inst, base, tuned = make_triple("llama")
+
+    def boom(*a, **k):
+        raise AssertionError("tensor data was read during --dry-run")
+    monkeypatch.setattr(os, "preadv", boom)
+    monkeypatch.setattr(os, "copy_file_range", boom)
+    res = cli("graft", "--instruct", inst, "--base", base, "--tuned", tuned, "--out", tmp_path / "out", "--dry-run",
+              "--exclude", "norm")
+    assert res.exit_code == 0, res.output
+    assert "graft 16, partial 0, copy 5" in res.output
+    assert "model.layers.0.self_attn.q_proj.weight" in res.output
+    assert "(matched by --exclude)" in res.output
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [inst.parent.name]
+
+
+def test_gpu_code_path_is_the_cpu_code_path_with_explicit_device(make_triple, tmp_path):
+    inst, base, tuned = make_triple("llama")
+    shadowmerge.graft(inst, base, tuned, tmp_path / "out", device="cpu", progress=False)
+    assert_bit_exact(inst, base, tuned, tmp_path / "out")
+
+
+def test_small_chunks_give_the_same_bytes(make_triple, tmp_path, monkeypatch):
+    """Tensors stream in chunks of rows; chunk boundaries must not change a single bit."""
+    from shadowmerge import engine
+
+    inst, base, tuned = make_triple("llama", torch.float16)
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 100)
+    run = engine.run
+    monkeypatch.setattr(engine, "run", lambda *a, **k: run(*a, **k, chunk_elements=100))
+    shadowmerge.graft(inst, base, tuned, tmp_path / "out", alpha=0.3, vocab="common", progress=False)
+    assert_bit_exact(inst, base, tuned, tmp_path / "out", 0.3)
+
+
+def test_mixed_input_dtypes_are_exact(tmp_path):
+    """A bf16 Instruct/Base with an fp32 trainer checkpoint as Tuned (a common real combination)."""
+    import tinymodels as tm
+
+    inst = tm.save(tm.build("llama"), tmp_path / "i", torch.bfloat16)
+    base = tm.save(tm.perturb(tm.build("llama"), 0.02, 1), tmp_path / "b", torch.float16)
+    tuned = tm.save(tm.perturb(tm.perturb(tm.build("llama"), 0.02, 1), 0.01, 2), tmp_path / "t", torch.float32)
+    s = shadowmerge.graft(inst, base, tuned, tmp_path / "out", alpha=0.5, progress=False, vocab="common")
+    assert any("dtypes differ" in w for w in s.warnings)
+    assert_bit_exact(inst, base, tuned, tmp_path / "out", 0.5)
