@@ -110,7 +110,7 @@ def fine_tune(base: Path, folder: Path, steps: int = 12, lr: float = 2e-4, seed:
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(round(float(loss), 4))
+        losses.append(round(loss.item(), 4))
     model.eval()
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
