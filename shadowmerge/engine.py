@@ -192,13 +192,11 @@ def run(plan: Plan, writer: ShardWriter, device: str | torch.device = "cpu", all
         host = slot.buffers("out", nbytes)
         if cuda:
             out = staging("out", nbytes).view(t.out_dtype).copy_(x)
-            finite = job.kind != "graft" or _all_finite(out)
             host.copy_(out.view(torch.uint8), non_blocking=True)
             torch.cuda.current_stream(device).synchronize()
         else:
             out = host.view(t.out_dtype).copy_(x)
-            finite = job.kind != "graft" or _all_finite(out)
-        if not finite:
+        if job.kind == "graft" and not _all_finite(out):
             if not allow_nonfinite:
                 raise ShadowMergeError(f"the result for {t.name} has NaN/Inf values; check the inputs (or pass "
                                        f"--allow-nonfinite to write them anyway)")

@@ -178,7 +178,7 @@ def build_plan(instruct: Checkpoint, source, *, alpha: float = 1.0, include: str
 
     extra = sorted(n for n in source.names() - set(instruct.tensors)
                    if not (exc is not None and exc.search(n)) and not _tied_away(instruct, n))
-    if instruct.tie_word_embeddings and any(_tied_away(instruct, n) for n in source.names()):
+    if any(_tied_away(instruct, n) for n in source.names()):
         plan.warnings.append("the base/tuned models have their own lm_head but the instruct ties it to the input "
                              "embedding: only the embedding's update is grafted")
     if missing or extra:
