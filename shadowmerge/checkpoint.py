@@ -1,4 +1,4 @@
-"""Checkpoint: a lazy reader of one model folder.
+"""Checkpoint: a lazy reader of one model folder (TensorStore: the same for any folder of tensors).
 
 Names, shapes and dtypes come from the safetensors headers (or the index) without reading tensor
 data; bytes are read on demand with pread, so no input file is memory-mapped and nothing is
@@ -52,86 +52,21 @@ class TensorInfo:
         return self.shape[0] if self.shape else 1
 
 
-class Checkpoint:
-    """A model folder opened for lazy reading. Use `Checkpoint.open(ref, label)`."""
+class TensorStore:
+    """Lazily read tensors of one folder: `tensors` from headers, bytes on demand (`read_into`)."""
 
-    def __init__(self, folder: Path, label: str, ref: str, allow_pickle: bool = False):
+    def __init__(self, folder: Path, label: str, ref: str):
         self.folder = folder
         self.label = label
         self.ref = ref
-        self.config = self._read_config()
+        self.tensors: dict[str, TensorInfo] = {}
         self._pickled: dict[str, torch.Tensor] = {}
         self._weight_map: dict | None = None
-        self.tensors: dict[str, TensorInfo] = self._scan(allow_pickle)
         self._fds: dict[Path, int] = {}
-
-    @classmethod
-    def open(cls, ref: str | Path, label: str, allow_pickle: bool = False) -> "Checkpoint":
-        return cls(hub.resolve(ref, allow_pickle), label, str(ref), allow_pickle)
-
-    # --- metadata -------------------------------------------------------------------------
-    def _read_config(self) -> dict:
-        path = self.folder / "config.json"
-        if not path.is_file():
-            raise ShadowMergeError(f"{self.label} {self.folder}: no config.json; pass a Hugging Face model folder")
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ShadowMergeError(f"{self.label} {path}: unreadable config.json ({exc})") from None
-
-    @property
-    def architecture(self) -> tuple[str | None, tuple[str, ...]]:
-        cfg = self.config
-        return cfg.get("model_type"), tuple(cfg.get("architectures") or ())
-
-    @property
-    def tie_word_embeddings(self) -> bool:
-        cfg = self.config
-        if "tie_word_embeddings" in cfg:
-            return bool(cfg["tie_word_embeddings"])
-        text = cfg.get("text_config") or {}
-        return bool(text.get("tie_word_embeddings", False))
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
-
-    def _scan(self, allow_pickle: bool) -> dict[str, TensorInfo]:
-        folder = self.folder
-        index = folder / INDEX
-        if index.is_file():
-            files = self._index_files(index)
-        elif (folder / "model.safetensors").is_file():
-            files = [folder / "model.safetensors"]
-        else:
-            files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
-        if files:
-            return self._scan_safetensors(files)
-        pickles = sorted(folder.glob("*.bin"))
-        if pickles:
-            if not allow_pickle:
-                raise ShadowMergeError(
-                    f"{self.label} {folder}: only pickle weights ({pickles[0].name}); pass --allow-pickle to "
-                    f"load them with torch.load(weights_only=True), or convert the model to safetensors")
-            return self._scan_pickles(pickles)
-        hint = "; it looks like a PEFT adapter" if (folder / "adapter_config.json").is_file() else ""
-        raise ShadowMergeError(f"{self.label} {folder}: no weights found (expected model.safetensors or "
-                               f"{INDEX}){hint}")
-
-    def _index_files(self, index: Path) -> list[Path]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            raise ShadowMergeError(f"{self.label} {index}: unreadable index (no weight_map); re-save the model")
-        files = []
-        for name in dict.fromkeys(weight_map.values()):
-            path = self.folder / name
-            if not path.is_file():
-                raise ShadowMergeError(f"{self.label} {index} names shard {name}, which is missing; "
-                                       f"re-download the model")
-            files.append(path)
-        self._weight_map = weight_map
-        return files
 
     def _scan_safetensors(self, files: list[Path]) -> dict[str, TensorInfo]:
         found: list[TensorInfo] = []
@@ -197,8 +132,85 @@ class Checkpoint:
             done += got
         return dst
 
+    def read_tensor(self, info: TensorInfo) -> torch.Tensor:
+        """A whole tensor in a fresh buffer, with its own dtype and shape (for small tensors)."""
+        raw = self.read_into(info, 0, info.rows, torch.empty(max(info.nbytes, 1), dtype=torch.uint8))
+        return raw.view(info.dtype).reshape(info.shape)
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
 
+
+class Checkpoint(TensorStore):
+    """A model folder opened for lazy reading. Use `Checkpoint.open(ref, label)`."""
+
+    def __init__(self, folder: Path, label: str, ref: str, allow_pickle: bool = False):
+        super().__init__(folder, label, ref)
+        self.config = self._read_config()
+        self.tensors = self._scan(allow_pickle)
+
+    @classmethod
+    def open(cls, ref: str | Path, label: str, allow_pickle: bool = False) -> "Checkpoint":
+        return cls(hub.resolve(ref, allow_pickle), label, str(ref), allow_pickle)
+
+    # --- metadata -------------------------------------------------------------------------
+    def _read_config(self) -> dict:
+        path = self.folder / "config.json"
+        if not path.is_file():
+            raise ShadowMergeError(f"{self.label} {self.folder}: no config.json; pass a Hugging Face model folder")
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ShadowMergeError(f"{self.label} {path}: unreadable config.json ({exc})") from None
+
+    @property
+    def architecture(self) -> tuple[str | None, tuple[str, ...]]:
+        cfg = self.config
+        return cfg.get("model_type"), tuple(cfg.get("architectures") or ())
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        cfg = self.config
+        if "tie_word_embeddings" in cfg:
+            return bool(cfg["tie_word_embeddings"])
+        text = cfg.get("text_config") or {}
+        return bool(text.get("tie_word_embeddings", False))
+
+    def _scan(self, allow_pickle: bool) -> dict[str, TensorInfo]:
+        folder = self.folder
+        index = folder / INDEX
+        if index.is_file():
+            files = self._index_files(index)
+        elif (folder / "model.safetensors").is_file():
+            files = [folder / "model.safetensors"]
+        else:
+            files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
+        if files:
+            return self._scan_safetensors(files)
+        pickles = sorted(folder.glob("*.bin"))
+        if pickles:
+            if not allow_pickle:
+                raise ShadowMergeError(
+                    f"{self.label} {folder}: only pickle weights ({pickles[0].name}); pass --allow-pickle to "
+                    f"load them with torch.load(weights_only=True), or convert the model to safetensors")
+            return self._scan_pickles(pickles)
+        hint = "; it looks like a PEFT adapter" if (folder / "adapter_config.json").is_file() else ""
+        raise ShadowMergeError(f"{self.label} {folder}: no weights found (expected model.safetensors or "
+                               f"{INDEX}){hint}")
+
+    def _index_files(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            raise ShadowMergeError(f"{self.label} {index}: unreadable index (no weight_map); re-save the model")
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            path = self.folder / name
+            if not path.is_file():
+                raise ShadowMergeError(f"{self.label} {index} names shard {name}, which is missing; "
+                                       f"re-download the model")
+            files.append(path)
+        self._weight_map = weight_map
+        return files

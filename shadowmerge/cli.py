@@ -30,16 +30,19 @@ def main():
     """Shadow-FT merges: tune the Base, graft the update onto the Instruct.
 
     \b
-    Example:
+    Examples:
       shadowmerge graft --instruct Qwen/Qwen3-4B --base Qwen/Qwen3-4B-Base \\
                         --tuned ./qwen3-4b-base-sft --out ./qwen3-4b-shadow
+      shadowmerge graft --instruct Qwen/Qwen3-4B --lora ./qwen3-4b-base-lora --out ./qwen3-4b-shadow
     """
 
 
 @main.command(context_settings={"max_content_width": 100})
 @click.option("--instruct", required=True, metavar="MODEL", help="Instruct model: local folder or Hub id.")
 @click.option("--base", metavar="MODEL", help="Base model that was fine-tuned: local folder or Hub id.")
-@click.option("--tuned", metavar="MODEL", help="The fine-tuned Base: local folder or Hub id.")
+@click.option("--tuned", metavar="MODEL", help="The fine-tuned Base (full fine-tune): local folder or Hub id.")
+@click.option("--lora", metavar="ADAPTER", help="A PEFT LoRA adapter trained on the Base, instead of --tuned "
+              "(DoRA and modules_to_save also need --base).")
 @click.option("--out", metavar="DIR", help="Output folder (written beside, then renamed into place).")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="Scale of the grafted update.")
 @click.option("--include", metavar="REGEX", help="Graft only tensors whose name matches (re.search).")
@@ -55,27 +58,65 @@ def main():
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
 @click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf results with a warning instead of failing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def graft(instruct, base, tuned, out, alpha, include, exclude, dtype, shard_size, device, vocab, force, dry_run,
-          allow_pickle, allow_nonfinite, quiet):
+def graft(instruct, base, tuned, lora, out, alpha, include, exclude, dtype, shard_size, device, vocab, force,
+          dry_run, allow_pickle, allow_nonfinite, quiet):
     """Graft a Base fine-tune onto the Instruct: OUT = I + ALPHA * (TUNED - BASE).
 
-    Every tensor is grafted unless --include/--exclude say otherwise; the others are
-    copied from the Instruct byte for byte. Arithmetic is float32, cast once. The output
-    carries the Instruct's config, tokenizer, chat template and generation config.
+    With --lora, the update is the adapter's: scale * B @ A per adapted weight (DoRA and
+    modules_to_save are taken relative to --base). Every tensor with an update is grafted
+    unless --include/--exclude say otherwise; the others are copied from the Instruct byte
+    for byte. Arithmetic is float32, cast once. The output carries the Instruct's config,
+    tokenizer, chat template and generation config.
 
     \b
     Examples:
       shadowmerge graft --instruct Qwen/Qwen3-4B --base Qwen/Qwen3-4B-Base \\
           --tuned ./qwen3-4b-base-sft --out ./qwen3-4b-shadow
+      shadowmerge graft --instruct Qwen/Qwen3-4B --lora ./qwen3-4b-base-lora --out ./qwen3-4b-shadow
       shadowmerge graft ... --alpha 0.8 --exclude 'embed_tokens|lm_head' --dtype bfloat16
       shadowmerge graft ... --dry-run
     """
     from .pipeline import graft as run_graft
 
-    summary = run_graft(instruct, base, tuned, out, alpha=alpha, include=include, exclude=exclude, dtype=dtype,
+    summary = run_graft(instruct, base, tuned, out, lora=lora, alpha=alpha, include=include, exclude=exclude, dtype=dtype,
                         shard_size=shard_size, device=device, vocab=vocab, force=force, dry_run=dry_run,
                         allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, progress=not quiet)
     click.echo(str(summary))
+
+
+@main.group(context_settings={"max_content_width": 100})
+def lora():
+    """LoRA adapters trained on the Base (to merge one, use `graft --lora`).
+
+    \b
+    Example:
+      shadowmerge lora retarget ./qwen3-4b-base-lora --instruct Qwen/Qwen3-4B --out ./qwen3-4b-shadow-lora
+    """
+
+
+@lora.command(context_settings={"max_content_width": 100})
+@click.argument("adapter", metavar="ADAPTER")
+@click.option("--instruct", required=True, metavar="MODEL", help="Instruct model to serve the adapter on.")
+@click.option("--out", required=True, metavar="DIR", help="Output adapter folder (written beside, then renamed).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
+def retarget(adapter, instruct, out, force, allow_pickle):
+    """Point a Base-trained LoRA ADAPTER at the Instruct model, without merging.
+
+    The weights are copied unchanged; adapter_config.json's base_model_name_or_path names
+    the Instruct, and shadowmerge.json and README.md say where the adapter was trained.
+    Every adapted module is checked against the Instruct's tensor names and shapes first.
+    DoRA and modules_to_save adapters are refused: their update depends on the Base weights,
+    so merge those with `graft --lora ... --base ...`.
+
+    \b
+    Example:
+      shadowmerge lora retarget ./qwen3-4b-base-lora --instruct Qwen/Qwen3-4B --out ./qwen3-4b-shadow-lora
+      vllm serve Qwen/Qwen3-4B --enable-lora --lora-modules shadow=./qwen3-4b-shadow-lora
+    """
+    from .lora.retarget import retarget as run_retarget
+
+    click.echo(str(run_retarget(adapter, instruct, out, force=force, allow_pickle=allow_pickle)))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ class FullDelta:
     """delta = tuned - base for every same-named tensor (a full fine-tune of the Base)."""
 
     kind = "full"
+    formula = "out = float32(I) + alpha * (float32(T) - float32(B)), cast once to the output dtype"
     #: Every grafted Instruct tensor must have a delta; a missing one is an error, not a copy.
     strict = True
 
@@ -69,6 +70,9 @@ class FullDelta:
                 raise ShadowMergeError(f"{ckpt.label} tensor {name} is {info.dtype}, not floating point; "
                                        f"exclude it with --exclude")
         return FullEntry(b, t)
+
+    def record(self) -> dict:
+        return {}
 
     def names(self) -> set[str]:
         """Every tensor name the source holds (to report names the Instruct lacks)."""

@@ -36,6 +36,8 @@ def jobs(plan: Plan, chunk_elements: int = CHUNK_ELEMENTS):
     for t in plan.tensors:
         info = t.info
         step = max(1, chunk_elements // max(info.row_numel, 1))
+        if getattr(t.entry, "whole", False):     # the delta needs every row at once (DoRA column norms)
+            step = max(t.graft_rows, 1)
         first = True
         if t.graft_rows:
             for r in range(0, t.graft_rows, step):
@@ -113,6 +115,7 @@ def _all_finite(x: torch.Tensor) -> bool:
 class RunStats:
     unchanged: list[str]          # grafted tensors whose delta was zero everywhere
     nonfinite: list[str]          # tensors written with NaN/Inf (only with allow_nonfinite)
+    identical: list[str]          # grafted tensors written byte-identical to the instruct's (update below precision)
 
 
 def run(plan: Plan, writer: ShardWriter, device: str | torch.device = "cpu", allow_nonfinite: bool = False,
@@ -130,6 +133,7 @@ def run(plan: Plan, writer: ShardWriter, device: str | torch.device = "cpu", all
     stop = threading.Event()
     errors: list[BaseException] = []
     changed: dict[str, bool] = {}
+    differs: dict[str, bool] = {}
     nonfinite: list[str] = []
 
     def reader():
@@ -196,6 +200,8 @@ def run(plan: Plan, writer: ShardWriter, device: str | torch.device = "cpu", all
             torch.cuda.current_stream(device).synchronize()
         else:
             out = host.view(t.out_dtype).copy_(x)
+        if job.kind == "graft" and t.out_dtype == t.info.dtype and not differs.get(t.name):
+            differs[t.name] = not torch.equal(host, slot.instruct)
         if job.kind == "graft" and not _all_finite(out):
             if not allow_nonfinite:
                 raise ShadowMergeError(f"the result for {t.name} has NaN/Inf values; check the inputs (or pass "
@@ -230,5 +236,8 @@ def run(plan: Plan, writer: ShardWriter, device: str | torch.device = "cpu", all
             th.join(timeout=10)
     if errors:
         raise errors[0]
-    unchanged = [t.name for t in plan.tensors if t.graft_rows and not changed.get(t.name)]
-    return RunStats(unchanged, nonfinite)
+    grafted = [t for t in plan.tensors if t.graft_rows]
+    unchanged = [t.name for t in grafted if not changed.get(t.name)]
+    identical = [t.name for t in grafted if changed.get(t.name) and t.out_dtype == t.info.dtype
+                 and not differs.get(t.name)]
+    return RunStats(unchanged, nonfinite, identical)

@@ -76,19 +76,25 @@ def parse_device(name: str | torch.device) -> torch.device:
 
 
 def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Path | None = None,
-          out: str | Path | None = None, *, alpha: float = 1.0, include: str | None = None,
+          out: str | Path | None = None, *, lora: str | Path | None = None, alpha: float = 1.0,
+          include: str | None = None,
           exclude: str | None = None, dtype: str | torch.dtype | None = None, shard_size: str | int = "5GB",
           device: str = "cpu", vocab: str = "error", force: bool = False, dry_run: bool = False,
           allow_pickle: bool = False, allow_nonfinite: bool = False, progress: bool = True) -> GraftSummary:
-    """Graft a Base model's fine-tuning update onto its Instruct sibling: out = I + alpha * (T - B).
+    """Graft a Base model's fine-tuning update onto its Instruct sibling: out = I + alpha * delta.
 
-    Arithmetic is float32, cast once to the output dtype (the Instruct tensor's, unless `dtype`).
-    With `dry_run=True` only headers are read and the plan is returned, nothing is written.
+    The delta is tuned - base (a full fine-tune: `base`, `tuned`) or a PEFT LoRA adapter trained on
+    the Base (`lora`; `base` too for DoRA and modules_to_save). Arithmetic is float32, cast once to
+    the output dtype (the Instruct tensor's, unless `dtype`). With `dry_run=True` only headers are
+    read and the plan is returned, nothing is written.
     """
     start = time.perf_counter()
-    if base is None or tuned is None:
-        raise ShadowMergeError("a full fine-tune graft needs --base (the model that was tuned) and "
-                               "--tuned (its fine-tuned copy)")
+    if lora is not None and tuned is not None:
+        raise ShadowMergeError("pass either --tuned (a full fine-tune of the Base) or --lora (an adapter trained "
+                               "on it), not both")
+    if lora is None and (base is None or tuned is None):
+        raise ShadowMergeError("a graft needs --base (the model that was tuned) and --tuned (its fine-tuned copy), "
+                               "or --lora (an adapter trained on the Base)")
     if out is None and not dry_run:
         raise ShadowMergeError("--out is required (the folder to write the grafted model into)")
     if not math.isfinite(alpha):
@@ -97,11 +103,19 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
     dev = parse_device(device)
     shard_bytes = parse_size(shard_size)
 
-    ckpts: list[Checkpoint] = []
+    ckpts: list = []
     try:
         for ref, label in ((instruct, "instruct"), (base, "base"), (tuned, "tuned")):
-            ckpts.append(Checkpoint.open(ref, label, allow_pickle))
-        inst, source = ckpts[0], FullDelta(ckpts[1], ckpts[2])
+            if ref is not None:
+                ckpts.append(Checkpoint.open(ref, label, allow_pickle))
+        inst = ckpts[0]
+        if lora is None:
+            source = FullDelta(ckpts[1], ckpts[2])
+        else:
+            from .lora import Adapter, LoraDelta
+
+            ckpts.append(Adapter.open(lora, allow_pickle))
+            source = LoraDelta(ckpts[-1], ckpts[1] if base is not None else None, inst)
         plan = build_plan(inst, source, alpha=alpha, include=include, exclude=exclude, dtype=out_dtype, vocab=vocab)
         shards = layout([(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in plan.tensors], shard_bytes)
         shard_of = {e[0]: i for i, s in enumerate(shards, 1) for e in s.entries}
@@ -128,11 +142,14 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
                                 f"{', '.join(stats.nonfinite[:5])}")
             grafted = sum(1 for t in plan.tensors if t.graft_rows)
             if grafted and len(stats.unchanged) == grafted:
-                warnings.append("the tuned model equals the base in every grafted tensor: the output equals "
-                                "the instruct; is --tuned the right folder?")
+                warnings.append(f"the {source.kind} delta is zero in every grafted tensor: the output equals the "
+                                f"instruct; is --{'tuned' if lora is None else 'lora'} the right folder?")
             elif stats.unchanged:
-                warnings.append(f"{len(stats.unchanged)} grafted tensor(s) had a zero update (tuned == base), "
+                warnings.append(f"{len(stats.unchanged)} grafted tensor(s) had a zero update, "
                                 f"e.g. {stats.unchanged[0]}")
+            if stats.identical:
+                warnings.append(f"{len(stats.identical)} grafted tensor(s) came out identical to the instruct's "
+                                f"(the update is below the output dtype's precision), e.g. {stats.identical[0]}")
             side = copy_side_files(inst.folder, tmp, _dtype_name(out_dtype))
             seconds = time.perf_counter() - start
             write_record(tmp, _record(plan, source, shards, side, out_dtype, shard_bytes, include, exclude,
@@ -174,7 +191,7 @@ def _record(plan: Plan, source, shards, side, out_dtype, shard_bytes, include, e
     return {
         "tool": "shadowmerge graft",
         "version": __version__,
-        "formula": "out = float32(I) + alpha * (float32(T) - float32(B)), cast once to the output dtype",
+        "formula": source.formula,
         "inputs": {"instruct": plan.instruct.ref, **source.describe()},
         "delta": source.kind,
         "alpha": plan.alpha,
@@ -185,8 +202,11 @@ def _record(plan: Plan, source, shards, side, out_dtype, shard_bytes, include, e
         "shard_size": shard_bytes,
         "device": str(device),
         "counts": plan.counts(),
+        "grafted": [t.name for t in plan.tensors if t.graft_rows],
+        **source.record(),
         "dropped": [{"name": n, "why": w} for n, w in plan.dropped],
         "unchanged": stats.unchanged,
+        "identical_to_instruct": stats.identical,
         "warnings": warnings,
         "shards": [s.filename for s in shards],
         "bytes": plan.total_bytes,

@@ -130,7 +130,7 @@ def build_plan(instruct: Checkpoint, source, *, alpha: float = 1.0, include: str
         raise ShadowMergeError(f"unknown vocabulary policy {vocab!r}; use one of {', '.join(VOCAB_POLICIES)}")
     check_architecture(instruct, tuple(getattr(source, "checkpoints", ())))
     inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
-    plan = Plan(instruct, source, alpha, [])
+    plan = Plan(instruct, source, alpha, [], warnings=list(getattr(source, "warnings", ())))
     has_input_embedding = any(n.endswith(INPUT_EMBEDDINGS) for n in instruct.tensors)
     missing, shape_errors, vocab_errors = [], [], []
 
@@ -178,18 +178,34 @@ def build_plan(instruct: Checkpoint, source, *, alpha: float = 1.0, include: str
 
     extra = sorted(n for n in source.names() - set(instruct.tensors)
                    if not (exc is not None and exc.search(n)) and not _tied_away(instruct, n))
-    if any(_tied_away(instruct, n) for n in source.names()):
+    def left_out(n: str) -> bool:
+        return (inc is not None and not inc.search(n)) or (exc is not None and exc.search(n) is not None)
+
+    tied_away = sorted(n for n in source.names() if _tied_away(instruct, n) and not left_out(n))
+    if tied_away and source.strict:
         plan.warnings.append("the base/tuned models have their own lm_head but the instruct ties it to the input "
                              "embedding: only the embedding's update is grafted")
+    elif tied_away:
+        raise ShadowMergeError(
+            f"the {source.kind} delta changes {', '.join(tied_away)}, but the instruct ties it to the input "
+            f"embedding, so merging it would change the input embedding too; leave it out with --exclude lm_head "
+            f"(its update is then not grafted), or graft onto an instruct with an untied lm_head")
+    if not source.strict:
+        planned = {t.name for t in plan.tensors if t.entry is not None}
+        skipped = sorted(n for n in source.names() if n not in planned and n not in tied_away
+                         and (n in instruct.tensors or _tied_away(instruct, n)))
+        if skipped:
+            plan.warnings.append(f"{len(skipped)} tensor(s) the {source.kind} delta changes are not grafted "
+                                 f"(--include/--exclude): {_listing(skipped, 4)}")
     if missing or extra:
         parts = []
         if missing:
             parts.append(f"{len(missing)} instruct tensor(s) missing from the {source.kind} delta: {_listing(missing)}")
         if extra:
             parts.append(f"{len(extra)} tensor(s) not in the instruct: {_listing(extra)}")
-        raise ShadowMergeError("tensor names differ: " + "; ".join(parts) +
-                               "; pass the Base of this Instruct and its fine-tune, or leave such tensors "
-                               "out with --exclude")
+        raise ShadowMergeError("tensor names differ: " + "; ".join(parts) + "; " + getattr(
+            source, "mismatch_hint", "pass the Base of this Instruct and its fine-tune, or leave such tensors "
+            "out with --exclude"))
     if shape_errors:
         raise ShadowMergeError(f"shapes differ for {len(shape_errors)} tensor(s): {_listing(shape_errors, 4)}; "
                                f"the models must share one architecture and size")

@@ -1,0 +1,262 @@
+"""A PEFT LoRA adapter folder, read lazily: its config checked, every key sorted into a module.
+
+adapter_config.json gives each module's scale (lora_alpha / r, or / sqrt(r) with rsLoRA, with
+per-module rank_pattern / alpha_pattern); adapter_model.safetensors holds lora_A / lora_B (or
+lora_embedding_A / _B), lora_B biases, DoRA magnitudes, full copies of modules_to_save and, for
+embeddings, a copy of the Base's own weight. A key that fits none of these, or an option that
+shadowmerge cannot merge exactly, is refused by name before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import hub
+from ..checkpoint import TensorInfo, TensorStore
+from ..errors import ShadowMergeError
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PICKLE = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+_PART = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+                   r"(?:\.(?!(?:weight|bias)$)(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$")
+_WRAPPERS = re.compile(r"\.modules_to_save\.[^.]+(?=\.)|\.original_module(?=\.)")
+
+# Options whose merge is not W + scale * B @ A: refused by name.
+_VARIANTS = {
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "megatron_config": "Megatron-parallel LoRA (megatron_config)",
+    "layer_replication": "layer replication (layer_replication)",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+}
+# Initialisations that also rewrite the base weights, so the adapter alone is not the update.
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+_PEFT_NAMES = {"LOHA": "LoHa", "LOKR": "LoKr", "IA3": "IA3", "ADALORA": "AdaLoRA", "OFT": "OFT", "BOFT": "BOFT",
+               "VERA": "VeRA", "FOURIERFT": "FourierFT", "HRA": "HRA", "VBLORA": "VB-LoRA", "BONE": "Bone",
+               "PROMPT_TUNING": "prompt tuning", "PREFIX_TUNING": "prefix tuning", "P_TUNING": "p-tuning"}
+_QUANTIZED_NAME = re.compile(r"(?i)(bnb|[48]bit|gptq|awq|nf4|int[48]|hqq|eetq|aqlm|quanto)")
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: W += scale * B @ A (transposed for embeddings and fan_in_fan_out)."""
+
+    name: str                               # module path in the model, e.g. model.layers.0.self_attn.q_proj
+    A: TensorInfo | None = None
+    B: TensorInfo | None = None
+    bias: TensorInfo | None = None          # lora_B.bias (lora_bias=True)
+    magnitude: TensorInfo | None = None     # DoRA's m
+    embedding: bool = False
+    fan_in_fan_out: bool = False
+    scale: float = 0.0
+    rank: int = 0
+    keys: list[str] = field(default_factory=list)
+
+    @property
+    def transposed(self) -> bool:
+        """The stored weight is (in, out): rows of the update come from columns of A."""
+        return self.embedding or self.fan_in_fan_out
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out_dim, in_dim = self.B.shape[0], self.A.shape[1]
+        return (in_dim, out_dim) if self.transposed else (out_dim, in_dim)
+
+
+class Adapter(TensorStore):
+    """A PEFT LoRA adapter folder. Use `Adapter.open(ref)`."""
+
+    def __init__(self, folder: Path, ref: str, allow_pickle: bool = False):
+        super().__init__(folder, "adapter", ref)
+        self.config = self._read_config()
+        self._check_config()
+        self.tensors = self._scan(allow_pickle)
+        self.modules: dict[str, LoraModule] = {}
+        self.saved: dict[str, TensorInfo] = {}          # full tensors trained on the Base (modules_to_save, bias)
+        self.base_copies: dict[str, TensorInfo] = {}    # the Base's own weights saved alongside (not an update)
+        self._sort_keys()
+
+    @classmethod
+    def open(cls, ref: str | Path, allow_pickle: bool = False) -> "Adapter":
+        return cls(hub.resolve(ref, allow_pickle), str(ref), allow_pickle)
+
+    # --- config ---------------------------------------------------------------------------
+    def _read_config(self) -> dict:
+        path = self.folder / CONFIG
+        if not path.is_file():
+            hint = "; it looks like a full model: pass it as --tuned" if (self.folder / "config.json").is_file() else ""
+            raise ShadowMergeError(f"--lora {self.ref}: no {CONFIG}; pass a PEFT adapter folder "
+                                   f"(saved with save_pretrained){hint}")
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ShadowMergeError(f"--lora {path}: unreadable {CONFIG} ({exc})") from None
+        if not isinstance(cfg, dict):
+            raise ShadowMergeError(f"--lora {path}: {CONFIG} is not a JSON object")
+        return cfg
+
+    def _check_config(self) -> None:
+        cfg, ref = self.config, self.ref
+        kind = str(cfg.get("peft_type", "LORA")).upper()
+        if kind != "LORA":
+            name = _PEFT_NAMES.get(kind, kind)
+            raise ShadowMergeError(
+                f"--lora {ref} is a {name} adapter; shadowmerge merges LoRA adapters only. Merge it into the Base "
+                f"with peft (merge_and_unload), save that, and graft it with --base/--tuned")
+        for key, label in _VARIANTS.items():
+            if cfg.get(key):
+                raise ShadowMergeError(f"--lora {ref} uses {label}, which shadowmerge does not merge; merge it into "
+                                       f"the Base with peft, save that, and graft it with --base/--tuned")
+        init = cfg.get("init_lora_weights", True)
+        if (isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS)) or cfg.get("loftq_config"):
+            label = init if isinstance(init, str) else "loftq"
+            raise ShadowMergeError(
+                f"--lora {ref} was initialised with {label}, which also changes the base weights it trains "
+                f"against, so the adapter alone is not the update; convert it to a plain LoRA with peft "
+                f"(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and pass that")
+        for key in ("r", "lora_alpha"):
+            value = cfg.get(key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ShadowMergeError(f"--lora {ref}: {CONFIG} has {key}={value!r}; it must be a positive number")
+
+    @property
+    def dora(self) -> bool:
+        return any(m.magnitude is not None for m in self.modules.values())
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def needs_base(self) -> list[str]:
+        """Why this adapter cannot be merged without the Base weights (empty: it can)."""
+        why = []
+        if self.dora:
+            why.append("uses DoRA (its update depends on the Base weights it normalises)")
+        if self.saved:
+            names = sorted({n.rsplit(".", 1)[0] for n in self.saved})
+            why.append(f"holds full Base-trained copies of {', '.join(names[:3])}"
+                       f"{', ...' if len(names) > 3 else ''} (modules_to_save / bias), whose update is copy - Base")
+        return why
+
+    def quantized_hint(self) -> str | None:
+        name = self.base_model or ""
+        return name if _QUANTIZED_NAME.search(name) else None
+
+    def describe(self) -> str:
+        ranks = sorted({m.rank for m in self.modules.values()})
+        opts = [o for o, on in (("rsLoRA", self.config.get("use_rslora")), ("DoRA", self.dora),
+                                ("fan_in_fan_out", self.config.get("fan_in_fan_out")),
+                                ("lora_bias", self.config.get("lora_bias")),
+                                ("embedding", any(m.embedding for m in self.modules.values())),
+                                ("modules_to_save", self.saved)) if on]
+        rank = "/".join(map(str, ranks)) or "-"
+        return (f"{self.ref}  ({len(self.modules)} modules, rank {rank}, lora_alpha {self.config['lora_alpha']:g}"
+                f"{', ' + ', '.join(opts) if opts else ''})")
+
+    # --- weights --------------------------------------------------------------------------
+    def _scan(self, allow_pickle: bool) -> dict[str, TensorInfo]:
+        if (self.folder / WEIGHTS).is_file():
+            return self._scan_safetensors([self.folder / WEIGHTS])
+        if (self.folder / PICKLE).is_file():
+            if not allow_pickle:
+                raise ShadowMergeError(f"--lora {self.folder}: only pickle weights ({PICKLE}); pass --allow-pickle to "
+                                       f"load them with torch.load(weights_only=True), or re-save as safetensors")
+            return self._scan_pickles([self.folder / PICKLE])
+        raise ShadowMergeError(f"--lora {self.folder}: no {WEIGHTS}; pass a PEFT adapter folder")
+
+    def _sort_keys(self) -> None:
+        cfg = self.config
+        others: dict[str, TensorInfo] = {}
+        for key, info in self.tensors.items():
+            name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            m = _PART.match(name)
+            if m is None:
+                others[_WRAPPERS.sub("", name)] = info
+                continue
+            mod = self.modules.setdefault(m["module"], LoraModule(m["module"]))
+            mod.keys.append(key)
+            part, param = m["part"], m["param"]
+            if part == "lora_magnitude_vector":
+                mod.magnitude = info
+            elif part in ("lora_embedding_A", "lora_embedding_B"):
+                mod.embedding = True
+                setattr(mod, part[-1], info)
+            elif param == "bias":
+                if part != "lora_B":
+                    raise ShadowMergeError(f"--lora {self.ref}: unexpected key {key}; only lora_B has a bias")
+                mod.bias = info
+            else:
+                setattr(mod, part[-1], info)
+        for name, info in others.items():
+            module, _, param = name.rpartition(".")
+            if module.endswith(".base_layer") and module[: -len(".base_layer")] in self.modules:
+                owner = module[: -len(".base_layer")]
+                if param == "weight":
+                    self.base_copies[f"{owner}.weight"] = info
+                    continue
+                name = f"{owner}.{param}"
+            if not self._trainable(name):
+                raise ShadowMergeError(
+                    f"--lora {self.ref}: key {name!r} is neither a LoRA tensor nor in modules_to_save/bias; "
+                    f"the adapter was not saved by peft's LoRA, or its {CONFIG} does not match its weights")
+            self.saved[name] = info
+        for mod in self.modules.values():
+            self._finish(mod, cfg)
+
+    def _trainable(self, name: str) -> bool:
+        module, _, param = name.rpartition(".")
+        if param == "bias" and self.config.get("bias") in ("all", "lora_only"):
+            return True
+        targets = self.config.get("modules_to_save") or []
+        return any(re.fullmatch(rf"(.*\.)?{re.escape(t)}", module) for t in targets)
+
+    def _finish(self, mod: LoraModule, cfg: dict) -> None:
+        where = f"--lora {self.ref}: module {mod.name}"
+        if mod.A is None or mod.B is None:
+            have = "lora_A" if mod.A is not None else "lora_B" if mod.B is not None else "only a magnitude/bias"
+            raise ShadowMergeError(f"{where} has {have} but not both lora_A and lora_B; the adapter is incomplete")
+        if len(mod.A.shape) != 2 or len(mod.B.shape) != 2:
+            raise ShadowMergeError(f"{where}: LoRA on a convolution or a {len(mod.A.shape)}-D weight is not "
+                                   f"supported; only linear and embedding layers")
+        for info in (mod.A, mod.B, mod.bias, mod.magnitude):
+            if info is not None and not info.dtype.is_floating_point:
+                raise ShadowMergeError(f"{where}: {info.name} is {info.dtype}; a quantized adapter cannot be "
+                                       f"merged exactly")
+        rank = mod.A.shape[0]
+        if mod.B.shape[1] != rank:
+            raise ShadowMergeError(f"{where}: lora_A has rank {rank} but lora_B has {mod.B.shape[1]} columns")
+        r = _pattern(cfg.get("rank_pattern") or {}, mod.name, cfg["r"])
+        alpha = _pattern(cfg.get("alpha_pattern") or {}, mod.name, cfg["lora_alpha"])
+        if r != rank:
+            raise ShadowMergeError(f"{where}: {CONFIG} says r={r} but lora_A has rank {rank}; the config does not "
+                                   f"belong to these weights")
+        mod.rank = rank
+        mod.scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        mod.fan_in_fan_out = bool(cfg.get("fan_in_fan_out")) and not mod.embedding
+        out_dim = mod.shape[1] if mod.transposed else mod.shape[0]
+        for info, what in ((mod.bias, "lora_B bias"), (mod.magnitude, "DoRA magnitude")):
+            if info is not None and tuple(info.shape) != (out_dim,):
+                raise ShadowMergeError(f"{where}: {what} has shape {list(info.shape)}, expected [{out_dim}]")
+        if cfg.get("use_dora") and mod.magnitude is None:
+            raise ShadowMergeError(f"{where}: {CONFIG} says use_dora but there is no lora_magnitude_vector")
+
+
+def _pattern(patterns: dict, module: str, default):
+    """peft's get_pattern_key: the first key that matches the end of the module path, else the default."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default

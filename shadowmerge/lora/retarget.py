@@ -1,0 +1,92 @@
+"""retarget(): the same LoRA adapter, pointed at the Instruct model instead of the Base, unmerged.
+
+For serving many adapters on one Instruct model (vLLM, TGI, peft): the weights are copied byte for
+byte, adapter_config.json's base_model_name_or_path names the Instruct, and shadowmerge.json plus
+the README record where the adapter was trained. DoRA and modules_to_save adapters are refused:
+their update depends on the Base weights, so it does not carry over without merging.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import __version__
+from ..checkpoint import Checkpoint
+from ..errors import ShadowMergeError
+from ..output import RECORD, OutputFolder
+from ..plan import build_plan
+from .adapter import CONFIG, Adapter
+from .source import LoraDelta
+
+
+@dataclass
+class RetargetSummary:
+    out: Path
+    modules: int
+    trained_on: str | None
+    instruct: str
+    warnings: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"wrote {self.out}: {self.modules} LoRA module(s), weights unchanged; base_model_name_or_path "
+                 f"{self.trained_on or '(unset)'} -> {self.instruct}"]
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
+
+
+def retarget(adapter: str | Path, instruct: str | Path, out: str | Path, *, force: bool = False,
+             allow_pickle: bool = False) -> RetargetSummary:
+    """Write a copy of `adapter` whose base model is `instruct`, after checking it fits (headers only)."""
+    opened: list = []
+    try:
+        ad = Adapter.open(adapter, allow_pickle)
+        opened.append(ad)
+        why = ad.needs_base()
+        if why:
+            raise ShadowMergeError(
+                f"cannot retarget: the adapter {'; and '.join(why)}, so its update depends on the Base weights "
+                f"and does not carry over to the Instruct unmerged; merge it instead: shadowmerge graft "
+                f"--instruct {instruct} --lora {adapter} --base BASE --out DIR")
+        inst = Checkpoint.open(instruct, "instruct", allow_pickle)
+        opened.append(inst)
+        plan = build_plan(inst, LoraDelta(ad, None, inst))      # every target exists, with the right shape
+        skipped = [w for w in plan.warnings if "not grafted" in w]
+        if skipped:
+            raise ShadowMergeError(f"cannot retarget: {skipped[0]}")
+        files = [p for p in sorted(ad.folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+        target_ref = str(inst.folder.absolute()) if Path(str(instruct)).expanduser().exists() else str(instruct)
+        folder = OutputFolder(out, force=force, inputs=[ad.folder, inst.folder],
+                              need_bytes=sum(p.stat().st_size for p in files))
+        with folder as tmp:
+            for p in files:
+                shutil.copyfile(p, tmp / p.name)
+            cfg = dict(ad.config, base_model_name_or_path=target_ref)
+            (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            provenance = {"tool": "shadowmerge lora retarget", "version": __version__, "adapter": str(adapter),
+                          "trained_on": ad.base_model, "retargeted_to": target_ref,
+                          "weights": "byte-identical copy of the adapter's",
+                          "method": "Shadow-FT: the adapter was trained on the Base and is applied to the Instruct"}
+            (tmp / RECORD).write_text(json.dumps(provenance, indent=2) + "\n")
+            _write_card(tmp / "README.md", target_ref, ad.base_model)
+            folder.commit()
+        return RetargetSummary(folder.target, len(ad.modules), ad.base_model, target_ref, plan.warnings)
+    finally:
+        for item in opened:
+            item.close()
+
+
+def _write_card(path: Path, instruct: str, trained_on: str | None) -> None:
+    """Point the model card's base_model at the Instruct and say where the adapter was trained."""
+    text = path.read_text() if path.is_file() else "---\nlibrary_name: peft\n---\n"
+    if text.startswith("---\n") and "\n---" in text[4:]:
+        end = text.index("\n---", 4)
+        meta, rest = text[4:end], text[end:]
+        meta = re.sub(r"(?m)^base_model:.*\n(?:[ \t]*- .*\n)*", "", meta + "\n").rstrip("\n")
+        text = f"---\n{meta}\nbase_model: {instruct}{rest}"
+    text = text.rstrip("\n") + (f"\n\n## Shadow-FT\n\nThis LoRA adapter was trained on `{trained_on or 'the Base model'}` "
+                                f"and retargeted, unchanged, to its Instruct sibling `{instruct}` with "
+                                f"`shadowmerge lora retarget`.\n")
+    path.write_text(text)
