@@ -44,3 +44,19 @@ def tree_digest(*folders: Path) -> str:
                 h.update(str(p.stat().st_mode).encode())
                 h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def run_bad(cli, tmp_path, inputs, *args, expect: str, out_name="out", command=("graft",)):
+    """Run a command that must fail; check message, exit code, that nothing was left and inputs are intact."""
+    before = tree_digest(*inputs)
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    quiet = ["-q"] if command == ("graft",) else []
+    res = cli(*command, *args, "--out", tmp_path / out_name, *quiet)
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    err = res.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert expect in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing, "output or temporary folder left behind"
+    assert tree_digest(*inputs) == before, "an input was modified"
+    return err

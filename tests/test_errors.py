@@ -15,27 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import tree_digest
+from conftest import run_bad, tree_digest
 
 
 @pytest.fixture
 def triple(make_triple):
     return make_triple("llama")
-
-
-def run_bad(cli, tmp_path, inputs, *args, expect: str, out_name="out"):
-    """Run a graft that must fail; check message, exit code, that nothing was left and inputs are intact."""
-    before = tree_digest(*inputs)
-    listing = sorted(p.name for p in tmp_path.iterdir())
-    res = cli("graft", *args, "--out", tmp_path / out_name, "-q")
-    assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output
-    err = res.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    assert expect in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == listing, "output or temporary folder left behind"
-    assert tree_digest(*inputs) == before, "an input was modified"
-    return err
 
 
 def args(i, b, t):

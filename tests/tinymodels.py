@@ -23,6 +23,9 @@ FAMILIES = {
     "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
                   max_position_embeddings=128, tie_word_embeddings=True),
+    # Conv1D layers: weights stored (in, out), LoRA with fan_in_fan_out
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128,
+                 tie_word_embeddings=True),
 }
 
 

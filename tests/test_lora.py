@@ -1,0 +1,268 @@
+"""LoRA grafts against real peft: every option, the Base-dependent kinds, retarget, and bad adapters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapters import make_adapter, peft_merged, shadow_reference, ulp_distance
+from conftest import run_bad, tree_digest
+from tinymodels import state
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# name: (family, instruct dtype, LoraConfig arguments)
+PLAIN_CASES = {
+    "plain": ("llama", torch.bfloat16, dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR)),
+    "plain-fp32": ("llama", torch.float32, dict(r=8, lora_alpha=16, target_modules=ALL_LINEAR)),
+    "rslora-patterns": ("llama", torch.bfloat16, dict(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear",
+                                                     rank_pattern={"q_proj": 4}, alpha_pattern={"down_proj": 3})),
+    "lora-bias": ("qwen2", torch.bfloat16, dict(r=4, lora_alpha=8, lora_bias=True,
+                                                target_modules=["q_proj", "k_proj", "v_proj"])),
+    "embedding": ("llama", torch.bfloat16, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"])),
+    "tied-embedding": ("qwen3", torch.bfloat16, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"])),
+    "fan-in-fan-out": ("gpt2", torch.bfloat16, dict(r=4, lora_alpha=8, fan_in_fan_out=True,
+                                                    target_modules=["c_attn", "c_proj", "c_fc"])),
+}
+
+
+def graft_lora(cli, inst, adapter, out, *extra):
+    res = cli("graft", "--instruct", inst, "--lora", adapter, "--out", out, "-q", *extra)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+@pytest.mark.parametrize("case", PLAIN_CASES)
+def test_lora_graft_equals_peft_merge(case, make_triple, cli, tmp_path):
+    family, dtype, lora_kwargs = PLAIN_CASES[case]
+    inst, base, _ = make_triple(family, dtype)
+    adapter = make_adapter(base, tmp_path / "adapter", **lora_kwargs)
+    graft_lora(cli, inst, adapter, tmp_path / "out")
+    out, I, B = state(tmp_path / "out"), state(inst), state(base)
+    # peft's own merge of the same adapter into the Instruct (the official Shadow-FT recipe)
+    peft_i = peft_merged(inst, adapter)
+    shadow = shadow_reference(I, B, peft_merged(base, adapter), dtype)
+    assert set(out) == set(I)
+    record = json.loads((tmp_path / "out" / "shadowmerge.json").read_text())
+    targeted = set(record["grafted"])
+    assert targeted and record["identical_to_instruct"] == [] and record["unchanged"] == []
+    for name, got in out.items():
+        assert ulp_distance(got, peft_i[name].to(dtype)) <= 1, name
+        if dtype != torch.float32:   # in float32, the reference's own rounding of B + dW - B is that large
+            assert ulp_distance(got, shadow[name]) <= 1, name
+        if name in targeted:
+            assert not torch.equal(got, I[name]), f"{name} was targeted but did not change"
+        else:
+            assert got.view(-1).view(torch.uint8).tolist() == I[name].view(-1).view(torch.uint8).tolist(), name
+
+
+def test_lora_graft_loads_and_generates(make_triple, cli, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    inst, base, _ = make_triple("llama")
+    adapter = make_adapter(base, tmp_path / "adapter", r=8, lora_alpha=16, target_modules=ALL_LINEAR)
+    graft_lora(cli, inst, adapter, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.dtype == torch.bfloat16
+    out = state(tmp_path / "out")
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, out[name]), name
+    tokens = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=5, do_sample=False)
+    assert tokens.shape == (1, 8)
+
+
+# name: (family, LoraConfig arguments, what the error says without --base)
+BASE_CASES = {
+    "dora": ("llama", dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj", "embed_tokens"]),
+             "uses DoRA"),
+    "dora-fan-in-fan-out": ("gpt2", dict(r=4, lora_alpha=8, use_dora=True, fan_in_fan_out=True,
+                                         target_modules=["c_attn", "c_fc"]), "uses DoRA"),
+    "modules-to-save": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+                        "full Base-trained copies of lm_head"),
+    "bias-all": ("qwen2", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="all"),
+                 "full Base-trained copies"),
+}
+
+
+@pytest.mark.parametrize("case", BASE_CASES)
+def test_base_dependent_adapters_need_base_and_graft_the_base_update(case, make_triple, cli, tmp_path):
+    family, lora_kwargs, why = BASE_CASES[case]
+    inst, base, _ = make_triple(family)
+    adapter = make_adapter(base, tmp_path / "adapter", **lora_kwargs)
+    err = run_bad(cli, tmp_path, [inst, base, adapter], "--instruct", inst, "--lora", adapter, expect="pass --base")
+    assert why in err
+    graft_lora(cli, inst, adapter, tmp_path / "out", "--base", base)
+    out, I, B = state(tmp_path / "out"), state(inst), state(base)
+    shadow = shadow_reference(I, B, peft_merged(base, adapter), torch.bfloat16)
+    changed = 0
+    for name, got in out.items():
+        assert ulp_distance(got, shadow[name]) <= 1, name
+        changed += not torch.equal(got, I[name])
+    assert changed >= 2
+
+
+def test_embedding_copy_saved_by_peft_is_not_grafted(make_triple, cli, tmp_path):
+    """peft saves the Base's embedding beside an embedding LoRA; the graft must keep the Instruct's."""
+    inst, base, _ = make_triple("llama")
+    adapter = make_adapter(base, tmp_path / "adapter", save_embedding_layers=True, r=4, lora_alpha=8,
+                           target_modules=["embed_tokens"])
+    assert any(k.endswith("embed_tokens.base_layer.weight") for k in load_file(adapter / "adapter_model.safetensors"))
+    graft_lora(cli, inst, adapter, tmp_path / "out")
+    I, B = state(inst), state(base)
+    shadow = shadow_reference(I, B, peft_merged(base, adapter), torch.bfloat16)
+    got = state(tmp_path / "out")["model.embed_tokens.weight"]
+    assert ulp_distance(got, shadow["model.embed_tokens.weight"]) <= 1
+    record = json.loads((tmp_path / "out" / "shadowmerge.json").read_text())
+    assert record["adapter"]["base_copies_not_used"] == ["model.embed_tokens.weight"]
+
+
+def test_alpha_exclude_and_dry_run(make_triple, cli, tmp_path):
+    inst, base, _ = make_triple("llama")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    res = cli("graft", "--instruct", inst, "--lora", adapter, "--dry-run")
+    assert res.exit_code == 0 and "graft" in res.output and "2 modules" not in res.output
+    assert "4 modules, rank 4" in res.output and not (tmp_path / "out").exists()
+    res = graft_lora(cli, inst, adapter, tmp_path / "out", "--alpha", "0.5", "--exclude", r"layers\.1\.")
+    assert "2 tensor(s) the lora delta changes are not grafted" in res.output
+    out, I, B = state(tmp_path / "out"), state(inst), state(base)
+    merged = peft_merged(base, adapter)
+    for name, got in out.items():
+        if "layers.1." in name:
+            assert torch.equal(got, I[name]), name
+        else:
+            want = (I[name].float() + 0.5 * (merged[name] - B[name].float())).to(torch.bfloat16)
+            assert ulp_distance(got, want) <= 1, name
+
+
+def test_quantized_base_is_warned_about(make_triple, cli, tmp_path):
+    inst, base, _ = make_triple("llama")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "unsloth/llama-3-8b-bnb-4bit"
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    res = graft_lora(cli, inst, adapter, tmp_path / "out")
+    assert "trained against quantized weights (unsloth/llama-3-8b-bnb-4bit" in res.output
+
+
+# --- bad adapters ----------------------------------------------------------------------------
+
+def _edit_config(adapter, **changes):
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def test_adapter_for_a_deeper_model_lists_the_unmatched_modules(make_triple, cli, tmp_path):
+    inst, _, _ = make_triple("llama")
+    _, deeper_base, _ = make_triple("llama", num_hidden_layers=3)
+    adapter = make_adapter(deeper_base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    err = run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter,
+                  expect="1 tensor(s) not in the instruct: model.layers.2.self_attn.q_proj.weight")
+    assert "made for another model" in err
+
+
+def test_adapter_with_wrong_shapes(make_triple, cli, tmp_path):
+    inst, _, _ = make_triple("llama")
+    _, other, _ = make_triple("llama", intermediate_size=96)
+    adapter = make_adapter(other, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["up_proj"])
+    run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter,
+            expect="shapes differ for 2 tensor(s): model.layers.0.mlp.up_proj.weight: instruct [128, 64], "
+                   "lora delta [96, 64]")
+
+
+def test_other_adapter_types_are_refused_by_name(make_triple, cli, tmp_path):
+    from peft import LoHaConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    inst, base, _ = make_triple("llama")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoHaConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "loha")
+    run_bad(cli, tmp_path, [inst, tmp_path / "loha"], "--instruct", inst, "--lora", tmp_path / "loha",
+            expect="is a LoHa adapter; shadowmerge merges LoRA adapters only")
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (dict(init_lora_weights="pissa"), "initialised with pissa, which also changes the base weights"),
+    (dict(use_qalora=True), "uses QA-LoRA (use_qalora)"),
+    (dict(trainable_token_indices=[1, 2]), "uses trainable tokens (trainable_token_indices)"),
+    (dict(r=16), "adapter_config.json says r=16 but lora_A has rank 4"),
+    (dict(use_dora=True), "says use_dora but there is no lora_magnitude_vector"),
+])
+def test_adapter_config_problems(make_triple, cli, tmp_path, edit, expect):
+    inst, base, _ = make_triple("llama")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    _edit_config(adapter, **edit)
+    run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter, expect=expect)
+
+
+def test_unknown_adapter_key_and_half_module(make_triple, cli, tmp_path):
+    inst, base, _ = make_triple("llama")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file(dict(tensors, **{"base_model.model.model.norm.weight": torch.ones(64)}),
+              adapter / "adapter_model.safetensors")
+    run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter,
+            expect="key 'model.norm.weight' is neither a LoRA tensor nor in modules_to_save")
+    del tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter,
+            expect="module model.layers.1.self_attn.q_proj has lora_A but not both")
+
+
+def test_lm_head_lora_on_a_tied_instruct_is_refused(make_triple, cli, tmp_path):
+    inst, base, _ = make_triple("qwen2")
+    untied = make_triple("qwen2", tie_word_embeddings=False)[1]
+    adapter = make_adapter(untied, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"])
+    run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter,
+            expect="changes lm_head.weight, but the instruct ties it to the input embedding")
+    res = graft_lora(cli, inst, adapter, tmp_path / "out", "--exclude", "lm_head")
+    assert "1 tensor(s) the lora delta changes are not grafted" in res.output
+
+
+def test_lora_argument_mistakes(make_triple, cli, tmp_path):
+    inst, base, tuned = make_triple("llama")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter, "--base", base, "--tuned", tuned,
+            expect="pass either --tuned")
+    run_bad(cli, tmp_path, [inst, tuned], "--instruct", inst, "--lora", tuned,
+            expect="no adapter_config.json; pass a PEFT adapter folder (saved with save_pretrained); it looks like "
+                   "a full model: pass it as --tuned")
+
+
+# --- retarget ---------------------------------------------------------------------------------
+
+def test_retarget_points_the_adapter_at_the_instruct(make_triple, cli, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    inst, base, _ = make_triple("llama")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=ALL_LINEAR)
+    before = tree_digest(adapter, inst)
+    res = cli("lora", "retarget", adapter, "--instruct", inst, "--out", tmp_path / "retargeted")
+    assert res.exit_code == 0, res.output
+    assert tree_digest(adapter, inst) == before
+    out = tmp_path / "retargeted"
+    assert (out / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(inst.absolute())
+    assert f"base_model: {inst.absolute()}" in (out / "README.md").read_text()
+    assert json.loads((out / "shadowmerge.json").read_text())["retargeted_to"] == str(inst.absolute())
+    # peft loads it onto the Instruct and it behaves as the original adapter does there
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(inst, dtype=torch.float32), out)
+    merged = model.merge_and_unload().state_dict()
+    for name, want in peft_merged(inst, adapter).items():
+        assert torch.equal(merged[name], want), name
+
+
+def test_retarget_refuses_dora_and_mismatches(make_triple, cli, tmp_path):
+    inst, base, _ = make_triple("llama")
+    dora = make_adapter(base, tmp_path / "dora", r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"])
+    run_bad(cli, tmp_path, [inst, dora], dora, "--instruct", inst, command=("lora", "retarget"),
+            expect="cannot retarget: the adapter uses DoRA")
+    _, deeper, _ = make_triple("llama", num_hidden_layers=3)
+    adapter = make_adapter(deeper, tmp_path / "deeper", r=4, lora_alpha=8, target_modules=["q_proj"])
+    run_bad(cli, tmp_path, [inst, adapter], adapter, "--instruct", inst, command=("lora", "retarget"),
+            expect="tensor names differ")
