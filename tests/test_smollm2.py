@@ -48,3 +48,23 @@ def test_real_weights_graft_is_exact_and_the_model_still_talks(smol, tmp_path):
     assert "Paris" in models.chat(tmp_path / "shadow", "What is the capital of France?")
     # ... and it learned what only the Base was trained on
     assert "Pip" in models.chat(tmp_path / "shadow", models.FACTS[0][0])
+
+
+def test_real_weights_lora_graft_equals_peft_and_the_model_talks(smol, tmp_path):
+    """A LoRA really trained (peft, all linear layers) on the Base, grafted, against peft's own merge."""
+    from adapters import peft_merged, ulp_distance
+    from demo import models
+
+    inst, base, _ = smol
+    adapter, losses = models.lora_fine_tune(base, tmp_path / "lora")
+    assert losses[-1] < losses[0] / 4, losses
+    summary = shadowmerge.graft(inst, out=tmp_path / "shadow", lora=adapter, progress=False)
+    assert summary.counts["graft"] == 30 * 7 and not summary.unchanged
+    O, I = state(tmp_path / "shadow"), state(inst)
+    peft_i = peft_merged(inst, adapter)
+    for name, got in O.items():
+        assert ulp_distance(got, peft_i[name].to(torch.bfloat16)) <= 1, name
+        if "proj" not in name:
+            assert torch.equal(got, I[name]), name
+    assert "Paris" in models.chat(tmp_path / "shadow", "What is the capital of France?")
+    assert "Pip" in models.chat(tmp_path / "shadow", models.FACTS[0][0])
