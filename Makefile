@@ -22,6 +22,7 @@ test: $(VENV)/.ready
 
 bench: $(VENV)/.ready
 	$(PY) benchmarks/bench_graft.py --markdown benchmarks/last-run.md
+	$(PY) benchmarks/bench_lora.py --markdown benchmarks/last-run-lora.md
 
 clean:
 	rm -rf $(VENV) .demo demo-output benchmarks/work

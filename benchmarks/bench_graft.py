@@ -206,19 +206,20 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=["0.5B", "2B"], choices=list(SHAPES))
+def main(doc: str = __doc__, sizes=("0.5B", "2B"), run=bench, table=markdown):
+    """The command line of a benchmark script: run `run` per size, print `table` of the rows."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=list(sizes), choices=list(SHAPES))
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work")
     ap.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = ap.parse_args()
     rows = []
     for size in args.sizes:
-        rows += bench(size, args.work)
-    table = markdown(rows)
-    print(table)
+        rows += run(size, args.work)
+    text = table(rows)
+    print(text)
     if args.markdown:
-        args.markdown.write_text(table)
+        args.markdown.write_text(text)
 
 
 if __name__ == "__main__":

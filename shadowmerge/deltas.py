@@ -1,8 +1,13 @@
 """Delta sources: where the learned update W_B' - W_B of each tensor comes from.
 
-A source maps Instruct tensor names to entries, reads the raw bytes an entry needs for a block of
-rows (I/O, on the reader thread) and turns them into a float32 delta (arithmetic, on the compute
-device). `FullDelta` is the full fine-tune case: tuned minus base, tensor by tensor.
+A source maps Instruct tensor names to entries (`entry(name)`, None for none), reads the raw bytes
+an entry needs for a block of rows (`read`: I/O, on the reader thread) and turns them into a
+float32 delta (`delta_into`: arithmetic, on the compute device). It also says what it is for the
+plan and the record: `kind`, `strict` (is a name without an entry an error, or a copy?),
+`checkpoints` (to check architectures), `names()`, `rows(entry)`, `formula`, `mismatch_hint`,
+`warnings`, `describe()` and `record()`. An entry has a `shape`, and `whole = True` if its delta
+needs every row in one chunk. `FullDelta` is the full fine-tune case: tuned minus base, tensor by
+tensor; `lora.LoraDelta` is the adapter case.
 """
 
 from __future__ import annotations
@@ -48,12 +53,14 @@ class FullDelta:
 
     kind = "full"
     formula = "out = float32(I) + alpha * (float32(T) - float32(B)), cast once to the output dtype"
+    mismatch_hint = "pass the Base of this Instruct and its fine-tune, or leave such tensors out with --exclude"
     #: Every grafted Instruct tensor must have a delta; a missing one is an error, not a copy.
     strict = True
 
     def __init__(self, base: Checkpoint, tuned: Checkpoint):
         self.base, self.tuned = base, tuned
         self.checkpoints = (base, tuned)
+        self.warnings: list[str] = []
 
     def describe(self) -> dict:
         return {"base": self.base.ref, "tuned": self.tuned.ref}

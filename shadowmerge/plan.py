@@ -130,7 +130,7 @@ def build_plan(instruct: Checkpoint, source, *, alpha: float = 1.0, include: str
         raise ShadowMergeError(f"unknown vocabulary policy {vocab!r}; use one of {', '.join(VOCAB_POLICIES)}")
     check_architecture(instruct, tuple(getattr(source, "checkpoints", ())))
     inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
-    plan = Plan(instruct, source, alpha, [], warnings=list(getattr(source, "warnings", ())))
+    plan = Plan(instruct, source, alpha, [], warnings=list(source.warnings))
     has_input_embedding = any(n.endswith(INPUT_EMBEDDINGS) for n in instruct.tensors)
     missing, shape_errors, vocab_errors = [], [], []
 
@@ -178,6 +178,7 @@ def build_plan(instruct: Checkpoint, source, *, alpha: float = 1.0, include: str
 
     extra = sorted(n for n in source.names() - set(instruct.tensors)
                    if not (exc is not None and exc.search(n)) and not _tied_away(instruct, n))
+
     def left_out(n: str) -> bool:
         return (inc is not None and not inc.search(n)) or (exc is not None and exc.search(n) is not None)
 
@@ -203,9 +204,7 @@ def build_plan(instruct: Checkpoint, source, *, alpha: float = 1.0, include: str
             parts.append(f"{len(missing)} instruct tensor(s) missing from the {source.kind} delta: {_listing(missing)}")
         if extra:
             parts.append(f"{len(extra)} tensor(s) not in the instruct: {_listing(extra)}")
-        raise ShadowMergeError("tensor names differ: " + "; ".join(parts) + "; " + getattr(
-            source, "mismatch_hint", "pass the Base of this Instruct and its fine-tune, or leave such tensors "
-            "out with --exclude"))
+        raise ShadowMergeError("tensor names differ: " + "; ".join(parts) + "; " + source.mismatch_hint)
     if shape_errors:
         raise ShadowMergeError(f"shapes differ for {len(shape_errors)} tensor(s): {_listing(shape_errors, 4)}; "
                                f"the models must share one architecture and size")

@@ -266,3 +266,95 @@ def test_retarget_refuses_dora_and_mismatches(make_triple, cli, tmp_path):
     adapter = make_adapter(deeper, tmp_path / "deeper", r=4, lora_alpha=8, target_modules=["q_proj"])
     run_bad(cli, tmp_path, [inst, adapter], adapter, "--instruct", inst, command=("lora", "retarget"),
             expect="tensor names differ")
+
+
+def _edit_tensors(adapter, fn):
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    fn(tensors)
+    save_file(tensors, path)
+
+
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (lambda t: t.update({f"{Q0}.lora_A.bias": torch.ones(4)}), "only lora_B has a bias"),
+    (lambda t: t.update({f"{Q0}.lora_A.weight": torch.ones(4, 64, 1, 1)}), "LoRA on a convolution"),
+    (lambda t: t.update({f"{Q0}.lora_A.weight": torch.ones(4, 64, dtype=torch.int8)}),
+     "a quantized adapter cannot be merged exactly"),
+    (lambda t: t.update({f"{Q0}.lora_B.weight": torch.ones(64, 3)}), "lora_A has rank 4 but lora_B has 3 columns"),
+    (lambda t: t.update({f"{Q0}.lora_B.bias": torch.ones(7)}), "lora_B bias has shape [7], expected [64]"),
+])
+def test_malformed_adapter_tensors(make_triple, cli, tmp_path, edit, expect):
+    inst, base, _ = make_triple("llama")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    _edit_tensors(adapter, edit)
+    run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter, expect=expect)
+
+
+def test_adapter_files_missing_unreadable_or_pickled(make_triple, cli, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    inst, base, _ = make_triple("llama")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    run_bad(cli, tmp_path, [inst, tmp_path / "pickled"], "--instruct", inst, "--lora", tmp_path / "pickled",
+            expect="only pickle weights (adapter_model.bin); pass --allow-pickle")
+    graft_lora(cli, inst, tmp_path / "pickled", tmp_path / "out", "--allow-pickle")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    _edit_config(adapter, r=0)
+    run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter,
+            expect="adapter_config.json has r=0; it must be a positive number")
+    (adapter / "adapter_config.json").write_text("[1, 2]")
+    run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter,
+            expect="adapter_config.json is not a JSON object")
+    (adapter / "adapter_config.json").write_text("{")
+    run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter, expect="unreadable adapter_config")
+    adapter = make_adapter(base, tmp_path / "adapter2", r=4, lora_alpha=8, target_modules=["q_proj"])
+    (adapter / "adapter_model.safetensors").unlink()
+    run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter,
+            expect="no adapter_model.safetensors; pass a PEFT adapter folder")
+
+
+def test_base_that_does_not_fit_the_adapter(make_triple, cli, tmp_path):
+    inst, base, _ = make_triple("llama")
+    dora = make_adapter(base, tmp_path / "dora", r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"])
+    # a Base of another size
+    _, other, _ = make_triple("llama", intermediate_size=96)
+    plain = make_adapter(base, tmp_path / "plain", r=4, lora_alpha=8, target_modules=["up_proj"])
+    run_bad(cli, tmp_path, [inst, plain, other], "--instruct", inst, "--lora", plain, "--base", other,
+            expect="shape differs for model.layers.0.mlp.up_proj.weight: base [96, 64], adapter [128, 64]")
+    # a Base without the tensor DoRA needs, and one where it is not floating point
+    for name, value in (("missing", None), ("int", torch.ones(64, 64, dtype=torch.int8))):
+        broken = tmp_path / f"base-{name}"
+        broken.mkdir()
+        for f in base.iterdir():
+            (broken / f.name).write_bytes(f.read_bytes())
+        tensors = load_file(broken / "model.safetensors")
+        if value is None:
+            del tensors["model.layers.1.self_attn.q_proj.weight"]
+        else:
+            tensors["model.layers.1.self_attn.q_proj.weight"] = value
+        save_file(tensors, broken / "model.safetensors")
+        expect = "has no tensor model.layers.1.self_attn.q_proj.weight" if value is None else "is torch.int8"
+        run_bad(cli, tmp_path, [inst, dora, broken], "--instruct", inst, "--lora", dora, "--base", broken,
+                expect=expect)
+
+
+def test_adapter_inconsistencies_needing_base(make_triple, cli, tmp_path):
+    inst, base, _ = make_triple("llama")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    _edit_config(adapter, modules_to_save=["q_proj"])
+    _edit_tensors(adapter, lambda t: t.update({f"{Q0}.weight": torch.ones(64, 64)}))
+    run_bad(cli, tmp_path, [inst, adapter, base], "--instruct", inst, "--lora", adapter, "--base", base,
+            expect="model.layers.0.self_attn.q_proj.weight is both LoRA-adapted and saved in full")
+
+
+def test_dora_on_a_resized_embedding_is_refused(make_triple, cli, tmp_path):
+    inst, _, _ = make_triple("llama", vocab_size=300)
+    _, base, _ = make_triple("llama")
+    dora = make_adapter(base, tmp_path / "dora", r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens"])
+    run_bad(cli, tmp_path, [inst, dora, base], "--instruct", inst, "--lora", dora, "--base", base, "--vocab", "common",
+            expect="a DoRA update normalises over all 256 rows, but the instruct has 300")

@@ -52,10 +52,9 @@ def retarget(adapter: str | Path, instruct: str | Path, out: str | Path, *, forc
                 f"--instruct {instruct} --lora {adapter} --base BASE --out DIR")
         inst = Checkpoint.open(instruct, "instruct", allow_pickle)
         opened.append(inst)
-        plan = build_plan(inst, LoraDelta(ad, None, inst))      # every target exists, with the right shape
-        skipped = [w for w in plan.warnings if "not grafted" in w]
-        if skipped:
-            raise ShadowMergeError(f"cannot retarget: {skipped[0]}")
+        # Without filters, the plan takes every adapter target or raises: each exists in the Instruct,
+        # with the right shape, and none is a head the Instruct ties to its embedding.
+        plan = build_plan(inst, LoraDelta(ad, None, inst))
         files = [p for p in sorted(ad.folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
         target_ref = str(inst.folder.absolute()) if Path(str(instruct)).expanduser().exists() else str(instruct)
         folder = OutputFolder(out, force=force, inputs=[ad.folder, inst.folder],

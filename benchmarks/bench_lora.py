@@ -1,0 +1,138 @@
+"""Benchmark `shadowmerge graft --lora` against `cp -r` of the Instruct and against peft's merge.
+
+Uses the synthetic bf16 Llama-shaped Instruct of bench_graft.py and writes a rank-128 LoRA adapter
+on q/k/v/o/gate/up/down (float32, peft's key names, the config written by peft's LoraConfig). Then
+runs, side by side: `cp -r` of the Instruct folder (the floor: every byte read and written once),
+`shadowmerge graft --lora`, and peft (`PeftModel.from_pretrained(instruct).merge_and_unload()` then
+`save_pretrained`) twice: loading the Instruct in bf16 (the usual way) and in float32 with a cast at
+save (exact). Prints wall time and peak RSS of each process (GNU time) and compares the outputs.
+
+    python benchmarks/bench_lora.py --sizes 2B [--work benchmarks/work] [--markdown out.md]
+
+Run by hand (minutes; the 2B inputs take ~12 GB of disk); never part of the test suite.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_graft  # noqa: E402
+from bench_graft import build_triple, llama_tensors, timed  # noqa: E402
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK = 128
+
+PEFT_SCRIPT = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+inst, adapter, out, dtype = sys.argv[1:]
+model = AutoModelForCausalLM.from_pretrained(inst, dtype=getattr(torch, dtype))
+merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+merged.to(torch.bfloat16).save_pretrained(out, max_shard_size="1GB")
+"""
+
+
+def build_adapter(folder: Path, size: str) -> Path:
+    from peft import LoraConfig
+
+    if (folder / "done").exists():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(TARGETS)).save_pretrained(folder)
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for name, shape in llama_tensors(size):
+        module = name[: -len(".weight")]
+        if module.rsplit(".", 1)[-1] in TARGETS:
+            out_dim, in_dim = shape
+            key = f"base_model.model.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn((RANK, in_dim), generator=g) / in_dim ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn((out_dim, RANK), generator=g) * 1e-4
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    (folder / "done").touch()
+    return folder
+
+
+def ulp_stats(a: Path, b: Path) -> tuple[int, int, int]:
+    """(elements that differ, total, largest distance in bf16 ulps) between two outputs."""
+    def files(folder):
+        return {n: f for f in folder.glob("*.safetensors") for n in safe_open(f, "pt").keys()}
+
+    fa, fb = files(a), files(b)
+    if set(fa) != set(fb):
+        raise SystemExit(f"tensor names differ between {a} and {b}: {sorted(set(fa) ^ set(fb))[:5]}")
+    diff = total = worst = 0
+    for name in sorted(fa):
+        with safe_open(fa[name], "pt") as x, safe_open(fb[name], "pt") as y:
+            ta, tb = x.get_tensor(name).view(torch.int16).int(), y.get_tensor(name).view(torch.int16).int()
+        ta = torch.where(ta < 0, -(ta & 0x7FFF), ta)
+        tb = torch.where(tb < 0, -(tb & 0x7FFF), tb)
+        d = (ta - tb).abs()
+        diff += int((d > 0).sum())
+        worst = max(worst, int(d.max()))
+        total += ta.numel()
+    return diff, total, worst
+
+
+def bench(size: str, work: Path) -> list[dict]:
+    root = work / size
+    inst = build_triple(root, size)[0]
+    adapter = build_adapter(root / "lora-r128", size)
+    bin_dir = Path(sys.executable).parent
+    outs = {k: root / f"out-{k}" for k in ("cp", "shadowmerge", "peft-bf16", "peft-fp32")}
+    for o in outs.values():
+        shutil.rmtree(o, ignore_errors=True)
+    rows = []
+    timed(["sh", "-c", 'cat "$@" | cat > /dev/null', "sh", *map(str, inst.glob("*.safetensors"))])  # warm cache
+    for label, key, cmd in (
+            ("cp -r of the Instruct folder", "cp", ["cp", "-r", str(inst), str(outs["cp"])]),
+            ("shadowmerge graft --lora", "shadowmerge",
+             [str(bin_dir / "shadowmerge"), "graft", "--instruct", str(inst), "--lora", str(adapter), "--out",
+              str(outs["shadowmerge"]), "--quiet", "--shard-size", "1GB"]),
+            ("peft merge_and_unload, Instruct loaded in bf16", "peft-bf16",
+             [sys.executable, "-c", PEFT_SCRIPT, str(inst), str(adapter), str(outs["peft-bf16"]), "bfloat16"]),
+            ("peft merge_and_unload, Instruct loaded in float32 (exact)", "peft-fp32",
+             [sys.executable, "-c", PEFT_SCRIPT, str(inst), str(adapter), str(outs["peft-fp32"]), "float32"])):
+        wall, rss = timed(cmd)
+        rows.append({"size": size, "tool": label, "wall": wall, "rss": rss})
+        print(f"[{size}] {label}: {wall:.1f} s, {rss:.2f} GB", flush=True)
+        if key == "cp":
+            shutil.rmtree(outs["cp"])
+    for key in ("peft-fp32", "peft-bf16"):
+        d, n, worst = ulp_stats(outs["shadowmerge"], outs[key])
+        rows.append({"size": size, "tool": f"agreement with {key}", "diff": d, "total": n, "worst": worst})
+    for o in outs.values():
+        shutil.rmtree(o, ignore_errors=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    out = [f"Measured {datetime.date.today()} on {platform.node()} ({os.cpu_count()} cores, "
+           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM), "
+           f"torch {torch.__version__}, warm page cache; rank-{RANK} LoRA on {'/'.join(TARGETS)}.", "",
+           "| size | command | wall s | peak RSS GB | vs cp -r |", "|---|---|---|---|---|"]
+    cp = {r["size"]: r["wall"] for r in rows if r["tool"].startswith("cp -r")}
+    for r in rows:
+        if "wall" in r:
+            out.append(f"| {r['size']} | {r['tool']} | {r['wall']:.1f} | {r['rss']:.2f} | "
+                       f"{r['wall'] / cp[r['size']]:.2f}x |")
+    for r in rows:
+        if "diff" in r:
+            out.append(f"| {r['size']} | shadowmerge output {r['tool']}: {r['diff']:,} of {r['total']:,} elements "
+                       f"differ ({100 * r['diff'] / r['total']:.4f} %), at most {r['worst']} bf16 ulp | | | |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    bench_graft.main(__doc__, ("2B",), bench, markdown)
