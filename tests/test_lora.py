@@ -358,3 +358,47 @@ def test_dora_on_a_resized_embedding_is_refused(make_triple, cli, tmp_path):
     dora = make_adapter(base, tmp_path / "dora", r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens"])
     run_bad(cli, tmp_path, [inst, dora, base], "--instruct", inst, "--lora", dora, "--base", base, "--vocab", "common",
             expect="a DoRA update normalises over all 256 rows, but the instruct has 300")
+
+
+def test_adapter_name_in_keys_is_accepted(make_triple, cli, tmp_path):
+    """Keys saved with the adapter name (lora_A.default.weight) merge like peft's own (lora_A.weight)."""
+    inst, base, _ = make_triple("llama")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    graft_lora(cli, inst, adapter, tmp_path / "plain")
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({k.replace(".weight", ".default.weight"): v for k, v in tensors.items()},
+              named / "adapter_model.safetensors")
+    graft_lora(cli, inst, named, tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
+
+
+def test_untrained_adapter_is_reported(make_triple, cli, tmp_path):
+    """A freshly initialised adapter (lora_B = 0) changes nothing: the summary and the record say so."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    inst, base, _ = make_triple("llama")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "adapter")
+    res = graft_lora(cli, inst, tmp_path / "adapter", tmp_path / "out")
+    assert "the lora delta is zero in every grafted tensor: the output equals the instruct; is --lora the right" \
+        in res.output
+    record = json.loads((tmp_path / "out" / "shadowmerge.json").read_text())
+    assert len(record["unchanged"]) == 2 and record["grafted"] == record["unchanged"]
+    assert state(tmp_path / "out").keys() == state(inst).keys()
+    for name, t in state(tmp_path / "out").items():
+        assert torch.equal(t, state(inst)[name])
+
+
+def test_update_below_output_precision_is_reported(make_triple, cli, tmp_path):
+    inst, base, _ = make_triple("llama")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    _edit_tensors(adapter, lambda t: t.update({k: v * 1e-9 for k, v in t.items() if "lora_B" in k}))
+    res = graft_lora(cli, inst, adapter, tmp_path / "out")
+    assert "2 grafted tensor(s) came out identical to the instruct's (the update is below the output dtype's " \
+           "precision)" in res.output
+    record = json.loads((tmp_path / "out" / "shadowmerge.json").read_text())
+    assert len(record["identical_to_instruct"]) == 2 and record["unchanged"] == []
