@@ -84,6 +84,31 @@ def graft(instruct, base, tuned, lora, out, alpha, include, exclude, dtype, shar
     click.echo(str(summary))
 
 
+@main.command(context_settings={"max_content_width": 100, "ignore_unknown_options": True})
+@click.argument("config", metavar="CONFIG")
+@click.argument("out", metavar="OUT")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.argument("mergekit_args", nargs=-1, type=click.UNPROCESSED, metavar="[MERGEKIT-YAML OPTIONS]...")
+def mergekit(config, out, force, mergekit_args):
+    """Run a mergekit YAML with `merge_method: shadow_graft` available.
+
+    Stock mergekit-yaml cannot see a method from another package; this runs mergekit-yaml
+    itself, in this process, after registering shadow_graft. A shadow_graft config is checked
+    first (base_model, exactly two models with roles instruct and tuned), and the output gets
+    the Instruct's config, tokenizer, chat template and generation config instead of the Base's.
+    Arithmetic is float32, cast once. Any other mergekit-yaml option is passed through
+    (see `mergekit-yaml --help`).
+
+    \b
+    Examples:
+      shadowmerge mergekit merge_configs/qwen3-4b.yml ./qwen3-4b-shadow
+      shadowmerge mergekit merge_configs/qwen3-4b.yml ./qwen3-4b-shadow --cuda --lazy-unpickle
+    """
+    from .mergekit_run import run
+
+    click.echo(f"wrote {run(config, out, tuple(mergekit_args), force=force)}")
+
+
 @main.group(context_settings={"max_content_width": 100})
 def lora():
     """LoRA adapters trained on the Base (to merge one, use `graft --lora`).

@@ -33,6 +33,13 @@ def _umask() -> int:
     return mask
 
 
+def make_readable(folder: Path) -> None:
+    """Give the files of a folder the usual mode (0666 minus the umask): some writers leave 0600."""
+    for p in folder.iterdir():
+        if p.is_file():
+            os.chmod(p, 0o666 & ~_umask())
+
+
 class OutputFolder:
     """with OutputFolder(target, force, inputs) as tmp: write into tmp; then .commit() renames it."""
 
@@ -97,10 +104,12 @@ class OutputFolder:
                 pass
 
 
-def copy_side_files(src: Path, dst: Path, dtype_name: str | None) -> list[str]:
-    """Copy the Instruct's side files; record a changed output dtype in config.json."""
+def copy_side_files(src: Path, dst: Path, dtype_name: str | None, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy the Instruct's side files (but those named in skip); record a changed output dtype in config.json."""
     names = []
     for path in side_files(src):
+        if path.name in skip:
+            continue
         shutil.copyfile(path, dst / path.name)
         names.append(path.name)
     if dtype_name and (dst / "config.json").is_file():

@@ -50,8 +50,11 @@ def run_bad(cli, tmp_path, inputs, *args, expect: str, out_name="out", command=(
     """Run a command that must fail; check message, exit code, that nothing was left and inputs are intact."""
     before = tree_digest(*inputs)
     listing = sorted(p.name for p in tmp_path.iterdir())
-    quiet = ["-q"] if command == ("graft",) else []
-    res = cli(*command, *args, "--out", tmp_path / out_name, *quiet)
+    out = tmp_path / out_name
+    if command == ("mergekit",):      # mergekit CONFIG OUT [options]
+        res = cli(*command, args[0], out, *args[1:])
+    else:
+        res = cli(*command, *args, "--out", out, *(["-q"] if command == ("graft",) else []))
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output
     err = res.stderr.strip()

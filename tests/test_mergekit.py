@@ -1,0 +1,189 @@
+"""shadow_graft in real mergekit runs: bit-exact against `shadowmerge graft`, side files, YAML errors."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import run_bad
+from tinymodels import state
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def shadow_yaml(path: Path, inst, base, tuned, **extra) -> Path:
+    cfg = {"merge_method": "shadow_graft", "base_model": str(base),
+           "models": [{"model": str(inst), "parameters": {"role": "instruct"}},
+                      {"model": str(tuned), "parameters": {"role": "tuned"}}],
+           "parameters": {"alpha": 1.0}, "dtype": "bfloat16", **extra}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def triple(make_triple):
+    return make_triple("llama")
+
+
+def graft(cli, out, inst, base, tuned, *extra):
+    res = cli("graft", "--instruct", inst, "--base", base, "--tuned", tuned, "--out", out, "-q", *extra)
+    assert res.exit_code == 0, res.output
+    return state(out)
+
+
+def test_shadowmerge_mergekit_equals_graft_and_keeps_the_instruct_side_files(triple, cli, tmp_path):
+    inst, base, tuned = triple
+    res = cli("mergekit", shadow_yaml(tmp_path / "c.yml", inst, base, tuned), tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    got, want = state(out), graft(cli, tmp_path / "graft", inst, base, tuned)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    # mergekit's donor is base_model; the output must carry the Instruct's files instead
+    for f in ("chat_template.jinja", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        assert (out / f).read_bytes() == (inst / f).read_bytes(), f
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 2      # the Base says 7
+    assert (out / "mergekit_config.yml").is_file() and (out / "README.md").is_file()
+    assert json.loads((out / "shadowmerge.json").read_text())["roles"]["instruct"] == str(inst)
+    for p in out.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
+def test_python_api_registers_shadow_graft(triple, cli, tmp_path):
+    import importlib
+
+    import shadowmerge.mergekit
+    from mergekit import merge_methods
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    importlib.reload(shadowmerge.mergekit)         # importing (registering) twice is harmless
+    assert [m.spec.name for m in merge_methods.registered_methods()].count("shadow_graft") == 1
+    inst, base, tuned = triple
+    cfg = yaml.safe_load(shadow_yaml(tmp_path / "c.yml", inst, base, tuned).read_text())
+    run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "api"), options=MergeOptions(copy_tokenizer=False))
+    got, want = state(tmp_path / "api"), graft(cli, tmp_path / "graft", inst, base, tuned)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_equals_task_arithmetic_in_float32(triple, cli, tmp_path):
+    """The equivalent recipe: task_arithmetic, base B, I and T at weight 1, dtype float32 + out_dtype bf16.
+
+    (On billions of elements, task_arithmetic's other order of summation rounds differently in a
+    few per billion; on this model no element is affected.)"""
+    inst, base, tuned = triple
+    ta = {"merge_method": "task_arithmetic", "base_model": str(base),
+          "models": [{"model": str(inst), "parameters": {"weight": 1.0}},
+                     {"model": str(tuned), "parameters": {"weight": 1.0}}],
+          "parameters": {"normalize": False}, "dtype": "float32", "out_dtype": "bfloat16"}
+    (tmp_path / "ta.yml").write_text(yaml.safe_dump(ta))
+    assert cli("mergekit", tmp_path / "ta.yml", tmp_path / "ta", "--no-copy-tokenizer").exit_code == 0
+    res = cli("mergekit", shadow_yaml(tmp_path / "c.yml", inst, base, tuned, dtype="float32", out_dtype="bfloat16"),
+              tmp_path / "sg")
+    assert res.exit_code == 0, res.output
+    got, ref = state(tmp_path / "sg"), state(tmp_path / "ta")
+    want = graft(cli, tmp_path / "graft", inst, base, tuned)
+    for name in want:
+        assert got[name].dtype == torch.bfloat16
+        assert torch.equal(got[name], want[name]) and torch.equal(got[name], ref[name]), name
+
+
+def test_out_dtype_is_one_rounding(triple, cli, tmp_path):
+    """dtype bfloat16 + out_dtype float16 would round twice; the wrapper computes from float32 inputs."""
+    inst, base, tuned = triple
+    res = cli("mergekit", shadow_yaml(tmp_path / "c.yml", inst, base, tuned, out_dtype="float16"), tmp_path / "sg")
+    assert res.exit_code == 0, res.output
+    got, want = state(tmp_path / "sg"), graft(cli, tmp_path / "graft", inst, base, tuned, "--dtype", "float16")
+    for name in want:
+        assert got[name].dtype == torch.float16 and torch.equal(got[name], want[name]), name
+    assert json.loads((tmp_path / "sg" / "config.json").read_text())["dtype"] == "float16"
+
+
+def test_mergekit_filters_apply_to_alpha(triple, cli, tmp_path):
+    inst, base, tuned = triple
+    cfg = shadow_yaml(tmp_path / "c.yml", inst, base, tuned,
+                      parameters={"alpha": [{"filter": "self_attn", "value": 0.5}, {"value": 1.0}]})
+    assert cli("mergekit", cfg, tmp_path / "sg").exit_code == 0
+    got = state(tmp_path / "sg")
+    half = graft(cli, tmp_path / "half", inst, base, tuned, "--alpha", "0.5")
+    full = graft(cli, tmp_path / "full", inst, base, tuned)
+    assert any("self_attn" in n for n in got) and any("mlp" in n for n in got)
+    for name in got:
+        assert torch.equal(got[name], (half if "self_attn" in name else full)[name]), name
+
+
+def _bad_configs(inst, base, tuned):
+    good = [{"model": str(inst), "parameters": {"role": "instruct"}}, {"model": str(tuned), "parameters": {"role": "tuned"}}]
+    return {
+        "no role": ({"models": [{"model": str(inst)}, good[1]]},
+                    f"model {inst} has no role; add `parameters: {{role: instruct}}`"),
+        "two instruct": ({"models": [good[0], {"model": str(tuned), "parameters": {"role": "instruct"}}]},
+                         "two models have role instruct"),
+        "unknown role": ({"models": [good[0], {"model": str(tuned), "parameters": {"role": "student"}}]},
+                         "has role 'student'; use role instruct (the Instruct model) or role tuned"),
+        "three models": ({"models": good + [{"model": str(base) + "-x", "parameters": {"role": "tuned"}}]},
+                         "takes exactly two models besides base_model"),
+        "one model": ({"models": good[:1]}, "found 1"),
+        "no base": ({"base_model": None}, "no base_model; add `base_model:"),
+        "slices": ({"slices": []}, "takes `models:`, not `slices:`"),
+        "tokenizer": ({"tokenizer_source": "base"}, "remove `tokenizer_source`"),
+        "mergekit's own check": ({"dtype": ["x"]}, "dtype: Input should be a valid string (mergekit's config check)"),
+    }
+
+
+@pytest.mark.parametrize("case", ["no role", "two instruct", "unknown role", "three models", "one model", "no base",
+                                  "slices", "tokenizer", "mergekit's own check"])
+def test_yaml_errors_say_how_to_fix_the_yaml(triple, cli, tmp_path, case):
+    inst, base, tuned = triple
+    change, expect = _bad_configs(inst, base, tuned)[case]
+    path = shadow_yaml(tmp_path / "c.yml", inst, base, tuned)
+    cfg = yaml.safe_load(path.read_text())
+    cfg.update(change)
+    path.write_text(yaml.safe_dump(cfg))
+    run_bad(cli, tmp_path, [inst, base, tuned], path, command=("mergekit",), expect=expect)
+
+
+def test_unreadable_config_and_bad_passthrough_option(triple, cli, tmp_path):
+    inst, base, tuned = triple
+    (tmp_path / "bad.yml").write_text("merge_method: [shadow_graft\n")
+    run_bad(cli, tmp_path, [inst], tmp_path / "bad.yml", command=("mergekit",), expect="is not valid YAML")
+    run_bad(cli, tmp_path, [inst], tmp_path / "missing.yml", command=("mergekit",), expect="merge config not found")
+    path = shadow_yaml(tmp_path / "c.yml", inst, base, tuned)
+    run_bad(cli, tmp_path, [inst, base, tuned], path, "--no-such-option", command=("mergekit",),
+            expect="mergekit-yaml option error: No such option '--no-such-option'")
+
+
+def test_graft_help_does_not_import_mergekit():
+    code = ("import sys; from shadowmerge.cli import main\n"
+            "try:\n    main(['graft', '--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'mergekit' not in sys.modules, 'mergekit was imported'\nprint('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr
+
+
+def test_every_merge_config_parses_with_mergekit():
+    from mergekit.config import MergeConfiguration
+
+    from shadowmerge.mergekit_run import check_shadow_graft, load_config
+
+    paths = sorted((ROOT / "merge_configs").glob("*.yml"))
+    assert len(paths) >= 12
+    methods = set()
+    for path in paths:
+        cfg = load_config(path)
+        MergeConfiguration.model_validate(cfg)
+        methods.add(cfg["merge_method"])
+        if cfg["merge_method"] == "shadow_graft":
+            roles = check_shadow_graft(cfg, path)
+            assert roles["tuned"].startswith("./") and "/" in roles["instruct"], path
+    assert methods == {"shadow_graft", "task_arithmetic"}
