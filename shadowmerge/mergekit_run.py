@@ -125,7 +125,7 @@ def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = ()
     if instruct is not None:     # about the Instruct's size, twice that if written as float32
         need = sum(p.stat().st_size for p in instruct.glob("*.safetensors"))
         need *= 2 if _dtype_name(cfg.get("out_dtype") or cfg.get("dtype")) == "float32" else 1
-    target = OutputFolder(out, force=force, inputs=local, need_bytes=need)
+    target = OutputFolder(out, force=force, inputs=local, need_bytes=need, flag="OUT")
     if roles is not None and not any(a in ("--copy-tokenizer", "--no-copy-tokenizer") for a in mergekit_args):
         mergekit_args = (*mergekit_args, "--no-copy-tokenizer")    # the Instruct's tokenizer replaces it anyway
     with target as tmp:

@@ -43,20 +43,20 @@ def make_readable(folder: Path) -> None:
 class OutputFolder:
     """with OutputFolder(target, force, inputs) as tmp: write into tmp; then .commit() renames it."""
 
-    def __init__(self, target: str | Path, *, force: bool, inputs: list[Path], need_bytes: int):
+    def __init__(self, target: str | Path, *, force: bool, inputs: list[Path], need_bytes: int, flag: str = "--out"):
         self.target = Path(target).expanduser().absolute()
         self.force = force
         real = self.target.resolve()
         for folder in inputs:
             inp = folder.resolve()
             if real == inp or inp in real.parents:
-                raise ShadowMergeError(f"--out {target} is inside the input {folder}; choose a folder elsewhere")
+                raise ShadowMergeError(f"{flag} {target} is inside the input {folder}; choose a folder elsewhere")
             if real in inp.parents:
-                raise ShadowMergeError(f"--out {target} contains the input {folder}; choose another folder")
+                raise ShadowMergeError(f"{flag} {target} contains the input {folder}; choose another folder")
         if self.target.exists() and not force:
-            raise ShadowMergeError(f"{target} already exists; choose another --out or pass --force to replace it")
+            raise ShadowMergeError(f"{target} already exists; choose another {flag} or pass --force to replace it")
         if self.target.exists() and not self.target.is_dir():
-            raise ShadowMergeError(f"{target} exists and is not a folder; choose another --out")
+            raise ShadowMergeError(f"{target} exists and is not a folder; choose another {flag}")
         self._made: list[Path] = []
         parent = self.target.parent
         probe = parent
@@ -65,7 +65,7 @@ class OutputFolder:
         free = shutil.disk_usage(probe).free
         if need_bytes > free:
             raise ShadowMergeError(f"not enough disk space in {probe}: the output needs {human_bytes(need_bytes)}, "
-                                   f"{human_bytes(free)} is free; free some space or choose another --out")
+                                   f"{human_bytes(free)} is free; free some space or choose another {flag}")
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:

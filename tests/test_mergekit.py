@@ -187,3 +187,14 @@ def test_every_merge_config_parses_with_mergekit():
             roles = check_shadow_graft(cfg, path)
             assert roles["tuned"].startswith("./") and "/" in roles["instruct"], path
     assert methods == {"shadow_graft", "task_arithmetic"}
+
+
+def test_existing_output_needs_force(triple, cli, tmp_path):
+    inst, base, tuned = triple
+    path = shadow_yaml(tmp_path / "c.yml", inst, base, tuned)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    run_bad(cli, tmp_path, [inst, base, tuned, tmp_path / "out"], path, command=("mergekit",),
+            expect="already exists; choose another OUT or pass --force")
+    assert cli("mergekit", path, tmp_path / "out", "--force").exit_code == 0
+    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
