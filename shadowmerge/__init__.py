@@ -2,12 +2,13 @@
 
     W_out = W_I + alpha * (W_B' - W_B)
 
-`shadowmerge.graft(...)` runs the merge; the `shadowmerge` command line wraps it.
+`shadowmerge.graft(...)` runs the merge, `shadowmerge.similarity(...)` measures how close a Base and
+its Instruct are; the `shadowmerge` command line wraps both.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["graft", "GraftSummary", "ShadowMergeError", "__version__"]
+__all__ = ["graft", "GraftSummary", "similarity", "ShadowMergeError", "__version__"]
 
 
 def __getattr__(name):  # keep `import shadowmerge` light: torch loads on first use
@@ -15,6 +16,10 @@ def __getattr__(name):  # keep `import shadowmerge` light: torch loads on first 
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name == "similarity":
+        from .analyzer import similarity
+
+        return similarity
     if name == "ShadowMergeError":
         from .errors import ShadowMergeError
 

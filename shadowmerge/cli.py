@@ -109,6 +109,56 @@ def mergekit(config, out, force, mergekit_args):
     click.echo(f"wrote {run(config, out, tuple(mergekit_args), force=force)}")
 
 
+def _parse_pairs(values: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    pairs: dict[str, tuple[str, str]] = {}
+    for text in values:
+        name, eq, rest = text.partition("=")
+        models = rest.split(",")
+        if not eq or not name or len(models) != 2 or not all(models):
+            raise ShadowMergeError(f"--pair {text!r}: write NAME=BASE,INSTRUCT, e.g. "
+                                   f"qwen3-4b=Qwen/Qwen3-4B-Base,Qwen/Qwen3-4B")
+        if name in pairs:
+            raise ShadowMergeError(f"--pair name {name!r} is used twice; name each pair differently")
+        pairs[name] = (models[0], models[1])
+    return pairs
+
+
+@main.command(context_settings={"max_content_width": 100})
+@click.option("--base", metavar="MODEL", help="Base model: local folder or Hub id.")
+@click.option("--instruct", metavar="MODEL", help="Instruct model: local folder or Hub id.")
+@click.option("--tuned", metavar="MODEL", help="A fine-tune of the Base: adds graft-risk diagnostics.")
+@click.option("--pair", "pairs", multiple=True, metavar="NAME=BASE,INSTRUCT",
+              help="A named pair; repeat it to compare many pairs in one report and one bar chart.")
+@click.option("--out", required=True, metavar="DIR", help="Report folder (written beside, then renamed).")
+@click.option("--matrix", metavar="TENSOR", help="Also plot this weight matrix of Base and Instruct and their "
+              "difference (paper Fig. 2 style).")
+@click.option("--matrix-size", type=int, default=48, show_default=True, help="Rows/columns of --matrix to plot.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def similarity(base, instruct, tuned, pairs, out, matrix, matrix_size, force, allow_pickle, quiet):
+    """How close are Base and Instruct? σ = Σ|A−B| / (Σ|A|+Σ|B|), per tensor, layer and module.
+
+    Writes report.html (tables and figures, opens offline), report.json, tensors.csv,
+    summary.md and PNG/SVG figures. Two model-level figures, named apart everywhere: the
+    official Shadow-FT convention (unweighted mean of per-tensor σ over model.layers.N.*)
+    and the parameter-weighted σ over all tensors. With --tuned, per-layer update size and
+    cos(T−B, I−B) and a verdict on the graft.
+
+    \b
+    Examples:
+      shadowmerge similarity --base Qwen/Qwen3-4B-Base --instruct Qwen/Qwen3-4B --out report/
+      shadowmerge similarity --pair llama-3.1-8b=meta-llama/Llama-3.1-8B,meta-llama/Llama-3.1-8B-Instruct \\
+                             --pair qwen3-4b=Qwen/Qwen3-4B-Base,Qwen/Qwen3-4B --out report/
+      shadowmerge similarity --base B --instruct I --tuned T --out report/ --matrix model.layers.0.mlp.up_proj.weight
+    """
+    from .analyzer import similarity as run_similarity
+
+    report = run_similarity(base, instruct, tuned, pairs=_parse_pairs(pairs), out=out, matrix=matrix,
+                            matrix_size=matrix_size, force=force, allow_pickle=allow_pickle, progress=not quiet)
+    click.echo(str(report))
+
+
 @main.group(context_settings={"max_content_width": 100})
 def lora():
     """LoRA adapters trained on the Base (to merge one, use `graft --lora`).

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import math
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from .deltas import FullDelta
 from .errors import ShadowMergeError
 from .output import OutputFolder, copy_side_files, side_files, write_record
 from .plan import Plan, build_plan, human_bytes
+from .progress import bar as progress_bar
 from .writer import ShardWriter, layout, parse_size
 
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -124,7 +124,7 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
                                 True, plan.warnings, [], plan.render(shard_of, len(shards)))
         need = sum(s.size for s in shards) + sum(p.stat().st_size for p in side_files(inst.folder))
         target = OutputFolder(out, force=force, inputs=[c.folder for c in ckpts], need_bytes=need)
-        with target as tmp, _progress_bar(plan.total_bytes, progress) as bar:
+        with target as tmp, progress_bar(plan.total_bytes, progress, "graft") as bar:
             writer = ShardWriter(tmp, shards, on_bytes=bar.update)
             try:
                 stats = engine.run(plan, writer, dev, allow_nonfinite)
@@ -164,26 +164,6 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).replace("torch.", "")
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="graft", file=sys.stderr,
-                dynamic_ncols=True)
 
 
 def _record(plan: Plan, source, shards, side, out_dtype, shard_bytes, include, exclude, vocab, device, stats,

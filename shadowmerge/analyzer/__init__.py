@@ -1,0 +1,162 @@
+"""similarity(): how close a Base and its Instruct are (sigma), per tensor, layer, module and tower.
+
+Streams two (or three, with a tuned model) checkpoints through stats.scan, aggregates with
+aggregate.PairResult, and, given an output folder, writes report.json, tensors.csv, summary.md,
+report.html and the figures (PNG and SVG) into it atomically. `shadowmerge similarity` calls this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checkpoint import Checkpoint
+from ..errors import ShadowMergeError
+from ..output import OutputFolder
+from ..progress import bar as progress_bar
+from .aggregate import PairResult, TensorRow
+from .stats import Sums, scan
+
+__all__ = ["similarity", "SimilarityReport", "PairResult", "Sums"]
+
+
+@dataclass
+class SimilarityReport:
+    pairs: list[PairResult]
+    report: dict | None          # the contents of report.json (None without an output folder)
+    out: Path | None
+
+    def __str__(self) -> str:
+        lines = []
+        for p in self.pairs:
+            off = f"{p.official:.4f} over {p.official_count} tensors" if p.official is not None else "n/a"
+            lines.append(f"{p.name}: official σ (mean per tensor, model.layers.N.*) {off}; weighted σ "
+                         f"{p.weighted:.4f} over {len(p.rows)} tensors")
+            lines.append(f"  {p.verdict()['line']}")
+        if self.out is not None:
+            lines.append(f"wrote {self.out}: report.html, report.json, tensors.csv, summary.md and figures")
+        return "\n".join(lines)
+
+
+def _pair_name(ref: str) -> str:
+    return Path(str(ref).rstrip("/")).name or str(ref)
+
+
+def _compare_names(name: str, base: Checkpoint, inst: Checkpoint, tuned: Checkpoint | None):
+    common, result = [], PairResult(name, base.ref, inst.ref, tuned.ref if tuned else None, [])
+    for n, a in base.tensors.items():
+        b = inst.tensors.get(n)
+        if b is None:
+            result.only_in_base.append(n)
+        elif a.shape != b.shape:
+            result.shape_differs.append(f"{n}: base {list(a.shape)}, instruct {list(b.shape)}")
+        elif not (a.dtype.is_floating_point and b.dtype.is_floating_point):
+            result.not_floating.append(n)
+        else:
+            t = tuned.tensors.get(n) if tuned is not None else None
+            if tuned is not None and (t is None or t.shape != a.shape or not t.dtype.is_floating_point):
+                result.not_in_tuned.append(n)
+                t = None
+            common.append((n, a, b, t))
+    result.only_in_instruct = [n for n in inst.tensors if n not in base.tensors]
+    return common, result
+
+
+def similarity(base: str | Path | None = None, instruct: str | Path | None = None, tuned: str | Path | None = None,
+               *, pairs: dict[str, tuple[str, str]] | None = None, out: str | Path | None = None,
+               matrix: str | None = None, matrix_size: int = 48, force: bool = False, allow_pickle: bool = False,
+               progress: bool = True) -> SimilarityReport:
+    """Compare Base and Instruct (or each NAME -> (BASE, INSTRUCT) in pairs); with tuned, add graft-risk diagnostics.
+
+    Returns the numbers; with `out`, also writes the report folder.
+    """
+    todo: list[tuple[str, str, str]] = []
+    if base is not None or instruct is not None:
+        if base is None or instruct is None:
+            raise ShadowMergeError("--base and --instruct go together (or use --pair NAME=BASE,INSTRUCT)")
+        todo.append((_pair_name(str(instruct)), str(base), str(instruct)))
+    todo += [(n, str(b), str(i)) for n, (b, i) in (pairs or {}).items()]
+    if not todo:
+        raise ShadowMergeError("nothing to compare: pass --base and --instruct, or --pair NAME=BASE,INSTRUCT")
+    if len({n for n, _, _ in todo}) != len(todo):
+        raise ShadowMergeError("two pairs have the same name; name each --pair differently")
+    if tuned is not None and len(todo) != 1:
+        raise ShadowMergeError("--tuned goes with one pair (--base/--instruct), not with several --pair")
+    if matrix_size < 2:
+        raise ShadowMergeError("--matrix-size must be at least 2")
+
+    opened: list[Checkpoint] = []
+    try:
+        plans = []
+        for name, b, i in todo:
+            cb = Checkpoint.open(b, "base", allow_pickle)
+            opened.append(cb)
+            ci = Checkpoint.open(i, "instruct", allow_pickle)
+            opened.append(ci)
+            ct = Checkpoint.open(tuned, "tuned", allow_pickle) if tuned is not None else None
+            if ct is not None:
+                opened.append(ct)
+            items, result = _compare_names(name, cb, ci, ct)
+            if not items:
+                raise ShadowMergeError(f"{name}: the base and instruct share no tensor of equal shape; are they one "
+                                       f"model family?")
+            if matrix is not None:
+                _check_matrix(matrix, items, name)
+            plans.append((items, result, cb, ci, ct))
+        target = None
+        if out is not None:
+            target = OutputFolder(out, force=force, inputs=[c.folder for c in opened], need_bytes=0)
+        total = sum(info.nbytes + b.nbytes + (t.nbytes if t else 0) for items, *_ in plans for _, info, b, t in items)
+        with progress_bar(total, progress, "similarity") as bar:
+            for items, result, cb, ci, ct in plans:
+                sums = scan(items, cb, ci, ct, on_bytes=bar.update)
+                result.rows = [TensorRow(n, a.shape, sums[n]) for n, a, _, _ in items]
+        results = [p[1] for p in plans]
+        if target is None:
+            return SimilarityReport(results, None, None)
+        with target as tmp:
+            report = _write(tmp, plans, results, matrix, matrix_size)
+            target.commit()
+        return SimilarityReport(results, report, target.target)
+    finally:
+        for c in opened:
+            c.close()
+
+
+def _check_matrix(name: str, items, pair: str) -> None:
+    found = next((a for n, a, _, _ in items if n == name), None)
+    if found is None:
+        raise ShadowMergeError(f"--matrix {name}: no such tensor compared in {pair}; pass a name from tensors.csv, "
+                               f"e.g. {items[len(items) // 2][0]}")
+    if len(found.shape) != 2:
+        raise ShadowMergeError(f"--matrix {name} has shape {list(found.shape)}; pass a 2-D weight matrix")
+
+
+def _write(folder: Path, plans, results: list[PairResult], matrix: str | None, size: int) -> dict:
+    from . import plots
+    from .report import write_all
+
+    figures: dict[str, list[str]] = {"": plots.pair_bars(results, folder)}
+    for k, (items, result, cb, ci, ct) in enumerate(plans):
+        stem = f"{k + 1:02d}-{_slug(result.name)}"
+        names = plots.per_layer_lines(result, folder, f"{stem}-sigma_per_layer")
+        names += plots.heatmap(result, folder, f"{stem}-layer_module_heatmap")
+        if matrix is not None:
+            a, b = (_matrix_slice(c, c.tensors[matrix], size) for c in (cb, ci))
+            names += plots.matrix(matrix, a, b, result, folder, f"{stem}-matrix", size=size)
+        if ct is not None:
+            names += plots.diagnostics(result, folder, f"{stem}-diagnostics")
+        figures[result.name] = names
+    return write_all(folder, results, figures)
+
+
+def _matrix_slice(ckpt: Checkpoint, info, size: int):
+    import torch
+
+    rows = min(size, info.rows)
+    raw = ckpt.read_into(info, 0, rows, torch.empty(rows * info.row_bytes, dtype=torch.uint8))
+    return raw.view(info.dtype).reshape(rows, -1)[:, :size].float()
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:60]

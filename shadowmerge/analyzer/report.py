@@ -1,0 +1,168 @@
+"""The analyzer's files: report.json (schema-versioned), tensors.csv, summary.md and report.html.
+
+report.json holds every number; report.schema.json (beside this module) is its JSON Schema.
+report.html is self-contained: tables plus the PNG figures embedded, so it opens offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+from pathlib import Path
+
+from .. import __version__
+from .aggregate import OFFICIAL, SIGMA_RANGE, PairResult
+from .stats import Sums
+
+SCHEMA_VERSION = 1
+SCHEMA = Path(__file__).with_name("report.schema.json")
+DEFINITIONS = {
+    "sigma": "sum|A-B| / (sum|A| + sum|B|), A = Base, B = Instruct; float32 elements, float64 sums",
+    "official_sigma": f"unweighted mean of per-tensor sigma over tensors matching {OFFICIAL.pattern!r} (re.search): "
+                      "the official Shadow-FT script's figure",
+    "weighted_sigma": "sigma of all compared tensors taken together (each tensor weighted by its size)",
+    "rel_l2": "||A-B|| / ||A||",
+    "cosine": "cos(A, B)",
+    "update_rel": "||T-A|| / ||A||, T = the tuned model",
+    "update_cos": "cos(T-A, B-A): > 0 the update goes where instruction tuning went, < 0 against it",
+    "working_range": f"Shadow-FT was shown to work for sigma(Base, Instruct) in {SIGMA_RANGE[0]}-{SIGMA_RANGE[1]}",
+}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def metrics(s: Sums, tuned: bool) -> dict:
+    out = {"sigma": s.sigma, "rel_l2": _finite(s.rel_l2), "cosine": s.cosine, "numel": s.numel}
+    if tuned:
+        out.update(update_rel=s.update_rel, update_cos=s.update_cos)
+    return out
+
+
+def pair_dict(p: PairResult, figures: list[str]) -> dict:
+    tuned = p.tuned is not None
+    return {
+        "name": p.name, "base": p.base, "instruct": p.instruct, "tuned": p.tuned,
+        "official_sigma": {"value": p.official, "tensors": p.official_count},
+        "weighted_sigma": {"value": p.weighted, "tensors": len(p.rows), "parameters": p.total().numel},
+        "towers": {k: metrics(s, tuned) for k, s in p.towers().items()},
+        "per_module": {k: metrics(s, tuned) for k, s in p.per_module().items()},
+        "per_layer": [{"layer": k, **metrics(s, tuned)} for k, s in p.per_layer().items()],
+        "verdict": p.verdict(),
+        "mismatched": {"only_in_base": p.only_in_base, "only_in_instruct": p.only_in_instruct,
+                       "shape_differs": p.shape_differs, "not_in_tuned": p.not_in_tuned,
+                       "not_floating": p.not_floating},
+        "tensors": [{"name": r.name, "shape": list(r.shape), "layer": r.layer, "module": r.module,
+                     "tower": r.tower, **metrics(r.sums, tuned)} for r in p.rows],
+        "figures": figures,
+    }
+
+
+def write_all(folder: Path, pairs: list[PairResult], figures: dict[str, list[str]]) -> dict:
+    report = {"schema_version": SCHEMA_VERSION, "tool": "shadowmerge similarity", "version": __version__,
+              "definitions": DEFINITIONS, "figures": figures.get("", []),
+              "pairs": [pair_dict(p, figures.get(p.name, [])) for p in pairs]}
+    (folder / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    _csv(folder / "tensors.csv", report)
+    (folder / "summary.md").write_text(_markdown(report))
+    (folder / "report.html").write_text(_html(report, folder))
+    return report
+
+
+_COLUMNS = ("pair", "name", "shape", "layer", "module", "tower", "numel", "sigma", "rel_l2", "cosine",
+            "update_rel", "update_cos")
+
+
+def _csv(path: Path, report: dict) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(_COLUMNS)
+        for p in report["pairs"]:
+            for t in p["tensors"]:
+                row = dict(t, pair=p["name"], shape="x".join(map(str, t["shape"])))
+                w.writerow(["" if row.get(c) is None else row.get(c) for c in _COLUMNS])
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3e}" if v and (abs(v) < 1e-3 or abs(v) >= 1e4) else f"{v:.4f}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list]) -> list[list[str]]:
+    return [header] + [[_fmt(c) for c in r] for r in rows]
+
+
+def _sections(p: dict) -> list[tuple[str, list[list[str]]]]:
+    """(title, table) pairs shared by summary.md and report.html."""
+    tuned = p["tuned"] is not None
+    extra = ["update_rel", "update_cos"] if tuned else []
+    agg = _table(["figure", "value", "over"], [
+        ["official σ (mean of per-tensor σ, model.layers.N.*)", p["official_sigma"]["value"],
+         f"{p['official_sigma']['tensors']} tensors"],
+        ["weighted σ (all tensors together)", p["weighted_sigma"]["value"],
+         f"{p['weighted_sigma']['tensors']} tensors, {p['weighted_sigma']['parameters']:,} parameters"]]
+        + [[f"weighted σ, {k} tower", v["sigma"], f"{v['numel']:,} parameters"] for k, v in p["towers"].items()])
+    cols = ["sigma", "rel_l2", "cosine", *extra, "numel"]
+    modules = _table(["module", *cols], [[k] + [v[c] for c in cols] for k, v in p["per_module"].items()])
+    layers = _table(["layer", *cols], [[r["layer"]] + [r[c] for c in cols] for r in p["per_layer"]])
+    out = [("Aggregates", agg), ("Per module type (weighted)", modules), ("Per layer (weighted)", layers)]
+    mism = p["mismatched"]
+    if any(mism.values()):
+        out.append(("Not compared", _table(["why", "count", "names"], [
+            [k.replace("_", " "), len(v), ", ".join(v[:8]) + (" ..." if len(v) > 8 else "")]
+            for k, v in mism.items() if v])))
+    return out
+
+
+def _markdown(report: dict) -> str:
+    lines = ["# Similarity report", "", "Definitions:", ""]
+    lines += [f"- **{k}**: {v}" for k, v in report["definitions"].items()]
+    for p in report["pairs"]:
+        lines += ["", f"## {p['name']}", "", f"Base `{p['base']}`, Instruct `{p['instruct']}`"
+                  + (f", Tuned `{p['tuned']}`" if p["tuned"] else ""), "", f"**Verdict**: {p['verdict']['line']}"]
+        for title, table in _sections(p):
+            lines += ["", f"### {title}", "", "| " + " | ".join(table[0]) + " |",
+                      "|" + "---|" * len(table[0])] + ["| " + " | ".join(r) + " |" for r in table[1:]]
+        if p["figures"]:
+            lines += ["", "Figures: " + ", ".join(f"[{f}]({f})" for f in p["figures"] if f.endswith(".png"))]
+    if report["figures"]:
+        lines += ["", "Figures for all pairs: " + ", ".join(f"[{f}]({f})" for f in report["figures"]
+                                                           if f.endswith(".png"))]
+    return "\n".join(lines) + "\n"
+
+
+def _html(report: dict, folder: Path) -> str:
+    def img(name: str) -> str:
+        data = base64.b64encode((folder / name).read_bytes()).decode()
+        return f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"></figure>'
+
+    def table(rows: list[list[str]]) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>shadowmerge similarity report</title><style>",
+             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
+             "text-align:right}th{background:#eee}img{max-width:100%}.verdict{padding:.5em;background:#f4f4f4}",
+             "</style></head><body><h1>Similarity report</h1><ul>"]
+    parts += [f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in report["definitions"].items()]
+    parts.append("</ul>")
+    parts += [img(f) for f in report["figures"] if f.endswith(".png")]
+    for p in report["pairs"]:
+        parts.append(f"<h2>{html.escape(p['name'])}</h2><p>Base <code>{html.escape(p['base'])}</code>, Instruct "
+                     f"<code>{html.escape(p['instruct'])}</code>"
+                     + (f", Tuned <code>{html.escape(p['tuned'])}</code>" if p["tuned"] else "") + "</p>")
+        parts.append(f"<p class='verdict'><b>Verdict</b>: {html.escape(p['verdict']['line'])}</p>")
+        for title, rows in _sections(p):
+            parts.append(f"<h3>{html.escape(title)}</h3>{table(rows)}")
+        parts += [img(f) for f in p["figures"] if f.endswith(".png")]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

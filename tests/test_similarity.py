@@ -1,0 +1,190 @@
+"""The similarity analyzer: exact sigma, both aggregations against independent code, files, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import struct
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import shadowmerge
+from conftest import run_bad
+from tinymodels import state
+
+
+def folder_with(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path / "model.safetensors")
+    return path
+
+
+def sums_of(tmp_path: Path, a: dict, b: dict, chunk: int | None = None):
+    from shadowmerge.analyzer.stats import scan
+    from shadowmerge.checkpoint import Checkpoint
+
+    ca = Checkpoint.open(folder_with(tmp_path / f"a{len(list(tmp_path.iterdir()))}", a), "base")
+    cb = Checkpoint.open(folder_with(tmp_path / f"b{len(list(tmp_path.iterdir()))}", b), "instruct")
+    items = [(n, ca.tensors[n], cb.tensors[n], None) for n in a]
+    return scan(items, ca, cb, **({"chunk_elements": chunk} if chunk else {}))
+
+
+def test_sigma_is_exact_on_hand_made_tensors(tmp_path):
+    x = torch.randn(300, 70)
+    s = sums_of(tmp_path, {"same": x, "huge": torch.full((10,), 1e6), "step": torch.ones(1000),
+                           "ortho": torch.tensor([1.0, 0.0])},
+                {"same": x.clone(), "huge": torch.full((10,), 1e-3), "step": torch.full((1000,), 1.25),
+                 "ortho": torch.tensor([0.0, 1.0])})
+    assert s["same"].sigma == 0.0 and s["same"].rel_l2 == 0.0 and s["same"].cosine == pytest.approx(1.0, abs=1e-12)
+    small = torch.tensor(1e-3).item()                              # as float32 stores it
+    diff = (torch.tensor(1e6) - torch.tensor(1e-3)).item()         # the difference is taken in float32 too
+    assert s["huge"].sigma == pytest.approx(diff / (1e6 + small), rel=1e-12) and s["huge"].sigma > 0.999999
+    assert s["step"].sigma == pytest.approx(0.25 / 2.25, rel=1e-12)                       # e / (2 + e), e = 0.25
+    assert s["step"].rel_l2 == pytest.approx(0.25, rel=1e-12)
+    assert s["ortho"].sigma == 1.0 and s["ortho"].cosine == pytest.approx(0.0, abs=1e-12)
+    assert s["step"].numel == 1000
+
+
+def test_chunks_do_not_change_the_sums(tmp_path):
+    a = {"w": torch.randn(513, 129).to(torch.bfloat16), "v": torch.randn(1000)}
+    b = {k: (v.float() + 0.01 * torch.randn(v.shape)).to(v.dtype) for k, v in a.items()}
+    whole, chunked = sums_of(tmp_path, a, b), sums_of(tmp_path, a, b, chunk=1000)
+    for name in a:
+        assert chunked[name].sigma == pytest.approx(whole[name].sigma, rel=1e-12)
+        assert chunked[name].cosine == pytest.approx(whole[name].cosine, rel=1e-12)
+
+
+def official_script(base: Path, instruct: Path) -> tuple[float, float]:
+    """An independent, straightforward rendering of the official script's rules (and the weighted sigma)."""
+    a, b = state(base), state(instruct)
+    sigmas, num, den = [], 0.0, 0.0
+    for name in a:
+        x, y = a[name].double(), b[name].double()
+        if re.search(r"model\.layers\.(\d+)\.", name):
+            sigmas.append(float((x - y).abs().sum() / (x.abs().sum() + y.abs().sum())))
+        num += float((x - y).abs().sum())
+        den += float(x.abs().sum() + y.abs().sum())
+    return sum(sigmas) / len(sigmas), num / den
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_both_aggregations_match_independent_code(make_triple, family):
+    inst, base, _ = make_triple(family)
+    r = shadowmerge.similarity(base, inst, progress=False)
+    (p,) = r.pairs
+    official, weighted = official_script(base, inst)
+    assert p.official == pytest.approx(official, rel=1e-9)
+    assert p.weighted == pytest.approx(weighted, rel=1e-9)
+    assert p.official_count == len([n for n in state(inst) if n.startswith("model.layers.")])
+    # per module and per layer partition the tensors: their sums add up to the whole
+    total = p.total()
+    assert sum(s.abs_diff for s in p.per_module().values()) == pytest.approx(total.abs_diff, rel=1e-12)
+    a, b = state(base), state(inst)
+    layer1 = [n for n in a if n.startswith("model.layers.1.")]
+    want = sum(float((a[n].double() - b[n].double()).abs().sum()) for n in layer1) / \
+        sum(float(a[n].double().abs().sum() + b[n].double().abs().sum()) for n in layer1)
+    assert p.per_layer()[1].sigma == pytest.approx(want, rel=1e-9)
+    assert set(p.per_module()) >= {"q", "k", "v", "o", "gate", "up", "down", "norms", "embed"}
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", data[16:24])
+
+
+def test_report_files_plots_and_schema(make_triple, cli, tmp_path):
+    import jsonschema
+
+    inst, base, tuned = make_triple("llama")
+    res = cli("similarity", "--base", base, "--instruct", inst, "--tuned", tuned, "--out", tmp_path / "rep",
+              "--matrix", "model.layers.0.mlp.up_proj.weight", "-q")
+    assert res.exit_code == 0, res.output
+    assert "official σ (mean per tensor, model.layers.N.*)" in res.output and "weighted σ" in res.output
+    rep = tmp_path / "rep"
+    report = json.loads((rep / "report.json").read_text())
+    schema = json.loads((Path(shadowmerge.__file__).parent / "analyzer" / "report.schema.json").read_text())
+    jsonschema.validate(report, schema)
+    (pair,) = report["pairs"]
+    assert pair["verdict"]["level"] in ("ok", "caution") and pair["verdict"]["reasons"]
+    assert len(pair["per_layer"]) == 2 and "update_cos" in pair["per_layer"][0]
+    stems = ["sigma_per_pair", "01-instruct-sigma_per_layer", "01-instruct-layer_module_heatmap", "01-instruct-matrix",
+             "01-instruct-diagnostics"]
+    for stem in stems:
+        w, h = _png_size(rep / f"{stem}.png")
+        assert 300 <= w <= 4000 and 200 <= h <= 3000, (stem, w, h)
+        assert ET.parse(rep / f"{stem}.svg").getroot().tag.endswith("svg")
+    rows = list(csv.DictReader(open(rep / "tensors.csv")))
+    assert len(rows) == len(state(inst)) and {"sigma", "update_cos", "module", "layer"} <= set(rows[0])
+    page = (rep / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(stems)
+    assert re.search(r"""(src|href)=["']?(https?:|//)""", page) is None      # self-contained: opens offline
+    assert "Verdict" in (rep / "summary.md").read_text()
+
+
+def test_many_pairs_one_figure(make_triple, cli, tmp_path):
+    i1, b1, _ = make_triple("llama")
+    i2, b2, _ = make_triple("qwen2")
+    res = cli("similarity", "--pair", f"llama-tiny={b1},{i1}", "--pair", f"qwen-tiny={b2},{i2}", "--out",
+              tmp_path / "rep", "-q")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert [p["name"] for p in report["pairs"]] == ["llama-tiny", "qwen-tiny"]
+    assert report["figures"] == ["sigma_per_pair.png", "sigma_per_pair.svg"]
+    assert ET.parse(tmp_path / "rep" / "sigma_per_pair.svg").getroot() is not None
+    svg = (tmp_path / "rep" / "sigma_per_pair.svg").read_text()
+    assert "llama-tiny" in svg and "qwen-tiny" in svg
+
+
+def test_mismatched_pair_is_analysed_on_common_tensors_and_listed(make_triple, tmp_path):
+    inst, _, _ = make_triple("llama", vocab_size=300)
+    _, base, _ = make_triple("llama")
+    r = shadowmerge.similarity(base, inst, out=tmp_path / "rep", progress=False)
+    (p,) = r.pairs
+    assert sorted(s.split(":")[0] for s in p.shape_differs) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert len(p.rows) == len(state(inst)) - 2
+    assert p.verdict()["level"] != "ok" and "only the common tensors were compared" in p.verdict()["line"]
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert len(report["pairs"][0]["mismatched"]["shape_differs"]) == 2
+
+
+def test_diagnostics_see_an_update_that_undoes_instruction_tuning(make_triple, tmp_path):
+    inst, base, _ = make_triple("llama")
+    a, b = state(base), state(inst)
+    against = {n: (a[n].float() - 0.5 * (b[n].float() - a[n].float())).to(a[n].dtype) for n in a}
+    along = {n: (a[n].float() + 0.5 * (b[n].float() - a[n].float())).to(a[n].dtype) for n in a}
+    for name, tensors, sign in (("against", against, -1), ("along", along, 1)):
+        t = tmp_path / name
+        t.mkdir()
+        (t / "config.json").write_bytes((base / "config.json").read_bytes())
+        save_file(tensors, t / "model.safetensors")
+        (p,) = shadowmerge.similarity(base, inst, tuned=t, progress=False).pairs
+        assert sign * p.total().update_cos > 0.95       # -1 / +1 but for the bf16 rounding of T
+        v = p.verdict()
+        if sign < 0:
+            assert v["level"] == "caution" and "points against instruction tuning" in v["line"]
+        else:
+            assert "does not undo instruction tuning" in v["line"]
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--pair", "nocomma=a"], "--pair 'nocomma=a': write NAME=BASE,INSTRUCT"),
+    (["--base", "{base}"], "--base and --instruct go together"),
+    ([], "nothing to compare"),
+    (["--pair", "x={base},{inst}", "--pair", "x={base},{inst}"], "--pair name 'x' is used twice"),
+    (["--pair", "x={base},{inst}", "--pair", "y={base},{inst}", "--tuned", "{base}"], "--tuned goes with one pair"),
+    (["--base", "{base}", "--instruct", "{inst}", "--matrix", "nope.weight"], "--matrix nope.weight: no such tensor"),
+    (["--base", "{base}", "--instruct", "{inst}", "--matrix", "model.norm.weight"], "pass a 2-D weight matrix"),
+    (["--base", "{gpt2}", "--instruct", "{inst}"], "share no tensor of equal shape"),
+])
+def test_similarity_errors(make_triple, cli, tmp_path, args, expect):
+    inst, base, _ = make_triple("llama")
+    gpt2 = make_triple("gpt2")[1]
+    args = [a.format(base=base, inst=inst, gpt2=gpt2) for a in args]
+    run_bad(cli, tmp_path, [inst, base], *args, command=("similarity",), expect=expect)
