@@ -23,6 +23,7 @@ test: $(VENV)/.ready
 bench: $(VENV)/.ready
 	$(PY) benchmarks/bench_graft.py --markdown benchmarks/last-run.md
 	$(PY) benchmarks/bench_lora.py --markdown benchmarks/last-run-lora.md
+	$(PY) benchmarks/bench_similarity.py --markdown benchmarks/last-run-similarity.md
 
 clean:
 	rm -rf $(VENV) .demo demo-output benchmarks/work

