@@ -183,13 +183,29 @@ def bench(size: str, work: Path) -> list[dict]:
     return rows
 
 
+def machine(extra: str = "") -> str:
+    """The line every benchmark table starts with: date, machine, torch."""
+    return (f"Measured {datetime.date.today()} on {platform.node()} ({os.cpu_count()} cores, "
+            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM), "
+            f"torch {torch.__version__}, warm page cache{extra}.")
+
+
+def wall_table(rows: list[dict], floor_prefix: str, floor_label: str) -> list[str]:
+    """Markdown rows of wall time and RSS per command, with the ratio to the floor command of the same size."""
+    out = [f"| size | command | wall s | peak RSS GB | vs {floor_label} |", "|---|---|---|---|---|"]
+    floor = {r["size"]: r["wall"] for r in rows if r["tool"].startswith(floor_prefix)}
+    for r in rows:
+        if "wall" in r:
+            out.append(f"| {r['size']} | {r['tool']} | {r['wall']:.1f} | {r['rss']:.2f} | "
+                       f"{r['wall'] / floor[r['size']]:.2f}x |")
+    return out
+
+
 def markdown(rows: list[dict]) -> str:
     by = {}
     for r in rows:
         by.setdefault(r["size"], {})[r["tool"]] = r
-    out = [f"Measured {datetime.date.today()} on {platform.node()} ({os.cpu_count()} cores, "
-           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM), "
-           f"torch {torch.__version__}, warm page cache.", "",
+    out = [machine(), "",
            "| size | command | wall s | peak RSS GB | vs mergekit exact | vs cat |", "|---|---|---|---|---|---|"]
     for size, tools in by.items():
         cat = tools["cat of the 3 inputs (I/O floor)"]["wall"]

@@ -14,9 +14,6 @@ Run by hand (minutes; the 2B inputs take ~12 GB of disk); never part of the test
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
 import shutil
 import sys
 from pathlib import Path
@@ -27,7 +24,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_graft  # noqa: E402
-from bench_graft import build_triple, llama_tensors, timed  # noqa: E402
+from bench_graft import build_triple, llama_tensors, machine, timed, wall_table  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK = 128
@@ -118,15 +115,7 @@ def bench(size: str, work: Path) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    out = [f"Measured {datetime.date.today()} on {platform.node()} ({os.cpu_count()} cores, "
-           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM), "
-           f"torch {torch.__version__}, warm page cache; rank-{RANK} LoRA on {'/'.join(TARGETS)}.", "",
-           "| size | command | wall s | peak RSS GB | vs cp -r |", "|---|---|---|---|---|"]
-    cp = {r["size"]: r["wall"] for r in rows if r["tool"].startswith("cp -r")}
-    for r in rows:
-        if "wall" in r:
-            out.append(f"| {r['size']} | {r['tool']} | {r['wall']:.1f} | {r['rss']:.2f} | "
-                       f"{r['wall'] / cp[r['size']]:.2f}x |")
+    out = [machine(f"; rank-{RANK} LoRA on {'/'.join(TARGETS)}"), "", *wall_table(rows, "cp -r", "cp -r")]
     for r in rows:
         if "diff" in r:
             out.append(f"| {r['size']} | shadowmerge output {r['tool']}: {r['diff']:,} of {r['total']:,} elements "

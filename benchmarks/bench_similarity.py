@@ -12,21 +12,17 @@ Run by hand (minutes); never part of the test suite.
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
 import re
 import shutil
 import sys
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_graft  # noqa: E402
-from bench_graft import build_triple, timed  # noqa: E402
+from bench_graft import build_triple, machine, timed, wall_table  # noqa: E402
 
 
 def reference_official(base: Path, inst: Path) -> float:
@@ -68,15 +64,7 @@ def bench(size: str, work: Path) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    out = [f"Measured {datetime.date.today()} on {platform.node()} ({os.cpu_count()} cores, "
-           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM), "
-           f"torch {torch.__version__}, warm page cache.", "",
-           "| size | command | wall s | peak RSS GB | vs cat |", "|---|---|---|---|---|"]
-    cat = {r["size"]: r["wall"] for r in rows if r["tool"].startswith("cat")}
-    for r in rows:
-        if "wall" in r:
-            out.append(f"| {r['size']} | {r['tool']} | {r['wall']:.1f} | {r['rss']:.2f} | "
-                       f"{r['wall'] / cat[r['size']]:.2f}x |")
+    out = [machine(), "", *wall_table(rows, "cat", "cat")]
     for r in rows:
         if "got" in r:
             out.append(f"| {r['size']} | official σ: shadowmerge {r['got']:.10f}, plain float64 reference "
