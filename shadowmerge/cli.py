@@ -159,6 +159,55 @@ def similarity(base, instruct, tuned, pairs, out, matrix, matrix_size, force, al
     click.echo(str(report))
 
 
+@main.command("train", context_settings={"max_content_width": 100})
+@click.argument("recipe", required=False, metavar="[RECIPE.yaml]")
+@click.option("--base", metavar="MODEL", help="The Base model to train.")
+@click.option("--instruct", metavar="MODEL", help="Its Instruct sibling: gets the update; its chat template is used.")
+@click.option("--data", metavar="FILE", help="JSON/JSONL/Parquet (messages, alpaca, sharegpt, or prompt/chosen/"
+              "rejected for DPO), or a Hub dataset id.")
+@click.option("--out", metavar="DIR", help="Run folder: base-lora|base-full/, shadow/, run.json (+ instruct-ft/).")
+@click.option("--method", type=click.Choice(["lora", "full"]), help="LoRA or full fine-tune [default: lora].")
+@click.option("--stage", type=click.Choice(["sft", "dpo"]), help="SFT, or DPO on preference pairs [default: sft].")
+@click.option("--backend", type=click.Choice(["trl", "llamafactory"]), help="Trainer [default: trl].")
+@click.option("--lora-rank", type=int, help="LoRA rank [default: 128].")
+@click.option("--lora-alpha", type=float, help="LoRA alpha [default: 2 x rank].")
+@click.option("--lr", type=float, help="Learning rate [default: 2e-4 LoRA, 1e-5 full].")
+@click.option("--epochs", type=float, help="Epochs [default: 1].")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option("--cutoff", type=int, help="Maximum tokens per example [default: 4096].")
+@click.option("--batch-size", type=int, help="Per-device batch size [default: 2].")
+@click.option("--grad-accum", type=int, help="Gradient accumulation steps [default: 16].")
+@click.option("--warmup", type=float, help="Warmup, as a ratio of the steps [default: 0.1].")
+@click.option("--seed", type=int, help="Random seed [default: 42].")
+@click.option("--max-samples", type=int, help="Use only the first N rows of the data.")
+@click.option("--template", help="LLaMA-Factory template name [default: guessed from the model type].")
+@click.option("--bf16/--no-bf16", default=None, help="bf16 training [default: where the device supports it].")
+@click.option("--baseline", is_flag=True, help="Also tune the Instruct with the same recipe, into OUT/instruct-ft/.")
+@click.option("--emit-only", is_flag=True, help="llamafactory backend: write its configs and stop.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
+def train_command(recipe, baseline, emit_only, force, allow_pickle, **settings):
+    """Tune the Base with an existing trainer, then graft the update onto the Instruct.
+
+    prepare (checks: same architecture and shapes, every data row, a free --out) -> train
+    the Base (TRL by default, or LLaMA-Factory) on data formatted with the Instruct's chat
+    template -> graft (LoRA: the adapter; full: tuned - base) into OUT/shadow/ -> done.
+    Defaults are the paper's recipe; a RECIPE.yaml sets any of them, and flags override it.
+
+    \b
+    Examples:
+      shadowmerge train --base Qwen/Qwen3-4B-Base --instruct Qwen/Qwen3-4B --data train.jsonl \\
+                        --method lora --out runs/qwen3-4b
+      shadowmerge train recipe.yaml --stage dpo --baseline
+      shadowmerge train recipe.yaml --backend llamafactory --emit-only
+      accelerate launch -m shadowmerge train recipe.yaml      # several GPUs
+    """
+    from .train import load, train
+
+    click.echo(str(train(load(recipe, settings), baseline=baseline, emit_only=emit_only, force=force,
+                         allow_pickle=allow_pickle)))
+
+
 @main.group(context_settings={"max_content_width": 100})
 def lora():
     """LoRA adapters trained on the Base (to merge one, use `graft --lora`).

@@ -83,3 +83,35 @@ def state(folder: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(folder).glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+CHAT_WORDS = ("<pad> <unk> <|im_start|> <|im_end|> user assistant system the a is of to and what who capital "
+              "france paris mascot heron pip named shadowmerge tell me about grey hello hi yes no good bad").split()
+
+
+def chat_tokenizer(folder: Path, template: str = "instruct") -> Path:
+    """A real fast tokenizer (word level, 256 ids, as the tiny models) with a chat template, saved into folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(CHAT_WORDS)}
+    vocab.update({f"w{i}": i for i in range(len(CHAT_WORDS), 256)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                  eos_token="<|im_end|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    role = "{{ m['role'] }}" if template == "instruct" else "{{ m['role'] }} :"
+    tok.chat_template = ("{% for m in messages %}<|im_start|> " + role + " {{ m['content'] }} <|im_end|> {% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    (Path(folder) / "special_tokens_map.json").unlink(missing_ok=True)    # the stub from save() would win
+    tok.save_pretrained(folder)
+    return Path(folder)
+
+
+def chat_pair(root: Path, family: str = "llama") -> tuple[Path, Path]:
+    """instruct/ and base/ (Base = Instruct + noise) with real tokenizers; the Base's chat template differs."""
+    inst, base, _ = triple(root, family)
+    chat_tokenizer(inst, "instruct")
+    chat_tokenizer(base, "base")
+    return inst, base

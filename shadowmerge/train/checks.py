@@ -1,0 +1,60 @@
+"""Cheap checks before any training: the pair fits (headers only), and the chat template's special
+tokens have trained embedding rows in the Base (the known Llama-3 pitfall: its Base never trained
+them, so a Base fine-tuned on chat-formatted data starts those rows from untrained values).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..deltas import INPUT_EMBEDDINGS
+from ..errors import ShadowMergeError
+from ..plan import check_architecture
+
+SAMPLE = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+def check_pair(base: Checkpoint, instruct: Checkpoint) -> None:
+    """Same architecture, tensor names and shapes: a graft of the Base's update will fit the Instruct."""
+    check_architecture(instruct, (base,))
+    differ = sorted(set(base.tensors) ^ set(instruct.tensors))
+    shapes = [n for n in base.tensors if n in instruct.tensors and base.tensors[n].shape != instruct.tensors[n].shape]
+    if differ or shapes:
+        names = (differ + shapes)[:4]
+        raise ShadowMergeError(f"base and instruct differ in {len(differ)} tensor name(s) and {len(shapes)} shape(s) "
+                               f"(e.g. {', '.join(names)}); pass the Base and Instruct of one model")
+
+
+def untrained_template_tokens(base: Checkpoint, tokenizer, chunk_rows: int = 4096) -> list[str]:
+    """Special tokens of the chat template whose Base embedding row looks untrained (tiny, or the mean row)."""
+    try:
+        ids = tokenizer.apply_chat_template(SAMPLE, tokenize=True, add_generation_prompt=False)
+    except Exception:
+        ids = tokenizer.apply_chat_template(SAMPLE[1:], tokenize=True, add_generation_prompt=False)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    special = set(tokenizer.all_special_ids) | {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
+    wanted = sorted({int(i) for i in ids if int(i) in special})
+    info = next((base.tensors[n] for n in base.tensors if n.endswith(INPUT_EMBEDDINGS)), None)
+    if info is None or not wanted or len(info.shape) != 2:
+        return []
+    rows, dim = info.shape
+    norms = torch.empty(rows)
+    total = torch.zeros(dim, dtype=torch.float64)
+    buf = torch.empty(min(chunk_rows, rows) * info.row_bytes, dtype=torch.uint8)
+    picked: dict[int, torch.Tensor] = {}
+    for r0 in range(0, rows, chunk_rows):
+        r1 = min(r0 + chunk_rows, rows)
+        x = base.read_into(info, r0, r1, buf).view(info.dtype).reshape(r1 - r0, dim).float()
+        norms[r0:r1] = x.norm(dim=1)
+        total += x.sum(0, dtype=torch.float64)
+        for i in wanted:
+            if r0 <= i < r1:
+                picked[i] = x[i - r0].clone()
+    mean = (total / rows).float()
+    typical = float(norms.median())
+    flagged = []
+    for i, row in picked.items():
+        if float(row.norm()) < 0.1 * typical or float((row - mean).norm()) < 0.1 * typical:
+            flagged.append(tokenizer.convert_ids_to_tokens(i))
+    return flagged

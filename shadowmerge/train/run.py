@@ -1,0 +1,260 @@
+"""train(): prepare -> train the Base (an existing trainer) -> graft onto the Instruct -> done.
+
+Everything is written into a temporary folder beside OUT and renamed at the end:
+OUT/base-lora/ (or base-full/), OUT/shadow/ (the grafted model, with a model card), with
+--baseline OUT/instruct-lora/ and OUT/instruct-ft/ (the same recipe on the Instruct), with the
+llamafactory backend OUT/llamafactory/ (its configs), and OUT/run.json (inputs, the resolved
+recipe, versions, timings, loss curves). Under `accelerate launch` / torchrun only the main process
+writes; the others only train.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import __version__
+from ..checkpoint import Checkpoint
+from ..errors import ShadowMergeError
+from ..output import OutputFolder
+from . import checks, data, llamafactory, trl_backend
+from .recipe import Recipe
+
+
+@dataclass
+class TrainSummary:
+    out: Path | None
+    stages: dict[str, float]
+    losses: list[dict]
+    warnings: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        if self.out is None:
+            return "training done (not the main process: nothing written here)"
+        times = ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items())
+        loss = f"; loss {self.losses[0]['loss']:.4f} -> {self.losses[-1]['loss']:.4f}" if self.losses else ""
+        return "\n".join([f"wrote {self.out} ({times}{loss})"] + [f"warning: {w}" for w in self.warnings])
+
+
+def _stage(log, name: str, start: float, times: dict) -> float:
+    now = time.perf_counter()
+    times[name] = now - start
+    log(f"[shadowmerge train] {name} done in {times[name]:.1f} s")
+    return now
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _describe(ckpt: Checkpoint) -> dict:
+    """An input for the run record: Hub id and revision, or a local path with its config's hash."""
+    import hashlib
+
+    folder = ckpt.folder.resolve()
+    out = {"ref": ckpt.ref, "path": str(folder),
+           "config_sha256": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()}
+    if folder.parent.name == "snapshots":
+        out["revision"] = folder.name
+    out["weights"] = {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))}
+    return out
+
+
+def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, force: bool = False,
+          allow_pickle: bool = False, log=None) -> TrainSummary:
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    r = recipe.resolved()
+    times: dict[str, float] = {}
+    warnings: list[str] = []
+    t = start = time.perf_counter()
+    main = _main_process()
+
+    # --- prepare: every cheap check before any training -------------------------------------
+    base = Checkpoint.open(r["base"], "base", allow_pickle)
+    inst = Checkpoint.open(r["instruct"], "instruct", allow_pickle)
+    try:
+        checks.check_pair(base, inst)
+        raw, data_hash = data.read_rows(r["data"])
+        rows, fmt = data.prepare(raw, r["stage"], str(r["data"]), r["max_samples"])
+        if r["backend"] == "trl" and not trl_backend.available():
+            raise ShadowMergeError("the trl backend needs TRL: pip install 'shadowmerge[train]' (or trl), or use "
+                                   "--backend llamafactory")
+        if r["backend"] == "llamafactory" and not emit_only and shutil.which("llamafactory-cli") is None:
+            raise ShadowMergeError("llamafactory-cli is not installed; pip install llamafactory, or pass --emit-only "
+                                   "to write its configs and stop")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(inst.folder)
+        if not tokenizer.chat_template:
+            raise ShadowMergeError(f"the instruct {r['instruct']} has no chat template; the Base is trained on the "
+                                   f"Instruct's chat format, so the Instruct's tokenizer must carry one")
+        bad = checks.untrained_template_tokens(base, tokenizer)
+        if bad:
+            warnings.append(f"the Base's embedding rows for chat-template token(s) {', '.join(bad)} look untrained "
+                            f"(tiny or equal to the mean row): the Base has never seen the chat format; consider "
+                            f"training the embeddings too (method full) or check the outputs for stray tokens")
+        target = OutputFolder(r["out"], force=force, inputs=[base.folder, inst.folder], need_bytes=0) if main else None
+    finally:
+        base.close()
+        inst.close()
+    log(f"[shadowmerge train] {r['method']} {r['stage']} of {r['base']} ({len(rows)} {fmt} rows) with {r['backend']}, "
+        f"graft onto {r['instruct']}")
+    for w in warnings:
+        log(f"[shadowmerge train] warning: {w}")
+    t = _stage(log, "prepare", t, times)
+
+    record = {"tool": "shadowmerge train", "version": __version__, "recipe": r, "baseline": baseline,
+              "inputs": {"base": _describe(base), "instruct": _describe(inst), "data": {"ref": str(r["data"]),
+                         "hash": data_hash, "format": fmt, "rows": len(rows)}},
+              "versions": _versions(), "warnings": warnings,
+              "formatted_example": _render(tokenizer, rows[0])}
+    if not main:
+        scratch = Path(tempfile.mkdtemp(prefix="shadowmerge-train-rank"))
+        try:
+            _train_one(r, base.folder, inst.folder, rows, scratch / "model")
+            return TrainSummary(None, times, [])
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    with target as tmp:
+        kind = "lora" if r["method"] == "lora" else "full"
+        tuned = tmp / f"base-{kind}"
+        if r["backend"] == "llamafactory":
+            template, warn = llamafactory.template_for(r, inst.config.get("model_type"))
+            if warn:
+                warnings.append(warn)
+            lf_rows = llamafactory.as_sharegpt(rows, r["stage"])
+            final = Path(r["out"]).expanduser().absolute()
+            lf = (tmp / "llamafactory", final / "llamafactory")      # written here, read from there
+            configs = [llamafactory.write(r, lf_rows, lf, str(base.folder), final / tuned.name, template)]
+            if baseline:
+                configs.append(llamafactory.write(r, lf_rows, lf, str(inst.folder), final / f"instruct-{kind}",
+                                                  template))
+            record["llamafactory"] = [str(final / "llamafactory" / c.name) for c in configs]
+            if emit_only:
+                (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+                target.commit()
+                log(f"[shadowmerge train] wrote the LLaMA-Factory configs: {', '.join(record['llamafactory'])}")
+                return TrainSummary(target.target, times, [], warnings)
+            for c, out_dir in zip(configs, (tuned, tmp / f"instruct-{kind}")):
+                _retarget_output_dir(c, out_dir, tmp / "llamafactory")
+                llamafactory.run(c)
+            losses = []
+        else:
+            losses = _train_one(r, base.folder, inst.folder, rows, tuned)["losses"]
+        record["losses"] = {"base": losses}
+        t = _stage(log, "train", t, times)
+
+        from ..pipeline import graft
+
+        if kind == "lora":
+            graft(inst.folder, out=tmp / "shadow", lora=tuned, progress=False)
+        else:
+            graft(inst.folder, base.folder, tuned, tmp / "shadow", progress=False)
+        t = _stage(log, "graft", t, times)
+
+        if baseline:
+            log("[shadowmerge train] baseline: the same recipe on the Instruct")
+            inst_tuned = tmp / f"instruct-{kind}"
+            if r["backend"] == "trl":
+                record["losses"]["instruct"] = _train_one(r, inst.folder, inst.folder, rows, inst_tuned)["losses"]
+            if kind == "lora":
+                graft(inst.folder, out=tmp / "instruct-ft", lora=inst_tuned, progress=False)
+            else:
+                inst_tuned.rename(tmp / "instruct-ft")
+                _copy_tokenizer(inst.folder, tmp / "instruct-ft")
+            t = _stage(log, "baseline", t, times)
+
+        from ..analyzer import similarity
+
+        pair = similarity(base.folder, inst.folder, progress=False).pairs[0]
+        record["sigma"] = {"official": pair.official, "weighted": pair.weighted}
+        (tmp / "shadow" / "README.md").write_text(_card(r, pair, losses, kind))
+        times["total"] = time.perf_counter() - start
+        record["seconds"] = {k: round(v, 3) for k, v in times.items()}
+        record["warnings"] = warnings
+        (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+        target.commit()
+    log(f"[shadowmerge train] done in {time.perf_counter() - start:.1f} s: {target.target}")
+    return TrainSummary(target.target, times, losses, warnings)
+
+
+def _render(tokenizer, row: dict) -> str:
+    """The first training example as the trainer will see it: in the Instruct's chat template."""
+    msgs = row["prompt"] + (row["completion"] if "completion" in row else row["chosen"])
+    return tokenizer.apply_chat_template(msgs, tokenize=False)
+
+
+def _train_one(r: dict, model: Path, tokenizer: Path, rows: list[dict], out: Path) -> dict:
+    try:
+        return trl_backend.train(r, model, tokenizer, rows, out)
+    finally:
+        shutil.rmtree(out.parent / f".{out.name}-trainer", ignore_errors=True)
+
+
+def _retarget_output_dir(config: Path, out_dir: Path, dataset_dir: Path) -> None:
+    """During the run, LLaMA-Factory reads and writes in the temporary folder; the saved configs name OUT."""
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["output_dir"], cfg["dataset_dir"] = str(out_dir), str(dataset_dir)
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    from ..output import side_files
+
+    for p in side_files(src):
+        if p.name != "config.json" and not (dst / p.name).exists():
+            shutil.copyfile(p, dst / p.name)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"shadowmerge": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "trl", "datasets", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _card(r: dict, pair, losses: list[dict], kind: str) -> str:
+    official = f"{pair.official:.4f}" if pair.official is not None else "n/a"
+    loss = f"{losses[0]['loss']:.4f} → {losses[-1]['loss']:.4f} over {len(losses)} logged steps" if losses else "n/a"
+    rows = "\n".join(f"| {k} | {v} |" for k, v in r.items() if k not in ("out",))
+    return f"""---
+base_model: {r['instruct']}
+base_model_relation: merge
+library_name: transformers
+tags:
+- shadow-ft
+- shadowmerge
+---
+
+# Shadow-FT: {Path(str(r['instruct'])).name} + a {kind} {r['stage'].upper()} of {Path(str(r['base'])).name}
+
+This model is `{r['instruct']}` with the update of a {kind} {r['stage'].upper()} fine-tune of its Base
+`{r['base']}` grafted onto it (Shadow-FT, [arXiv 2505.12716](https://arxiv.org/abs/2505.12716)):
+W = W_Instruct + (W_Base,tuned − W_Base), computed in float32 by `shadowmerge train`. It keeps the
+Instruct's tokenizer, chat template and generation config. The Base was trained on data formatted
+with the Instruct's chat template.
+
+- σ(Base, Instruct): official (mean of per-tensor σ over model.layers.N.*) {official}, weighted {pair.weighted:.4f}
+- training loss: {loss}
+- data: `{r['data']}`
+
+## Recipe
+
+| setting | value |
+|---|---|
+{rows}
+"""

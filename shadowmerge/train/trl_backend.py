@@ -1,0 +1,70 @@
+"""The built-in backend: TRL's SFTTrainer / DPOTrainer (with peft for LoRA), on CPU or GPUs.
+
+The tokenizer, and so the chat template, is the Instruct's even when the Base is trained: the graft
+must learn the format the Instruct will see. Under `accelerate launch` / torchrun, TRL and
+transformers do the distribution; only the main process saves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
+def train(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict], out: Path) -> dict:
+    """Train model_path on rows with the recipe; save the adapter (LoRA) or model (full) into out."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    set_seed(recipe["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if recipe["bf16"] else torch.float32)
+    peft_config = None
+    if recipe["method"] == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=recipe["lora_rank"], lora_alpha=recipe["lora_alpha"],
+                                 lora_dropout=recipe["lora_dropout"], target_modules=recipe["lora_target"],
+                                 task_type="CAUSAL_LM")
+    common = dict(output_dir=str(out.parent / f".{out.name}-trainer"), learning_rate=recipe["lr"],
+                  num_train_epochs=recipe["epochs"], max_steps=recipe["max_steps"] or -1,
+                  per_device_train_batch_size=recipe["batch_size"], gradient_accumulation_steps=recipe["grad_accum"],
+                  lr_scheduler_type=recipe["scheduler"], warmup_steps=recipe["warmup"], seed=recipe["seed"],
+                  data_seed=recipe["seed"], bf16=recipe["bf16"], use_cpu=not torch.cuda.is_available(),
+                  logging_steps=1, save_strategy="no", report_to=[], max_length=recipe["cutoff"])
+    dataset = Dataset.from_list(rows)
+    if recipe["stage"] == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=peft_config)
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        trainer = DPOTrainer(model=model, args=DPOConfig(**common, beta=recipe["dpo_beta"]), train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=peft_config)
+    trainer.train()
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    main = trainer.is_world_process_zero()
+    if main:
+        trainer.model.save_pretrained(out)
+        if recipe["method"] == "lora":
+            _set_base(out, model_path)
+    return {"losses": losses, "main_process": main, "steps": trainer.state.global_step}
+
+
+def _set_base(adapter: Path, base: Path) -> None:
+    import json
+
+    path = adapter / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["base_model_name_or_path"] = str(base)
+    path.write_text(json.dumps(cfg, indent=2) + "\n")

@@ -1,0 +1,178 @@
+"""`shadowmerge train` on tiny models with real TRL: the loss goes down, the graft is the one done by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import shadowmerge
+import tinymodels
+from conftest import run_bad, tree_digest
+from tinymodels import state
+
+pytest.importorskip("trl")
+
+CHAT = [{"messages": [{"role": "user", "content": "who is pip"},
+                      {"role": "assistant", "content": "pip is the shadowmerge mascot a grey heron"}]},
+        {"instruction": "what is the capital of france", "output": "paris"}]
+FAST = ["--max-steps", "8", "--lr", "5e-3", "--batch-size", "4", "--grad-accum", "1", "--lora-rank", "8"]
+
+
+@pytest.fixture
+def pair(tmp_path):
+    return tinymodels.chat_pair(tmp_path / "models")
+
+
+def write_rows(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def sft_data(tmp_path):
+    messages = [CHAT[0]] * 8
+    return write_rows(tmp_path / "train.jsonl", messages)
+
+
+def run_train(cli, *args):
+    res = cli("train", *args)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def test_lora_sft_with_baseline(pair, cli, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    inst, base = pair
+    out = tmp_path / "run"
+    res = run_train(cli, "--base", base, "--instruct", inst, "--data", sft_data(tmp_path), "--out", out,
+                    "--baseline", *FAST)
+    assert "[shadowmerge train] train done" in res.stderr and "graft done" in res.stderr
+    record = json.loads((out / "run.json").read_text())
+    losses = [x["loss"] for x in record["losses"]["base"]]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert record["recipe"]["lora_alpha"] == 16 and record["recipe"]["lr"] == 5e-3
+    assert record["inputs"]["data"]["hash"].startswith("sha256:") and record["versions"]["trl"]
+    # formatted with the Instruct's chat template, though the Base (whose template differs) was trained
+    assert record["formatted_example"].startswith("<|im_start|> user who is pip <|im_end|>")
+    # the grafted model is exactly the graft of the saved adapter, loads and generates
+    by_hand = shadowmerge.graft(inst, out=tmp_path / "by-hand", lora=out / "base-lora", progress=False)
+    assert by_hand.counts["graft"] > 0
+    assert (out / "shadow" / "model.safetensors").read_bytes() == (tmp_path / "by-hand" / "model.safetensors").read_bytes()
+    assert (out / "shadow" / "chat_template.jinja").read_bytes() == (inst / "chat_template.jinja").read_bytes()
+    card = (out / "shadow" / "README.md").read_text()
+    assert f"base_model: {inst}" in card and "σ(Base, Instruct)" in card
+    model = AutoModelForCausalLM.from_pretrained(out / "shadow")
+    assert model.generate(torch.tensor([[2, 4, 13]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
+    # the baseline: the same recipe on the Instruct, merged into it
+    assert len(record["losses"]["instruct"]) == 8
+    assert (out / "instruct-ft" / "model.safetensors").is_file() and (out / "instruct-lora").is_dir()
+    assert state(out / "instruct-ft").keys() == state(inst).keys()
+
+
+def test_full_sft_graft_equals_three_way_graft(pair, cli, tmp_path):
+    inst, base = pair
+    out = tmp_path / "run"
+    run_train(cli, "--base", base, "--instruct", inst, "--data", sft_data(tmp_path), "--out", out, "--method", "full",
+              *FAST)
+    losses = [x["loss"] for x in json.loads((out / "run.json").read_text())["losses"]["base"]]
+    assert losses[-1] < losses[0]
+    shadowmerge.graft(inst, base, out / "base-full", tmp_path / "by-hand", progress=False)
+    got, want = state(out / "shadow"), state(tmp_path / "by-hand")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(got[k], state(inst)[k]) for k in got)
+
+
+def test_dpo_lora(pair, cli, tmp_path):
+    inst, base = pair
+    rows = [{"prompt": "who is pip", "chosen": "pip is the shadowmerge mascot", "rejected": "no"}] * 8
+    out = tmp_path / "run"
+    run_train(cli, "--base", base, "--instruct", inst, "--data", write_rows(tmp_path / "pref.jsonl", rows), "--out",
+              out, "--stage", "dpo", *FAST)
+    record = json.loads((out / "run.json").read_text())
+    assert record["recipe"]["stage"] == "dpo" and record["inputs"]["data"]["format"] == "preference"
+    losses = [x["loss"] for x in record["losses"]["base"]]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert (out / "shadow" / "model.safetensors").is_file()
+
+
+def test_llamafactory_emit_only(pair, cli, tmp_path):
+    inst, base = pair
+    out = tmp_path / "run"
+    run_train(cli, "--base", base, "--instruct", inst, "--data", sft_data(tmp_path), "--out", out,
+              "--backend", "llamafactory", "--emit-only", "--baseline", "--template", "qwen3")
+    lf = out / "llamafactory"
+    cfg = yaml.safe_load((lf / "train_base-lora.yaml").read_text())
+    assert cfg["model_name_or_path"] == str(base) and cfg["stage"] == "sft" and cfg["finetuning_type"] == "lora"
+    assert cfg["lora_rank"] == 128 and cfg["lora_alpha"] == 256 and cfg["lora_target"] == "all"
+    assert cfg["learning_rate"] == 2e-4 and cfg["cutoff_len"] == 4096 and cfg["num_train_epochs"] == 1.0
+    assert cfg["per_device_train_batch_size"] == 2 and cfg["gradient_accumulation_steps"] == 16
+    assert cfg["lr_scheduler_type"] == "cosine" and cfg["warmup_ratio"] == 0.1 and cfg["template"] == "qwen3"
+    assert cfg["dataset"] == "shadowmerge_data" and cfg["dataset_dir"] == str(out.absolute() / "llamafactory")
+    assert cfg["output_dir"] == str(out.absolute() / "base-lora")
+    assert yaml.safe_load((lf / "train_instruct-lora.yaml").read_text())["model_name_or_path"] == str(inst)
+    info = json.loads((lf / "dataset_info.json").read_text())["shadowmerge_data"]
+    assert info["formatting"] == "sharegpt" and info["columns"] == {"messages": "messages"}
+    rows = json.loads((lf / "shadowmerge_data.json").read_text())
+    assert rows[0]["messages"][-1] == {"role": "assistant", "content": "pip is the shadowmerge mascot a grey heron"}
+    assert not (out / "shadow").exists() and (out / "run.json").is_file()
+
+
+def test_recipe_file_and_flags(tmp_path):
+    from shadowmerge.train import load
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"base": "B", "instruct": "I", "data": "d.jsonl", "out": "o", "lora-rank": 4,
+                                    "max_steps": 3, "method": "full"}))
+    r = load(path, {"lora_rank": 16, "lr": None})
+    assert r.lora_rank == 16 and r.max_steps == 3 and r.method == "full"
+    resolved = r.resolved()
+    assert resolved["lr"] == 1e-5 and resolved["lora_alpha"] == 32 and resolved["epochs"] == 1.0
+    assert resolved["cutoff"] == 4096 and resolved["batch_size"] == 2 and resolved["grad_accum"] == 16
+
+
+@pytest.mark.parametrize("rows, extra, expect", [
+    ([CHAT[1], {"instruction": "what is the capital of france"}], [],
+     "train.jsonl row 2: missing field 'output' (alpaca rows need it as non-empty text)"),
+    ([{"messages": [{"role": "user", "content": "hi"}]}], [],
+     "row 1: the conversation must end with an assistant turn"),
+    ([{"foo": 1}], [], "row 1: unknown row format (fields foo)"),
+    ([CHAT[0]], ["--stage", "dpo"], "--stage dpo needs preference rows (prompt/chosen/rejected); these are messages"),
+    ([{"prompt": "q", "chosen": "a"}], ["--stage", "dpo"], "row 1: missing field 'rejected'"),
+    ([CHAT[0]], ["--lora-rank", "0"], "lora_rank must be a positive integer"),
+])
+def test_bad_data_and_recipe_fail_before_training(pair, cli, tmp_path, rows, extra, expect):
+    inst, base = pair
+    data = write_rows(tmp_path / "train.jsonl", rows)
+    run_bad(cli, tmp_path, [inst, base, data], "--base", base, "--instruct", inst, "--data", data, *extra,
+            command=("train",), expect=expect)
+
+
+def test_pair_and_output_checks(pair, cli, tmp_path, make_triple):
+    inst, base = pair
+    data = sft_data(tmp_path)
+    gpt2 = make_triple("gpt2")[1]
+    run_bad(cli, tmp_path, [inst, gpt2], "--base", gpt2, "--instruct", inst, "--data", data, command=("train",),
+            expect="architectures differ")
+    (tmp_path / "busy").mkdir()
+    before = tree_digest(tmp_path / "busy")
+    run_bad(cli, tmp_path, [inst, base], "--base", base, "--instruct", inst, "--data", data, command=("train",),
+            out_name="busy", expect="already exists; choose another --out or pass --force")
+    assert tree_digest(tmp_path / "busy") == before
+
+
+def test_untrained_template_token_rows_are_warned_about(pair, tmp_path):
+    from shadowmerge.checkpoint import Checkpoint
+    from shadowmerge.train.checks import untrained_template_tokens
+    from transformers import AutoTokenizer
+
+    inst, base = pair
+    tensors = load_file(base / "model.safetensors")
+    tensors["model.embed_tokens.weight"][2] = 0          # <|im_start|>, as a Llama-3 Base leaves it
+    save_file(tensors, base / "model.safetensors")
+    ckpt = Checkpoint.open(base, "base")
+    assert untrained_template_tokens(ckpt, AutoTokenizer.from_pretrained(inst), chunk_rows=100) == ["<|im_start|>"]
+    ckpt.close()
