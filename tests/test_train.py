@@ -176,3 +176,48 @@ def test_untrained_template_token_rows_are_warned_about(pair, tmp_path):
     ckpt = Checkpoint.open(base, "base")
     assert untrained_template_tokens(ckpt, AutoTokenizer.from_pretrained(inst), chunk_rows=100) == ["<|im_start|>"]
     ckpt.close()
+
+
+def test_data_files_in_every_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shadowmerge.train.data import prepare, read_rows
+
+    share = [{"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "who is pip"},
+                                {"from": "gpt", "value": "a heron"}]}]
+    (tmp_path / "share.json").write_text(json.dumps(share))
+    rows, digest = read_rows(str(tmp_path / "share.json"))
+    out, fmt = prepare(rows, "sft", "share.json")
+    assert fmt == "sharegpt" and digest.startswith("sha256:")
+    assert out[0]["prompt"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "who is pip"}]
+    assert out[0]["completion"] == [{"role": "assistant", "content": "a heron"}]
+    pq.write_table(pa.Table.from_pylist([{"instruction": "name the mascot", "input": "of shadowmerge",
+                                          "output": "pip"}]), tmp_path / "alpaca.parquet")
+    out, fmt = prepare(read_rows(str(tmp_path / "alpaca.parquet"))[0], "sft", "alpaca.parquet")
+    assert fmt == "alpaca" and out[0]["prompt"][0]["content"] == "name the mascot\n\nof shadowmerge"
+
+
+def test_offline_hub_dataset_id_is_a_clear_error(pair, cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    inst, base = pair
+    run_bad(cli, tmp_path, [inst, base], "--base", base, "--instruct", inst, "--data", "nobody/no-such-dataset",
+            command=("train",), expect="'nobody/no-such-dataset' is not a local file and could not be loaded from the "
+                                       "Hugging Face Hub")
+
+
+def test_llamafactory_dpo_config(pair, cli, tmp_path):
+    inst, base = pair
+    rows = [{"prompt": "who is pip", "chosen": "a heron", "rejected": "no"}]
+    out = tmp_path / "run"
+    run_train(cli, "--base", base, "--instruct", inst, "--data", write_rows(tmp_path / "pref.jsonl", rows), "--out",
+              out, "--stage", "dpo", "--method", "full", "--backend", "llamafactory", "--emit-only")
+    cfg = yaml.safe_load((out / "llamafactory" / "train_base-full.yaml").read_text())
+    assert cfg["stage"] == "dpo" and cfg["finetuning_type"] == "full" and cfg["pref_beta"] == 0.1
+    assert cfg["learning_rate"] == 1e-5 and "lora_rank" not in cfg and cfg["template"] == "llama3"
+    info = json.loads((out / "llamafactory" / "dataset_info.json").read_text())["shadowmerge_data"]
+    assert info["ranking"] is True and info["columns"]["chosen"] == "chosen"
+    data = json.loads((out / "llamafactory" / "shadowmerge_data.json").read_text())
+    assert data[0]["chosen"] == {"role": "assistant", "content": "a heron"}
+    assert "guessed as 'llama3'" in " ".join(json.loads((out / "run.json").read_text())["warnings"])
