@@ -198,3 +198,17 @@ def test_existing_output_needs_force(triple, cli, tmp_path):
             expect="already exists; choose another OUT or pass --force")
     assert cli("mergekit", path, tmp_path / "out", "--force").exit_code == 0
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_failure_inside_mergekit_is_one_line_and_leaves_nothing(triple, cli, tmp_path, make_triple):
+    from conftest import tree_digest
+
+    inst, base, _ = triple
+    _, _, other = make_triple("llama", intermediate_size=96)       # a "tuned" model of another size
+    cfg = shadow_yaml(tmp_path / "c.yml", inst, base, other)
+    before, listing = tree_digest(inst, base, other), sorted(p.name for p in tmp_path.iterdir())
+    res = cli("mergekit", cfg, tmp_path / "out")
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    # mergekit's own progress bars come first; the error is the last line, and one line
+    assert res.stderr.strip().splitlines()[-1].startswith("error: mergekit failed: ValueError: Tensor size mismatch")
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing and tree_digest(inst, base, other) == before

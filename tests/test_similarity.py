@@ -182,6 +182,7 @@ def test_diagnostics_see_an_update_that_undoes_instruction_tuning(make_triple, t
     (["--base", "{base}", "--instruct", "{inst}", "--matrix", "nope.weight"], "--matrix nope.weight: no such tensor"),
     (["--base", "{base}", "--instruct", "{inst}", "--matrix", "model.norm.weight"], "pass a 2-D weight matrix"),
     (["--base", "{gpt2}", "--instruct", "{inst}"], "share no tensor of equal shape"),
+    (["--base", "{base}", "--instruct", "{inst}", "--matrix-size", "1"], "--matrix-size must be at least 2"),
 ])
 def test_similarity_errors(make_triple, cli, tmp_path, args, expect):
     inst, base, _ = make_triple("llama")

@@ -221,3 +221,20 @@ def test_llamafactory_dpo_config(pair, cli, tmp_path):
     data = json.loads((out / "llamafactory" / "shadowmerge_data.json").read_text())
     assert data[0]["chosen"] == {"role": "assistant", "content": "a heron"}
     assert "guessed as 'llama3'" in " ".join(json.loads((out / "run.json").read_text())["warnings"])
+
+
+def test_recipe_and_backend_errors(pair, cli, tmp_path):
+    inst, base = pair
+    data = sft_data(tmp_path)
+    (tmp_path / "r.yaml").write_text("lora_rnak: 8\n")
+    run_bad(cli, tmp_path, [inst, base], tmp_path / "r.yaml", "--base", base, "--instruct", inst, "--data", data,
+            command=("train",), expect="unknown setting(s) lora_rnak; known:")
+    (tmp_path / "r.yaml").write_text("- a list\n")
+    run_bad(cli, tmp_path, [inst, base], tmp_path / "r.yaml", command=("train",),
+            expect="a recipe is a mapping of settings")
+    run_bad(cli, tmp_path, [inst, base], tmp_path / "missing.yaml", command=("train",), expect="recipe not found")
+    run_bad(cli, tmp_path, [inst, base], "--base", base, "--instruct", inst, "--data", data, "--backend", "llamafactory",
+            command=("train",), expect="llamafactory-cli is not installed; pip install llamafactory, or pass --emit-only")
+    (inst / "chat_template.jinja").unlink()
+    run_bad(cli, tmp_path, [inst, base], "--base", base, "--instruct", inst, "--data", data, command=("train",),
+            expect="has no chat template")
