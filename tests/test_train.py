@@ -238,3 +238,12 @@ def test_recipe_and_backend_errors(pair, cli, tmp_path):
     (inst / "chat_template.jinja").unlink()
     run_bad(cli, tmp_path, [inst, base], "--base", base, "--instruct", inst, "--data", data, command=("train",),
             expect="has no chat template")
+
+
+def test_llamafactory_loss_log_is_read(tmp_path):
+    from shadowmerge.train.llamafactory import losses
+
+    (tmp_path / "trainer_log.jsonl").write_text('{"current_steps": 1, "loss": 2.5}\n{"current_steps": 2, '
+                                                '"loss": 1.5}\nnot json\n{"current_steps": 2, "eval_loss": 9}\n')
+    assert losses(tmp_path) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 1.5}]
+    assert losses(tmp_path / "missing") == []

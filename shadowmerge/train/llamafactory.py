@@ -97,3 +97,19 @@ def run(config: Path) -> None:
     proc = subprocess.run([cli, "train", str(config)])
     if proc.returncode != 0:
         raise ShadowMergeError(f"llamafactory-cli train {config} failed (exit {proc.returncode}); see its output above")
+
+
+def losses(output_dir: Path) -> list[dict]:
+    """The loss curve LLaMA-Factory logs into output_dir/trainer_log.jsonl (empty if it is not there)."""
+    path = output_dir / "trainer_log.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in entry:
+            out.append({"step": entry.get("current_steps"), "loss": entry["loss"]})
+    return out

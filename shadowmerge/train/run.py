@@ -145,10 +145,12 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
             for c, out_dir in zip(configs, (tuned, tmp / f"instruct-{kind}")):
                 _retarget_output_dir(c, out_dir, tmp / "llamafactory")
                 llamafactory.run(c)
-            losses = []
+            losses = llamafactory.losses(tuned)
+            if baseline:
+                record["losses"] = {"instruct": llamafactory.losses(tmp / f"instruct-{kind}")}
         else:
             losses = _train_one(r, base.folder, inst.folder, rows, tuned)["losses"]
-        record["losses"] = {"base": losses}
+        record.setdefault("losses", {})["base"] = losses
         t = _stage(log, "train", t, times)
 
         from ..pipeline import graft
