@@ -189,3 +189,19 @@ def test_similarity_errors(make_triple, cli, tmp_path, args, expect):
     gpt2 = make_triple("gpt2")[1]
     args = [a.format(base=base, inst=inst, gpt2=gpt2) for a in args]
     run_bad(cli, tmp_path, [inst, base], *args, command=("similarity",), expect=expect)
+
+
+def test_vision_tower_and_language_model_are_told_apart(tmp_path):
+    """A multimodal layout: the official figure covers the language model's layers only."""
+    names = ["model.language_model.layers.0.self_attn.q_proj.weight", "model.language_model.layers.0.mlp.up_proj.weight",
+             "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight",
+             "model.multi_modal_projector.linear.weight", "model.language_model.embed_tokens.weight"]
+    a = {n: torch.randn(8, 8) for n in names}
+    b = {n: v + (0.5 if "vision" in n else 0.01) * torch.randn(8, 8) for n, v in a.items()}
+    r = shadowmerge.similarity(folder_with(tmp_path / "a", a), folder_with(tmp_path / "b", b), progress=False)
+    (p,) = r.pairs
+    assert p.official_count == 2
+    towers = p.towers()
+    assert set(towers) == {"language", "vision"} and towers["vision"].sigma > 5 * towers["language"].sigma
+    assert {row.name: row.tower for row in p.rows}["model.multi_modal_projector.linear.weight"] == "vision"
+    assert list(p.per_layer()) == [0] and p.per_module()["q"].numel == 128
