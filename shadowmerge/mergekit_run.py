@@ -14,25 +14,17 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import __version__, hub
+from . import __version__, hub, yamlfile
 from .errors import ShadowMergeError
 from .output import OutputFolder, copy_side_files, make_readable, side_files, write_record
+from .pipeline import dtype_name
 
 ROLES = ("instruct", "tuned")
-FP = ("float32", "fp32", "float")
 _KEEP = ("README.md", "mergekit_config.yml")     # mergekit's own account of the merge
 
 
 def load_config(path: str | Path) -> dict:
-    import yaml
-
-    try:
-        cfg = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ShadowMergeError(f"merge config not found: {path}") from None
-    except (OSError, yaml.YAMLError) as exc:
-        reason = str(exc).strip().splitlines()[0]
-        raise ShadowMergeError(f"{path} is not valid YAML ({reason})") from None
+    cfg = yamlfile.load(path, "merge config")
     if not isinstance(cfg, dict):
         raise ShadowMergeError(f"{path} is not a mergekit config (expected a mapping with merge_method, models, ...)")
     return cfg
@@ -110,7 +102,7 @@ def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = ()
     cfg = load_config(config)
     method = cfg.get("merge_method")
     roles = check_shadow_graft(cfg, config) if method == "shadow_graft" else None
-    if roles is not None and cfg.get("out_dtype") and str(cfg.get("dtype")) not in FP:
+    if roles is not None and cfg.get("out_dtype") and dtype_name(str(cfg.get("dtype"))) != "float32":
         cfg["dtype"] = "float32"     # inputs upcast exactly, so the one rounding is mergekit's cast to out_dtype
     from .mergekit import register
 
@@ -124,7 +116,7 @@ def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = ()
     need = 0
     if instruct is not None:     # about the Instruct's size, twice that if written as float32
         need = sum(p.stat().st_size for p in instruct.glob("*.safetensors"))
-        need *= 2 if _dtype_name(cfg.get("out_dtype") or cfg.get("dtype")) == "float32" else 1
+        need *= 2 if dtype_name(cfg.get("out_dtype") or cfg.get("dtype")) == "float32" else 1
     target = OutputFolder(out, force=force, inputs=local, need_bytes=need, flag="OUT")
     if roles is not None and not any(a in ("--copy-tokenizer", "--no-copy-tokenizer") for a in mergekit_args):
         mergekit_args = (*mergekit_args, "--no-copy-tokenizer")    # the Instruct's tokenizer replaces it anyway
@@ -136,7 +128,7 @@ def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = ()
                 if p.name not in _KEEP:
                     p.unlink()
             dtype = cfg.get("out_dtype") or cfg.get("dtype")
-            names = copy_side_files(instruct, tmp, _dtype_name(dtype), skip=_KEEP)
+            names = copy_side_files(instruct, tmp, dtype_name(dtype), skip=_KEEP)
             write_record(tmp, {"tool": "shadowmerge mergekit", "version": __version__, "config": str(config),
                                "roles": roles, "side_files_from": str(instruct), "side_files": names,
                                "mergekit_args": list(mergekit_args)})
@@ -163,9 +155,3 @@ def _mergekit_yaml(cfg: dict, out: Path, args: tuple[str, ...]) -> None:
         raise ShadowMergeError(f"mergekit failed: {type(exc).__name__}: {reason}") from None
     finally:
         os.unlink(cfg_path)
-
-
-def _dtype_name(name) -> str | None:
-    names = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
-             "float32": "float32", "fp32": "float32", "float": "float32"}
-    return names.get(str(name)) if name else None

@@ -150,7 +150,7 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
             if stats.identical:
                 warnings.append(f"{len(stats.identical)} grafted tensor(s) came out identical to the instruct's "
                                 f"(the update is below the output dtype's precision), e.g. {stats.identical[0]}")
-            side = copy_side_files(inst.folder, tmp, _dtype_name(out_dtype))
+            side = copy_side_files(inst.folder, tmp, dtype_name(out_dtype))
             seconds = time.perf_counter() - start
             write_record(tmp, _record(plan, source, shards, side, out_dtype, shard_bytes, include, exclude,
                                       vocab, dev, stats, warnings, seconds))
@@ -162,7 +162,10 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
             c.close()
 
 
-def _dtype_name(dtype: torch.dtype | None) -> str | None:
+def dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    """The canonical name of a dtype or of one of its aliases (bf16, half, fp32, ...): bfloat16, float16, float32."""
+    if isinstance(dtype, str):
+        dtype = DTYPE_NAMES.get(dtype.lower())
     return None if dtype is None else str(dtype).replace("torch.", "")
 
 
@@ -177,7 +180,7 @@ def _record(plan: Plan, source, shards, side, out_dtype, shard_bytes, include, e
         "alpha": plan.alpha,
         "include": include,
         "exclude": exclude,
-        "dtype": _dtype_name(out_dtype) or "as the instruct",
+        "dtype": dtype_name(out_dtype) or "as the instruct",
         "vocab": vocab,
         "shard_size": shard_bytes,
         "device": str(device),
@@ -192,15 +195,18 @@ def _record(plan: Plan, source, shards, side, out_dtype, shard_bytes, include, e
         "bytes": plan.total_bytes,
         "side_files": side,
         "seconds": round(seconds, 3),
-        "versions": {"shadowmerge": __version__, "python": platform.python_version(),
-                     **{pkg: _version(pkg) for pkg in ("torch", "safetensors", "transformers")}},
+        "versions": versions("torch", "safetensors", "transformers"),
     }
 
 
-def _version(package: str) -> str | None:
+def versions(*packages: str) -> dict[str, str | None]:
+    """shadowmerge's and Python's versions and those of the packages (None where not installed), for run records."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
+    out: dict[str, str | None] = {"shadowmerge": __version__, "python": platform.python_version()}
+    for pkg in packages:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .. import yamlfile
 from ..errors import ShadowMergeError
 
 METHODS = ("lora", "full")
@@ -67,14 +68,7 @@ def load(path: str | Path | None, overrides: dict) -> Recipe:
     """The recipe file's values (if any) under the flags that were given (not None)."""
     values: dict = {}
     if path is not None:
-        import yaml
-
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ShadowMergeError(f"recipe not found: {path}") from None
-        except (OSError, yaml.YAMLError) as exc:
-            raise ShadowMergeError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        values = yamlfile.load(path, "recipe") or {}
         if not isinstance(values, dict):
             raise ShadowMergeError(f"{path}: a recipe is a mapping of settings (base:, instruct:, data:, ...)")
         values = {str(k).replace("-", "_"): v for k, v in values.items()}

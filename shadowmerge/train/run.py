@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from .. import __version__
 from ..checkpoint import Checkpoint
 from ..errors import ShadowMergeError
 from ..output import OutputFolder
+from ..pipeline import graft, versions
 from . import checks, data, llamafactory, trl_backend
 from .recipe import Recipe
 
@@ -113,7 +113,7 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
     record = {"tool": "shadowmerge train", "version": __version__, "recipe": r, "baseline": baseline,
               "inputs": {"base": _describe(base), "instruct": _describe(inst), "data": {"ref": str(r["data"]),
                          "hash": data_hash, "format": fmt, "rows": len(rows)}},
-              "versions": _versions(), "warnings": warnings,
+              "versions": versions("torch", "transformers", "peft", "trl", "datasets", "accelerate"), "warnings": warnings,
               "formatted_example": _render(tokenizer, rows[0])}
     if not main:
         scratch = Path(tempfile.mkdtemp(prefix="shadowmerge-train-rank"))
@@ -152,8 +152,6 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
             losses = _train_one(r, base.folder, inst.folder, rows, tuned)["losses"]
         record.setdefault("losses", {})["base"] = losses
         t = _stage(log, "train", t, times)
-
-        from ..pipeline import graft
 
         if kind == "lora":
             graft(inst.folder, out=tmp / "shadow", lora=tuned, progress=False)
@@ -215,18 +213,6 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
     for p in side_files(src):
         if p.name != "config.json" and not (dst / p.name).exists():
             shutil.copyfile(p, dst / p.name)
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"shadowmerge": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "trl", "datasets", "accelerate"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def _card(r: dict, pair, losses: list[dict], kind: str) -> str:

@@ -1,0 +1,20 @@
+"""Read a YAML file (a recipe, a merge config) with one-line errors for a missing or malformed file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ShadowMergeError
+
+
+def load(path: str | Path, what: str):
+    """The parsed contents of path; `what` names the file in the error when it is missing."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ShadowMergeError(f"{what} not found: {path}") from None
+    except (OSError, yaml.YAMLError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ShadowMergeError(f"{path} is not valid YAML ({reason})") from None
