@@ -8,16 +8,15 @@ it, with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import hub
+from . import hub, jsonfile
 from .errors import ShadowMergeError
-from .stformat import itemsize, read_header
+from .stformat import NAMES, itemsize, read_header
 
 INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -97,9 +96,16 @@ class TensorStore:
             except Exception as exc:
                 raise ShadowMergeError(f"{self.label} {path}: cannot be loaded with weights_only=True "
                                        f"({type(exc).__name__}); convert it to safetensors") from None
+            if not isinstance(state, dict):
+                raise ShadowMergeError(f"{self.label} {path}: holds a {type(state).__name__}, not a dict of tensors "
+                                       f"(a state dict); re-save the model with save_pretrained")
             for name, t in state.items():
-                if not isinstance(t, torch.Tensor):
+                if not isinstance(name, str) or not isinstance(t, torch.Tensor):
                     continue
+                if t.dtype not in NAMES or t.is_sparse or t.is_quantized:
+                    raise ShadowMergeError(f"{self.label} {path}: tensor {name[:80]!r} is {t.dtype}"
+                                           f"{' (sparse/quantized)' if t.dtype in NAMES else ''}, which shadowmerge "
+                                           f"does not merge; convert the model to safetensors in bf16/fp16/fp32")
                 t = t.contiguous()
                 self._pickled[name] = t
                 tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), path, None, t.numel() * t.element_size())
@@ -113,17 +119,19 @@ class TensorStore:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
-    def read_into(self, info: TensorInfo, row0: int, row1: int, out: torch.Tensor) -> torch.Tensor:
-        """Read rows [row0, row1) of a tensor's raw bytes into the uint8 tensor `out`; return that slice."""
-        row_bytes = info.row_bytes
-        n = (row1 - row0) * row_bytes
+    def read_into(self, info: TensorInfo, e0: int, e1: int, out: torch.Tensor) -> torch.Tensor:
+        """Read the raw bytes of elements [e0, e1) of a tensor (flat, row-major) into the uint8 tensor `out`."""
+        size = itemsize(info.dtype)
+        n = (e1 - e0) * size
         dst = out[:n]
+        if dst.numel() != n:
+            raise ValueError(f"buffer of {out.numel()} bytes for {n}")
         if info.offset is None:
             src = self._pickled[info.name].reshape(-1).view(torch.uint8)
-            dst.copy_(src[row0 * row_bytes: row0 * row_bytes + n])
+            dst.copy_(src[e0 * size: e1 * size])
             return dst
         view = memoryview(dst.numpy())
-        fd, pos, done = self.fd(info.file), info.offset + row0 * row_bytes, 0
+        fd, pos, done = self.fd(info.file), info.offset + e0 * size, 0
         while done < n:
             got = os.preadv(fd, [view[done:]], pos + done)
             if got <= 0:
@@ -132,10 +140,15 @@ class TensorStore:
             done += got
         return dst
 
-    def read_tensor(self, info: TensorInfo) -> torch.Tensor:
-        """A whole tensor in a fresh buffer, with its own dtype and shape (for small tensors)."""
-        raw = self.read_into(info, 0, info.rows, torch.empty(max(info.nbytes, 1), dtype=torch.uint8))
-        return raw.view(info.dtype).reshape(info.shape)
+    def read_columns(self, info: TensorInfo, c0: int, c1: int, out: torch.Tensor) -> torch.Tensor:
+        """Columns [c0, c1) of a 2-D tensor, as raw bytes of a contiguous (rows, c1 - c0) block."""
+        rows, cols = info.shape
+        if c0 == 0 and c1 == cols:
+            return self.read_into(info, 0, rows * cols, out)
+        width = (c1 - c0) * itemsize(info.dtype)
+        for k in range(rows):
+            self.read_into(info, k * cols + c0, k * cols + c1, out[k * width:(k + 1) * width])
+        return out[:rows * width]
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -158,12 +171,22 @@ class Checkpoint(TensorStore):
     # --- metadata -------------------------------------------------------------------------
     def _read_config(self) -> dict:
         path = self.folder / "config.json"
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise ShadowMergeError(f"{self.label} {self.folder}: no config.json; pass a Hugging Face model folder")
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ShadowMergeError(f"{self.label} {path}: unreadable config.json ({exc})") from None
+        cfg = jsonfile.load(path, f"{self.label} config", hint="re-download the model or fix its config.json")
+        where = f"{self.label} {path}:"
+        hint = "fix the config.json"
+        jsonfile.expect(cfg.get("model_type"), (str, type(None)), f"{where} model_type", hint)
+        archs = jsonfile.expect(cfg.get("architectures"), (list, type(None)), f"{where} architectures", hint)
+        for a in archs or ():
+            jsonfile.expect(a, str, f"{where} an entry of architectures", hint)
+        for owner, sub in (("", cfg), ("text_config.", cfg.get("text_config"))):
+            if owner:
+                jsonfile.expect(sub, (dict, type(None)), f"{where} text_config", hint)
+            if sub and "tie_word_embeddings" in sub:
+                jsonfile.expect(sub["tie_word_embeddings"], (bool, type(None)),
+                                f"{where} {owner}tie_word_embeddings", hint)
+        return cfg
 
     @property
     def architecture(self) -> tuple[str | None, tuple[str, ...]]:
@@ -201,16 +224,21 @@ class Checkpoint(TensorStore):
                                f"{INDEX}){hint}")
 
     def _index_files(self, index: Path) -> list[Path]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            raise ShadowMergeError(f"{self.label} {index}: unreadable index (no weight_map); re-save the model")
+        where = f"{self.label} {index}"
+        hint = "re-download the model or re-save it"
+        doc = jsonfile.load(index, f"{self.label} index", hint=hint)
+        weight_map = jsonfile.expect(doc.get("weight_map"), dict, f"{where}: weight_map", hint)
+        for tensor, name in weight_map.items():
+            jsonfile.expect(name, str, f"{where}: the shard of {tensor[:80]!r}", hint)
         files = []
         for name in dict.fromkeys(weight_map.values()):
             path = self.folder / name
+            if (not name or "\0" in name or Path(name).is_absolute() or ".." in Path(name).parts
+                    or not name.endswith(".safetensors")):
+                raise ShadowMergeError(f"{where} names the shard {name[:200]!r}, which is not a .safetensors file "
+                                       f"inside the model folder; refusing to open it ({hint})")
             if not path.is_file():
-                raise ShadowMergeError(f"{self.label} {index} names shard {name}, which is missing; "
-                                       f"re-download the model")
+                raise ShadowMergeError(f"{where} names shard {name}, which is missing; re-download the model")
             files.append(path)
         self._weight_map = weight_map
         return files

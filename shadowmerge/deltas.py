@@ -1,14 +1,14 @@
 """Delta sources: where the learned update W_B' - W_B of each tensor comes from.
 
 A source maps Instruct tensor names to entries (`entry(name)`, None for none), reads the raw bytes
-an entry needs for a block of rows (`read`: I/O, on the reader thread) and turns them into a
-float32 delta (`delta_into`: arithmetic, on the compute device). It also says what it is for the
-plan and the record: `kind`, `strict` (is a name without an entry an error, or a copy?),
-`checkpoints` (to check architectures), `names()`, `rows(entry)`, `formula`, `mismatch_hint`,
-`warnings`, `describe()` and `record()`. An entry has a `shape`, and `whole = True` if its delta
-needs every row in one chunk. `FullDelta` is the full fine-tune case: tuned minus base, tensor by
-tensor; `lora.LoraDelta` is the adapter case.
-"""
+an entry needs for a piece, a flat element range (`read`: I/O, on the reader thread), and turns
+them into a float32 delta (`delta_into`: arithmetic, on the compute device). It also says what it
+is for the plan and the record: `kind`, `strict` (is a name without an entry an error, or a
+copy?), `checkpoints` (to check architectures), `names()`, `rows(entry)`, `formula`,
+`mismatch_hint`, `warnings`, `describe()` and `record()`. An entry has a `shape`, and may have a
+`tile` (at most that many rows, or elements of one row, per piece: see chunks.ranges).
+`FullDelta` is the full fine-tune case: tuned minus base, tensor by tensor; `lora.LoraDelta` is
+the adapter case."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import ShadowMergeError
+from .stformat import itemsize
 
 # Names of output / input embedding matrices, to follow tied embeddings across checkpoints.
 OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
@@ -88,10 +89,10 @@ class FullDelta:
     def rows(self, entry: FullEntry) -> int:
         return entry.base.rows
 
-    def read(self, entry: FullEntry, row0: int, row1: int, buffers) -> tuple:
-        rows = row1 - row0
-        return (self.tuned.read_into(entry.tuned, row0, row1, buffers("tuned", rows * entry.tuned.row_bytes)),
-                self.base.read_into(entry.base, row0, row1, buffers("base", rows * entry.base.row_bytes)))
+    def read(self, entry: FullEntry, e0: int, e1: int, buffers) -> tuple:
+        n = e1 - e0
+        return (self.tuned.read_into(entry.tuned, e0, e1, buffers("tuned", n * itemsize(entry.tuned.dtype))),
+                self.base.read_into(entry.base, e0, e1, buffers("base", n * itemsize(entry.base.dtype))))
 
     def delta_into(self, entry: FullEntry, payload: tuple, out: torch.Tensor, to_float) -> torch.Tensor:
         tuned_raw, base_raw = payload

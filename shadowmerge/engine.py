@@ -2,8 +2,9 @@
 
 A reader thread fills buffer slots with raw bytes (pread), the calling thread does the float32
 arithmetic on the chosen device, and a writer thread streams the results out. Tensors move in
-chunks of whole rows, through a fixed set of reusable slots, so memory is bounded by the chunk
-size, not by a tensor, a shard or the model.
+pieces of at most CHUNK_ELEMENTS elements (chunks.ranges: whole rows, or segments of a huge row),
+through a fixed set of reusable slots, so memory is bounded by the chunk size, not by a tensor, a
+row, a shard or the model.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .chunks import CHUNK_ELEMENTS, ranges
 from .errors import ShadowMergeError
 from .plan import Plan, TensorPlan
 from .stformat import itemsize
 from .writer import ShardWriter
 
-CHUNK_ELEMENTS = 1 << 22    # 4 Mi elements: 16 MiB of float32 per operand
 SLOTS = 3                   # chunks in flight: one being read, one computed, one written
 
 
@@ -27,29 +28,25 @@ SLOTS = 3                   # chunks in flight: one being read, one computed, on
 class Job:
     tensor: TensorPlan
     kind: str                 # "graft", "cast" or "copy"
-    row0: int
-    row1: int
+    e0: int                   # flat element range [e0, e1) of the tensor
+    e1: int
     first: bool
 
 
 def jobs(plan: Plan, chunk_elements: int = CHUNK_ELEMENTS):
     for t in plan.tensors:
         info = t.info
-        step = max(1, chunk_elements // max(info.row_numel, 1))
-        if getattr(t.entry, "whole", False):     # the delta needs every row at once (DoRA column norms)
-            step = max(t.graft_rows, 1)
-        first = True
-        if t.graft_rows:
-            for r in range(0, t.graft_rows, step):
-                yield Job(t, "graft", r, min(r + step, t.graft_rows), first)
-                first = False
-        rest = (t.graft_rows, info.rows)
+        row, first = info.row_numel, True
+        graft_end = t.graft_rows * row
+        for e0, e1 in ranges(0, graft_end, row, chunk_elements, getattr(t.entry, "tile", None)):
+            yield Job(t, "graft", e0, e1, first)
+            first = False
         if t.out_dtype == info.dtype:
-            if rest[1] > rest[0] or first:
-                yield Job(t, "copy", rest[0], rest[1], first)
+            if info.numel > graft_end or first:
+                yield Job(t, "copy", graft_end, info.numel, first)
         else:
-            for r in range(rest[0], rest[1], step):
-                yield Job(t, "cast", r, min(r + step, rest[1]), first)
+            for e0, e1 in ranges(graft_end, info.numel, row, chunk_elements):
+                yield Job(t, "cast", e0, e1, first)
                 first = False
             if first:
                 yield Job(t, "copy", 0, 0, True)    # an empty tensor
@@ -144,9 +141,9 @@ def run(plan: Plan, writer: ShardWriter, device: str | torch.device = "cpu", all
                     continue
                 slot = _get(free, stop)
                 t = job.tensor
-                slot.instruct = instruct.read_into(t.info, job.row0, job.row1,
-                                                   slot.buffers("instruct", (job.row1 - job.row0) * t.info.row_bytes))
-                slot.payload = source.read(t.entry, job.row0, job.row1, slot.buffers) if job.kind == "graft" else None
+                size = (job.e1 - job.e0) * itemsize(t.info.dtype)
+                slot.instruct = instruct.read_into(t.info, job.e0, job.e1, slot.buffers("instruct", size))
+                slot.payload = source.read(t.entry, job.e0, job.e1, slot.buffers) if job.kind == "graft" else None
                 _put(ready, (job, slot), stop)
             _put(ready, None, stop)
         except Stopped:
@@ -164,7 +161,7 @@ def run(plan: Plan, writer: ShardWriter, device: str | torch.device = "cpu", all
                     return
                 job, slot = item
                 if slot is None:
-                    writer.copy(instruct, job.tensor.info, job.row0, job.row1, job.first, scratch)
+                    writer.copy(instruct, job.tensor.info, job.e0, job.e1, job.first, scratch)
                 else:
                     writer.write(job.tensor.name, slot.out, job.first)
                     free.put(slot)

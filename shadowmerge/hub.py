@@ -14,12 +14,18 @@ _NEVER = ["*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.onnx", "*
 
 def resolve(ref: str | Path, allow_pickle: bool = False) -> Path:
     """A local folder as is; otherwise a Hub repo id, downloaded (or found in the cache) by huggingface_hub."""
-    path = Path(ref).expanduser()
-    if path.exists():
+    text = str(ref)
+    try:
+        if "\0" in text:
+            raise ValueError
+        path = Path(ref).expanduser()
+        exists = path.exists()
+    except (OSError, ValueError, RuntimeError):      # a NUL byte, a name too long, ~unknown-user
+        raise ShadowMergeError(f"{text[:200]!r} is not a usable path or Hub id") from None
+    if exists:
         if not path.is_dir():
             raise ShadowMergeError(f"{ref} is a file; pass the model folder that contains it")
         return path
-    text = str(ref)
     if not _REPO_ID.match(text) or ".." in text:
         raise ShadowMergeError(f"model folder not found: {ref}")
     try:

@@ -1,15 +1,41 @@
-"""The output folder: checked, written in a temporary folder beside the target, renamed at the end.
+"""The output folder: checked, written in a temporary folder beside the target, put in place atomically.
 
 Also copies the Instruct's side files (config, generation config, tokenizer, chat template, ...),
-never the Base's, and writes the run record. On any failure or Ctrl-C nothing is left behind.
+never the Base's, and writes the run record. The promises, and how they are kept:
+
+- Nothing this run did not create is removed or replaced, unless --force. One run at a time
+  writes a target: it holds an exclusive lock (flock) on `.NAME.shadowmerge.lock` beside it, so a
+  second run fails at once with a one-line error. The final step is Linux renameat2: with
+  RENAME_NOREPLACE it fails if anything appeared at the target meanwhile (someone else's folder
+  stays as it is); with --force, RENAME_EXCHANGE swaps the new folder in, so the target path is
+  never missing or half-written, and the old output is deleted only after the new one is in place.
+  (Python has no binding for renameat2, hence ctypes; where the filesystem or OS lacks it, a
+  fallback claims the target with mkdir and renames over that empty folder.)
+- The temporary folder is `.NAME.shadowmerge-HOST-PID-XXXX`; under the lock, a later run on the
+  same target removes those whose process on this host is gone (SIGKILL, power loss), and says so.
+  On an error, Ctrl-C, SIGTERM or SIGHUP (the CLI turns both into KeyboardInterrupt) it is removed.
+- Every file and folder is fsynced before the rename, and the parent after it.
+- Failures to write (disk full, read-only filesystem, no permission, a file where a folder should
+  be) become one-line errors, after cleanup.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
 import json
 import os
+import platform
 import shutil
+import signal
+import socket
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from .errors import ShadowMergeError
@@ -18,6 +44,10 @@ from .plan import human_bytes
 RECORD = "shadowmerge.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+TMP_TAG = ".shadowmerge-"
+_WRITE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only filesystem",
+                 errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                 errno.ENOTDIR: "a path component is not a folder", errno.EFBIG: "file too large"}
 
 
 def side_files(folder: Path) -> list[Path]:
@@ -40,12 +70,164 @@ def make_readable(folder: Path) -> None:
             os.chmod(p, 0o666 & ~_umask())
 
 
+# --- renameat2 -------------------------------------------------------------------------------
+_NOREPLACE, _EXCHANGE = 1, 2
+_SYSCALL = {"x86_64": 316, "aarch64": 276, "arm64": 276}
+
+
+def _renameat2_function():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:
+        return lambda src, dst, flags: fn(-100, src, -100, dst, ctypes.c_uint(flags))
+    number = _SYSCALL.get(platform.machine()) if sys.platform.startswith("linux") else None
+    if number is None:
+        return None
+    return lambda src, dst, flags: libc.syscall(number, -100, src, -100, dst, ctypes.c_uint(flags))
+
+
+_RENAMEAT2 = _renameat2_function()
+
+
+def rename(src: Path, dst: Path, exchange: bool = False) -> None:
+    """rename(2) that never replaces dst (OSError EEXIST), or with exchange=True swaps src and dst atomically.
+
+    Raises OSError ENOSYS where the kernel or filesystem has no renameat2.
+    """
+    if _RENAMEAT2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    if _RENAMEAT2(os.fsencode(src), os.fsencode(dst), _EXCHANGE if exchange else _NOREPLACE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+# --- small helpers ---------------------------------------------------------------------------
+def _host() -> str:
+    return "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:40] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder tree, or a file or link, without following links; missing is fine."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under folder (the folder itself last)."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:      # some filesystems cannot fsync a directory
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Hold SIGINT/SIGTERM/SIGHUP until the block is done (main thread only), then deliver them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            old[sig] = signal.signal(sig, lambda s, f: pending.append(s))
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+class TargetLock:
+    """An exclusive flock on `.NAME.shadowmerge.lock` beside a target, removed when released."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what = path, what
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise ShadowMergeError(f"another shadowmerge run ({owner}) is writing {self.what} now; wait for it "
+                                       f"to finish, or choose another output folder") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:         # the file we locked may have been unlinked by its last holder: lock the current one
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {_host()}".encode(), 0)
+                self.fd = fd
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = None
+
+
 class OutputFolder:
-    """with OutputFolder(target, force, inputs) as tmp: write into tmp; then .commit() renames it."""
+    """with OutputFolder(target, force, inputs) as tmp: write into tmp; then .commit() puts it in place."""
 
     def __init__(self, target: str | Path, *, force: bool, inputs: list[Path], need_bytes: int, flag: str = "--out"):
         self.target = Path(target).expanduser().absolute()
-        self.force = force
+        self.force, self.flag, self.need = force, flag, need_bytes
+        name = self.target.name
+        if not name or name in (".", ".."):
+            raise ShadowMergeError(f"{flag} {target} does not name a folder; choose e.g. ./merged")
+        # Temporary names stay within NAME_MAX whatever the target's name.
+        self._key = name if len(name.encode()) <= 100 else \
+            name.encode()[:60].decode(errors="ignore") + "~" + hashlib.sha1(name.encode()).hexdigest()[:12]
         real = self.target.resolve()
         for folder in inputs:
             inp = folder.resolve()
@@ -53,59 +235,159 @@ class OutputFolder:
                 raise ShadowMergeError(f"{flag} {target} is inside the input {folder}; choose a folder elsewhere")
             if real in inp.parents:
                 raise ShadowMergeError(f"{flag} {target} contains the input {folder}; choose another folder")
-        if self.target.exists() and not force:
-            raise ShadowMergeError(f"{target} already exists; choose another {flag} or pass --force to replace it")
-        if self.target.exists() and not self.target.is_dir():
-            raise ShadowMergeError(f"{target} exists and is not a folder; choose another {flag}")
-        self._made: list[Path] = []
-        parent = self.target.parent
-        probe = parent
-        while not probe.exists():
+        probe = self.target.parent
+        while not os.path.lexists(probe):
             probe = probe.parent
+        if not probe.is_dir():
+            raise ShadowMergeError(f"{flag} {target}: {probe} is a file, not a folder; choose another {flag}")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise ShadowMergeError(f"{flag} {target}: cannot write in {probe} (read-only or no permission); "
+                                   f"choose a writable {flag}")
+        if os.path.lexists(self.target):
+            if not force:
+                raise ShadowMergeError(f"{target} already exists; choose another {flag} or pass --force to replace it")
+            if not self.target.is_dir():
+                raise ShadowMergeError(f"{target} exists and is not a folder; choose another {flag}")
         free = shutil.disk_usage(probe).free
         if need_bytes > free:
             raise ShadowMergeError(f"not enough disk space in {probe}: the output needs {human_bytes(need_bytes)}, "
                                    f"{human_bytes(free)} is free; free some space or choose another {flag}")
+        self._made: list[Path] = []
+        self._lock: TargetLock | None = None
+        self._old: Path | None = None
         self.tmp: Path | None = None
+        self.fsync_seconds = 0.0
 
+    # --- entering: parents, lock, stale leftovers, the temporary folder --------------------------
     def __enter__(self) -> Path:
-        missing = []
-        p = self.target.parent
-        while not p.exists():
-            missing.append(p)
-            p = p.parent
-        for p in reversed(missing):
-            p.mkdir()
-            self._made.append(p)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.shadowmerge-", dir=self.target.parent))
+        try:
+            missing = []
+            p = self.target.parent
+            while not os.path.lexists(p):
+                missing.append(p)
+                p = p.parent
+            for p in reversed(missing):
+                p.mkdir()
+                self._made.append(p)
+            self._lock = TargetLock(self.target.parent / f".{self._key}.shadowmerge.lock", str(self.target))
+            self._lock.acquire()
+            self._remove_stale()
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self._key}{TMP_TAG}{_host()}-{os.getpid()}-",
+                                             dir=self.target.parent))
+        except BaseException as exc:
+            self._cleanup()
+            if isinstance(exc, OSError):
+                raise self._write_error(exc) from None
+            raise
         return self.tmp
 
+    def _remove_stale(self) -> None:
+        """Temporary folders of this target whose owner process on this host is gone (we hold the lock)."""
+        prefix, host = f".{self._key}{TMP_TAG}", _host()
+        for p in self.target.parent.iterdir():
+            if not p.name.startswith(prefix):
+                continue
+            owner = p.name[len(prefix):].rsplit("-", 2)
+            if len(owner) != 3 or owner[0] != host or not owner[1].isdigit():
+                continue          # another host's (its lock may not reach us), or not ours: leave it
+            if int(owner[1]) != os.getpid() and _pid_alive(int(owner[1])):
+                continue
+            _remove(p)
+            print(f"shadowmerge: removed {p}, left behind by an interrupted run (pid {owner[1]})", file=sys.stderr)
+
+    # --- the final step ----------------------------------------------------------------------
     def commit(self) -> None:
         assert self.tmp is not None
-        os.chmod(self.tmp, 0o777 & ~_umask())
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f"{self.tmp.name}-old"
-            os.rename(self.target, old)
-        os.rename(self.tmp, self.target)
-        self.tmp = None
-        self._made = []
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            t0 = time.perf_counter()
+            fsync_tree(self.tmp)
+            self.fsync_seconds = time.perf_counter() - t0
+            os.chmod(self.tmp, 0o777 & ~_umask())
+            with deferred_signals():
+                self._put_in_place()
+            fsync_dir(self.target.parent)
+        except OSError as exc:
+            raise self._write_error(exc) from None
+        if self._old is not None:
+            _remove(self._old)
+            self._old = None
 
-    def __exit__(self, *exc) -> None:
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
+    def _put_in_place(self) -> None:
+        tmp, target = self.tmp, self.target
+        try:
+            while True:
+                try:
+                    rename(tmp, target)
+                    break
+                except FileExistsError:
+                    if not self.force:
+                        raise ShadowMergeError(
+                            f"{target} appeared while this run was writing; it was left as it is and this run's "
+                            f"output was removed; choose another {self.flag} or pass --force to replace it") from None
+                try:
+                    rename(tmp, target, exchange=True)
+                    self._old = tmp          # the old output now lives at the temporary name
+                    break
+                except FileNotFoundError:    # removed meanwhile: try the plain rename again
+                    continue
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+                raise
+            self._fallback_put_in_place()
+        self.tmp = None
+
+    def _fallback_put_in_place(self) -> None:
+        """Without renameat2: claim the target with mkdir (atomic), then rename over that empty folder."""
+        tmp, target = self.tmp, self.target
+        if os.path.lexists(target):
+            if not self.force:
+                raise ShadowMergeError(f"{target} appeared while this run was writing; it was left as it is and this "
+                                       f"run's output was removed; choose another {self.flag} or pass --force")
+            old = Path(str(tmp) + "-old")
+            os.rename(target, old)
+            self._old = old
+        os.mkdir(target)
+        os.rename(tmp, target)
+
+    # --- leaving: remove what is ours, release the lock, explain write errors -----------------
+    def _cleanup(self) -> None:
+        for path in (self.tmp, self._old):
+            if path is not None:
+                _remove(path)
+        self.tmp = self._old = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         for p in reversed(self._made):
-            try:
+            with contextlib.suppress(OSError):
                 p.rmdir()
-            except OSError:
-                pass
+        self._made = []
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        ours = isinstance(exc, OSError) and exc.errno in _WRITE_ERRORS and self._is_ours(exc)
+        self._cleanup()
+        if ours:
+            raise self._write_error(exc) from None
+
+    def _is_ours(self, exc: OSError) -> bool:
+        """An error about a path in the temporary folder, or about no path (a write to an open descriptor)."""
+        names = [n for n in (exc.filename, exc.filename2) if n is not None]    # shutil names (source, target)
+        return not names or (self.tmp is not None and
+                             any(Path(os.fsdecode(n)).absolute().is_relative_to(self.tmp) for n in names))
+
+    def _write_error(self, exc: OSError) -> ShadowMergeError:
+        what = _WRITE_ERRORS.get(exc.errno, exc.strerror or type(exc).__name__)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return ShadowMergeError(f"{what} while writing {self.target}; the partial output was removed; free at "
+                                    f"least {human_bytes(self.need)} there (or choose another {self.flag}) and run again")
+        return ShadowMergeError(f"cannot write {self.target}: {what} ({exc.strerror}); nothing was left behind; "
+                                f"choose a writable {self.flag}")
 
 
 def copy_side_files(src: Path, dst: Path, dtype_name: str | None, skip: tuple[str, ...] = ()) -> list[str]:
     """Copy the Instruct's side files (but those named in skip); record a changed output dtype in config.json."""
+    from . import jsonfile
+
     names = []
     for path in side_files(src):
         if path.name in skip:
@@ -113,7 +395,7 @@ def copy_side_files(src: Path, dst: Path, dtype_name: str | None, skip: tuple[st
         shutil.copyfile(path, dst / path.name)
         names.append(path.name)
     if dtype_name and (dst / "config.json").is_file():
-        cfg = json.loads((dst / "config.json").read_text())
+        cfg = jsonfile.load(dst / "config.json", "the instruct's config.json")
         for key in ("dtype", "torch_dtype"):
             if key in cfg:
                 cfg[key] = dtype_name

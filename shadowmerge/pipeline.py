@@ -6,7 +6,6 @@ Checkpoints -> Plan -> delta source -> Writer, into a temporary folder renamed a
 
 from __future__ import annotations
 
-import errno
 import math
 import platform
 import time
@@ -129,11 +128,6 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
             try:
                 stats = engine.run(plan, writer, dev, allow_nonfinite)
                 writer.finish()
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise ShadowMergeError(f"disk full while writing {out} ({exc.strerror}); the partial output "
-                                           f"was removed; free at least {human_bytes(need)} and run again") from None
-                raise
             finally:
                 writer.abort()
             warnings = list(plan.warnings)

@@ -16,6 +16,7 @@ import torch
 from .checkpoint import Checkpoint, TensorInfo
 from .deltas import OUTPUT_EMBEDDINGS, INPUT_EMBEDDINGS
 from .errors import ShadowMergeError
+from .patterns import Matcher
 from .stformat import itemsize
 
 VOCAB_POLICIES = ("error", "common")
@@ -99,13 +100,21 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def _compile(pattern: str | None, flag: str) -> re.Pattern | None:
-    if not pattern:
-        return None
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise ShadowMergeError(f"{flag} {pattern!r} is not a valid regular expression ({exc})") from None
+class _Filters:
+    """--include/--exclude, compiled and matched at a bounded cost (tensor names come from files)."""
+
+    def __init__(self, include: str | None, exclude: str | None):
+        self._m = Matcher("")
+        self.include, self.exclude = include or None, exclude or None
+        for pattern, flag in ((self.include, "--include"), (self.exclude, "--exclude")):
+            if pattern is not None:
+                self._m.compile(pattern, flag)
+
+    def included(self, name: str) -> bool:
+        return self.include is None or self._m.search(self.include, name, "--include") is not None
+
+    def excluded(self, name: str) -> bool:
+        return self.exclude is not None and self._m.search(self.exclude, name, "--exclude") is not None
 
 
 def _listing(names: list[str], limit: int = 8) -> str:
@@ -129,7 +138,7 @@ def build_plan(instruct: Checkpoint, source, *, alpha: float = 1.0, include: str
     if vocab not in VOCAB_POLICIES:
         raise ShadowMergeError(f"unknown vocabulary policy {vocab!r}; use one of {', '.join(VOCAB_POLICIES)}")
     check_architecture(instruct, tuple(getattr(source, "checkpoints", ())))
-    inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
+    filters = _Filters(include, exclude)
     plan = Plan(instruct, source, alpha, [], warnings=list(source.warnings))
     has_input_embedding = any(n.endswith(INPUT_EMBEDDINGS) for n in instruct.tensors)
     missing, shape_errors, vocab_errors = [], [], []
@@ -140,9 +149,9 @@ def build_plan(instruct: Checkpoint, source, *, alpha: float = 1.0, include: str
             continue
         out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
         reason = ""
-        if inc is not None and not inc.search(name):
+        if not filters.included(name):
             reason = "not matched by --include"
-        elif exc is not None and exc.search(name):
+        elif filters.excluded(name):
             reason = "matched by --exclude"
         elif not info.dtype.is_floating_point:
             reason = "not floating point"
@@ -177,10 +186,10 @@ def build_plan(instruct: Checkpoint, source, *, alpha: float = 1.0, include: str
         plan.tensors.append(TensorPlan(info, out_dtype, entry, graft_rows, reason))
 
     extra = sorted(n for n in source.names() - set(instruct.tensors)
-                   if not (exc is not None and exc.search(n)) and not _tied_away(instruct, n))
+                   if not filters.excluded(n) and not _tied_away(instruct, n))
 
     def left_out(n: str) -> bool:
-        return (inc is not None and not inc.search(n)) or (exc is not None and exc.search(n) is not None)
+        return not filters.included(n) or filters.excluded(n)
 
     tied_away = sorted(n for n in source.names() if _tied_away(instruct, n) and not left_out(n))
     if tied_away and source.strict:

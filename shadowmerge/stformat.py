@@ -1,10 +1,11 @@
 """The safetensors file format: the dtype table, reading a header, building one.
 
 A file is an 8-byte little-endian header length N, N bytes of JSON (padded with spaces to a
-multiple of 8, as safetensors itself writes it), then the raw tensor bytes.
+multiple of 8, as safetensors itself writes it), then the raw tensor bytes. Every header is first
+validated by the safetensors library itself (the reference implementation: offsets sorted,
+contiguous, covering the data exactly; sizes without overflow; bounded JSON); this module then
+reads the one thing the library does not expose, each tensor's byte offsets.
 """
-
-from __future__ import annotations
 
 import json
 import struct
@@ -30,6 +31,7 @@ DTYPES: dict[str, torch.dtype] = {
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+MAX_NAME = 1000                  # tensor names of real checkpoints are < 200 characters
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -42,41 +44,50 @@ def read_header(path, file_size: int) -> tuple[int, dict, dict]:
     tensors maps name -> (dtype, shape, begin, end) with offsets relative to data_start.
     """
     hint = "re-download or re-save the checkpoint"
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ShadowMergeError(f"{path}: not a safetensors file (only {len(raw)} bytes); {hint}")
-        (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER or 8 + n > file_size:
-            raise ShadowMergeError(f"{path}: corrupt or truncated safetensors header; {hint}")
-        try:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ShadowMergeError(f"{path}: not a safetensors file (only {len(raw)} bytes); {hint}")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or 8 + n > file_size:
+                raise ShadowMergeError(f"{path}: corrupt or truncated safetensors header; {hint}")
+            _validate(path, hint)
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ShadowMergeError(f"{path}: corrupt safetensors header (not JSON); {hint}") from None
-    if not isinstance(header, dict):
-        raise ShadowMergeError(f"{path}: corrupt safetensors header; {hint}")
+    except OSError as exc:
+        raise ShadowMergeError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + n
-    data_size = file_size - data_start
     tensors = {}
     for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ShadowMergeError(f"{path}: tensor {name!r} has an unreadable or unsupported header entry "
-                                   f"({entry!r}); {hint}") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - begin != numel * itemsize(dtype) or begin < 0:
-            raise ShadowMergeError(f"{path}: tensor {name!r} has inconsistent offsets; {hint}")
-        if end > data_size:
-            raise ShadowMergeError(f"{path}: truncated: tensor {name!r} ends at byte {data_start + end} "
-                                   f"but the file has {file_size}; {hint}")
-        tensors[name] = (dtype, shape, begin, end)
+        if len(name) > MAX_NAME:
+            raise ShadowMergeError(f"{path}: a tensor name is {len(name)} characters long (at most {MAX_NAME}); "
+                                   f"this is not a model checkpoint; {hint}")
+        dtype = DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ShadowMergeError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which shadowmerge does not "
+                                   f"merge (quantized or packed); use a bf16/fp16/fp32 checkpoint")
+        begin, end = entry["data_offsets"]
+        tensors[name] = (dtype, tuple(entry["shape"]), begin, end)
     return data_start, tensors, metadata
+
+
+def _validate(path, hint: str) -> None:
+    """The safetensors library's own header check (it maps the file but reads only the header)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as exc:    # SafetensorError, and OSError-like errors of the Rust side
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "incomplete metadata" in reason or "not fully covered" in reason:
+            what = "truncated, or has bytes beyond its last tensor"
+        elif "json" in reason.lower() or "utf-8" in reason.lower() or "header" in reason.lower():
+            what = "corrupt safetensors header"
+        else:
+            what = "not a valid safetensors file"
+        raise ShadowMergeError(f"{path}: {what} ({reason[:200]}); {hint}") from None
 
 
 def build_header(entries: list[tuple[str, torch.dtype, tuple[int, ...], int]],

@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+from fractions import Fraction
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import ShadowMergeError
-from .stformat import build_header
+from .stformat import build_header, itemsize
 
 INDEX = "model.safetensors.index.json"
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
@@ -34,23 +36,18 @@ class Shard:
         return len(self.header) + sum(e[3] for e in self.entries)
 
 
+_SIZE = re.compile(r"((?:\d{1,20}(?:\.\d{0,20})?|\.\d{1,20})(?:E\+?\d{1,2})?)(TIB|GIB|MIB|KIB|TB|GB|MB|KB|B)?")
+_UNITS = {"TIB": 1 << 40, "GIB": 1 << 30, "MIB": 1 << 20, "KIB": 1 << 10,
+          "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1, None: 1}
+
+
 def parse_size(text: str | int) -> int:
     """'5GB' -> 5_000_000_000 (KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024), ints as bytes."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().upper().replace(" ", "")
-    units = {"TIB": 1 << 40, "GIB": 1 << 30, "MIB": 1 << 20, "KIB": 1 << 10,
-             "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            num = s[: -len(unit)]
-            break
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
     else:
-        num, mult = s, 1
-    try:
-        value = int(float(num) * mult)
-    except ValueError:
-        value = 0
+        m = _SIZE.fullmatch(str(text).strip().upper().replace(" ", ""))
+        value = int(Fraction(m[1]) * _UNITS[m[2]]) if m else 0
     if value <= 0:
         raise ShadowMergeError(f"shard size {text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
     return value
@@ -125,14 +122,15 @@ class ShardWriter:
         self._left -= n
         self.on_bytes(n)
 
-    def copy(self, ckpt: Checkpoint, info: TensorInfo, row0: int, row1: int, first: bool,
+    def copy(self, ckpt: Checkpoint, info: TensorInfo, e0: int, e1: int, first: bool,
              scratch: torch.Tensor) -> None:
-        """Append rows [row0, row1) of an input tensor unchanged: in the kernel where it can, never decoded."""
+        """Append elements [e0, e1) of an input tensor unchanged: in the kernel where it can, never decoded."""
         if first:
             self._start(info.name)
-        n = (row1 - row0) * info.row_bytes
+        size = itemsize(info.dtype)
+        n = (e1 - e0) * size
         if info.offset is not None and n:
-            src, pos, done = ckpt.fd(info.file), info.offset + row0 * info.row_bytes, 0
+            src, pos, done = ckpt.fd(info.file), info.offset + e0 * size, 0
             try:
                 while done < n:
                     got = os.copy_file_range(src, self._fd, n - done, pos + done)
@@ -145,10 +143,10 @@ class ShardWriter:
                 if done or exc.errno not in _NO_KERNEL_COPY:
                     raise
             self._left -= done
-            row0 += done // info.row_bytes
-        step = max(1, scratch.numel() // max(info.row_bytes, 1))
-        for r in range(row0, row1, step):
-            chunk = ckpt.read_into(info, r, min(r + step, row1), scratch)
+            e0 += done // size
+        step = max(1, scratch.numel() // size)
+        for e in range(e0, e1, step):
+            chunk = ckpt.read_into(info, e, min(e + step, e1), scratch)
             self._write(memoryview(chunk.numpy()))
             self._left -= chunk.numel()
             self.on_bytes(chunk.numel())

@@ -306,12 +306,12 @@ def test_adapter_files_missing_unreadable_or_pickled(make_triple, cli, tmp_path)
     adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
     _edit_config(adapter, r=0)
     run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter,
-            expect="adapter_config.json has r=0; it must be a positive number")
+            expect="adapter_config.json r is 0; it must be a positive integer")
     (adapter / "adapter_config.json").write_text("[1, 2]")
     run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter,
-            expect="adapter_config.json is not a JSON object")
+            expect="adapter_config.json is a list, not a JSON object")
     (adapter / "adapter_config.json").write_text("{")
-    run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter, expect="unreadable adapter_config")
+    run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter, expect="adapter_config.json is not valid JSON")
     adapter = make_adapter(base, tmp_path / "adapter2", r=4, lora_alpha=8, target_modules=["q_proj"])
     (adapter / "adapter_model.safetensors").unlink()
     run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter,

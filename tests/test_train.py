@@ -174,7 +174,7 @@ def test_untrained_template_token_rows_are_warned_about(pair, tmp_path):
     tensors["model.embed_tokens.weight"][2] = 0          # <|im_start|>, as a Llama-3 Base leaves it
     save_file(tensors, base / "model.safetensors")
     ckpt = Checkpoint.open(base, "base")
-    assert untrained_template_tokens(ckpt, AutoTokenizer.from_pretrained(inst), chunk_rows=100) == ["<|im_start|>"]
+    assert untrained_template_tokens(ckpt, AutoTokenizer.from_pretrained(inst), chunk_elements=100 * 64) == ["<|im_start|>"]
     ckpt.close()
 
 

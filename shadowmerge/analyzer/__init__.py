@@ -151,11 +151,17 @@ def _write(folder: Path, plans, results: list[PairResult], matrix: str | None, s
 
 
 def _matrix_slice(ckpt: Checkpoint, info, size: int):
+    """The top-left size x size corner of a 2-D matrix, reading only those elements."""
     import torch
 
-    rows = min(size, info.rows)
-    raw = ckpt.read_into(info, 0, rows, torch.empty(rows * info.row_bytes, dtype=torch.uint8))
-    return raw.view(info.dtype).reshape(rows, -1)[:, :size].float()
+    from ..stformat import itemsize
+
+    rows, cols = min(size, info.shape[0]), min(size, info.shape[1])
+    width = cols * itemsize(info.dtype)
+    buf = torch.empty(rows * width, dtype=torch.uint8)
+    for r in range(rows):
+        ckpt.read_into(info, r * info.shape[1], r * info.shape[1] + cols, buf[r * width:(r + 1) * width])
+    return buf.view(info.dtype).reshape(rows, cols).float()
 
 
 def _slug(text: str) -> str:

@@ -1,6 +1,6 @@
 """Per-tensor sums for the similarity analyzer, streamed from two (or three) checkpoints.
 
-Each tensor is read in chunks of whole rows (pread, a reader thread one chunk ahead), converted to
+Each tensor is read in pieces bounded by elements (chunks.ranges; pread, a reader thread one piece ahead), converted to
 float32, and reduced into float64 sums: sum |A - B|, |A|, |B|, (A - B)^2, A^2, B^2, and with a tuned
 model T also (T - A)^2 and (T - A).(B - A). Every number of the report derives from these sums, so
 memory is bounded by the chunk, never by a tensor or a model.
@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..checkpoint import Checkpoint, TensorInfo
+from ..chunks import ranges
 from ..engine import Buffers
 from ..stformat import itemsize
 
@@ -86,18 +87,18 @@ def scan(items: list[tuple[str, TensorInfo, TensorInfo, TensorInfo | None]], a: 
     """Sums per tensor name, for items (name, info in A, info in B, info in T or None) of equal shapes."""
     jobs = []
     for name, ia, ib, it in items:
-        step = max(1, chunk_elements // max(ia.row_numel, 1))
-        jobs += [(name, ia, ib, it, r, min(r + step, ia.rows)) for r in range(0, ia.rows, step)] or \
+        jobs += [(name, ia, ib, it, e0, e1) for e0, e1 in ranges(0, ia.numel, ia.row_numel, chunk_elements)] or \
             [(name, ia, ib, it, 0, 0)]
     slots = [Buffers(torch.device("cpu")), Buffers(torch.device("cpu"))]
     work = Buffers(torch.device("cpu"), torch.float32)
 
     def read(k: int):
-        name, ia, ib, it, r0, r1 = jobs[k]
-        buf, n = slots[k % 2], r1 - r0
-        raw = [a.read_into(ia, r0, r1, buf("a", n * ia.row_bytes)), b.read_into(ib, r0, r1, buf("b", n * ib.row_bytes))]
+        name, ia, ib, it, e0, e1 = jobs[k]
+        buf, n = slots[k % 2], e1 - e0
+        raw = [a.read_into(ia, e0, e1, buf("a", n * itemsize(ia.dtype))),
+               b.read_into(ib, e0, e1, buf("b", n * itemsize(ib.dtype)))]
         if it is not None:
-            raw.append(t.read_into(it, r0, r1, buf("t", n * it.row_bytes)))
+            raw.append(t.read_into(it, e0, e1, buf("t", n * itemsize(it.dtype))))
         return raw
 
     def as_float(raw: torch.Tensor, info: TensorInfo, key: str, copy: bool = False) -> torch.Tensor:
@@ -111,7 +112,7 @@ def scan(items: list[tuple[str, TensorInfo, TensorInfo, TensorInfo | None]], a: 
         return out
     with ThreadPoolExecutor(1, thread_name_prefix="shadowmerge-similarity") as pool:
         pending = pool.submit(read, 0)
-        for k, (name, ia, ib, it, r0, r1) in enumerate(jobs):
+        for k, (name, ia, ib, it, _, _) in enumerate(jobs):
             raw = pending.result()
             if k + 1 < len(jobs):
                 pending = pool.submit(read, k + 1)

@@ -9,15 +9,16 @@ shadowmerge cannot merge exactly, is refused by name before any tensor is read.
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import hub
+from .. import hub, jsonfile
 from ..checkpoint import TensorInfo, TensorStore
 from ..errors import ShadowMergeError
+from ..patterns import Matcher
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -81,6 +82,7 @@ class Adapter(TensorStore):
 
     def __init__(self, folder: Path, ref: str, allow_pickle: bool = False):
         super().__init__(folder, "adapter", ref)
+        self._patterns = Matcher(f"--lora {ref}: {CONFIG}")
         self.config = self._read_config()
         self._check_config()
         self.tensors = self._scan(allow_pickle)
@@ -96,23 +98,19 @@ class Adapter(TensorStore):
     # --- config ---------------------------------------------------------------------------
     def _read_config(self) -> dict:
         path = self.folder / CONFIG
-        if not path.is_file():
+        if not os.path.lexists(path):
             hint = "; it looks like a full model: pass it as --tuned" if (self.folder / "config.json").is_file() else ""
             raise ShadowMergeError(f"--lora {self.ref}: no {CONFIG}; pass a PEFT adapter folder "
                                    f"(saved with save_pretrained){hint}")
-        try:
-            cfg = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ShadowMergeError(f"--lora {path}: unreadable {CONFIG} ({exc})") from None
-        if not isinstance(cfg, dict):
-            raise ShadowMergeError(f"--lora {path}: {CONFIG} is not a JSON object")
-        return cfg
+        return jsonfile.load(path, "--lora", hint="pass a PEFT adapter folder saved with save_pretrained")
 
     def _check_config(self) -> None:
         cfg, ref = self.config, self.ref
-        kind = str(cfg.get("peft_type", "LORA")).upper()
+        where, hint = f"--lora {ref}: {CONFIG}", "the adapter config is damaged or not peft's"
+        expect = jsonfile.expect
+        kind = str(expect(cfg.get("peft_type", "LORA"), str, f"{where} peft_type", hint)).upper()
         if kind != "LORA":
-            name = _PEFT_NAMES.get(kind, kind)
+            name = _PEFT_NAMES.get(kind, kind[:40])
             raise ShadowMergeError(
                 f"--lora {ref} is a {name} adapter; shadowmerge merges LoRA adapters only. Merge it into the Base "
                 f"with peft (merge_and_unload), save that, and graft it with --base/--tuned")
@@ -120,17 +118,26 @@ class Adapter(TensorStore):
             if cfg.get(key):
                 raise ShadowMergeError(f"--lora {ref} uses {label}, which shadowmerge does not merge; merge it into "
                                        f"the Base with peft, save that, and graft it with --base/--tuned")
-        init = cfg.get("init_lora_weights", True)
+        init = expect(cfg.get("init_lora_weights", True), (bool, str), f"{where} init_lora_weights", hint)
         if (isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS)) or cfg.get("loftq_config"):
             label = init if isinstance(init, str) else "loftq"
             raise ShadowMergeError(
-                f"--lora {ref} was initialised with {label}, which also changes the base weights it trains "
+                f"--lora {ref} was initialised with {label[:40]}, which also changes the base weights it trains "
                 f"against, so the adapter alone is not the update; convert it to a plain LoRA with peft "
                 f"(save_pretrained(..., path_initial_model_for_weight_conversion=...)) and pass that")
-        for key in ("r", "lora_alpha"):
-            value = cfg.get(key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ShadowMergeError(f"--lora {ref}: {CONFIG} has {key}={value!r}; it must be a positive number")
+        _positive(cfg.get("r"), f"{where} r", integer=True)
+        _positive(cfg.get("lora_alpha"), f"{where} lora_alpha")
+        for key in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
+            expect(cfg.get(key), (bool, type(None)), f"{where} {key}", hint)
+        expect(cfg.get("bias", "none"), (str, type(None)), f"{where} bias", hint)
+        expect(cfg.get("base_model_name_or_path"), (str, type(None)), f"{where} base_model_name_or_path", hint)
+        for key in ("modules_to_save",):
+            for item in expect(cfg.get(key) or [], list, f"{where} {key}", hint):
+                expect(item, str, f"{where} an entry of {key}", hint)
+        for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+            for pattern, value in expect(cfg.get(key) or {}, dict, f"{where} {key}", hint).items():
+                _positive(value, f"{where} {key}[{pattern[:60]!r}]", integer=integer)
+                self._patterns.compile(rf"(.*\.)?({pattern})$", f"{key} key {pattern[:60]!r}")
 
     @property
     def dora(self) -> bool:
@@ -217,11 +224,11 @@ class Adapter(TensorStore):
             self._finish(mod, cfg)
 
     def _trainable(self, name: str) -> bool:
+        """peft's rule for modules_to_save: the module path ends with one of the names (plain names, not patterns)."""
         module, _, param = name.rpartition(".")
         if param == "bias" and self.config.get("bias") in ("all", "lora_only"):
             return True
-        targets = self.config.get("modules_to_save") or []
-        return any(re.fullmatch(rf"(.*\.)?{re.escape(t)}", module) for t in targets)
+        return any(module == t or module.endswith("." + t) for t in self.config.get("modules_to_save") or [])
 
     def _finish(self, mod: LoraModule, cfg: dict) -> None:
         where = f"--lora {self.ref}: module {mod.name}"
@@ -238,8 +245,8 @@ class Adapter(TensorStore):
         rank = mod.A.shape[0]
         if mod.B.shape[1] != rank:
             raise ShadowMergeError(f"{where}: lora_A has rank {rank} but lora_B has {mod.B.shape[1]} columns")
-        r = _pattern(cfg.get("rank_pattern") or {}, mod.name, cfg["r"])
-        alpha = _pattern(cfg.get("alpha_pattern") or {}, mod.name, cfg["lora_alpha"])
+        r = self._pattern("rank_pattern", mod.name, cfg["r"])
+        alpha = self._pattern("alpha_pattern", mod.name, cfg["lora_alpha"])
         if r != rank:
             raise ShadowMergeError(f"{where}: {CONFIG} says r={r} but lora_A has rank {rank}; the config does not "
                                    f"belong to these weights")
@@ -254,9 +261,19 @@ class Adapter(TensorStore):
             raise ShadowMergeError(f"{where}: {CONFIG} says use_dora but there is no lora_magnitude_vector")
 
 
-def _pattern(patterns: dict, module: str, default):
-    """peft's get_pattern_key: the first key that matches the end of the module path, else the default."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+    def _pattern(self, key: str, module: str, default):
+        """peft's get_pattern_key: the first key that matches the end of the module path, else the default."""
+        for pattern, value in (self.config.get(key) or {}).items():
+            if self._patterns.match(rf"(.*\.)?({pattern})$", module, f"{key} key {pattern[:60]!r}"):
+                return value
+        return default
+
+
+def _positive(value, what: str, integer: bool = False) -> None:
+    """A finite positive number (an integer where integer=True), else a one-line error."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if ok and integer:
+        ok = isinstance(value, int) or float(value).is_integer()
+    if not ok:
+        kind = "a positive integer" if integer else "a finite positive number"
+        raise ShadowMergeError(f"{what} is {str(value)[:40]}; it must be {kind}")

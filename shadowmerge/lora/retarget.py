@@ -79,7 +79,7 @@ def retarget(adapter: str | Path, instruct: str | Path, out: str | Path, *, forc
 
 def _write_card(path: Path, instruct: str, trained_on: str | None) -> None:
     """Point the model card's base_model at the Instruct and say where the adapter was trained."""
-    text = path.read_text() if path.is_file() else "---\nlibrary_name: peft\n---\n"
+    text = path.read_text(errors="replace") if path.is_file() else "---\nlibrary_name: peft\n---\n"
     if text.startswith("---\n") and "\n---" in text[4:]:
         end = text.index("\n---", 4)
         meta, rest = text[4:end], text[end:]

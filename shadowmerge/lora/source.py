@@ -4,8 +4,13 @@ For each adapted weight the update is scale * B @ A in float32 (transposed for e
 fan_in_fan_out), exactly as peft computes it; a lora_B bias adds scale * bias. Two kinds need the
 Base weights W_B: DoRA, whose merged weight is m * (W_B + dW) / ||W_B + dW|| (norm per output
 unit), so the update is that minus W_B; and full copies (modules_to_save, bias="all"), whose
-update is copy - W_B. The small A/B matrices of one module are read once and kept while its
-rows stream through; Base rows are read chunk by chunk like any other input.
+update is copy - W_B.
+
+Memory is bounded by elements, like every other source: each piece (chunks.ranges, at most
+`tile = TILE_ELEMENTS // rank` rows or row elements) reads only the rows of B and the columns of A
+it needs. Where a piece cannot see a whole DoRA normalisation unit (embeddings and fan_in_fan_out
+normalise over all rows; a huge row is cut into segments), the norms are computed first in a
+streamed pass over the same pieces, accumulated in float64.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoint import Checkpoint, TensorInfo
+from ..chunks import CHUNK_ELEMENTS, geometry, ranges
 from ..deltas import tied_alias
 from ..errors import ShadowMergeError
+from ..stformat import itemsize
 from .adapter import Adapter, LoraModule
 
+TILE_ELEMENTS = 1 << 24     # of lora_A or lora_B per piece: 64 MiB of float32
 FORMULA = ("out = float32(I) + alpha * scale * (float32(lora_B) @ float32(lora_A)), cast once to the output dtype; "
            "DoRA: alpha * (m * (W_B + dW) / ||W_B + dW|| - W_B); full copies: alpha * (copy - W_B)")
 
@@ -35,9 +43,9 @@ class LoraWeight:
         return self.module.shape
 
     @property
-    def whole(self) -> bool:
-        """DoRA normalises over rows here (embeddings, fan_in_fan_out), so the tensor goes in one chunk."""
-        return self.module.magnitude is not None and self.module.transposed
+    def tile(self) -> int:
+        """Rows (or row elements) per piece, so that the slice of A or B a piece reads stays bounded."""
+        return max(1, TILE_ELEMENTS // max(self.module.rank, 1))
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,7 +106,7 @@ class LoraDelta:
                 raise ShadowMergeError(f"--lora {adapter.ref}: {name} is both LoRA-adapted and saved in full; "
                                        f"the adapter is inconsistent")
             self._targets[name] = ("saved", info)
-        self._cache: tuple[str | None, tuple] = (None, ())
+        self._norms_of: tuple[object, torch.Tensor | None] = (None, None)
 
     def describe(self) -> dict:
         out = {"lora": self.adapter.describe()}
@@ -149,37 +157,66 @@ class LoraDelta:
             return SavedCopy(obj, base)
         entry = LoraWeight(obj, base if obj.magnitude is not None else None)
         inst = self.instruct.tensors.get(name)
-        if entry.whole and inst is not None and tuple(inst.shape) != tuple(shape):
+        if obj.magnitude is not None and obj.transposed and inst is not None and tuple(inst.shape) != tuple(shape):
             raise ShadowMergeError(f"{name}: a DoRA update normalises over all {shape[0]} rows, but the instruct has "
                                    f"{inst.shape[0]}; it cannot be grafted onto a resized tensor")
         return entry
 
     # --- reader thread --------------------------------------------------------------------
-    def _matrices(self, mod: LoraModule) -> tuple:
-        """A, B (and DoRA's m) of one module as raw bytes, read once per module."""
-        name, cached = self._cache
-        if name != mod.name:
-            read = self.adapter.read_tensor
-            cached = tuple(read(info).reshape(-1).view(torch.uint8) if info is not None else None
-                           for info in (mod.A, mod.B, mod.magnitude))
-            self._cache = (mod.name, cached)
-        return cached
-
-    def read(self, entry, row0: int, row1: int, buffers):
-        rows = row1 - row0
+    def read(self, entry, e0: int, e1: int, buffers):
+        n = e1 - e0
         if isinstance(entry, SavedCopy):
-            return (self.adapter.read_into(entry.saved, row0, row1, buffers("saved", rows * entry.saved.row_bytes)),
-                    self.base.read_into(entry.base, row0, row1, buffers("base", rows * entry.base.row_bytes)))
+            return (self.adapter.read_into(entry.saved, e0, e1, buffers("saved", n * itemsize(entry.saved.dtype))),
+                    self.base.read_into(entry.base, e0, e1, buffers("base", n * itemsize(entry.base.dtype))))
         mod = entry.module
         if isinstance(entry, LoraBias):
-            return self.adapter.read_into(mod.bias, row0, row1, buffers("bias", rows * mod.bias.row_bytes))
-        a, b, m = self._matrices(mod)
-        if not mod.transposed:       # rows of the update are rows of B
-            b = b[row0 * mod.B.row_bytes: row1 * mod.B.row_bytes]
-        base = None
-        if entry.base is not None:
-            base = self.base.read_into(entry.base, row0, row1, buffers("base", rows * entry.base.row_bytes))
-        return a, b, m, base, row0, row1
+            return self.adapter.read_into(mod.bias, e0, e1, buffers("bias", n * itemsize(mod.bias.dtype)))
+        a, b, geo = self._factors(mod, e0, e1, buffers)
+        m = norms = base = None
+        if mod.magnitude is not None:
+            r0, r1, c0, c1 = geo
+            u0, u1 = (c0, c1) if mod.transposed else (r0, r1)
+            m = self.adapter.read_into(mod.magnitude, u0, u1, buffers("magnitude", (u1 - u0) * itemsize(mod.magnitude.dtype)))
+            if mod.transposed or c1 - c0 != mod.shape[1]:     # the piece does not hold whole normalisation units
+                norms = self._norms(entry)[u0:u1].view(torch.uint8)
+            base = self.base.read_into(entry.base, e0, e1, buffers("base", n * itemsize(entry.base.dtype)))
+        return a, b, m, norms, base, geo
+
+    def _factors(self, mod: LoraModule, e0: int, e1: int, buffers) -> tuple:
+        """Raw bytes of the rows of B and the columns of A that the piece [e0, e1) of the update needs."""
+        geo = geometry(e0, e1, mod.shape[1])
+        r0, r1, c0, c1 = geo
+        (a0, a1), (b0, b1) = ((r0, r1), (c0, c1)) if mod.transposed else ((c0, c1), (r0, r1))
+        rank = mod.rank
+        b = self.adapter.read_into(mod.B, b0 * rank, b1 * rank, buffers("lora_B", (b1 - b0) * rank * itemsize(mod.B.dtype)))
+        a = self.adapter.read_columns(mod.A, a0, a1, buffers("lora_A", (a1 - a0) * rank * itemsize(mod.A.dtype)))
+        return a, b, geo
+
+    def _norms(self, entry: LoraWeight) -> torch.Tensor:
+        """DoRA's ||W_B + dW|| per output unit, streamed over the tensor (float64 sums), for one entry at a time."""
+        if self._norms_of[0] is entry:
+            return self._norms_of[1]
+        mod = entry.module
+        rows, cols = mod.shape
+        sums = torch.zeros(cols if mod.transposed else rows, dtype=torch.float64)
+
+        def alloc(key, n):
+            return torch.empty(n, dtype=torch.uint8)
+
+        for e0, e1 in ranges(0, rows * cols, cols, CHUNK_ELEMENTS, entry.tile):
+            a, b, geo = self._factors(mod, e0, e1, alloc)
+            r0, r1, c0, c1 = geo
+            d = torch.empty((r1 - r0) * (c1 - c0), dtype=torch.float32)
+            _product(mod, a.view(mod.A.dtype).float(), b.view(mod.B.dtype).float(), geo, d)
+            w = self.base.read_into(entry.base, e0, e1, alloc("base", (e1 - e0) * itemsize(entry.base.dtype)))
+            sq = (w.view(entry.base.dtype).float().view(r1 - r0, c1 - c0) + d.view(r1 - r0, c1 - c0)).double().square()
+            if mod.transposed:
+                sums[c0:c1] += sq.sum(0)
+            else:
+                sums[r0:r1] += sq.sum(1)
+        norms = sums.sqrt().float()
+        self._norms_of = (entry, norms)
+        return norms
 
     # --- compute (main thread, on the arithmetic device) ----------------------------------
     def delta_into(self, entry, payload, out: torch.Tensor, to_float) -> torch.Tensor:
@@ -190,25 +227,29 @@ class LoraDelta:
         mod = entry.module
         if isinstance(entry, LoraBias):
             return torch.mul(to_float(payload, mod.bias.dtype, "bias"), mod.scale, out=out)
-        a_raw, b_raw, m_raw, base_raw, row0, row1 = payload
-        rows, cols = row1 - row0, mod.shape[1]
-        a = to_float(a_raw, mod.A.dtype, "lora_A").view(mod.A.shape)
-        d = out.view(rows, cols)
-        if mod.transposed:           # peft: (B @ A).T * scale
-            b = to_float(b_raw, mod.B.dtype, "lora_B").view(mod.B.shape)
-            d.copy_(torch.matmul(b, a[:, row0:row1]).T)
-        else:                        # peft: (B @ A) * scale
-            b = to_float(b_raw, mod.B.dtype, "lora_B").view(rows, mod.rank)
-            torch.matmul(b, a, out=d)
-        d.mul_(mod.scale)
+        a_raw, b_raw, m_raw, norms_raw, base_raw, geo = payload
+        r0, r1, c0, c1 = geo
+        d = _product(mod, to_float(a_raw, mod.A.dtype, "lora_A"), to_float(b_raw, mod.B.dtype, "lora_B"), geo, out)
         if mod.magnitude is None:
             return out
         # DoRA, as peft merges it into the Base: m / ||W_B + dW|| * (W_B + dW); the update is that - W_B.
-        w = to_float(base_raw, entry.base.dtype, "base").view(rows, cols)
+        w = to_float(base_raw, entry.base.dtype, "base").view(r1 - r0, c1 - c0)
         m = to_float(m_raw, mod.magnitude.dtype, "magnitude")
         merged = w + d
-        if mod.transposed:           # whole tensor: the norm runs over the rows, per column
-            factor = (m / torch.linalg.norm(w.T + d.T, dim=1)).view(1, -1)
+        if norms_raw is None:        # whole rows of an untransposed weight: each row's norm, here
+            factor = (m / torch.linalg.norm(merged, dim=1)).view(-1, 1)
         else:
-            factor = (m[row0:row1] / torch.linalg.norm(merged, dim=1)).view(-1, 1)
-        return torch.sub(merged.mul_(factor), w, out=out.view(rows, cols)).view(-1)
+            factor = (m / to_float(norms_raw, torch.float32, "norms")).view((1, -1) if mod.transposed else (-1, 1))
+        return torch.sub(merged.mul_(factor), w, out=d).view(-1)
+
+
+def _product(mod: LoraModule, a: torch.Tensor, b: torch.Tensor, geo: tuple, out: torch.Tensor) -> torch.Tensor:
+    """scale * B @ A for one piece (float32), as a (rows, cols) view of out; a and b hold the piece's slices."""
+    r0, r1, c0, c1 = geo
+    rows, cols, rank = r1 - r0, c1 - c0, mod.rank
+    d = out.view(rows, cols)
+    if mod.transposed:           # peft: (B @ A).T * scale; rows of the update are columns of A
+        d.copy_(torch.matmul(b.view(cols, rank), a.view(rank, rows)).T)
+    else:                        # peft: (B @ A) * scale
+        torch.matmul(b.view(rows, rank), a.view(rank, cols), out=d)
+    return d.mul_(mod.scale)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..checkpoint import Checkpoint
+from ..chunks import CHUNK_ELEMENTS
 from ..deltas import INPUT_EMBEDDINGS
 from ..errors import ShadowMergeError
 from ..plan import check_architecture
@@ -26,7 +27,7 @@ def check_pair(base: Checkpoint, instruct: Checkpoint) -> None:
                                f"(e.g. {', '.join(names)}); pass the Base and Instruct of one model")
 
 
-def untrained_template_tokens(base: Checkpoint, tokenizer, chunk_rows: int = 4096) -> list[str]:
+def untrained_template_tokens(base: Checkpoint, tokenizer, chunk_elements: int = CHUNK_ELEMENTS) -> list[str]:
     """Special tokens of the chat template whose Base embedding row looks untrained (tiny, or the mean row)."""
     try:
         ids = tokenizer.apply_chat_template(SAMPLE, tokenize=True, add_generation_prompt=False)
@@ -39,13 +40,14 @@ def untrained_template_tokens(base: Checkpoint, tokenizer, chunk_rows: int = 409
     if info is None or not wanted or len(info.shape) != 2:
         return []
     rows, dim = info.shape
+    chunk_rows = max(1, chunk_elements // max(dim, 1))
     norms = torch.empty(rows)
     total = torch.zeros(dim, dtype=torch.float64)
     buf = torch.empty(min(chunk_rows, rows) * info.row_bytes, dtype=torch.uint8)
     picked: dict[int, torch.Tensor] = {}
     for r0 in range(0, rows, chunk_rows):
         r1 = min(r0 + chunk_rows, rows)
-        x = base.read_into(info, r0, r1, buf).view(info.dtype).reshape(r1 - r0, dim).float()
+        x = base.read_into(info, r0 * dim, r1 * dim, buf).view(info.dtype).reshape(r1 - r0, dim).float()
         norms[r0:r1] = x.norm(dim=1)
         total += x.sum(0, dtype=torch.float64)
         for i in wanted:

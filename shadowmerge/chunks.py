@@ -1,0 +1,45 @@
+"""How a stored tensor is cut into pieces: flat element ranges, bounded by a number of elements.
+
+Every piece is either a run of whole rows (slices along dim 0) or a segment of one row, so that
+work that needs rows (a LoRA product, a DoRA norm, a vocabulary boundary) still sees them, while a
+tensor whose single row is huge (fused MoE experts `[E, 8192, 8192]`) is cut inside the row. The
+bound is what keeps memory flat: no piece has more than `chunk` elements, whatever the shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+CHUNK_ELEMENTS = 1 << 22    # 4 Mi elements: 16 MiB of float32 per operand
+
+
+def ranges(start: int, stop: int, row: int, chunk: int = CHUNK_ELEMENTS,
+           tile: int | None = None) -> Iterator[tuple[int, int]]:
+    """Pieces [e0, e1) of the flat elements [start, stop) of a tensor with `row` elements per row.
+
+    start and stop are row-aligned. A piece has at most `chunk` elements and, when `tile` is given,
+    at most `tile` rows and (within a row) `tile` elements: the caller's other operands scale with
+    those (a LoRA product reads `rank x tile` of A or B).
+    """
+    if row <= 0 or stop <= start:
+        return
+    width = min(chunk, tile) if tile else chunk
+    if row <= width:
+        rows = max(1, chunk // row)
+        if tile:
+            rows = max(1, min(rows, tile))
+        step = rows * row
+        for e in range(start, stop, step):
+            yield e, min(e + step, stop)
+        return
+    for r0 in range(start, stop, row):
+        for c in range(0, row, width):
+            yield r0 + c, r0 + min(c + width, row)
+
+
+def geometry(e0: int, e1: int, row: int) -> tuple[int, int, int, int]:
+    """A piece as (row0, row1, col0, col1): whole rows [row0, row1) x [0, row), or one row's segment."""
+    r0 = e0 // row
+    if e0 % row == 0 and e1 % row == 0:
+        return r0, e1 // row, 0, row
+    return r0, r0 + 1, e0 - r0 * row, e1 - r0 * row

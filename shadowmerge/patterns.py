@@ -1,0 +1,104 @@
+"""Regular expressions from strangers (adapter configs, --include/--exclude), matched at a bounded cost.
+
+Python's `re` has no timeout, and `(.*)*X` against a long module name backtracks for minutes. The
+`regex` package matches with a timeout, but compiles counted repetitions by expanding them
+(`a{1000000000}` takes many GB). So a pattern is first parsed by `re`'s own parser (peft and
+transformers use `re`, so this is the syntax adapters are written for, and parsing expands
+nothing); patterns that are too long or whose repetitions would expand too far are refused; then
+`regex` compiles it and every match runs under a timeout drawn from one budget per Matcher.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import regex
+
+from .errors import ShadowMergeError
+
+try:                                    # Python 3.11+
+    from re import _constants as _c, _parser as _p
+except ImportError:                     # pragma: no cover - Python 3.10
+    import sre_constants as _c
+    import sre_parse as _p
+
+MAX_LENGTH = 1000           # characters of one pattern
+MAX_EXPANSION = 10_000      # pattern items after expanding counted repetitions
+BUDGET_SECONDS = 5.0        # all matching of one Matcher (an adapter config, or the --include/--exclude pair)
+
+
+def _expansion(items) -> int:
+    total = 0
+    for op, av in items:
+        if op in (_c.MAX_REPEAT, _c.MIN_REPEAT, getattr(_c, "POSSESSIVE_REPEAT", None)):
+            lo, hi, sub = av
+            times = max(lo, 1) if hi == _c.MAXREPEAT else max(lo, hi, 1)
+            total += times * _expansion(sub)
+        elif op == _c.SUBPATTERN:
+            total += _expansion(av[-1])
+        elif op == _c.BRANCH:
+            total += sum(_expansion(b) for b in av[1])
+        elif op in (_c.ASSERT, _c.ASSERT_NOT):
+            total += _expansion(av[1])
+        elif op == getattr(_c, "ATOMIC_GROUP", None):
+            total += _expansion(av)
+        elif op == _c.GROUPREF_EXISTS:
+            total += sum(_expansion(b) for b in av[1:] if b is not None)
+        else:
+            total += 1
+        if total > MAX_EXPANSION:
+            break
+    return total
+
+
+class Matcher:
+    """Compiles and matches patterns of one source; `what` names it in errors (e.g. "--lora X: rank_pattern")."""
+
+    def __init__(self, what: str, budget: float = BUDGET_SECONDS):
+        self.what = what
+        self.deadline = time.monotonic() + budget
+        self._compiled: dict[str, regex.Pattern] = {}
+
+    def compile(self, pattern: str, label: str) -> regex.Pattern:
+        found = self._compiled.get(pattern)
+        if found is not None:
+            return found
+        where = f"{self.what} {label}".strip()
+        if not isinstance(pattern, str):
+            raise ShadowMergeError(f"{where} is {type(pattern).__name__}, not a regular expression (a string)")
+        if len(pattern) > MAX_LENGTH:
+            raise ShadowMergeError(f"{where} is {len(pattern)} characters long (at most {MAX_LENGTH}); shorten it")
+        try:
+            parsed = _p.parse(pattern)
+        except (re.error, OverflowError, RecursionError) as exc:
+            raise ShadowMergeError(f"{where} {pattern[:80]!r} is not a valid regular expression ({exc})") from None
+        if _expansion(parsed) > MAX_EXPANSION:
+            raise ShadowMergeError(f"{where} {pattern[:80]!r} repeats too much (counted repetitions expand past "
+                                   f"{MAX_EXPANSION} items); simplify it")
+        try:
+            compiled = regex.compile(pattern, flags=regex.VERSION0)
+        except (regex.error, OverflowError, RecursionError) as exc:
+            raise ShadowMergeError(f"{where} {pattern[:80]!r} is not a valid regular expression ({exc})") from None
+        self._compiled[pattern] = compiled
+        return compiled
+
+    def _run(self, method: str, pattern: str, text: str, label: str):
+        compiled = self.compile(pattern, label)
+        left = self.deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            return getattr(compiled, method)(text, timeout=left)
+        except TimeoutError:
+            raise ShadowMergeError(f"{self.what} {label}".strip() + f" {pattern[:80]!r} takes too long to match (catastrophic "
+                                   f"backtracking, e.g. on {text[:80]!r}); simplify it") from None
+
+    def search(self, pattern: str, text: str, label: str):
+        return self._run("search", pattern, text, label)
+
+    def match(self, pattern: str, text: str, label: str):
+        return self._run("match", pattern, text, label)
+
+    def fullmatch(self, pattern: str, text: str, label: str):
+        return self._run("fullmatch", pattern, text, label)
