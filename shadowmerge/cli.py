@@ -243,6 +243,31 @@ def train_command(recipe, baseline, emit_only, force, allow_pickle, **settings):
                          allow_pickle=allow_pickle)))
 
 
+@main.command(context_settings={"max_content_width": 100})
+@click.argument("out", metavar="OUT")
+@click.option("--recompute", is_flag=True, help="Also re-read the inputs named in the record and recompute every "
+              "grafted tensor; the output must be bit-identical.")
+@click.option("--sample", type=int, metavar="N", help="With --recompute: only N tensors, picked at random (seed 0).")
+@click.option("--device", default="cpu", show_default=True, help="Where --recompute's arithmetic runs: cpu, cuda.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def verify(out, recompute, sample, device, quiet):
+    """Check an output folder (graft, graft --lora, lora retarget, mergekit, train) against its record.
+
+    Every file's sha256 and every safetensors header must match the manifest that was written
+    into shadowmerge.json (or train's run.json) with the output; no file may be missing or
+    added. --recompute also recomputes the tensors from the inputs. Exits 0 only when all
+    holds; otherwise a one-line error names the first file or tensor that does not.
+
+    \b
+    Examples:
+      shadowmerge verify ./qwen3-4b-shadow
+      shadowmerge verify ./qwen3-4b-shadow --recompute --sample 20
+    """
+    from .verify import verify as run_verify
+
+    click.echo(str(run_verify(out, recompute=recompute, sample=sample, device=device, progress=not quiet)))
+
+
 @main.group(context_settings={"max_content_width": 100})
 def lora():
     """LoRA adapters trained on the Base (to merge one, use `graft --lora`).

@@ -123,17 +123,31 @@ def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = ()
     with target as tmp:
         _mergekit_yaml(cfg, tmp, mergekit_args)
         make_readable(tmp)
+        record = {"tool": "shadowmerge mergekit", "version": __version__, "config": str(Path(config).absolute()),
+                  "merge_method": method, "mergekit_args": list(mergekit_args)}
         if instruct is not None:
             for p in side_files(tmp):
                 if p.name not in _KEEP:
                     p.unlink()
             dtype = cfg.get("out_dtype") or cfg.get("dtype")
             names = copy_side_files(instruct, tmp, dtype_name(dtype), skip=_KEEP)
-            write_record(tmp, {"tool": "shadowmerge mergekit", "version": __version__, "config": str(config),
-                               "roles": roles, "side_files_from": str(instruct), "side_files": names,
-                               "mergekit_args": list(mergekit_args)})
+            record.update(roles=roles, side_files_from=str(instruct), side_files=names,
+                          recompute=_recompute_inputs(cfg, roles, instruct, dtype))
+        write_record(tmp, record)
         target.commit()
     return target.target
+
+
+def _recompute_inputs(cfg: dict, roles: dict, instruct: Path, dtype) -> dict | None:
+    """The graft that a shadow_graft config computes, for `shadowmerge verify --recompute` (None if not plain)."""
+    alpha = (cfg.get("parameters") or {}).get("alpha", 1.0) if isinstance(cfg.get("parameters"), dict) else None
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        return None       # per-tensor or filtered alpha: not one graft
+    paths = {"instruct": str(instruct.absolute())}
+    for role in ("base", "tuned"):
+        paths[role] = str(hub.resolve(roles[role]).absolute())
+    return {"tool": "shadowmerge graft", "input_paths": paths, "alpha": float(alpha),
+            "dtype": dtype_name(dtype) or "as the instruct", "vocab": "error", "include": None, "exclude": None}
 
 
 def _mergekit_yaml(cfg: dict, out: Path, args: tuple[str, ...]) -> None:

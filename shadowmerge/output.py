@@ -14,6 +14,8 @@ never the Base's, and writes the run record. The promises, and how they are kept
 - The temporary folder is `.NAME.shadowmerge-HOST-PID-XXXX`; under the lock, a later run on the
   same target removes those whose process on this host is gone (SIGKILL, power loss), and says so.
   On an error, Ctrl-C, SIGTERM or SIGHUP (the CLI turns both into KeyboardInterrupt) it is removed.
+- The run record (shadowmerge.json, or train's run.json) gets a manifest: every other file's size and
+  sha256, and each safetensors header's tensors, for `shadowmerge verify`.
 - Every file and folder is fsynced before the rename, and the parent after it.
 - Failures to write (disk full, read-only filesystem, no permission, a file where a folder should
   be) become one-line errors, after cleanup.
@@ -202,9 +204,10 @@ class TargetLock:
             except FileNotFoundError:
                 same = False
             if same:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"pid {os.getpid()} on {_host()}".encode(), 0)
                 self.fd = fd
+                with contextlib.suppress(OSError):      # who holds it, for the error above; a full disk is fine
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"pid {os.getpid()} on {_host()}".encode(), 0)
                 return
             os.close(fd)
 
@@ -219,9 +222,10 @@ class TargetLock:
 class OutputFolder:
     """with OutputFolder(target, force, inputs) as tmp: write into tmp; then .commit() puts it in place."""
 
-    def __init__(self, target: str | Path, *, force: bool, inputs: list[Path], need_bytes: int, flag: str = "--out"):
+    def __init__(self, target: str | Path, *, force: bool, inputs: list[Path], need_bytes: int, flag: str = "--out",
+                 record: str = RECORD):
         self.target = Path(target).expanduser().absolute()
-        self.force, self.flag, self.need = force, flag, need_bytes
+        self.force, self.flag, self.need, self.record = force, flag, need_bytes, record
         name = self.target.name
         if not name or name in (".", ".."):
             raise ShadowMergeError(f"{flag} {target} does not name a folder; choose e.g. ./merged")
@@ -299,6 +303,7 @@ class OutputFolder:
     def commit(self) -> None:
         assert self.tmp is not None
         try:
+            seal(self.tmp, self.record)
             t0 = time.perf_counter()
             fsync_tree(self.tmp)
             self.fsync_seconds = time.perf_counter() - t0
@@ -407,3 +412,49 @@ def copy_side_files(src: Path, dst: Path, dtype_name: str | None, skip: tuple[st
 
 def write_record(folder: Path, record: dict) -> None:
     (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def files_under(folder: Path) -> list[str]:
+    """Relative POSIX paths of every file under folder (links not followed)."""
+    out = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            out.append(Path(root, name).relative_to(folder).as_posix())
+    return sorted(out)
+
+
+def manifest(folder: Path, skip: str) -> dict:
+    """{relative path: {size, sha256[, tensors: {name: [dtype, shape]}]}} for every file but `skip`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .stformat import NAMES, read_header
+
+    names = [n for n in files_under(folder) if n != skip]
+    with ThreadPoolExecutor(2, thread_name_prefix="shadowmerge-sha256") as pool:
+        digests = list(pool.map(lambda n: sha256_file(folder / n), names))
+    out = {}
+    for name, digest in zip(names, digests):
+        path = folder / name
+        entry: dict = {"size": path.stat().st_size, "sha256": digest}
+        if name.endswith(".safetensors"):
+            _, tensors, _ = read_header(path, entry["size"])
+            entry["tensors"] = {t: [NAMES[d], list(shape)] for t, (d, shape, _, _) in tensors.items()}
+        out[name] = entry
+    return out
+
+
+def seal(folder: Path, record: str = RECORD) -> None:
+    """Add the manifest of folder to its run record, if it has one."""
+    path = folder / record
+    if path.is_file():
+        data = json.loads(path.read_text())
+        data["manifest"] = manifest(folder, record)
+        path.write_text(json.dumps(data, indent=2) + "\n")

@@ -104,18 +104,9 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
 
     ckpts: list = []
     try:
-        for ref, label in ((instruct, "instruct"), (base, "base"), (tuned, "tuned")):
-            if ref is not None:
-                ckpts.append(Checkpoint.open(ref, label, allow_pickle))
-        inst = ckpts[0]
-        if lora is None:
-            source = FullDelta(ckpts[1], ckpts[2])
-        else:
-            from .lora import Adapter, LoraDelta
-
-            ckpts.append(Adapter.open(lora, allow_pickle))
-            source = LoraDelta(ckpts[-1], ckpts[1] if base is not None else None, inst)
-        plan = build_plan(inst, source, alpha=alpha, include=include, exclude=exclude, dtype=out_dtype, vocab=vocab)
+        plan = open_and_plan(ckpts, instruct, base, tuned, lora, alpha=alpha, include=include, exclude=exclude,
+                             dtype=out_dtype, vocab=vocab, allow_pickle=allow_pickle)
+        inst, source = plan.instruct, plan.source
         shards = layout([(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in plan.tensors], shard_bytes)
         shard_of = {e[0]: i for i, s in enumerate(shards, 1) for e in s.entries}
         if dry_run:
@@ -146,8 +137,8 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
                                 f"(the update is below the output dtype's precision), e.g. {stats.identical[0]}")
             side = copy_side_files(inst.folder, tmp, dtype_name(out_dtype))
             seconds = time.perf_counter() - start
-            write_record(tmp, _record(plan, source, shards, side, out_dtype, shard_bytes, include, exclude,
-                                      vocab, dev, stats, warnings, seconds))
+            write_record(tmp, _record(plan, source, ckpts, shards, side, out_dtype, shard_bytes, include, exclude,
+                                      vocab, dev, stats, warnings, seconds, allow_pickle))
             target.commit()
         return GraftSummary(target.target, plan.counts(), plan.total_bytes, len(shards),
                             time.perf_counter() - start, False, warnings, stats.unchanged)
@@ -163,13 +154,33 @@ def dtype_name(dtype: str | torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).replace("torch.", "")
 
 
-def _record(plan: Plan, source, shards, side, out_dtype, shard_bytes, include, exclude, vocab, device, stats,
-            warnings, seconds) -> dict:
+def open_and_plan(ckpts: list, instruct, base, tuned, lora, *, alpha: float, include, exclude, dtype, vocab: str,
+                  allow_pickle: bool) -> Plan:
+    """Open the inputs (appended to ckpts, for the caller to close) and build the plan, from headers only."""
+    for ref, label in ((instruct, "instruct"), (base, "base"), (tuned, "tuned")):
+        if ref is not None:
+            ckpts.append(Checkpoint.open(ref, label, allow_pickle))
+    inst = ckpts[0]
+    if lora is None:
+        source = FullDelta(ckpts[1], ckpts[2])
+    else:
+        from .lora import Adapter, LoraDelta
+
+        ckpts.append(Adapter.open(lora, allow_pickle))
+        source = LoraDelta(ckpts[-1], ckpts[1] if base is not None else None, inst)
+    return build_plan(inst, source, alpha=alpha, include=include, exclude=exclude, dtype=dtype, vocab=vocab)
+
+
+def _record(plan: Plan, source, ckpts, shards, side, out_dtype, shard_bytes, include, exclude, vocab, device, stats,
+            warnings, seconds, allow_pickle) -> dict:
     return {
         "tool": "shadowmerge graft",
         "version": __version__,
         "formula": source.formula,
         "inputs": {"instruct": plan.instruct.ref, **source.describe()},
+        # absolute folders of the inputs, to re-read them from anywhere (shadowmerge verify --recompute)
+        "input_paths": {c.label if c.label != "adapter" else "lora": str(c.folder.absolute()) for c in ckpts},
+        "allow_pickle": allow_pickle,
         "delta": source.kind,
         "alpha": plan.alpha,
         "include": include,

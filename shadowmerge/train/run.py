@@ -100,7 +100,8 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
             warnings.append(f"the Base's embedding rows for chat-template token(s) {', '.join(bad)} look untrained "
                             f"(tiny or equal to the mean row): the Base has never seen the chat format; consider "
                             f"training the embeddings too (method full) or check the outputs for stray tokens")
-        target = OutputFolder(r["out"], force=force, inputs=[base.folder, inst.folder], need_bytes=0) if main else None
+        target = OutputFolder(r["out"], force=force, inputs=[base.folder, inst.folder], need_bytes=0,
+                              record="run.json") if main else None
     finally:
         base.close()
         inst.close()
@@ -176,6 +177,8 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
         pair = similarity(base.folder, inst.folder, progress=False).pairs[0]
         record["sigma"] = {"official": pair.official, "weighted": pair.weighted}
         (tmp / "shadow" / "README.md").write_text(_card(r, pair, losses, kind))
+        for sub in ("shadow", "instruct-ft"):          # records name the final folders, and cover the card
+            _finalise_record(tmp / sub, tmp, target.target)
         times["total"] = time.perf_counter() - start
         record["seconds"] = {k: round(v, 3) for k, v in times.items()}
         record["warnings"] = warnings
@@ -205,6 +208,21 @@ def _retarget_output_dir(config: Path, out_dir: Path, dataset_dir: Path) -> None
     cfg = yaml.safe_load(config.read_text())
     cfg["output_dir"], cfg["dataset_dir"] = str(out_dir), str(dataset_dir)
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def _finalise_record(folder: Path, tmp: Path, final: Path) -> None:
+    """A graft record written in the temporary run folder: name the final input folders, seal it again."""
+    from ..output import RECORD, seal
+
+    path = folder / RECORD
+    if not path.is_file():
+        return
+    rec = json.loads(path.read_text())
+    rec["input_paths"] = {k: str(final / Path(v).relative_to(tmp)) if Path(v).is_relative_to(tmp) else v
+                          for k, v in rec.get("input_paths", {}).items()}
+    rec.pop("manifest", None)
+    path.write_text(json.dumps(rec, indent=2) + "\n")
+    seal(folder)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

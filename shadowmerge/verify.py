@@ -1,0 +1,194 @@
+"""verify(): check an output folder against the run record written with it.
+
+Every output of graft, graft --lora, lora retarget, mergekit and train carries a record
+(shadowmerge.json, or train's run.json) whose manifest lists every other file's size and sha256,
+and each safetensors header's tensors (names, dtypes, shapes). verify checks that nothing is
+missing, added or changed. With `recompute`, it re-reads the inputs named in graft records
+(`input_paths`) and recomputes every tensor (or a sample of them) with the same plan and engine
+as the graft, comparing bytes instead of writing them: the output must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import engine, jsonfile
+from .checkpoint import Checkpoint, TensorStore
+from .errors import ShadowMergeError
+from .output import RECORD, files_under, sha256_file
+from .pipeline import open_and_plan, parse_device, parse_dtype
+from .progress import bar as progress_bar
+from .stformat import NAMES, itemsize, read_header
+
+RECORDS = (RECORD, "run.json")
+
+
+@dataclass
+class VerifySummary:
+    out: Path
+    files: int
+    tensors: int
+    recomputed: int
+
+    def __str__(self) -> str:
+        extra = f"; {self.recomputed} tensor(s) recomputed from the inputs, bit-identical" if self.recomputed else ""
+        return (f"verified {self.out}: {self.files} file(s) match their sha256, {self.tensors} tensor header(s) "
+                f"match the record{extra}")
+
+
+def _load_record(folder: Path) -> tuple[str, dict]:
+    for name in RECORDS:
+        if (folder / name).is_file():
+            return name, jsonfile.load(folder / name, "run record", hint="it is not a shadowmerge output")
+    raise ShadowMergeError(f"{folder} has no {' or '.join(RECORDS)}: it is not a shadowmerge output folder "
+                           f"(or the record was removed)")
+
+
+def check_files(folder: Path, name: str, record: dict, on_bytes=None) -> tuple[int, int]:
+    """Files, headers and sha256 against the record's manifest; returns (files, tensors) checked."""
+    hint = "re-run the command that made it, or re-download it"
+    manifest = record.get("manifest")
+    if manifest is None:
+        raise ShadowMergeError(f"{folder / name} has no manifest (written by an older shadowmerge); re-run the "
+                               f"command that made it to get one")
+    jsonfile.expect(manifest, dict, f"{folder / name}: manifest", hint)
+    present = set(files_under(folder)) - {name}
+    for rel in sorted(set(manifest) - present):
+        raise ShadowMergeError(f"{folder / rel} is missing (the record lists it); {hint}")
+    for rel in sorted(present - set(manifest)):
+        raise ShadowMergeError(f"{folder / rel} is not in the record's manifest (added after the run?); remove it "
+                               f"or {hint}")
+    tensors = 0
+    for rel in sorted(manifest):
+        entry = jsonfile.expect(manifest[rel], dict, f"{folder / name}: manifest entry {rel[:80]!r}", hint)
+        path, size = folder / rel, (folder / rel).stat().st_size
+        if size != entry.get("size"):
+            raise ShadowMergeError(f"{path} has {size} bytes, the record says {entry.get('size')}; {hint}")
+        if "tensors" in entry:
+            _, found, _ = read_header(path, size)
+            have = {t: [NAMES[d], list(shape)] for t, (d, shape, _, _) in found.items()}
+            if have != entry["tensors"]:
+                wrong = sorted(set(have) ^ set(entry["tensors"])) or \
+                    sorted(t for t in have if have[t] != entry["tensors"][t])
+                raise ShadowMergeError(f"{path}: the header differs from the record at tensor {wrong[0]!r}; {hint}")
+            tensors += len(have)
+    for rel in sorted(manifest):
+        if sha256_file(folder / rel) != manifest[rel].get("sha256"):
+            raise ShadowMergeError(f"{folder / rel}: sha256 differs from the record (the file changed); {hint}")
+        if on_bytes is not None:
+            on_bytes(manifest[rel]["size"])
+    return len(manifest), tensors
+
+
+class CompareSink:
+    """Takes the engine's output like a ShardWriter would, and compares it with the output folder's bytes."""
+
+    def __init__(self, out: TensorStore, on_bytes=None):
+        self.out, self.on_bytes = out, on_bytes or (lambda n: None)
+        self.info = None
+        self.pos = 0                # elements of the current tensor compared so far
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def _against(self, name: str, first: bool, data: torch.Tensor) -> None:
+        if first:
+            self.info, self.pos = self.out.tensors[name], 0
+        n = data.numel() // itemsize(self.info.dtype)
+        if self._buf.numel() < data.numel():
+            self._buf = torch.empty(data.numel(), dtype=torch.uint8)
+        stored = self.out.read_into(self.info, self.pos, self.pos + n, self._buf)
+        if not torch.equal(stored, data):
+            bad = int((stored != data).nonzero()[0]) // itemsize(self.info.dtype) + self.pos
+            raise ShadowMergeError(f"{self.out.folder}: tensor {name} differs from its recomputation from the inputs "
+                                   f"(first at element {bad}); the output, or an input, changed since the run")
+        self.pos += n
+        self.on_bytes(data.numel())
+
+    def write(self, name: str, data: torch.Tensor, first: bool) -> None:
+        self._against(name, first, data)
+
+    def copy(self, ckpt, info, e0: int, e1: int, first: bool, scratch: torch.Tensor) -> None:
+        if first and e0 == e1:
+            self._against(info.name, True, scratch[:0])
+        step = max(1, scratch.numel() // itemsize(info.dtype))
+        for e in range(e0, e1, step):
+            self._against(info.name, first and e == e0, ckpt.read_into(info, e, min(e + step, e1), scratch))
+
+
+def _recompute(folder: Path, rec: dict, sample: int | None, device, progress: bool) -> int:
+    """Recompute the tensors of one graft output folder from the inputs its record names."""
+    where = f"{folder / RECORD}"
+    paths = rec.get("input_paths")
+    if not isinstance(paths, dict) or "instruct" not in paths:
+        raise ShadowMergeError(f"{where} names no input folders (written by an older shadowmerge); only the "
+                               f"sha256 and headers can be checked, without --recompute")
+    for label, path in paths.items():
+        if not isinstance(path, str) or not Path(path).is_dir():
+            raise ShadowMergeError(f"--recompute needs the {label} input {path}, which is not there; run verify where "
+                                   f"the inputs are, or without --recompute")
+    dtype = rec.get("dtype")
+    ckpts: list = []
+    try:
+        plan = open_and_plan(ckpts, paths["instruct"], paths.get("base"), paths.get("tuned"), paths.get("lora"),
+                             alpha=float(rec.get("alpha", 1.0)), include=rec.get("include"),
+                             exclude=rec.get("exclude"), dtype=parse_dtype(None if dtype == "as the instruct" else dtype),
+                             vocab=rec.get("vocab", "error"), allow_pickle=bool(rec.get("allow_pickle")))
+        out = Checkpoint.open(folder, "output")
+        ckpts.append(out)
+        planned = {t.name: t for t in plan.tensors}
+        if set(planned) != set(out.tensors):
+            odd = sorted(set(planned) ^ set(out.tensors))[0]
+            raise ShadowMergeError(f"{folder}: tensor {odd} is {'missing from' if odd in planned else 'extra in'} the "
+                                   f"output, by the recomputed plan; the output or an input changed since the run")
+        for t in plan.tensors:
+            o = out.tensors[t.name]
+            if (o.dtype, o.shape) != (t.out_dtype, t.info.shape):
+                raise ShadowMergeError(f"{folder}: tensor {t.name} is {o.dtype} {list(o.shape)}, the recomputed plan "
+                                       f"says {t.out_dtype} {list(t.info.shape)}")
+        if sample is not None and sample < len(plan.tensors):
+            keep = set(random.Random(0).sample(sorted(planned), sample))
+            plan.tensors = [t for t in plan.tensors if t.name in keep]
+        with progress_bar(sum(t.out_nbytes for t in plan.tensors), progress, "recompute") as bar:
+            engine.run(plan, CompareSink(out, bar.update), device, allow_nonfinite=True)
+        return len(plan.tensors)
+    finally:
+        for c in ckpts:
+            c.close()
+
+
+def verify(out: str | Path, *, recompute: bool = False, sample: int | None = None, device: str = "cpu",
+           progress: bool = True) -> VerifySummary:
+    """Check an output folder against its run record; raise ShadowMergeError naming the first thing that differs."""
+    folder = Path(out).expanduser()
+    if not folder.is_dir():
+        raise ShadowMergeError(f"{out} is not a folder; pass the output folder of a shadowmerge command")
+    if sample is not None and sample < 1:
+        raise ShadowMergeError("--sample must be at least 1")
+    if sample is not None and not recompute:
+        raise ShadowMergeError("--sample goes with --recompute (it picks the tensors to recompute)")
+    dev = parse_device(device)
+    name, record = _load_record(folder)
+    total = sum(e.get("size", 0) for e in (record.get("manifest") or {}).values() if isinstance(e, dict))
+    with progress_bar(total, progress, "verify") as bar:
+        files, tensors = check_files(folder, name, record, bar.update)
+    recomputed = 0
+    if recompute:
+        targets = []
+        if record.get("tool") == "shadowmerge graft":
+            targets.append((folder, record))
+        elif isinstance(record.get("recompute"), dict):           # mergekit's shadow_graft
+            targets.append((folder, record["recompute"]))
+        else:                                                      # train: its graft outputs
+            for sub in sorted(p for p in folder.iterdir() if (p / RECORD).is_file()):
+                rec = jsonfile.load(sub / RECORD, "run record")
+                if rec.get("tool") == "shadowmerge graft":
+                    targets.append((sub, rec))
+        if not targets:
+            raise ShadowMergeError(f"{folder}: nothing to recompute ({record.get('tool', 'this output')} names no "
+                                   f"graft inputs); its sha256 and headers match the record")
+        for sub, rec in targets:
+            recomputed += _recompute(sub, rec, sample, dev, progress)
+    return VerifySummary(folder, files, tensors, recomputed)
