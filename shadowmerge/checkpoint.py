@@ -204,7 +204,7 @@ class Checkpoint(TensorStore):
     def _scan(self, allow_pickle: bool) -> dict[str, TensorInfo]:
         folder = self.folder
         index = folder / INDEX
-        if index.is_file():
+        if os.path.lexists(index):
             files = self._index_files(index)
         elif (folder / "model.safetensors").is_file():
             files = [folder / "model.safetensors"]

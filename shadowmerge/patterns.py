@@ -25,7 +25,7 @@ except ImportError:                     # pragma: no cover - Python 3.10
 
 MAX_LENGTH = 1000           # characters of one pattern
 MAX_EXPANSION = 10_000      # pattern items after expanding counted repetitions
-BUDGET_SECONDS = 5.0        # all matching of one Matcher (an adapter config, or the --include/--exclude pair)
+BUDGET_SECONDS = 2.0        # all matching of one Matcher (an adapter config, or the --include/--exclude pair)
 
 
 def _expansion(items) -> int:
