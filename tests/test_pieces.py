@@ -1,0 +1,151 @@
+"""Memory bounded by elements: pieces cut inside huge rows give the same bits as whole tensors.
+
+The engine, the writer's copies and casts, the LoRA source (slices of A and B per piece) and DoRA
+(norms from a streamed pass) are run with tiny chunk and tile sizes, so that every row is cut into
+segments, and compared with the reference expression and with peft's own merge.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import shadowmerge
+from adapters import make_adapter, peft_merged, shadow_reference, ulp_distance
+from test_lora import BASE_CASES, PLAIN_CASES
+from tinymodels import state
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """set(chunk, tile_elements): every graft in the test cuts tensors that finely."""
+    from shadowmerge import engine
+    from shadowmerge.lora import source
+
+    def set_(chunk: int, tile: int):
+        run = engine.run.__wrapped__ if hasattr(engine.run, "__wrapped__") else engine.run
+
+        def small(*a, **k):
+            k["chunk_elements"] = chunk
+            return run(*a, **k)
+        small.__wrapped__ = run
+        monkeypatch.setattr(engine, "run", small)
+        monkeypatch.setattr(source, "TILE_ELEMENTS", tile)
+        monkeypatch.setattr(source, "CHUNK_ELEMENTS", chunk)
+    return set_
+
+
+def raw_triple(root, tensors: dict[str, tuple[tuple[int, ...], torch.dtype]], seed=0):
+    """instruct/base/tuned folders holding just these tensors (a Llama config; names and shapes are free)."""
+    g = torch.Generator().manual_seed(seed)
+    folders = []
+    for k, name in enumerate(("instruct", "base", "tuned")):
+        folder = root / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                        "tie_word_embeddings": False}))
+        sd = {n: (torch.randn(shape, generator=g) * (1 + 0.01 * k)).to(dtype) for n, (shape, dtype) in tensors.items()}
+        save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+        folders.append(folder)
+    return folders
+
+
+WIDE = {"model.layers.0.mlp.experts.gate_up_proj": ((4, 24, 40), torch.bfloat16),    # rows of 960 elements
+        "model.layers.0.mlp.experts.down_proj": ((4, 20, 24), torch.float16),
+        "model.embed_tokens.weight": ((50, 16), torch.bfloat16),
+        "model.norm.weight": ((16,), torch.float32),
+        "scalar": ((), torch.float32),
+        "empty": ((0, 7), torch.bfloat16)}
+
+
+@pytest.mark.parametrize("chunk", [7, 100, 960, 10_000])
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_full_graft_of_huge_rows_is_bit_exact(tmp_path, small_pieces, chunk, dtype):
+    small_pieces(chunk, 1 << 24)
+    inst, base, tuned = raw_triple(tmp_path, WIDE)
+    shadowmerge.graft(inst, base, tuned, tmp_path / "out", alpha=0.7, dtype=dtype, progress=False)
+    I, B, T, out = (load_file(f / "model.safetensors") for f in (inst, base, tuned, tmp_path / "out"))
+    for name, got in out.items():
+        want = (I[name].float() + 0.7 * (T[name].float() - B[name].float())).to(dtype or I[name].dtype)
+        assert torch.equal(got, want), name
+
+
+def test_copies_and_casts_of_huge_rows_without_kernel_copy(tmp_path, small_pieces, monkeypatch):
+    """The writer's fallback copy (no copy_file_range) and casts cut rows bigger than their buffer."""
+    from shadowmerge import writer
+
+    monkeypatch.setattr(writer.os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.EXDEV, "x")))
+    small_pieces(50, 1 << 24)
+    inst, base, tuned = raw_triple(tmp_path, WIDE)
+    shadowmerge.graft(inst, base, tuned, tmp_path / "out", exclude="experts|embed", progress=False)
+    I, out = load_file(inst / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj",
+                 "model.embed_tokens.weight"):
+        assert torch.equal(out[name], I[name]), name
+    shadowmerge.graft(inst, base, tuned, tmp_path / "cast", exclude="experts", dtype="float32", progress=False)
+    cast = load_file(tmp_path / "cast" / "model.safetensors")
+    assert torch.equal(cast["model.layers.0.mlp.experts.gate_up_proj"], I["model.layers.0.mlp.experts.gate_up_proj"].float())
+
+
+def test_vocab_boundary_with_pieces_inside_rows(tmp_path, small_pieces):
+    small_pieces(5, 1 << 24)
+    inst, _, _ = raw_triple(tmp_path / "a", {"model.embed_tokens.weight": ((30, 16), torch.bfloat16)})
+    _, base, tuned = raw_triple(tmp_path / "b", {"model.embed_tokens.weight": ((20, 16), torch.bfloat16)}, seed=1)
+    shadowmerge.graft(inst, base, tuned, tmp_path / "out", vocab="common", progress=False)
+    I, B, T = (load_file(f / "model.safetensors")["model.embed_tokens.weight"] for f in (inst, base, tuned))
+    got = load_file(tmp_path / "out" / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(got[:20], (I[:20].float() + (T.float() - B.float())).to(torch.bfloat16))
+    assert torch.equal(got[20:], I[20:])
+
+
+# (chunk elements, tile elements): whole rows with few rows per piece; segments of rows; tiny tiles
+PIECES = [(1000, 32), (40, 64)]
+
+
+@pytest.mark.parametrize("pieces", PIECES, ids=lambda p: f"chunk{p[0]}-tile{p[1]}")
+@pytest.mark.parametrize("case", ["plain", "embedding", "fan-in-fan-out", "lora-bias"])
+def test_lora_pieces_equal_peft(case, pieces, make_triple, cli, tmp_path, small_pieces):
+    small_pieces(*pieces)
+    family, dtype, lora_kwargs = PLAIN_CASES[case]
+    inst, base, _ = make_triple(family, dtype)
+    adapter = make_adapter(base, tmp_path / "adapter", **lora_kwargs)
+    res = cli("graft", "--instruct", inst, "--lora", adapter, "--out", tmp_path / "out", "-q")
+    assert res.exit_code == 0, res.output
+    out, peft_i = state(tmp_path / "out"), peft_merged(inst, adapter)
+    for name, got in out.items():
+        assert ulp_distance(got, peft_i[name].to(dtype)) <= 1, name
+
+
+@pytest.mark.parametrize("pieces", PIECES, ids=lambda p: f"chunk{p[0]}-tile{p[1]}")
+@pytest.mark.parametrize("case", ["dora", "dora-fan-in-fan-out", "modules-to-save"])
+def test_dora_and_full_copies_in_pieces_equal_peft(case, pieces, make_triple, cli, tmp_path, small_pieces):
+    """DoRA norms over huge rows, and over all rows (embeddings, fan_in_fan_out), come from the streamed pass."""
+    small_pieces(*pieces)
+    family, lora_kwargs, _ = BASE_CASES[case]
+    inst, base, _ = make_triple(family)
+    adapter = make_adapter(base, tmp_path / "adapter", **lora_kwargs)
+    res = cli("graft", "--instruct", inst, "--lora", adapter, "--base", base, "--out", tmp_path / "out", "-q")
+    assert res.exit_code == 0, res.output
+    out, I, B = state(tmp_path / "out"), state(inst), state(base)
+    shadow = shadow_reference(I, B, peft_merged(base, adapter), torch.bfloat16)
+    for name, got in out.items():
+        assert ulp_distance(got, shadow[name]) <= 1, name
+
+
+def test_ranges_cover_every_element_once_within_the_bounds():
+    from shadowmerge.chunks import geometry, ranges
+
+    for rows, row, chunk, tile in [(5, 7, 3, None), (5, 7, 20, 2), (4, 960, 100, 16), (3, 1, 4, 2), (0, 5, 4, None),
+                                   (6, 64, 1000, 8), (2, 10, 10, None)]:
+        pieces = list(ranges(0, rows * row, row, chunk, tile))
+        assert [e for p in pieces for e in range(*p)] == list(range(rows * row))
+        for e0, e1 in pieces:
+            r0, r1, c0, c1 = geometry(e0, e1, row)
+            assert e1 - e0 <= max(chunk, row if row <= min(chunk, tile or chunk) else 0)
+            assert (r1 - r0) * (c1 - c0) == e1 - e0 and (r1 - r0 == 1 or (c0, c1) == (0, row))
+            if tile:
+                assert r1 - r0 <= tile and c1 - c0 <= max(tile, row if (c0, c1) == (0, row) else 0)
