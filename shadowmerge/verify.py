@@ -48,37 +48,51 @@ def _load_record(folder: Path) -> tuple[str, dict]:
                            f"(or the record was removed)")
 
 
-def check_files(folder: Path, name: str, record: dict, on_bytes=None) -> tuple[int, int]:
-    """Files, headers and sha256 against the record's manifest; returns (files, tensors) checked."""
-    hint = "re-run the command that made it, or re-download it"
+HINT = "re-run the command that made it, or re-download it"
+
+
+def _manifest(folder: Path, name: str, record: dict) -> dict:
     manifest = record.get("manifest")
     if manifest is None:
         raise ShadowMergeError(f"{folder / name} has no manifest (written by an older shadowmerge); re-run the "
                                f"command that made it to get one")
-    jsonfile.expect(manifest, dict, f"{folder / name}: manifest", hint)
+    jsonfile.expect(manifest, dict, f"{folder / name}: manifest", HINT)
+    for rel, entry in manifest.items():
+        jsonfile.expect(entry, dict, f"{folder / name}: manifest entry {rel[:80]!r}", HINT)
+        jsonfile.expect(entry.get("size"), int, f"{folder / name}: the size of {rel[:80]!r}", HINT)
+        jsonfile.expect(entry.get("sha256"), str, f"{folder / name}: the sha256 of {rel[:80]!r}", HINT)
+        jsonfile.expect(entry.get("tensors", {}), dict, f"{folder / name}: the tensors of {rel[:80]!r}", HINT)
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ShadowMergeError(f"{folder / name}: manifest entry {rel[:80]!r} leaves the folder; {HINT}")
+    return manifest
+
+
+def check_files(folder: Path, name: str, record: dict, on_bytes=None) -> tuple[int, int]:
+    """Files, headers and sha256 against the record's manifest; returns (files, tensors) checked."""
+    manifest = _manifest(folder, name, record)
     present = set(files_under(folder)) - {name}
     for rel in sorted(set(manifest) - present):
-        raise ShadowMergeError(f"{folder / rel} is missing (the record lists it); {hint}")
+        raise ShadowMergeError(f"{folder / rel} is missing (the record lists it); {HINT}")
     for rel in sorted(present - set(manifest)):
         raise ShadowMergeError(f"{folder / rel} is not in the record's manifest (added after the run?); remove it "
-                               f"or {hint}")
+                               f"or {HINT}")
     tensors = 0
     for rel in sorted(manifest):
-        entry = jsonfile.expect(manifest[rel], dict, f"{folder / name}: manifest entry {rel[:80]!r}", hint)
+        entry = manifest[rel]
         path, size = folder / rel, (folder / rel).stat().st_size
         if size != entry.get("size"):
-            raise ShadowMergeError(f"{path} has {size} bytes, the record says {entry.get('size')}; {hint}")
+            raise ShadowMergeError(f"{path} has {size} bytes, the record says {entry.get('size')}; {HINT}")
         if "tensors" in entry:
             _, found, _ = read_header(path, size)
             have = {t: [NAMES[d], list(shape)] for t, (d, shape, _, _) in found.items()}
             if have != entry["tensors"]:
                 wrong = sorted(set(have) ^ set(entry["tensors"])) or \
                     sorted(t for t in have if have[t] != entry["tensors"][t])
-                raise ShadowMergeError(f"{path}: the header differs from the record at tensor {wrong[0]!r}; {hint}")
+                raise ShadowMergeError(f"{path}: the header differs from the record at tensor {wrong[0]!r}; {HINT}")
             tensors += len(have)
     for rel in sorted(manifest):
         if sha256_file(folder / rel) != manifest[rel].get("sha256"):
-            raise ShadowMergeError(f"{folder / rel}: sha256 differs from the record (the file changed); {hint}")
+            raise ShadowMergeError(f"{folder / rel}: sha256 differs from the record (the file changed); {HINT}")
         if on_bytes is not None:
             on_bytes(manifest[rel]["size"])
     return len(manifest), tensors
@@ -171,7 +185,7 @@ def verify(out: str | Path, *, recompute: bool = False, sample: int | None = Non
         raise ShadowMergeError("--sample goes with --recompute (it picks the tensors to recompute)")
     dev = parse_device(device)
     name, record = _load_record(folder)
-    total = sum(e.get("size", 0) for e in (record.get("manifest") or {}).values() if isinstance(e, dict))
+    total = sum(e["size"] for e in _manifest(folder, name, record).values())
     with progress_bar(total, progress, "verify") as bar:
         files, tensors = check_files(folder, name, record, bar.update)
     recomputed = 0

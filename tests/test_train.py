@@ -10,6 +10,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import shadowmerge
+from shadowmerge.verify import verify as shadowmerge_verify
 import tinymodels
 from conftest import run_bad, tree_digest
 from tinymodels import state
@@ -71,6 +72,9 @@ def test_lora_sft_with_baseline(pair, cli, tmp_path):
     assert len(record["losses"]["instruct"]) == 8
     assert (out / "instruct-ft" / "model.safetensors").is_file() and (out / "instruct-lora").is_dir()
     assert state(out / "instruct-ft").keys() == state(inst).keys()
+    # the run verifies against its record, and both grafts recompute bit for bit from the final folders
+    summary = shadowmerge_verify(out, recompute=True, progress=False)
+    assert summary.recomputed == 2 * len(state(inst)) and summary.files > 10
 
 
 def test_full_sft_graft_equals_three_way_graft(pair, cli, tmp_path):
@@ -84,6 +88,7 @@ def test_full_sft_graft_equals_three_way_graft(pair, cli, tmp_path):
     got, want = state(out / "shadow"), state(tmp_path / "by-hand")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert any(not torch.equal(got[k], state(inst)[k]) for k in got)
+    assert shadowmerge_verify(out, recompute=True, progress=False).recomputed == len(got)
 
 
 def test_dpo_lora(pair, cli, tmp_path):
