@@ -97,17 +97,27 @@ def build_triple(root: Path, size: str, shard_bytes: int = 1 << 30) -> list[Path
     return folders
 
 
-def timed(cmd: list[str], **kw) -> tuple[float, float]:
-    """Run a command under GNU time; return (wall seconds, peak RSS in GB).
+def timed(cmd: list[str], stdout: list | None = None, **kw) -> tuple[float, float]:
+    """Run a command under GNU time; return (wall seconds, peak RSS in GB); append its stdout to `stdout`.
 
     (rusage of a child forked from this process would count this process's own pages.)"""
     with open(os.devnull, "w") as sink:
-        kw.setdefault("stdout", sink)
+        kw["stdout"] = subprocess.PIPE if stdout is not None else sink
         proc = subprocess.run(["/usr/bin/time", "-f", "BENCH %e %M", *cmd], stderr=subprocess.PIPE, text=True, **kw)
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {cmd}\n{proc.stderr[-2000:]}")
+    if stdout is not None:
+        stdout.append(proc.stdout)
     wall, kb = proc.stderr.strip().splitlines()[-1].split()[1:]
     return float(wall), int(kb) / 1024 / 1024
+
+
+def final_step(summary: str) -> str:
+    """The sha256-manifest and fsync seconds a graft's summary line reports, e.g. 'sha256 manifest 1.2 s, fsync 0.3 s'."""
+    import re
+
+    found = re.findall(r"(sha256 manifest|fsync) ([0-9.]+) s", summary)
+    return ", ".join(f"{k} {v} s" for k, v in found)
 
 
 def mergekit_config(folders: list[Path], exact: bool) -> str:
@@ -162,10 +172,12 @@ def bench(size: str, work: Path) -> list[dict]:
     timed(floor)          # warm the page cache alike for everyone
     wall, rss = timed(floor)
     rows.append({"size": size, "tool": "cat of the 3 inputs (I/O floor)", "wall": wall, "rss": rss})
+    said: list[str] = []
     wall, rss = timed([str(bin_dir / "shadowmerge"), "graft", "--instruct", str(folders[0]), "--base",
                        str(folders[1]), "--tuned", str(folders[2]), "--out", str(outs["shadowmerge"]), "--quiet",
-                       "--shard-size", "1GB"])
-    rows.append({"size": size, "tool": "shadowmerge graft", "wall": wall, "rss": rss})
+                       "--shard-size", "1GB"], stdout=said)
+    rows.append({"size": size, "tool": f"shadowmerge graft (of which {final_step(said[0])})", "wall": wall,
+                 "rss": rss})
     for key, exact in (("mergekit", False), ("mergekit-exact", True)):
         cfg = root / f"{key}.yml"
         cfg.write_text(mergekit_config(folders, exact))

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_graft  # noqa: E402
-from bench_graft import build_triple, llama_tensors, machine, timed, wall_table  # noqa: E402
+from bench_graft import build_triple, final_step, llama_tensors, machine, timed, wall_table  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK = 128
@@ -101,7 +101,10 @@ def bench(size: str, work: Path) -> list[dict]:
              [sys.executable, "-c", PEFT_SCRIPT, str(inst), str(adapter), str(outs["peft-bf16"]), "bfloat16"]),
             ("peft merge_and_unload, Instruct loaded in float32 (exact)", "peft-fp32",
              [sys.executable, "-c", PEFT_SCRIPT, str(inst), str(adapter), str(outs["peft-fp32"]), "float32"])):
-        wall, rss = timed(cmd)
+        said: list[str] = []
+        wall, rss = timed(cmd, stdout=said)
+        if key == "shadowmerge":
+            label += f" (of which {final_step(said[0])})"
         rows.append({"size": size, "tool": label, "wall": wall, "rss": rss})
         print(f"[{size}] {label}: {wall:.1f} s, {rss:.2f} GB", flush=True)
         if key == "cp":

@@ -41,14 +41,16 @@ class GraftSummary:
     warnings: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     plan_text: str = ""
+    timings: dict[str, float] = field(default_factory=dict)    # of the final step: sha256 manifest, fsync
 
     def __str__(self) -> str:
         acts = ", ".join(f"{v} {k}" for k, v in self.counts.items() if v)
         if self.dry_run:
             return self.plan_text
         rate = self.bytes / self.seconds / 1e6 if self.seconds else 0
+        parts = "".join(f", {k} {v:.1f} s" for k, v in self.timings.items())
         lines = [f"wrote {self.out}: {acts}; {human_bytes(self.bytes)} in {self.shards} shard(s), "
-                 f"{self.seconds:.1f} s ({rate:.0f} MB/s)"]
+                 f"{self.seconds:.1f} s ({rate:.0f} MB/s{parts})"]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -141,7 +143,7 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
                                       vocab, dev, stats, warnings, seconds, allow_pickle))
             target.commit()
         return GraftSummary(target.target, plan.counts(), plan.total_bytes, len(shards),
-                            time.perf_counter() - start, False, warnings, stats.unchanged)
+                            time.perf_counter() - start, False, warnings, stats.unchanged, timings=target.timings)
     finally:
         for c in ckpts:
             c.close()

@@ -163,6 +163,21 @@ def test_config_json_that_is_a_directory(cli, tmp_path, triple):
     run_bad(cli, tmp_path, triple, *args(i, b, t), expect="is a folder, not a JSON file")
 
 
+def test_weights_file_that_is_a_directory(cli, tmp_path, triple):
+    i, b, t = triple
+    (t / "model.safetensors").unlink()
+    (t / "model.safetensors").mkdir()
+    run_bad(cli, tmp_path, triple, *args(i, b, t), expect="cannot be read")
+
+
+def test_adapter_config_that_is_a_directory(cli, tmp_path, triple):
+    i, b, _ = triple
+    adapter = make_adapter(b, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    (adapter / "adapter_config.json").unlink()
+    (adapter / "adapter_config.json").mkdir()
+    run_bad(cli, tmp_path, [i, adapter], "--instruct", i, "--lora", adapter, expect="is a folder, not a JSON file")
+
+
 # --- pickles (--allow-pickle) ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("payload, expect", [(torch.zeros(3), "holds a Tensor, not a dict of tensors"),

@@ -82,7 +82,16 @@ def _commands(tmp_path, triple):
     cfg.write_text(yaml.safe_dump({"merge_method": "shadow_graft", "base_model": str(b), "dtype": "bfloat16",
                                    "models": [{"model": str(i), "parameters": {"role": "instruct"}},
                                               {"model": str(t), "parameters": {"role": "tuned"}}]}))
+    from tinymodels import chat_pair
+
+    chat_inst, chat_base = chat_pair(tmp_path / "pair")
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
     return {
+        "train --emit-only": lambda out: ["train", "--base", chat_base, "--instruct", chat_inst, "--data", data,
+                                          "--out", out, "--backend", "llamafactory", "--emit-only",
+                                          "--template", "qwen3"],
         "graft": lambda out: graft_args(triple, out),
         "graft --lora": lambda out: ["graft", "--instruct", i, "--lora", adapter, "--out", out, "-q"],
         "similarity": lambda out: ["similarity", "--base", b, "--instruct", i, "--out", out, "-q"],
@@ -91,7 +100,8 @@ def _commands(tmp_path, triple):
     }
 
 
-@pytest.mark.parametrize("command", ["graft", "graft --lora", "similarity", "lora retarget", "mergekit"])
+@pytest.mark.parametrize("command", ["graft", "graft --lora", "similarity", "lora retarget", "mergekit",
+                                     "train --emit-only"])
 def test_a_folder_that_appears_at_the_target_is_never_replaced(cli, tmp_path, triple, monkeypatch, command):
     from shadowmerge import output
 
@@ -109,7 +119,7 @@ def test_a_folder_that_appears_at_the_target_is_never_replaced(cli, tmp_path, tr
     assert res.exit_code == 1, res.output
     one_line_error(res.stderr, "appeared while this run was writing; it was left as it is")
     assert beside(out) == ["theirs.txt"] and (out / "theirs.txt").read_text() == "precious"
-    assert beside(tmp_path) == sorted(listing + ["out"]), "a temporary folder or lock was left behind"
+    assert beside(tmp_path) == sorted(set(listing) | {"out"}), "a temporary folder or lock was left behind"
     assert tree_digest(*triple) == before
 
     # with --force, the folder that appeared is replaced (that is what --force is for), in one step
@@ -117,7 +127,7 @@ def test_a_folder_that_appears_at_the_target_is_never_replaced(cli, tmp_path, tr
     out.rmdir()
     res = cli(*args(out), "--force")
     assert res.exit_code == 0, res.output
-    assert not (out / "theirs.txt").exists() and beside(tmp_path) == sorted(listing + ["out"])
+    assert not (out / "theirs.txt").exists() and beside(tmp_path) == sorted(set(listing) | {"out"})
 
 
 # --- racing processes ---------------------------------------------------------------------------
