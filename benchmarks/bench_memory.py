@@ -125,8 +125,10 @@ def run(cases: list[str], work: Path, compare: str | None) -> list[dict]:
         for label, cmd in commands(case, folders, ads, root / "out"):
             for version, tree in versions:
                 shutil.rmtree(root / "out", ignore_errors=True)
-                env = dict(os.environ, PYTHONPATH=str(tree)) if tree else None
-                wall, rss = timed([sys.executable, "-m", "shadowmerge", *cmd, "--quiet"], env=env)
+                # `python -m` puts the working directory first on sys.path: run each version from its own tree
+                tree = tree or Path(__file__).resolve().parent.parent
+                env = dict(os.environ, PYTHONPATH=str(tree))
+                wall, rss = timed([sys.executable, "-m", "shadowmerge", *cmd, "--quiet"], env=env, cwd=str(tree))
                 rows.append({"case": case, "tensor GiB": inputs / 2**30, "command": label, "version": version,
                              "wall": wall, "rss": rss})
                 print(f"[{case}] {label} ({version}): {wall:.1f} s, {rss:.2f} GB", flush=True)
@@ -149,6 +151,7 @@ def main() -> None:
     ap.add_argument("--compare", metavar="REV", help="also run shadowmerge at this git revision (a worktree)")
     ap.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = ap.parse_args()
+    args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     text = markdown(run(args.cases, args.work, args.compare))
     print(text)

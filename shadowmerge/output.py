@@ -261,6 +261,7 @@ class OutputFolder:
         self._old: Path | None = None
         self.tmp: Path | None = None
         self.timings: dict[str, float] = {}      # seconds of the final step's parts, for summaries and benchmarks
+        self.digests: dict[str, str] = {}        # sha256 of files already hashed while written (relative names)
 
     # --- entering: parents, lock, stale leftovers, the temporary folder --------------------------
     def __enter__(self) -> Path:
@@ -304,7 +305,7 @@ class OutputFolder:
         assert self.tmp is not None
         try:
             t0 = time.perf_counter()
-            seal(self.tmp, self.record)
+            seal(self.tmp, self.record, self.digests)
             t1 = time.perf_counter()
             fsync_tree(self.tmp)
             self.timings = {"sha256 manifest": t1 - t0, "fsync": time.perf_counter() - t1}
@@ -432,15 +433,18 @@ def files_under(folder: Path) -> list[str]:
     return sorted(out)
 
 
-def manifest(folder: Path, skip: str) -> dict:
-    """{relative path: {size, sha256[, tensors: {name: [dtype, shape]}]}} for every file but `skip`."""
+def manifest(folder: Path, skip: str, known: dict[str, str] | None = None) -> dict:
+    """{relative path: {size, sha256[, tensors: {name: [dtype, shape]}]}} for every file but `skip`.
+
+    `known` holds the sha256 of files hashed while they were written; the others are read here."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .stformat import NAMES, read_header
 
+    known = known or {}
     names = [n for n in files_under(folder) if n != skip]
     with ThreadPoolExecutor(2, thread_name_prefix="shadowmerge-sha256") as pool:
-        digests = list(pool.map(lambda n: sha256_file(folder / n), names))
+        digests = list(pool.map(lambda n: known.get(n) or sha256_file(folder / n), names))
     out = {}
     for name, digest in zip(names, digests):
         path = folder / name
@@ -452,10 +456,10 @@ def manifest(folder: Path, skip: str) -> dict:
     return out
 
 
-def seal(folder: Path, record: str = RECORD) -> None:
+def seal(folder: Path, record: str = RECORD, known: dict[str, str] | None = None) -> None:
     """Add the manifest of folder to its run record, if it has one."""
     path = folder / record
     if path.is_file():
         data = json.loads(path.read_text())
-        data["manifest"] = manifest(folder, record)
+        data["manifest"] = manifest(folder, record, known)
         path.write_text(json.dumps(data, indent=2) + "\n")

@@ -123,6 +123,7 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
                 writer.finish()
             finally:
                 writer.abort()
+            target.digests = writer.digests
             warnings = list(plan.warnings)
             if stats.nonfinite:
                 warnings.append(f"{len(stats.nonfinite)} tensor(s) written with NaN/Inf values: "

@@ -3,11 +3,16 @@
 Every header is known before the first byte is written, so a tensor's bytes go straight from the
 compute buffer (or, for copies, from the input file, in the kernel) to disk: no shard is ever
 held in memory. Files are created 0666 minus the umask (0644 as usual), like any other tool's.
+While writing, each shard's sha256 is computed (kernel copies are read back from the page cache)
+for the run record's manifest, and the kernel is asked every 64 MiB to start writing the pages
+back (sync_file_range, through ctypes: Python has no binding), so the final fsync finds little left.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import hashlib
 import json
 import os
 import re
@@ -73,6 +78,19 @@ def layout(entries: list[tuple[str, torch.dtype, tuple[int, ...], int]], shard_s
     return shards
 
 
+def _sync_file_range():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return lambda fd, start, n: None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return lambda fd, start, n: fn(fd, start, n, 2)       # SYNC_FILE_RANGE_WRITE: start writeback, do not wait
+
+
+_START_WRITEBACK = _sync_file_range()
+WRITEBACK_BYTES = 64 << 20
+
+
 class ShardWriter:
     """Receives tensors in plan order, as byte chunks or as copies from an input file."""
 
@@ -80,11 +98,14 @@ class ShardWriter:
         self.folder = folder
         self.shards = shards
         self.on_bytes = on_bytes or (lambda n: None)
+        self.digests: dict[str, str] = {}       # shard file name -> sha256 of its bytes, as written
         self._order = [(si, e) for si, s in enumerate(shards) for e in s.entries]
         self._next = 0          # index into _order of the tensor being written
         self._left = 0          # bytes still owed to it
         self._shard = -1
         self._fd: int | None = None
+        self._hash = hashlib.sha256()
+        self._pos = self._synced = 0     # bytes written to the open shard, and handed to writeback
 
     def _start(self, name: str) -> None:
         if self._left:
@@ -96,7 +117,8 @@ class ShardWriter:
             self._close_shard()
             self._shard = si
             path = self.folder / self.shards[si].filename
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            self._hash, self._pos, self._synced = hashlib.sha256(), 0, 0
             self._write(memoryview(self.shards[si].header))
         self._next += 1
         self._left = nbytes
@@ -105,11 +127,31 @@ class ShardWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            self.digests[self.shards[self._shard].filename] = self._hash.hexdigest()
 
     def _write(self, view: memoryview) -> None:
         done = 0
         while done < len(view):
             done += os.write(self._fd, view[done:])
+        self._hash.update(view)
+        self._advance(len(view))
+
+    def _advance(self, n: int) -> None:
+        self._pos += n
+        if self._pos - self._synced >= WRITEBACK_BYTES:
+            _START_WRITEBACK(self._fd, self._synced, self._pos - self._synced)
+            self._synced = self._pos
+
+    def _hash_back(self, start: int, n: int, scratch: torch.Tensor) -> None:
+        """Hash n bytes the kernel copied into the open shard at start, read back from the page cache."""
+        view = memoryview(scratch.numpy())
+        done = 0
+        while done < n:
+            got = os.preadv(self._fd, [view[: min(len(view), n - done)]], start + done)
+            if got <= 0:
+                raise OSError(errno.EIO, "short read of a shard just written")
+            self._hash.update(view[:got])
+            done += got
 
     def write(self, name: str, data: torch.Tensor, first: bool) -> None:
         """Append a chunk (uint8 CPU tensor) of tensor `name`; first=True for its first chunk."""
@@ -142,6 +184,8 @@ class ShardWriter:
             except OSError as exc:
                 if done or exc.errno not in _NO_KERNEL_COPY:
                     raise
+            self._hash_back(self._pos, done, scratch)
+            self._advance(done)
             self._left -= done
             e0 += done // size
         step = max(1, scratch.numel() // size)
