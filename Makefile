@@ -24,6 +24,7 @@ bench: $(VENV)/.ready
 	$(PY) benchmarks/bench_graft.py --markdown benchmarks/last-run.md
 	$(PY) benchmarks/bench_lora.py --markdown benchmarks/last-run-lora.md
 	$(PY) benchmarks/bench_similarity.py --markdown benchmarks/last-run-similarity.md
+	$(PY) benchmarks/bench_memory.py --markdown benchmarks/last-run-memory.md
 
 clean:
 	rm -rf $(VENV) .demo demo-output benchmarks/work

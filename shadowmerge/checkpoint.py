@@ -180,12 +180,10 @@ class Checkpoint(TensorStore):
         archs = jsonfile.expect(cfg.get("architectures"), (list, type(None)), f"{where} architectures", hint)
         for a in archs or ():
             jsonfile.expect(a, str, f"{where} an entry of architectures", hint)
-        for owner, sub in (("", cfg), ("text_config.", cfg.get("text_config"))):
-            if owner:
-                jsonfile.expect(sub, (dict, type(None)), f"{where} text_config", hint)
-            if sub and "tie_word_embeddings" in sub:
-                jsonfile.expect(sub["tie_word_embeddings"], (bool, type(None)),
-                                f"{where} {owner}tie_word_embeddings", hint)
+        text = jsonfile.expect(cfg.get("text_config"), (dict, type(None)), f"{where} text_config", hint) or {}
+        for prefix, sub in (("", cfg), ("text_config.", text)):
+            jsonfile.expect(sub.get("tie_word_embeddings"), (bool, type(None)), f"{where} {prefix}tie_word_embeddings",
+                            hint)
         return cfg
 
     @property

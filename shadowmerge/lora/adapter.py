@@ -131,9 +131,8 @@ class Adapter(TensorStore):
             expect(cfg.get(key), (bool, type(None)), f"{where} {key}", hint)
         expect(cfg.get("bias", "none"), (str, type(None)), f"{where} bias", hint)
         expect(cfg.get("base_model_name_or_path"), (str, type(None)), f"{where} base_model_name_or_path", hint)
-        for key in ("modules_to_save",):
-            for item in expect(cfg.get(key) or [], list, f"{where} {key}", hint):
-                expect(item, str, f"{where} an entry of {key}", hint)
+        for item in expect(cfg.get("modules_to_save") or [], list, f"{where} modules_to_save", hint):
+            expect(item, str, f"{where} an entry of modules_to_save", hint)
         for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
             for pattern, value in expect(cfg.get(key) or {}, dict, f"{where} {key}", hint).items():
                 _positive(value, f"{where} {key}[{pattern[:60]!r}]", integer=integer)
