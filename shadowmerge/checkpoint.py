@@ -231,10 +231,12 @@ class Checkpoint(TensorStore):
         files = []
         for name in dict.fromkeys(weight_map.values()):
             path = self.folder / name
-            if (not name or "\0" in name or Path(name).is_absolute() or ".." in Path(name).parts
-                    or not name.endswith(".safetensors")):
-                raise ShadowMergeError(f"{where} names the shard {name[:200]!r}, which is not a .safetensors file "
-                                       f"inside the model folder; refusing to open it ({hint})")
+            if "\0" in name or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ShadowMergeError(f"{where} names the shard {name[:200]!r}, which points outside the model "
+                                       f"folder; refusing to open it ({hint})")
+            if not name.endswith(".safetensors") or not Path(name).name.strip():
+                raise ShadowMergeError(f"{where} names the shard {name[:200]!r}, which is not a .safetensors file; "
+                                       f"refusing to open it ({hint})")
             if not path.is_file():
                 raise ShadowMergeError(f"{where} names shard {name}, which is missing; re-download the model")
             files.append(path)

@@ -86,7 +86,7 @@ INDEXES = {
     "the index is a list": (lambda d: [d], "not a JSON object"),
     "no weight_map": (lambda d: {"metadata": {}}, "weight_map is null"),
     "a shard that is not safetensors": (lambda d: {"weight_map": {k: "config.json" for k in d["weight_map"]}},
-                                        "not a .safetensors file inside the model folder"),
+                                        "which is not a .safetensors file; refusing to open it"),
 }
 
 
@@ -129,7 +129,7 @@ def test_index_entry_leaving_the_folder_is_refused_before_it_is_opened(cli, tmp_
     doc["weight_map"][first] = name
     index.write_text(json.dumps(doc))
     start = time.monotonic()
-    err = run_bad(cli, tmp_path, (i, b, t), *args(i, b, t), expect="not a .safetensors file inside the model folder")
+    err = run_bad(cli, tmp_path, (i, b, t), *args(i, b, t), expect="which points outside the model folder")
     assert "refusing to open it" in err and time.monotonic() - start < 60
 
 
