@@ -385,8 +385,9 @@ class OutputFolder:
     def _write_error(self, exc: OSError) -> ShadowMergeError:
         what = _WRITE_ERRORS.get(exc.errno, exc.strerror or type(exc).__name__)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return ShadowMergeError(f"{what} while writing {self.target}; the partial output was removed; free at "
-                                    f"least {human_bytes(self.need)} there (or choose another {self.flag}) and run again")
+            amount = f"at least {human_bytes(self.need)}" if self.need else "some space"
+            return ShadowMergeError(f"{what} while writing {self.target}; the partial output was removed; free "
+                                    f"{amount} there (or choose another {self.flag}) and run again")
         return ShadowMergeError(f"cannot write {self.target}: {what} ({exc.strerror}); nothing was left behind; "
                                 f"choose a writable {self.flag}")
 
