@@ -69,6 +69,7 @@ def main():
       shadowmerge graft --instruct Qwen/Qwen3-4B --base Qwen/Qwen3-4B-Base \\
                         --tuned ./qwen3-4b-base-sft --out ./qwen3-4b-shadow
       shadowmerge graft --instruct Qwen/Qwen3-4B --lora ./qwen3-4b-base-lora --out ./qwen3-4b-shadow
+      shadowmerge verify ./qwen3-4b-shadow --recompute
     """
 
 
@@ -246,7 +247,7 @@ def train_command(recipe, baseline, emit_only, force, allow_pickle, **settings):
 @main.command(context_settings={"max_content_width": 100})
 @click.argument("out", metavar="OUT")
 @click.option("--recompute", is_flag=True, help="Also re-read the inputs named in the record and recompute every "
-              "grafted tensor; the output must be bit-identical.")
+              "tensor (grafted, cast or copied); the output must be bit-identical.")
 @click.option("--sample", type=int, metavar="N", help="With --recompute: only N tensors, picked at random (seed 0).")
 @click.option("--device", default="cpu", show_default=True, help="Where --recompute's arithmetic runs: cpu, cuda.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
