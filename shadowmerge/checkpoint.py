@@ -9,6 +9,7 @@ it, with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +157,14 @@ class TensorStore:
         self._fds.clear()
 
 
+# Tensors that only quantized checkpoints have: FP8 scales, MXFP4 blocks/scales, GPTQ/AWQ packs, bitsandbytes state.
+_QUANT_TENSOR = re.compile(r"(^|\.)(qweight|qzeros|g_idx|scales|weight_scale|weight_scale_inv|input_scale|absmax|"
+                           r"quant_map|SCB)$|_(blocks|scales)$|quant_state")
+# Name suffixes of quantized releases, to suggest the full-precision one (Qwen/Qwen3-8B-FP8 -> Qwen/Qwen3-8B).
+_QUANT_SUFFIX = re.compile(r"(?i)[-_.](fp8(-dynamic)?|fp4|mxfp4|nvfp4|awq|gptq|int[48]|bnb|bnb-[48]bit|[48]bit|"
+                           r"w[48]a(8|16)|exl2|unsloth-bnb-4bit|dynamic)$")
+
+
 class Checkpoint(TensorStore):
     """A model folder opened for lazy reading. Use `Checkpoint.open(ref, label)`."""
 
@@ -163,6 +172,27 @@ class Checkpoint(TensorStore):
         super().__init__(folder, label, ref)
         self.config = self._read_config()
         self.tensors = self._scan(allow_pickle)
+        self._refuse_quantized()
+
+    def _refuse_quantized(self) -> None:
+        """A quantized checkpoint holds packed integers and scales, not weights that can be added: refuse it."""
+        qc = self.config.get("quantization_config")
+        if qc is None and isinstance(self.config.get("text_config"), dict):
+            qc = self.config["text_config"].get("quantization_config")
+        marker = next((n for n in self.tensors if _QUANT_TENSOR.search(n)), None)
+        if not qc and marker is None:
+            return
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        what = (f"quantization_config.quant_method {str(method)[:30]!r}" if method
+                else "a quantization_config" if qc else f"quantized tensors such as {marker[:80]!r}")
+        name = str(self.ref).rstrip("/")
+        plain = name
+        while _QUANT_SUFFIX.search(plain):
+            plain = _QUANT_SUFFIX.sub("", plain)
+        suggest = f", e.g. {plain}" if plain != name and plain else " (the same model without a quantization suffix)"
+        raise ShadowMergeError(
+            f"{self.label} {self.ref} is a quantized checkpoint ({what}); quantized bytes and scales cannot be "
+            f"grafted exactly, so pass the bf16/fp16 release of this model instead{suggest}")
 
     @classmethod
     def open(cls, ref: str | Path, label: str, allow_pickle: bool = False) -> "Checkpoint":

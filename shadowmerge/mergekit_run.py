@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from . import __version__, hub, yamlfile
+from .checkpoint import Checkpoint
 from .errors import ShadowMergeError
 from .output import OutputFolder, copy_side_files, make_readable, side_files, write_record
 from .pipeline import dtype_name
@@ -109,6 +110,8 @@ def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = ()
     register()
 
     validate(cfg, config)
+    for role, ref in (roles or {}).items():    # headers and configs checked as graft checks them (e.g. quantized)
+        Checkpoint.open(ref, role).close()
     instruct = hub.resolve(roles["instruct"]) if roles else None
     local = [Path(_model_ref(m)) for m in cfg.get("models") or [] if _model_ref(m) and Path(_model_ref(m)).is_dir()]
     if cfg.get("base_model") and Path(str(cfg["base_model"])).is_dir():

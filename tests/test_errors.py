@@ -251,3 +251,78 @@ def test_real_console_script_prints_one_line(tmp_path, triple):
                            str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: model folder not found")
+
+
+# --- quantized checkpoints (issue 11, part 4) ---------------------------------------------------
+
+@pytest.mark.parametrize("who", ["instruct", "base", "tuned"])
+@pytest.mark.parametrize("how, expect", [
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}, "quant_method 'fp8'"),
+    ({"quantization_config": {"quant_method": "mxfp4"}}, "quant_method 'mxfp4'"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quant_method 'gptq'"),
+    ({"text_config": {"quantization_config": {"quant_method": "awq"}}}, "quant_method 'awq'"),
+    ({"quantization_config": True}, "a quantization_config"),
+])
+def test_quantized_checkpoints_are_refused_before_any_data_is_read(cli, tmp_path, triple, monkeypatch, who, how,
+                                                                   expect):
+    from shadowmerge.checkpoint import TensorStore
+
+    i, b, t = triple
+    folder = {"instruct": i, "base": b, "tuned": t}[who]
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(how)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(TensorStore, "read_into", lambda *a, **k: pytest.fail("tensor data was read"))
+    err = run_bad(cli, tmp_path, triple, *args(i, b, t), expect=f"{who} {folder} is a quantized checkpoint")
+    assert expect in err and "pass the bf16/fp16 release of this model instead" in err
+
+
+@pytest.mark.parametrize("marker", ["model.layers.0.self_attn.q_proj.weight_scale_inv",     # FP8 (DeepSeek, Qwen)
+                                    "model.layers.0.mlp.experts.gate_up_proj_blocks",      # MXFP4 (GPT-OSS)
+                                    "model.layers.0.self_attn.q_proj.qweight",             # GPTQ / AWQ
+                                    "model.layers.0.mlp.down_proj.weight.absmax"])          # bitsandbytes
+def test_quantized_tensors_without_a_config_are_refused(cli, tmp_path, triple, marker):
+    i, b, t = triple
+    resave(t, lambda sd: sd.update({marker: torch.zeros(4, dtype=torch.uint8)}))
+    err = run_bad(cli, tmp_path, triple, *args(i, b, t), expect="is a quantized checkpoint")
+    assert repr(marker) in err
+
+
+def test_quantized_refusal_names_the_full_precision_release(cli, tmp_path, triple):
+    import shutil
+
+    i, b, t = triple
+    fp8 = tmp_path / "Qwen3-8B-FP8"
+    shutil.copytree(i, fp8)
+    cfg = json.loads((fp8 / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8"}
+    (fp8 / "config.json").write_text(json.dumps(cfg))
+    err = run_bad(cli, tmp_path, (*triple, fp8), *args(fp8, b, t), expect=f"e.g. {tmp_path / 'Qwen3-8B'}")
+    # every command that opens a model refuses it the same way
+    for command, extra in ((("graft",), ["--instruct", fp8, "--base", b, "--tuned", t, "--dry-run"]),
+                           (("similarity",), ["--base", b, "--instruct", fp8]),
+                           (("lora", "retarget"), [])):
+        if command == ("lora", "retarget"):
+            from adapters import make_adapter
+
+            adapter = make_adapter(b, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+            extra = [adapter, "--instruct", fp8]
+        res = cli(*command, *extra, *([] if "--dry-run" in extra else ["--out", tmp_path / "o"]))
+        assert res.exit_code == 1 and "is a quantized checkpoint" in res.stderr, (command, res.output)
+        assert not (tmp_path / "o").exists()
+
+
+def test_mergekit_refuses_a_quantized_model_before_mergekit_runs(cli, tmp_path, triple):
+    import yaml
+
+    i, b, t = triple
+    cfg = json.loads((t / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq"}
+    (t / "config.json").write_text(json.dumps(cfg))
+    merge = tmp_path / "merge.yml"
+    merge.write_text(yaml.safe_dump({"merge_method": "shadow_graft", "base_model": str(b), "dtype": "bfloat16",
+                                     "models": [{"model": str(i), "parameters": {"role": "instruct"}},
+                                                {"model": str(t), "parameters": {"role": "tuned"}}]}))
+    run_bad(cli, tmp_path, [*triple, merge], merge, command=("mergekit",), expect="tuned")
+    res = cli("mergekit", merge, tmp_path / "out")
+    assert "is a quantized checkpoint" in res.stderr

@@ -204,4 +204,81 @@ def test_vision_tower_and_language_model_are_told_apart(tmp_path):
     towers = p.towers()
     assert set(towers) == {"language", "vision"} and towers["vision"].sigma > 5 * towers["language"].sigma
     assert {row.name: row.tower for row in p.rows}["model.multi_modal_projector.linear.weight"] == "vision"
-    assert list(p.per_layer()) == [0] and p.per_module()["q"].numel == 128
+    assert list(p.per_layer()) == [0]
+    # the towers never share a row of the per-module table
+    modules = p.per_module()
+    assert modules["q"].numel == 64 and modules["vision q"].numel == 64 and modules["vision other"].numel == 64
+    assert sum(s.numel for s in modules.values()) == p.total().numel
+
+
+MODULE_NAMES = {
+    "model.layers.0.self_attn.qkv_proj.weight": "qkv",                      # Phi-3
+    "transformer.h.0.self_attention.query_key_value.weight": "qkv",         # Falcon, BLOOM
+    "transformer.h.0.attn.c_attn.weight": "qkv",                            # GPT-2
+    "model.visual.blocks.0.attn.qkv.weight": "qkv",                         # Qwen2-VL vision tower
+    "model.layers.0.mlp.gate_up_proj.weight": "gate_up",                    # Phi-3
+    "model.layers.0.mlp.experts.gate_up_proj": "experts.gate_up",           # transformers 5 fused experts
+    "model.layers.0.mlp.experts.down_proj": "experts.down",
+    "model.layers.0.mlp.experts.gate_up_proj_bias": "experts.bias",         # GPT-OSS
+    "model.layers.0.mlp.experts.down_proj_bias": "experts.bias",
+    "model.layers.0.mlp.experts.3.gate_proj.weight": "experts.gate",        # Qwen3-MoE on the Hub
+    "model.layers.0.mlp.experts.3.up_proj.weight": "experts.up",
+    "model.layers.0.mlp.experts.3.down_proj.weight": "experts.down",
+    "model.layers.0.block_sparse_moe.experts.7.w1.weight": "experts.gate",  # Mixtral on the Hub
+    "model.layers.0.block_sparse_moe.experts.7.w3.weight": "experts.up",
+    "model.layers.0.block_sparse_moe.experts.7.w2.weight": "experts.down",
+    "model.layers.0.mlp.gate.weight": "router",                             # Qwen3-MoE
+    "model.layers.0.block_sparse_moe.gate.weight": "router",                # Mixtral
+    "model.layers.0.mlp.router.weight": "router",                           # GPT-OSS
+    "model.layers.0.mlp.router.bias": "router",
+    "model.layers.0.mlp.gate.e_score_correction_bias": "router",            # DeepSeek-V3
+    "model.layers.0.mlp.shared_expert_gate.weight": "router",               # Qwen2-MoE
+    "model.layers.0.mlp.shared_expert.gate_proj.weight": "gate",            # a shared expert is a dense MLP
+    "model.layers.0.mlp.gate_proj.weight": "gate",
+    "model.layers.0.self_attn.v_proj.weight": "v",
+    "model.layers.0.mlp.up_proj.weight": "up",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODULE_NAMES))
+def test_fused_expert_and_router_tensors_are_their_own_module_types(name):
+    from shadowmerge.analyzer.aggregate import MODULES, module_of
+
+    assert module_of(name) == MODULE_NAMES[name] and module_of(name) in MODULES
+
+
+@pytest.mark.parametrize("model_type, extra", [
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                       head_dim=16)),
+    ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, layer_types=["full_attention"] * 2)),
+])
+def test_real_moe_checkpoints_classify_every_expert_and_router_tensor(tmp_path, model_type, extra):
+    """Tiny MoE models saved by transformers itself: no expert or router tensor is counted as a dense type."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tinymodels import perturb
+
+    cfg = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                               max_position_embeddings=64, **extra)
+    folders = []
+    for k in range(2):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg)
+        if k:
+            perturb(model, 0.02, 1)
+        model.save_pretrained(tmp_path / f"m{k}")
+        folders.append(tmp_path / f"m{k}")
+    (p,) = shadowmerge.similarity(*folders, progress=False).pairs
+    kinds = {r.name: r.module for r in p.rows}
+    experts = [n for n in kinds if ".experts." in n]
+    routers = [n for n in kinds if n.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "router.weight",
+                                               "router.bias"))]
+    assert experts and routers, sorted(kinds)
+    assert all(kinds[n].startswith("experts.") for n in experts), {n: kinds[n] for n in experts}
+    assert all(kinds[n] == "router" for n in routers)
+    dense = {"q", "k", "v", "o", "gate", "up", "down", "gate_up", "qkv"}
+    assert not [n for n in experts + routers if kinds[n] in dense]
+    modules = p.per_module()
+    assert sum(s.numel for s in modules.values()) == p.total().numel

@@ -17,15 +17,27 @@ from .stats import Sums
 OFFICIAL = re.compile(r"model\.layers\.(\d+)\.")
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 _VISION = re.compile(r"vision|visual|image|multi_modal_projector|mm_projector|patch_embed")
-MODULES = ("q", "k", "v", "o", "gate", "up", "down", "norms", "embed", "lm_head", "other")
+MODULES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "router", "experts.gate", "experts.up",
+           "experts.gate_up", "experts.down", "experts.bias", "experts.other", "norms", "embed", "lm_head", "other")
+# First match wins: fused and expert tensors before the plain projections whose names they contain.
 _KINDS = [
     ("lm_head", re.compile(r"(^|\.)(lm_head|embed_out|output)\.")),
     ("embed", re.compile(r"embed_tokens|word_embeddings|(^|\.)wte\.|(^|\.)wpe\.|embed_in|embed_positions")),
     ("norms", re.compile(r"norm|(^|\.)ln_\w*\.|layernorm")),
+    # MoE: routed experts, fused ([E, ...] tensors: gate_up_proj, down_proj, *_bias) or one by one (experts.N.*)
+    ("experts.bias", re.compile(r"\.experts\.(\d+\.)?\w*_bias$|\.experts\.\d+\.\w+\.bias$")),
+    ("experts.gate_up", re.compile(r"\.experts\.(\d+\.)?gate_up_proj")),
+    ("experts.gate", re.compile(r"\.experts\.\d+\.(gate_proj|w1)\.")),
+    ("experts.up", re.compile(r"\.experts\.\d+\.(up_proj|w3)\.")),
+    ("experts.down", re.compile(r"\.experts\.(\d+\.)?(down_proj|w2)(\.|$)")),
+    ("experts.other", re.compile(r"\.experts\.")),
+    ("router", re.compile(r"(^|\.)(router|gate)\.(weight|bias|e_score_correction_bias)$|shared_expert_gate\.")),
+    ("qkv", re.compile(r"(qkv_proj|query_key_value|c_attn|Wqkv|(^|\.)qkv)\.")),
     ("q", re.compile(r"(q_proj|query|(^|\.)wq)\.")),
     ("k", re.compile(r"(k_proj|(^|\.)key|(^|\.)wk)\.")),
     ("v", re.compile(r"(v_proj|value|(^|\.)wv)\.")),
     ("o", re.compile(r"(o_proj|out_proj|attn\.c_proj|attention\.dense|(^|\.)wo)\.")),
+    ("gate_up", re.compile(r"gate_up_proj\.")),
     ("gate", re.compile(r"(gate_proj|(^|\.)w1)\.")),
     ("up", re.compile(r"(up_proj|c_fc|(^|\.)w3|dense_h_to_4h)\.")),
     ("down", re.compile(r"(down_proj|mlp\.c_proj|(^|\.)w2|dense_4h_to_h)\.")),
@@ -117,8 +129,9 @@ class PairResult:
         return self.by(lambda r: r.layer if r.tower == tower else None)
 
     def per_module(self) -> dict[str, Sums]:
-        found = self.by(lambda r: r.module)
-        return {m: found[m] for m in MODULES if m in found}
+        """Sums per module type; the vision tower's types are their own rows ("vision q", ...), never mixed in."""
+        found = self.by(lambda r: r.module if r.tower == "language" else f"{r.tower} {r.module}")
+        return {k: found[k] for k in (*MODULES, *(f"vision {m}" for m in MODULES)) if k in found}
 
     def layer_module(self, tower: str = "language") -> dict[tuple[int, str], Sums]:
         return self.by(lambda r: (r.layer, r.module) if r.tower == tower and r.layer is not None else None)

@@ -89,9 +89,7 @@ class LoraDelta:
         self.adapter, self.base, self.instruct = adapter, base, instruct
         self.checkpoints = (base,) if base is not None else ()
         self.warnings: list[str] = []
-        quantized = adapter.quantized_hint()
-        if base is not None and base.config.get("quantization_config"):
-            quantized = base.ref
+        quantized = adapter.quantized_hint()      # a quantized --base itself is refused when it is opened
         if quantized:
             self.warnings.append(f"the adapter was trained against quantized weights ({quantized}, QLoRA): it "
                                  f"learned to correct the quantized Base, and is grafted as is onto unquantized "
