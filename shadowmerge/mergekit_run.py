@@ -10,6 +10,7 @@ merge methods run through unchanged, with the same atomic output.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -102,9 +103,10 @@ def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = ()
     """Check CONFIG, run mergekit-yaml on it into OUT (atomically), fix the side files for shadow_graft."""
     cfg = load_config(config)
     method = cfg.get("merge_method")
+    _check_plus(cfg, config, method == "shadow_graft")
     roles = check_shadow_graft(cfg, config) if method == "shadow_graft" else None
-    if roles is not None and cfg.get("out_dtype") and dtype_name(str(cfg.get("dtype"))) != "float32":
-        cfg["dtype"] = "float32"     # inputs upcast exactly, so the one rounding is mergekit's cast to out_dtype
+    if roles is not None:
+        _float32_inputs(cfg, roles)
     from .mergekit import register
 
     register()
@@ -134,11 +136,117 @@ def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = ()
                     p.unlink()
             dtype = cfg.get("out_dtype") or cfg.get("dtype")
             names = copy_side_files(instruct, tmp, dtype_name(dtype), skip=_KEEP)
+            dropped = check_complete(tmp, roles, dtype)
             record.update(roles=roles, side_files_from=str(instruct), side_files=names,
+                          dropped=[{"name": n, "why": "the instruct config ties it to the input embedding"}
+                                   for n in dropped],
                           recompute=_recompute_inputs(cfg, roles, instruct, dtype))
         write_record(tmp, record)
         target.commit()
     return target.target
+
+
+def _check_plus(cfg: dict, path, shadow: bool) -> None:
+    """mergekit reads MODEL+LORA in a model reference: refuse what that would silently misread."""
+    refs = [_model_ref(m) for m in cfg.get("models") or []] + [cfg.get("base_model")]
+    for ref in (str(r) for r in refs if r is not None):
+        if "+" not in ref:
+            continue
+        if Path(ref).expanduser().exists():
+            raise ShadowMergeError(f"{path}: the model path {ref} contains '+', which mergekit reads as MODEL+LORA "
+                                   f"(a LoRA merged into a model); rename the folder, or link it under a name "
+                                   f"without '+'")
+        if shadow:
+            raise ShadowMergeError(f"{path}: {ref} is mergekit's MODEL+LORA syntax; shadow_graft takes full models. "
+                                   f"To graft a LoRA adapter trained on the Base, use shadowmerge graft --instruct "
+                                   f"INSTRUCT --lora ADAPTER --out OUT (exact, with no merged copy of the Base)")
+
+
+def _float32_inputs(cfg: dict, roles: dict) -> None:
+    """shadow_graft reads its inputs in float32 and casts once to the output dtype, as graft does.
+
+    mergekit loads every input in `dtype`: with `dtype: bfloat16` a float32 tuned model would be rounded
+    before the subtraction. The output dtype is `out_dtype`, else `dtype`, else the Instruct's.
+    """
+    out = cfg.get("out_dtype") or cfg.get("dtype")
+    if out is None:
+        inst_cfg = Checkpoint.open(roles["instruct"], "instruct").config
+        out = inst_cfg.get("dtype") or inst_cfg.get("torch_dtype")
+    if isinstance(out, str) and dtype_name(out):
+        cfg["out_dtype"], cfg["dtype"] = dtype_name(out), "float32"
+
+
+def check_complete(folder: Path, roles: dict, dtype) -> list[str]:
+    """mergekit's output must hold exactly the Instruct's tensors (a tied lm_head left out), shapes and dtype.
+
+    mergekit guesses where it has no architecture definition, and may drop whole towers or experts. An
+    output head that mergekit writes although the Instruct ties it (untied Base/Tuned) is removed, as
+    graft leaves it out: the model loads with the Instruct's config, which ties it. Returns those names."""
+    from .deltas import OUTPUT_EMBEDDINGS
+    from .pipeline import parse_dtype
+
+    inst = Checkpoint.open(roles["instruct"], "instruct")
+    tied = inst.tie_word_embeddings
+    want = {n: i for n, i in inst.tensors.items() if not (tied and n.endswith(OUTPUT_EMBEDDINGS))}
+    out = Checkpoint(folder, "mergekit output", str(folder))
+    tied_away = sorted(n for n in out.tensors if tied and n.endswith(OUTPUT_EMBEDDINGS) and n not in want)
+    if tied_away:
+        out.close()
+        drop_tensors(folder, set(tied_away))
+        out = Checkpoint(folder, "mergekit output", str(folder))
+    try:
+        missing = sorted(set(want) - set(out.tensors))
+        extra = sorted(set(out.tensors) - set(want))
+        out_dtype = parse_dtype(dtype_name(dtype)) if dtype else None
+        wrong = sorted(n for n in set(want) & set(out.tensors)
+                       if out.tensors[n].shape != want[n].shape
+                       or (out_dtype is not None and want[n].dtype.is_floating_point
+                           and out.tensors[n].dtype != out_dtype))
+    finally:
+        out.close()
+        inst.close()
+    if missing or extra or wrong:
+        parts = [f"{len(v)} {what} (e.g. {', '.join(v[:3])})" for v, what in
+                 ((missing, "of the instruct's tensors missing"), (extra, "tensors the instruct does not have"),
+                  (wrong, "with another shape or dtype")) if v]
+        raise ShadowMergeError(
+            f"mergekit's output is not a complete model: {'; '.join(parts)}. mergekit has no exact architecture "
+            f"definition for this model, so it guessed; use shadowmerge graft --instruct {roles['instruct']} "
+            f"--base {roles['base']} --tuned {roles['tuned']} --out OUT, which handles every layout")
+    return tied_away
+
+
+def drop_tensors(folder: Path, names: set[str]) -> None:
+    """Rewrite the shards of folder that hold `names` without them (bytes copied in the kernel), and the index."""
+    from .stformat import build_header, read_header
+
+    index = folder / "model.safetensors.index.json"
+    for shard in sorted(folder.glob("*.safetensors")):
+        start, tensors, meta = read_header(shard, shard.stat().st_size)
+        if not names & set(tensors):
+            continue
+        keep = sorted(((n, t) for n, t in tensors.items() if n not in names), key=lambda kv: kv[1][2])
+        if not keep:
+            shard.unlink()
+            continue
+        header, _ = build_header([(n, d, shape, end - begin) for n, (d, shape, begin, end) in keep], meta or None)
+        new = shard.with_name(f".{shard.name}.new")
+        with open(shard, "rb") as src, open(new, "wb") as dst:
+            dst.write(header)
+            dst.flush()
+            for _, (_, _, begin, end) in keep:
+                pos, left = start + begin, end - begin
+                while left:
+                    got = os.copy_file_range(src.fileno(), dst.fileno(), left, pos)
+                    if got <= 0:
+                        raise ShadowMergeError(f"{shard}: ended while rewriting it; run again")
+                    pos, left = pos + got, left - got
+        os.replace(new, shard)
+    if index.is_file():
+        doc = json.loads(index.read_text())
+        doc["weight_map"] = {n: f for n, f in doc["weight_map"].items()
+                             if n not in names and (folder / f).is_file()}
+        index.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def _recompute_inputs(cfg: dict, roles: dict, instruct: Path, dtype) -> dict | None:
@@ -168,7 +276,13 @@ def _mergekit_yaml(cfg: dict, out: Path, args: tuple[str, ...]) -> None:
     except (ShadowMergeError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [""])[0]
-        raise ShadowMergeError(f"mergekit failed: {type(exc).__name__}: {reason}") from None
+        raise ShadowMergeError(f"mergekit failed: {type(exc).__name__}: {error_line(exc)}") from None
     finally:
         os.unlink(cfg_path)
+
+
+def error_line(exc: BaseException) -> str:
+    """The line of a (long, multi-line) exception message that says what went wrong: its last real line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("For further information", "http", "Traceback", "File "))]
+    return (lines[-1] if lines else type(exc).__name__)[:300]

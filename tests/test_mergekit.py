@@ -212,3 +212,102 @@ def test_a_failure_inside_mergekit_is_one_line_and_leaves_nothing(triple, cli, t
     # mergekit's own progress bars come first; the error is the last line, and one line
     assert res.stderr.strip().splitlines()[-1].startswith("error: mergekit failed: ValueError: Tensor size mismatch")
     assert sorted(p.name for p in tmp_path.iterdir()) == listing and tree_digest(inst, base, other) == before
+
+
+# --- never an incomplete model with exit 0 (issue 11, part 6) ------------------------------------
+
+@pytest.mark.parametrize("damage, expect", [
+    ("drop", "1 of the instruct's tensors missing (e.g. model.layers.1.mlp.up_proj.weight)"),
+    ("add", "1 tensors the instruct does not have (e.g. model.vision_tower.extra.weight)"),
+    ("reshape", "1 with another shape or dtype (e.g. model.layers.1.mlp.up_proj.weight)"),
+])
+def test_an_incomplete_mergekit_output_is_an_error(triple, cli, tmp_path, monkeypatch, damage, expect):
+    """mergekit guesses unknown architectures and may drop tensors; the wrapper checks against the Instruct."""
+    from safetensors.torch import load_file, save_file
+
+    from shadowmerge import mergekit_run
+
+    real = mergekit_run._mergekit_yaml
+
+    def lossy(cfg, out, args):
+        real(cfg, out, args)
+        shard = next(Path(out).glob("*.safetensors"))
+        sd = load_file(shard)
+        name = "model.layers.1.mlp.up_proj.weight"
+        if damage == "drop":
+            del sd[name]
+        elif damage == "add":
+            sd["model.vision_tower.extra.weight"] = torch.zeros(2, dtype=torch.bfloat16)
+        else:
+            sd[name] = sd[name].reshape(-1)
+        save_file(sd, shard, metadata={"format": "pt"})
+        index = Path(out) / "model.safetensors.index.json"
+        if index.exists():
+            doc = json.loads(index.read_text())
+            doc["weight_map"] = {n: f for n, f in doc["weight_map"].items() if n in sd}
+            doc["weight_map"].update({n: shard.name for n in sd if n not in doc["weight_map"]})
+            index.write_text(json.dumps(doc))
+    monkeypatch.setattr(mergekit_run, "_mergekit_yaml", lossy)
+    inst, base, tuned = triple
+    err = run_bad(cli, tmp_path, [inst, base, tuned], shadow_yaml(tmp_path / "c.yml", inst, base, tuned),
+                  command=("mergekit",), expect="mergekit's output is not a complete model")
+    assert expect in err and f"use shadowmerge graft --instruct {inst}" in err
+
+
+def test_model_paths_with_a_plus(triple, cli, tmp_path):
+    import shutil
+
+    inst, base, tuned = triple
+    plus = tmp_path / "tuned+v2"
+    shutil.copytree(tuned, plus)
+    err = run_bad(cli, tmp_path, [inst, base, tuned, plus], shadow_yaml(tmp_path / "c.yml", inst, base, plus),
+                  command=("mergekit",), expect="contains '+', which mergekit reads as MODEL+LORA")
+    assert "rename the folder" in err
+    err = run_bad(cli, tmp_path, [inst, base, tuned], shadow_yaml(tmp_path / "d.yml", inst, base, f"{base}+{tmp_path}/ad"),
+                  command=("mergekit",), expect="is mergekit's MODEL+LORA syntax; shadow_graft takes full models")
+    assert "shadowmerge graft --instruct INSTRUCT --lora ADAPTER" in err
+
+
+def test_a_float32_tuned_model_is_exact_with_a_bf16_config(triple, cli, tmp_path, make_triple):
+    """The ready configs say dtype: bfloat16; the wrapper still reads every input in float32, as graft does."""
+    from safetensors.torch import load_file, save_file
+
+    inst, base, tuned = triple
+    fp32 = load_file(tuned / "model.safetensors")
+    g = torch.Generator().manual_seed(5)
+    fp32 = {k: v.float() + 1e-4 * torch.randn(v.shape, generator=g) for k, v in fp32.items()}   # not bf16-exact
+    save_file(fp32, tuned / "model.safetensors", metadata={"format": "pt"})
+    res = cli("mergekit", shadow_yaml(tmp_path / "c.yml", inst, base, tuned), tmp_path / "sg")
+    assert res.exit_code == 0, res.output
+    got, want = state(tmp_path / "sg"), graft(cli, tmp_path / "graft", inst, base, tuned)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype == torch.bfloat16 and torch.equal(got[name], want[name]), name
+
+
+def test_error_line_is_the_meaningful_one():
+    from shadowmerge.mergekit_run import error_line
+
+    long = "\n".join([f"  context line {i}" for i in range(67)] + ["", "Tensor lm_head.weight required but not present"])
+    assert error_line(RuntimeError(long)) == "Tensor lm_head.weight required but not present"
+    pydantic = "1 validation error for MergeConfiguration\nmodels.0\n  Field required\nFor further information visit https://x"
+    assert error_line(ValueError(pydantic)) == "Field required"
+    assert error_line(RuntimeError("")) == "RuntimeError"
+
+
+def test_tied_instruct_with_untied_base_and_tuned_gives_the_graft_model(cli, tmp_path):
+    """mergekit writes an lm_head the tied Instruct does not have; the wrapper leaves it out, as graft does."""
+    from tinymodels import build, perturb, save
+
+    inst = save(build("qwen2", 0), tmp_path / "instruct")
+    base = save(perturb(build("qwen2", 0, tie_word_embeddings=False), 0.02, 1), tmp_path / "base", eos=7)
+    tuned = save(perturb(perturb(build("qwen2", 0, tie_word_embeddings=False), 0.02, 1), 0.01, 2),
+                 tmp_path / "tuned", eos=7)
+    res = cli("mergekit", shadow_yaml(tmp_path / "c.yml", inst, base, tuned), tmp_path / "sg")
+    assert res.exit_code == 0, res.output
+    got, want = state(tmp_path / "sg"), graft(cli, tmp_path / "graft", inst, base, tuned)
+    assert "lm_head.weight" not in got and got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    record = json.loads((tmp_path / "sg" / "shadowmerge.json").read_text())
+    assert [d["name"] for d in record["dropped"]] == ["lm_head.weight"]
+    assert cli("verify", tmp_path / "sg", "--recompute", "-q").exit_code == 0

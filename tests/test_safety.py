@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from adapters import make_adapter
-from conftest import tree_digest
+from conftest import one_line_error, tree_digest
 
 SLOW_CLI = """
 import sys, time
@@ -52,13 +52,6 @@ def start(args, slow=0.05):
 
 def shadowmerge(*args):
     return subprocess.run([sys.executable, "-m", "shadowmerge", *map(str, args)], capture_output=True, text=True)
-
-
-def one_line_error(err: str, expect: str):
-    """stderr ends in exactly one `error: ...` line (mergekit's own progress bars may come before it)."""
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert "Traceback" not in err and lines and lines[-1].startswith("error: "), err
-    assert sum(line.startswith("error:") for line in lines) == 1 and expect in lines[-1], err
 
 
 def beside(folder: Path) -> list[str]:
