@@ -4,8 +4,10 @@ Python's `re` has no timeout, and `(.*)*X` against a long module name backtracks
 `regex` package matches with a timeout, but compiles counted repetitions by expanding them
 (`a{1000000000}` takes many GB). So a pattern is first parsed by `re`'s own parser (peft and
 transformers use `re`, so this is the syntax adapters are written for, and parsing expands
-nothing); patterns that are too long or whose repetitions would expand too far are refused; then
-`regex` compiles it and every match runs under a timeout drawn from one budget per Matcher.
+nothing); patterns that are too long, that nest an unbounded repetition in another (`(.*)*X`, the
+classic catastrophic shape), or whose repetitions would expand too far are refused; then `regex`
+compiles it and every match runs under a timeout drawn from one budget per Matcher (the backstop
+for the slow patterns no static rule sees, like `(.|[a-z])*\d\d`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,37 @@ except ImportError:                     # pragma: no cover - Python 3.10
 MAX_LENGTH = 1000           # characters of one pattern
 MAX_EXPANSION = 10_000      # pattern items after expanding counted repetitions
 BUDGET_SECONDS = 2.0        # all matching of one Matcher (an adapter config, or the --include/--exclude pair)
+
+
+_REPEATS = tuple(op for op in (_c.MAX_REPEAT, _c.MIN_REPEAT, getattr(_c, "POSSESSIVE_REPEAT", None)) if op)
+
+
+def _nested_unbounded(items, inside: bool = False) -> bool:
+    """Does an unbounded repetition contain another one (`(.*)*`, `(a+)+`): the shape that backtracks exponentially."""
+    for op, av in items:
+        subs = []
+        if op in _REPEATS:
+            lo, hi, sub = av
+            if hi == _c.MAXREPEAT:
+                if inside:
+                    return True
+                if _nested_unbounded(sub, True):
+                    return True
+                continue
+            subs = [sub]
+        elif op == _c.SUBPATTERN:
+            subs = [av[-1]]
+        elif op == _c.BRANCH:
+            subs = av[1]
+        elif op in (_c.ASSERT, _c.ASSERT_NOT):
+            subs = [av[1]]
+        elif op == getattr(_c, "ATOMIC_GROUP", None):
+            subs = [av]
+        elif op == _c.GROUPREF_EXISTS:
+            subs = [b for b in av[1:] if b is not None]
+        if any(_nested_unbounded(sub, inside) for sub in subs):
+            return True
+    return False
 
 
 def _expansion(items) -> int:
@@ -73,6 +106,9 @@ class Matcher:
             parsed = _p.parse(pattern)
         except (re.error, OverflowError, RecursionError) as exc:
             raise ShadowMergeError(f"{where} {pattern[:80]!r} is not a valid regular expression ({exc})") from None
+        if _nested_unbounded(parsed):
+            raise ShadowMergeError(f"{where} {pattern[:80]!r} nests one unbounded repetition in another (like "
+                                   f"(.*)*), which can backtrack for minutes; simplify it")
         if _expansion(parsed) > MAX_EXPANSION:
             raise ShadowMergeError(f"{where} {pattern[:80]!r} repeats too much (counted repetitions expand past "
                                    f"{MAX_EXPANSION} items); simplify it")
