@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import __version__, hub, yamlfile
+from . import __version__, yamlfile
 from .checkpoint import Checkpoint
 from .errors import ShadowMergeError
 from .output import OutputFolder, copy_side_files, make_readable, side_files, write_record
@@ -105,16 +105,17 @@ def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = ()
     method = cfg.get("merge_method")
     _check_plus(cfg, config, method == "shadow_graft")
     roles = check_shadow_graft(cfg, config) if method == "shadow_graft" else None
-    if roles is not None:
-        _float32_inputs(cfg, roles)
     from .mergekit import register
 
     register()
 
     validate(cfg, config)
-    for role, ref in (roles or {}).items():    # headers and configs checked as graft checks them (e.g. quantized)
-        Checkpoint.open(ref, role).close()
-    instruct = hub.resolve(roles["instruct"]) if roles else None
+    # The three models, opened once as graft opens them (headers and config: e.g. quantized ones are refused).
+    # Only headers are read, so they hold no open file.
+    ckpts = {role: Checkpoint.open(ref, role) for role, ref in roles.items()} if roles else {}
+    if ckpts:
+        _float32_inputs(cfg, ckpts["instruct"])
+    instruct = ckpts["instruct"].folder if ckpts else None
     local = [Path(_model_ref(m)) for m in cfg.get("models") or [] if _model_ref(m) and Path(_model_ref(m)).is_dir()]
     if cfg.get("base_model") and Path(str(cfg["base_model"])).is_dir():
         local.append(Path(str(cfg["base_model"])))
@@ -136,11 +137,11 @@ def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = ()
                     p.unlink()
             dtype = cfg.get("out_dtype") or cfg.get("dtype")
             names = copy_side_files(instruct, tmp, dtype_name(dtype), skip=_KEEP)
-            dropped = check_complete(tmp, roles, dtype)
+            dropped = check_complete(tmp, ckpts["instruct"], roles, dtype)
             record.update(roles=roles, side_files_from=str(instruct), side_files=names,
                           dropped=[{"name": n, "why": "the instruct config ties it to the input embedding"}
                                    for n in dropped],
-                          recompute=_recompute_inputs(cfg, roles, instruct, dtype))
+                          recompute=_recompute_inputs(cfg, ckpts, dtype))
         write_record(tmp, record)
         target.commit()
     return target.target
@@ -162,7 +163,7 @@ def _check_plus(cfg: dict, path, shadow: bool) -> None:
                                    f"INSTRUCT --lora ADAPTER --out OUT (exact, with no merged copy of the Base)")
 
 
-def _float32_inputs(cfg: dict, roles: dict) -> None:
+def _float32_inputs(cfg: dict, inst: Checkpoint) -> None:
     """shadow_graft reads its inputs in float32 and casts once to the output dtype, as graft does.
 
     mergekit loads every input in `dtype`: with `dtype: bfloat16` a float32 tuned model would be rounded
@@ -170,13 +171,12 @@ def _float32_inputs(cfg: dict, roles: dict) -> None:
     """
     out = cfg.get("out_dtype") or cfg.get("dtype")
     if out is None:
-        inst_cfg = Checkpoint.open(roles["instruct"], "instruct").config
-        out = inst_cfg.get("dtype") or inst_cfg.get("torch_dtype")
+        out = inst.config.get("dtype") or inst.config.get("torch_dtype")
     if isinstance(out, str) and dtype_name(out):
         cfg["out_dtype"], cfg["dtype"] = dtype_name(out), "float32"
 
 
-def check_complete(folder: Path, roles: dict, dtype) -> list[str]:
+def check_complete(folder: Path, inst: Checkpoint, roles: dict, dtype) -> list[str]:
     """mergekit's output must hold exactly the Instruct's tensors (a tied lm_head left out), shapes and dtype.
 
     mergekit guesses where it has no architecture definition, and may drop whole towers or experts. An
@@ -185,11 +185,10 @@ def check_complete(folder: Path, roles: dict, dtype) -> list[str]:
     from .deltas import OUTPUT_EMBEDDINGS
     from .pipeline import parse_dtype
 
-    inst = Checkpoint.open(roles["instruct"], "instruct")
     tied = inst.tie_word_embeddings
     want = {n: i for n, i in inst.tensors.items() if not (tied and n.endswith(OUTPUT_EMBEDDINGS))}
     out = Checkpoint(folder, "mergekit output", str(folder))
-    tied_away = sorted(n for n in out.tensors if tied and n.endswith(OUTPUT_EMBEDDINGS) and n not in want)
+    tied_away = sorted(n for n in out.tensors if tied and n.endswith(OUTPUT_EMBEDDINGS))
     if tied_away:
         out.close()
         drop_tensors(folder, set(tied_away))
@@ -204,7 +203,6 @@ def check_complete(folder: Path, roles: dict, dtype) -> list[str]:
                            and out.tensors[n].dtype != out_dtype))
     finally:
         out.close()
-        inst.close()
     if missing or extra or wrong:
         parts = [f"{len(v)} {what} (e.g. {', '.join(v[:3])})" for v, what in
                  ((missing, "of the instruct's tensors missing"), (extra, "tensors the instruct does not have"),
@@ -249,14 +247,12 @@ def drop_tensors(folder: Path, names: set[str]) -> None:
         index.write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def _recompute_inputs(cfg: dict, roles: dict, instruct: Path, dtype) -> dict | None:
+def _recompute_inputs(cfg: dict, ckpts: dict[str, Checkpoint], dtype) -> dict | None:
     """The graft that a shadow_graft config computes, for `shadowmerge verify --recompute` (None if not plain)."""
     alpha = (cfg.get("parameters") or {}).get("alpha", 1.0) if isinstance(cfg.get("parameters"), dict) else None
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         return None       # per-tensor or filtered alpha: not one graft
-    paths = {"instruct": str(instruct.absolute())}
-    for role in ("base", "tuned"):
-        paths[role] = str(hub.resolve(roles[role]).absolute())
+    paths = {role: str(c.folder.absolute()) for role, c in ckpts.items()}
     return {"tool": "shadowmerge graft", "input_paths": paths, "alpha": float(alpha),
             "dtype": dtype_name(dtype) or "as the instruct", "vocab": "error", "include": None, "exclude": None}
 

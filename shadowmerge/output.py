@@ -328,9 +328,7 @@ class OutputFolder:
                     break
                 except FileExistsError:
                     if not self.force:
-                        raise ShadowMergeError(
-                            f"{target} appeared while this run was writing; it was left as it is and this run's "
-                            f"output was removed; choose another {self.flag} or pass --force to replace it") from None
+                        raise self._appeared() from None
                 try:
                     rename(tmp, target, exchange=True)
                     self._old = tmp          # the old output now lives at the temporary name
@@ -342,15 +340,19 @@ class OutputFolder:
                 raise
             self._fallback_put_in_place()
         self.tmp = None
+        self._made = []          # the parents made for the target now hold it
+
+    def _appeared(self) -> ShadowMergeError:
+        return ShadowMergeError(f"{self.target} appeared while this run was writing; it was left as it is and this "
+                                f"run's output was removed; choose another {self.flag} or pass --force to replace it")
 
     def _fallback_put_in_place(self) -> None:
         """Without renameat2: claim the target with mkdir (atomic), then rename over that empty folder."""
         tmp, target = self.tmp, self.target
         if os.path.lexists(target):
             if not self.force:
-                raise ShadowMergeError(f"{target} appeared while this run was writing; it was left as it is and this "
-                                       f"run's output was removed; choose another {self.flag} or pass --force")
-            old = Path(str(tmp) + "-old")
+                raise self._appeared()
+            old = Path(f"{tmp}old")      # still named like this run's temporary folders, so a later run can clean it
             os.rename(target, old)
             self._old = old
         os.mkdir(target)
@@ -434,15 +436,25 @@ def files_under(folder: Path) -> list[str]:
     return sorted(out)
 
 
+def header_tensors(path: Path, size: int) -> dict[str, list]:
+    """{tensor name: [dtype name, shape]} of one safetensors file, from its (validated) header."""
+    from .stformat import NAMES, read_header
+
+    _, tensors, _ = read_header(path, size)
+    return {t: [NAMES[d], list(shape)] for t, (d, shape, _, _) in tensors.items()}
+
+
 def manifest(folder: Path, skip: str, known: dict[str, str] | None = None) -> dict:
     """{relative path: {size, sha256[, tensors: {name: [dtype, shape]}]}} for every file but `skip`.
 
-    `known` holds the sha256 of files hashed while they were written; the others are read here."""
+    `known` holds the sha256 of files hashed while they were written, and the manifests of records in
+    subfolders (train's shadow/, written and sealed in this same run) give theirs; the rest is read here."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .stformat import NAMES, read_header
-
-    known = known or {}
+    known = dict(known or {})
+    for sub in folder.glob(f"*/{RECORD}"):
+        for name, entry in (json.loads(sub.read_text()).get("manifest") or {}).items():
+            known.setdefault(f"{sub.parent.name}/{name}", entry["sha256"])
     names = [n for n in files_under(folder) if n != skip]
     with ThreadPoolExecutor(2, thread_name_prefix="shadowmerge-sha256") as pool:
         digests = list(pool.map(lambda n: known.get(n) or sha256_file(folder / n), names))
@@ -451,8 +463,7 @@ def manifest(folder: Path, skip: str, known: dict[str, str] | None = None) -> di
         path = folder / name
         entry: dict = {"size": path.stat().st_size, "sha256": digest}
         if name.endswith(".safetensors"):
-            _, tensors, _ = read_header(path, entry["size"])
-            entry["tensors"] = {t: [NAMES[d], list(shape)] for t, (d, shape, _, _) in tensors.items()}
+            entry["tensors"] = header_tensors(path, entry["size"])
         out[name] = entry
     return out
 

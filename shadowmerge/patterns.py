@@ -33,53 +33,44 @@ BUDGET_SECONDS = 2.0        # all matching of one Matcher (an adapter config, or
 _REPEATS = tuple(op for op in (_c.MAX_REPEAT, _c.MIN_REPEAT, getattr(_c, "POSSESSIVE_REPEAT", None)) if op)
 
 
+def _children(op, av) -> list:
+    """The sub-patterns of one node of re's parse tree (empty for a leaf: a literal, a class, an anchor)."""
+    if op in _REPEATS:
+        return [av[2]]
+    if op == _c.SUBPATTERN:
+        return [av[-1]]
+    if op == _c.BRANCH:
+        return list(av[1])
+    if op in (_c.ASSERT, _c.ASSERT_NOT):
+        return [av[1]]
+    if op == getattr(_c, "ATOMIC_GROUP", None):
+        return [av]
+    if op == _c.GROUPREF_EXISTS:
+        return [b for b in av[1:] if b is not None]
+    return []
+
+
 def _nested_unbounded(items, inside: bool = False) -> bool:
     """Does an unbounded repetition contain another one (`(.*)*`, `(a+)+`): the shape that backtracks exponentially."""
     for op, av in items:
-        subs = []
-        if op in _REPEATS:
-            lo, hi, sub = av
-            if hi == _c.MAXREPEAT:
-                if inside:
-                    return True
-                if _nested_unbounded(sub, True):
-                    return True
-                continue
-            subs = [sub]
-        elif op == _c.SUBPATTERN:
-            subs = [av[-1]]
-        elif op == _c.BRANCH:
-            subs = av[1]
-        elif op in (_c.ASSERT, _c.ASSERT_NOT):
-            subs = [av[1]]
-        elif op == getattr(_c, "ATOMIC_GROUP", None):
-            subs = [av]
-        elif op == _c.GROUPREF_EXISTS:
-            subs = [b for b in av[1:] if b is not None]
-        if any(_nested_unbounded(sub, inside) for sub in subs):
+        unbounded = op in _REPEATS and av[1] == _c.MAXREPEAT
+        if unbounded and inside:
+            return True
+        if any(_nested_unbounded(sub, inside or unbounded) for sub in _children(op, av)):
             return True
     return False
 
 
 def _expansion(items) -> int:
+    """Pattern items after expanding counted repetitions (what `regex` compiles), stopping past the bound."""
     total = 0
     for op, av in items:
-        if op in (_c.MAX_REPEAT, _c.MIN_REPEAT, getattr(_c, "POSSESSIVE_REPEAT", None)):
-            lo, hi, sub = av
-            times = max(lo, 1) if hi == _c.MAXREPEAT else max(lo, hi, 1)
-            total += times * _expansion(sub)
-        elif op == _c.SUBPATTERN:
-            total += _expansion(av[-1])
-        elif op == _c.BRANCH:
-            total += sum(_expansion(b) for b in av[1])
-        elif op in (_c.ASSERT, _c.ASSERT_NOT):
-            total += _expansion(av[1])
-        elif op == getattr(_c, "ATOMIC_GROUP", None):
-            total += _expansion(av)
-        elif op == _c.GROUPREF_EXISTS:
-            total += sum(_expansion(b) for b in av[1:] if b is not None)
+        subs = _children(op, av)
+        if op in _REPEATS:
+            lo, hi, _ = av
+            total += (max(lo, 1) if hi == _c.MAXREPEAT else max(lo, hi, 1)) * _expansion(subs[0])
         else:
-            total += 1
+            total += sum(_expansion(sub) for sub in subs) if subs else 1
         if total > MAX_EXPANSION:
             break
     return total

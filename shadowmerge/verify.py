@@ -19,10 +19,10 @@ import torch
 from . import engine, jsonfile
 from .checkpoint import Checkpoint, TensorStore
 from .errors import ShadowMergeError
-from .output import RECORD, files_under, sha256_file
+from .output import RECORD, files_under, header_tensors, sha256_file
 from .pipeline import open_and_plan, parse_device, parse_dtype
 from .progress import bar as progress_bar
-from .stformat import NAMES, itemsize, read_header
+from .stformat import itemsize
 
 RECORDS = (RECORD, "run.json")
 
@@ -67,15 +67,15 @@ def _manifest(folder: Path, name: str, record: dict) -> dict:
     return manifest
 
 
-def check_files(folder: Path, name: str, record: dict, on_bytes=None) -> tuple[int, int]:
-    """Files, headers and sha256 against the record's manifest; returns (files, tensors) checked."""
-    manifest = _manifest(folder, name, record)
+def check_files(folder: Path, name: str, manifest: dict, on_bytes=None) -> tuple[int, int]:
+    """Files, headers and sha256 against a record's (checked) manifest; returns (files, tensors) checked."""
     present = set(files_under(folder)) - {name}
-    for rel in sorted(set(manifest) - present):
-        raise ShadowMergeError(f"{folder / rel} is missing (the record lists it); {HINT}")
-    for rel in sorted(present - set(manifest)):
-        raise ShadowMergeError(f"{folder / rel} is not in the record's manifest (added after the run?); remove it "
-                               f"or {HINT}")
+    missing, added = sorted(set(manifest) - present), sorted(present - set(manifest))
+    if missing:
+        raise ShadowMergeError(f"{folder / missing[0]} is missing (the record lists it); {HINT}")
+    if added:
+        raise ShadowMergeError(f"{folder / added[0]} is not in the record's manifest (added after the run?); remove "
+                               f"it or {HINT}")
     tensors = 0
     for rel in sorted(manifest):
         entry = manifest[rel]
@@ -83,8 +83,7 @@ def check_files(folder: Path, name: str, record: dict, on_bytes=None) -> tuple[i
         if size != entry.get("size"):
             raise ShadowMergeError(f"{path} has {size} bytes, the record says {entry.get('size')}; {HINT}")
         if "tensors" in entry:
-            _, found, _ = read_header(path, size)
-            have = {t: [NAMES[d], list(shape)] for t, (d, shape, _, _) in found.items()}
+            have = header_tensors(path, size)
             if have != entry["tensors"]:
                 wrong = sorted(set(have) ^ set(entry["tensors"])) or \
                     sorted(t for t in have if have[t] != entry["tensors"][t])
@@ -185,9 +184,9 @@ def verify(out: str | Path, *, recompute: bool = False, sample: int | None = Non
         raise ShadowMergeError("--sample goes with --recompute (it picks the tensors to recompute)")
     dev = parse_device(device)
     name, record = _load_record(folder)
-    total = sum(e["size"] for e in _manifest(folder, name, record).values())
-    with progress_bar(total, progress, "verify") as bar:
-        files, tensors = check_files(folder, name, record, bar.update)
+    manifest = _manifest(folder, name, record)
+    with progress_bar(sum(e["size"] for e in manifest.values()), progress, "verify") as bar:
+        files, tensors = check_files(folder, name, manifest, bar.update)
     recomputed = 0
     if recompute:
         targets = []

@@ -220,9 +220,9 @@ def _finalise_record(folder: Path, tmp: Path, final: Path) -> None:
     rec = json.loads(path.read_text())
     rec["input_paths"] = {k: str(final / Path(v).relative_to(tmp)) if Path(v).is_relative_to(tmp) else v
                           for k, v in rec.get("input_paths", {}).items()}
-    rec.pop("manifest", None)
+    known = {n: e["sha256"] for n, e in rec.pop("manifest", {}).items() if n != "README.md"}   # train wrote only the card
     path.write_text(json.dumps(rec, indent=2) + "\n")
-    seal(folder)
+    seal(folder, known=known)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
