@@ -123,6 +123,35 @@ def test_a_folder_that_appears_at_the_target_is_never_replaced(cli, tmp_path, tr
     assert not (out / "theirs.txt").exists() and beside(tmp_path) == sorted(set(listing) | {"out"})
 
 
+def test_without_renameat2_the_fallback_keeps_the_same_promises(cli, tmp_path, triple, monkeypatch):
+    """Not Linux, or a filesystem without renameat2: mkdir claims the target, then a rename over that folder."""
+    from shadowmerge import output
+
+    monkeypatch.setattr(output, "_RENAMEAT2", None)
+    out = tmp_path / "out"
+    res = cli(*graft_args(triple, out))
+    assert res.exit_code == 0, res.output
+    assert beside(tmp_path) == sorted([triple[0].parent.name, "out"])
+    assert cli("verify", out, "-q").exit_code == 0
+    real = output.OutputFolder._put_in_place
+    listing = beside(tmp_path)
+
+    def appear(self):
+        self.target.mkdir(exist_ok=True)
+        (self.target / "theirs.txt").write_text("precious")
+        return real(self)
+    monkeypatch.setattr(output.OutputFolder, "_put_in_place", appear)
+    res = cli(*graft_args(triple, tmp_path / "new"))
+    assert res.exit_code == 1
+    one_line_error(res.stderr, "appeared while this run was writing; it was left as it is")
+    assert (tmp_path / "new" / "theirs.txt").read_text() == "precious"
+    assert beside(tmp_path) == sorted(listing + ["new"])
+    res = cli(*graft_args(triple, out, "--force", "--alpha", "0.5"))      # --force replaces it, the old one is removed
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "shadowmerge.json").read_text())["alpha"] == 0.5 and not (out / "theirs.txt").exists()
+    assert beside(tmp_path) == sorted(listing + ["new"])
+
+
 # --- racing processes ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("force", [False, True])

@@ -136,6 +136,9 @@ def test_lora_graft_retarget_and_mergekit_outputs_verify(cli, tmp_path, triple):
     ("not a folder", "is not a folder"),
     ("sample without recompute", "--sample goes with --recompute"),
     ("sample zero", "--sample must be at least 1"),
+    ("an entry's size a string", "the size of 'config.json' is a string"),
+    ("an entry leaving the folder", "manifest entry '../escape.txt' leaves the folder"),
+    ("no input paths", "names no input folders (written by an older shadowmerge)"),
 ])
 def test_bad_verify_input(cli, tmp_path, triple, case, expect):
     out = graft(cli, triple, tmp_path / "out")
@@ -155,6 +158,16 @@ def test_bad_verify_input(cli, tmp_path, triple, case, expect):
         record.write_text(json.dumps(rec))
     elif case == "not a folder":
         out = out / "config.json"
+    elif case in ("an entry's size a string", "an entry leaving the folder", "no input paths"):
+        rec = json.loads(record.read_text())
+        if case == "an entry's size a string":
+            rec["manifest"]["config.json"]["size"] = "12"
+        elif case == "an entry leaving the folder":
+            rec["manifest"]["../escape.txt"] = {"size": 1, "sha256": "0" * 64}
+        else:
+            del rec["input_paths"]
+            extra = ["--recompute"]
+        record.write_text(json.dumps(rec))
     elif case == "sample without recompute":
         extra = ["--sample", "2"]
     else:
