@@ -7,7 +7,10 @@ once default (bf16 math) and once exact (dtype float32, out_dtype bfloat16). Pri
 peak RSS of each process and checks that the outputs agree. The I/O floor is `cat INPUTS | cat >
 /dev/null`: GNU cat writing straight to /dev/null does not read the data at all.
 
-    python benchmarks/bench_graft.py --sizes 0.5B 2B [--work benchmarks/work] [--markdown out.md]
+`--device cpu cuda` runs shadowmerge once per device and checks the outputs are bit-identical to the
+first device's; where mergekit is not installed (a GPU machine), its rows are left out.
+
+    python benchmarks/bench_graft.py --sizes 0.5B 2B [--device cpu cuda] [--work DIR] [--markdown out.md]
 
 Run by hand (minutes, ~25 GB of disk for 2B); never part of the test suite.
 """
@@ -30,9 +33,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
+    "tiny": (256, 1024, 4, 4, 2, 4096),          # to check the script itself in seconds
     "0.5B": (1024, 4096, 28, 16, 8, 32000),
     "2B": (2048, 8192, 30, 16, 8, 32000),
+    "8B": (4096, 14336, 32, 32, 8, 128256),
 }
+DEVICES = ["cpu"]           # set by main's --device: where shadowmerge's arithmetic runs, one row each
+SHADOWMERGE = [sys.executable, "-m", "shadowmerge"]
 
 
 def llama_tensors(size: str):
@@ -67,7 +74,8 @@ def build_triple(root: Path, size: str, shard_bytes: int = 1 << 30) -> list[Path
         LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                     num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=False,
                     dtype="bfloat16", architectures=["LlamaForCausalLM"]).save_pretrained(f)
-    g = torch.Generator().manual_seed(0)
+    gen_device = "cuda" if torch.cuda.is_available() else "cpu"      # only to make the inputs faster
+    g = torch.Generator(gen_device).manual_seed(0)
     groups, used = [[]], 0
     for name, shape in llama_tensors(size):
         n = 2 * torch.Size(shape).numel()
@@ -81,11 +89,11 @@ def build_triple(root: Path, size: str, shard_bytes: int = 1 << 30) -> list[Path
         fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
         shards = [{}, {}, {}]
         for name, shape in group:
-            i = torch.randn(shape, generator=g) * 0.02
-            b = i + torch.randn(shape, generator=g) * 0.0005
-            t = b + torch.randn(shape, generator=g) * 0.0002
+            i = torch.randn(shape, generator=g, device=gen_device) * 0.02
+            b = i + torch.randn(shape, generator=g, device=gen_device) * 0.0005
+            t = b + torch.randn(shape, generator=g, device=gen_device) * 0.0002
             for s, x in zip(shards, (i, b, t)):
-                s[name] = x.to(torch.bfloat16)
+                s[name] = x.to(torch.bfloat16).cpu()
         for f, s, idx in zip(folders, shards, index):
             save_file(s, f / fname, metadata={"format": "pt"})
             idx.update({n: fname for n in s})
@@ -97,13 +105,24 @@ def build_triple(root: Path, size: str, shard_bytes: int = 1 << 30) -> list[Path
     return folders
 
 
+# Where GNU time is missing (the GPU machine's image), a tiny Python process plays its part.
+MEASURE = """import resource, subprocess, sys, time
+t0 = time.perf_counter()
+rc = subprocess.call(sys.argv[1:])
+print("BENCH %.2f %d" % (time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss), file=sys.stderr)
+sys.exit(rc)
+"""
+
+
 def timed(cmd: list[str], stdout: list | None = None, **kw) -> tuple[float, float]:
     """Run a command under GNU time; return (wall seconds, peak RSS in GB); append its stdout to `stdout`.
 
     (rusage of a child forked from this process would count this process's own pages.)"""
+    gnu = os.path.exists("/usr/bin/time")
+    wrap = ["/usr/bin/time", "-f", "BENCH %e %M"] if gnu else [sys.executable, "-c", MEASURE]
     with open(os.devnull, "w") as sink:
         kw["stdout"] = subprocess.PIPE if stdout is not None else sink
-        proc = subprocess.run(["/usr/bin/time", "-f", "BENCH %e %M", *cmd], stderr=subprocess.PIPE, text=True, **kw)
+        proc = subprocess.run([*wrap, *cmd], stderr=subprocess.PIPE, text=True, **kw)
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {cmd}\n{proc.stderr[-2000:]}")
     if stdout is not None:
@@ -113,11 +132,13 @@ def timed(cmd: list[str], stdout: list | None = None, **kw) -> tuple[float, floa
 
 
 def final_step(summary: str) -> str:
-    """The sha256-manifest and fsync seconds a graft's summary line reports, e.g. 'sha256 manifest 1.2 s, fsync 0.3 s'."""
+    """From a graft's summary line: its own seconds (start-up and imports not counted), then the sha256-manifest
+    and fsync seconds, e.g. 'in-process 7.1 s; sha256 manifest 1.2 s, fsync 0.3 s'."""
     import re
 
     found = re.findall(r"(sha256 manifest|fsync) ([0-9.]+) s", summary)
-    return ", ".join(f"{k} {v} s" for k, v in found)
+    own = re.search(r"([0-9.]+) s \([0-9]+ MB/s", summary)
+    return (f"in-process {own.group(1)} s; " if own else "") + ", ".join(f"{k} {v} s" for k, v in found)
 
 
 def mergekit_config(folders: list[Path], exact: bool) -> str:
@@ -164,7 +185,7 @@ def bench(size: str, work: Path) -> list[dict]:
     in_bytes = sum(os.path.getsize(p) for p in inputs)
     rows = []
     bin_dir = Path(sys.executable).parent
-    outs = {k: root / f"out-{k}" for k in ("shadowmerge", "mergekit", "mergekit-exact")}
+    outs = {k: root / f"out-{k}" for k in (*DEVICES, "mergekit", "mergekit-exact")}
     for o in outs.values():
         shutil.rmtree(o, ignore_errors=True)
     # GNU cat hands `> /dev/null` to the kernel without reading; a pipe makes it really read every byte
@@ -172,21 +193,28 @@ def bench(size: str, work: Path) -> list[dict]:
     timed(floor)          # warm the page cache alike for everyone
     wall, rss = timed(floor)
     rows.append({"size": size, "tool": "cat of the 3 inputs (I/O floor)", "wall": wall, "rss": rss})
-    said: list[str] = []
-    wall, rss = timed([str(bin_dir / "shadowmerge"), "graft", "--instruct", str(folders[0]), "--base",
-                       str(folders[1]), "--tuned", str(folders[2]), "--out", str(outs["shadowmerge"]), "--quiet",
-                       "--shard-size", "1GB"], stdout=said)
-    rows.append({"size": size, "tool": f"shadowmerge graft (of which {final_step(said[0])})", "wall": wall,
-                 "rss": rss})
-    for key, exact in (("mergekit", False), ("mergekit-exact", True)):
+    for dev in DEVICES:
+        said: list[str] = []
+        wall, rss = timed([*SHADOWMERGE, "graft", "--instruct", str(folders[0]), "--base", str(folders[1]),
+                           "--tuned", str(folders[2]), "--out", str(outs[dev]), "--quiet", "--shard-size", "1GB",
+                           "--device", dev], stdout=said)
+        rows.append({"size": size, "tool": f"shadowmerge graft{device_label(dev)} (of which {final_step(said[0])})",
+                     "wall": wall, "rss": rss})
+        print(f"[{size}] {rows[-1]['tool']}: {wall:.1f} s, {rss:.2f} GB", flush=True)
+    for dev in DEVICES[1:]:
+        d, n, _, _ = compare(outs[DEVICES[0]], outs[dev], folders)
+        rows.append({"size": size, "tool": f"agreement of --device {dev} with --device {DEVICES[0]}", "diff": d,
+                     "total": n})
+    have_mergekit = (bin_dir / "mergekit-yaml").exists()
+    for key, exact in (("mergekit", False), ("mergekit-exact", True)) if have_mergekit else ():
         cfg = root / f"{key}.yml"
         cfg.write_text(mergekit_config(folders, exact))
         wall, rss = timed([str(bin_dir / "mergekit-yaml"), str(cfg), str(outs[key]), "--no-copy-tokenizer",
                            "--quiet"])
         label = "mergekit task_arithmetic, " + ("dtype float32 + out_dtype bf16" if exact else "default (bf16 math)")
         rows.append({"size": size, "tool": label, "wall": wall, "rss": rss})
-    for key in ("mergekit-exact", "mergekit"):
-        d, n, a_ref, b_ref = compare(outs["shadowmerge"], outs[key], folders)
+    for key in ("mergekit-exact", "mergekit") if have_mergekit else ():
+        d, n, a_ref, b_ref = compare(outs[DEVICES[0]], outs[key], folders)
         rows.append({"size": size, "tool": f"agreement with {key}", "diff": d, "total": n, "a_ref": a_ref,
                      "b_ref": b_ref})
     for o in outs.values():
@@ -195,17 +223,25 @@ def bench(size: str, work: Path) -> list[dict]:
     return rows
 
 
+def device_label(dev: str) -> str:
+    """' --device cuda' in a row's label, nothing for a CPU-only run (the tables before GPUs read the same)."""
+    return "" if DEVICES == ["cpu"] else f" --device {dev}"
+
+
 def machine(extra: str = "") -> str:
-    """The line every benchmark table starts with: date, machine, torch."""
+    """The line every benchmark table starts with: date, machine, torch (and the GPU, where one is used)."""
+    gpu = ""
+    if any(d.startswith("cuda") for d in DEVICES):
+        gpu = f", GPU {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
     return (f"Measured {datetime.date.today()} on {platform.node()} ({os.cpu_count()} cores, "
-            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM), "
+            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM{gpu}), "
             f"torch {torch.__version__}, warm page cache{extra}.")
 
 
 def wall_table(rows: list[dict], floor_prefix: str, floor_label: str) -> list[str]:
     """Markdown rows of wall time and RSS per command, with the ratio to the floor command of the same size."""
     out = [f"| size | command | wall s | peak RSS GB | vs {floor_label} |", "|---|---|---|---|---|"]
-    floor = {r["size"]: r["wall"] for r in rows if r["tool"].startswith(floor_prefix)}
+    floor = {r["size"]: max(r["wall"], 0.01) for r in rows if r["tool"].startswith(floor_prefix)}
     for r in rows:
         if "wall" in r:
             out.append(f"| {r['size']} | {r['tool']} | {r['wall']:.1f} | {r['rss']:.2f} | "
@@ -220,14 +256,20 @@ def markdown(rows: list[dict]) -> str:
     out = [machine(), "",
            "| size | command | wall s | peak RSS GB | vs mergekit exact | vs cat |", "|---|---|---|---|---|---|"]
     for size, tools in by.items():
-        cat = tools["cat of the 3 inputs (I/O floor)"]["wall"]
-        exact = tools["mergekit task_arithmetic, dtype float32 + out_dtype bf16"]["wall"]
+        cat = max(tools["cat of the 3 inputs (I/O floor)"]["wall"], 0.01)
+        exact = tools.get("mergekit task_arithmetic, dtype float32 + out_dtype bf16", {}).get("wall")
         for tool, r in tools.items():
             if "wall" in r:
-                out.append(f"| {size} | {tool} | {r['wall']:.1f} | {r['rss']:.2f} | {r['wall'] / exact:.2f}x | "
+                vs = f"{r['wall'] / exact:.2f}x" if exact else "(no mergekit here)"
+                gbs = f", {tools['input bytes']['bytes'] / max(r['wall'], 0.01) / 1e9:.2f} GB/s of input" \
+                    if "input bytes" in tools else ""
+                out.append(f"| {size} | {tool}{gbs} | {r['wall']:.1f} | {r['rss']:.2f} | {vs} | "
                            f"{r['wall'] / cat:.2f}x |")
         for tool, r in tools.items():
-            if "diff" in r:
+            if "diff" in r and "a_ref" not in r:
+                out.append(f"| {size} | shadowmerge output {tool}: {r['diff']:,} of {r['total']:,} elements differ "
+                           f"| | | | |")
+            elif "diff" in r:
                 out.append(f"| {size} | shadowmerge output {tool}: {r['diff']:,} of {r['total']:,} elements differ "
                            f"({100 * r['diff'] / r['total']:.4f} %); of those, shadowmerge equals the exact "
                            f"reference in {r['a_ref']:,}, mergekit in {r['b_ref']:,} | | | | |")
@@ -240,7 +282,9 @@ def main(doc: str = __doc__, sizes=("0.5B", "2B"), run=bench, table=markdown):
     ap.add_argument("--sizes", nargs="+", default=list(sizes), choices=list(SHAPES))
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work")
     ap.add_argument("--markdown", type=Path, help="also write the table to this file")
+    ap.add_argument("--device", nargs="+", default=["cpu"], help="run shadowmerge on each (cpu, cuda)")
     args = ap.parse_args()
+    DEVICES[:] = args.device
     rows = []
     for size in args.sizes:
         rows += run(size, args.work)

@@ -7,7 +7,9 @@ runs, side by side: `cp -r` of the Instruct folder (the floor: every byte read a
 `save_pretrained`) twice: loading the Instruct in bf16 (the usual way) and in float32 with a cast at
 save (exact). Prints wall time and peak RSS of each process (GNU time) and compares the outputs.
 
-    python benchmarks/bench_lora.py --sizes 2B [--work benchmarks/work] [--markdown out.md]
+`--device cpu cuda` runs shadowmerge once per device (rows and agreement checks for each).
+
+    python benchmarks/bench_lora.py --sizes 2B [--device cpu cuda] [--work DIR] [--markdown out.md]
 
 Run by hand (minutes; the 2B inputs take ~12 GB of disk); never part of the test suite.
 """
@@ -24,7 +26,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_graft  # noqa: E402
-from bench_graft import build_triple, final_step, llama_tensors, machine, timed, wall_table  # noqa: E402
+from bench_graft import (DEVICES, SHADOWMERGE, build_triple, device_label, final_step, llama_tensors,  # noqa: E402
+                         machine, timed, wall_table)
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK = 128
@@ -86,32 +89,34 @@ def bench(size: str, work: Path) -> list[dict]:
     root = work / size
     inst = build_triple(root, size)[0]
     adapter = build_adapter(root / "lora-r128", size)
-    bin_dir = Path(sys.executable).parent
-    outs = {k: root / f"out-{k}" for k in ("cp", "shadowmerge", "peft-bf16", "peft-fp32")}
+    outs = {k: root / f"out-{k}" for k in ("cp", *DEVICES, "peft-bf16", "peft-fp32")}
     for o in outs.values():
         shutil.rmtree(o, ignore_errors=True)
     rows = []
     timed(["sh", "-c", 'cat "$@" | cat > /dev/null', "sh", *map(str, inst.glob("*.safetensors"))])  # warm cache
     for label, key, cmd in (
             ("cp -r of the Instruct folder", "cp", ["cp", "-r", str(inst), str(outs["cp"])]),
-            ("shadowmerge graft --lora", "shadowmerge",
-             [str(bin_dir / "shadowmerge"), "graft", "--instruct", str(inst), "--lora", str(adapter), "--out",
-              str(outs["shadowmerge"]), "--quiet", "--shard-size", "1GB"]),
+            *((f"shadowmerge graft --lora{device_label(dev)}", dev,
+               [*SHADOWMERGE, "graft", "--instruct", str(inst), "--lora", str(adapter), "--out", str(outs[dev]),
+                "--quiet", "--shard-size", "1GB", "--device", dev]) for dev in DEVICES),
             ("peft merge_and_unload, Instruct loaded in bf16", "peft-bf16",
              [sys.executable, "-c", PEFT_SCRIPT, str(inst), str(adapter), str(outs["peft-bf16"]), "bfloat16"]),
             ("peft merge_and_unload, Instruct loaded in float32 (exact)", "peft-fp32",
              [sys.executable, "-c", PEFT_SCRIPT, str(inst), str(adapter), str(outs["peft-fp32"]), "float32"])):
         said: list[str] = []
         wall, rss = timed(cmd, stdout=said)
-        if key == "shadowmerge":
+        if key in DEVICES:
             label += f" (of which {final_step(said[0])})"
         rows.append({"size": size, "tool": label, "wall": wall, "rss": rss})
         print(f"[{size}] {label}: {wall:.1f} s, {rss:.2f} GB", flush=True)
         if key == "cp":
             shutil.rmtree(outs["cp"])
-    for key in ("peft-fp32", "peft-bf16"):
-        d, n, worst = ulp_stats(outs["shadowmerge"], outs[key])
-        rows.append({"size": size, "tool": f"agreement with {key}", "diff": d, "total": n, "worst": worst})
+    for dev in DEVICES:
+        for key in ("peft-fp32", "peft-bf16", *DEVICES[:1] * (dev != DEVICES[0])):
+            d, n, worst = ulp_stats(outs[dev], outs[key])
+            other = f"--device {key}" if key in DEVICES else key
+            rows.append({"size": size, "tool": f"{device_label(dev).strip() or 'output'} agreement with {other}",
+                         "diff": d, "total": n, "worst": worst})
     for o in outs.values():
         shutil.rmtree(o, ignore_errors=True)
     return rows
@@ -121,7 +126,7 @@ def markdown(rows: list[dict]) -> str:
     out = [machine(f"; rank-{RANK} LoRA on {'/'.join(TARGETS)}"), "", *wall_table(rows, "cp -r", "cp -r")]
     for r in rows:
         if "diff" in r:
-            out.append(f"| {r['size']} | shadowmerge output {r['tool']}: {r['diff']:,} of {r['total']:,} elements "
+            out.append(f"| {r['size']} | shadowmerge {r['tool']}: {r['diff']:,} of {r['total']:,} elements "
                        f"differ ({100 * r['diff'] / r['total']:.4f} %), at most {r['worst']} bf16 ulp | | | |")
     return "\n".join(out) + "\n"
 

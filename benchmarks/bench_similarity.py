@@ -5,7 +5,9 @@ Uses the synthetic bf16 Llama-shaped Base and Instruct of bench_graft.py and run
 (report and figures included), with wall time and peak RSS per process from GNU time. It also
 checks the official sigma against a straightforward float64 computation over the same tensors.
 
-    python benchmarks/bench_similarity.py --sizes 2B [--work benchmarks/work] [--markdown out.md]
+`--device cpu cuda` runs the analysis once per device.
+
+    python benchmarks/bench_similarity.py --sizes 2B [--device cpu cuda] [--work DIR] [--markdown out.md]
 
 Run by hand (minutes); never part of the test suite.
 """
@@ -22,7 +24,7 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_graft  # noqa: E402
-from bench_graft import build_triple, machine, timed, wall_table  # noqa: E402
+from bench_graft import DEVICES, SHADOWMERGE, build_triple, device_label, machine, timed, wall_table  # noqa: E402
 
 
 def reference_official(base: Path, inst: Path) -> float:
@@ -49,17 +51,19 @@ def bench(size: str, work: Path) -> list[dict]:
     floor = ["sh", "-c", 'cat "$@" | cat > /dev/null', "sh", *inputs]
     timed(floor)                                       # warm the page cache alike for both
     rows = []
-    for label, cmd in (("cat of the 2 inputs (I/O floor)", floor),
-                       ("shadowmerge similarity", [str(Path(sys.executable).parent / "shadowmerge"), "similarity",
-                                                   "--base", str(base), "--instruct", str(inst), "--out", str(out),
-                                                   "--quiet"])):
-        wall, rss = timed(cmd)
+    wall, rss = timed(floor)
+    rows.append({"size": size, "tool": "cat of the 2 inputs (I/O floor)", "wall": wall, "rss": rss})
+    want = None
+    for dev in DEVICES:
+        label = f"shadowmerge similarity{device_label(dev)}"
+        wall, rss = timed([*SHADOWMERGE, "similarity", "--base", str(base), "--instruct", str(inst), "--out", str(out),
+                           "--quiet", "--device", dev])
         rows.append({"size": size, "tool": label, "wall": wall, "rss": rss})
         print(f"[{size}] {label}: {wall:.1f} s, {rss:.2f} GB", flush=True)
-    got = json.loads((out / "report.json").read_text())["pairs"][0]["official_sigma"]["value"]
-    want = reference_official(base, inst)
-    rows.append({"size": size, "tool": "check", "got": got, "want": want})
-    shutil.rmtree(out, ignore_errors=True)
+        got = json.loads((out / "report.json").read_text())["pairs"][0]["official_sigma"]["value"]
+        want = reference_official(base, inst) if want is None else want
+        rows.append({"size": size, "tool": "check", "got": got, "want": want, "label": label})
+        shutil.rmtree(out, ignore_errors=True)
     return rows
 
 
@@ -67,7 +71,7 @@ def markdown(rows: list[dict]) -> str:
     out = [machine(), "", *wall_table(rows, "cat", "cat")]
     for r in rows:
         if "got" in r:
-            out.append(f"| {r['size']} | official σ: shadowmerge {r['got']:.10f}, plain float64 reference "
+            out.append(f"| {r['size']} | official σ: {r['label']} {r['got']:.10f}, plain float64 reference "
                        f"{r['want']:.10f} (relative difference {abs(r['got'] - r['want']) / r['want']:.1e}) | | | |")
     return "\n".join(out) + "\n"
 

@@ -171,8 +171,9 @@ def _parse_pairs(values: tuple[str, ...]) -> dict[str, tuple[str, str]]:
 @click.option("--matrix-size", type=int, default=48, show_default=True, help="Rows/columns of --matrix to plot.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
+@click.option("--device", default="cpu", show_default=True, help="Where the sums run: cpu, cuda, cuda:N.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def similarity(base, instruct, tuned, pairs, out, matrix, matrix_size, force, allow_pickle, quiet):
+def similarity(base, instruct, tuned, pairs, out, matrix, matrix_size, force, allow_pickle, device, quiet):
     """How close are Base and Instruct? σ = Σ|A−B| / (Σ|A|+Σ|B|), per tensor, layer and module.
 
     Writes report.html (tables and figures, opens offline), report.json, tensors.csv,
@@ -191,7 +192,8 @@ def similarity(base, instruct, tuned, pairs, out, matrix, matrix_size, force, al
     from .analyzer import similarity as run_similarity
 
     report = run_similarity(base, instruct, tuned, pairs=_parse_pairs(pairs), out=out, matrix=matrix,
-                            matrix_size=matrix_size, force=force, allow_pickle=allow_pickle, progress=not quiet)
+                            matrix_size=matrix_size, force=force, allow_pickle=allow_pickle, device=device,
+                            progress=not quiet)
     click.echo(str(report))
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .chunks import CHUNK_ELEMENTS, ranges
+from .devices import exact_float32
 from .errors import ShadowMergeError
 from .plan import Plan, TensorPlan
 from .stformat import itemsize
@@ -118,6 +119,11 @@ class RunStats:
 def run(plan: Plan, writer: ShardWriter, device: str | torch.device = "cpu", allow_nonfinite: bool = False,
         chunk_elements: int = CHUNK_ELEMENTS) -> RunStats:
     device = torch.device(device)
+    with exact_float32(device):
+        return _run(plan, writer, device, allow_nonfinite, chunk_elements)
+
+
+def _run(plan: Plan, writer: ShardWriter, device: torch.device, allow_nonfinite: bool, chunk_elements: int) -> RunStats:
     cuda = device.type == "cuda"
     instruct, source, alpha = plan.instruct, plan.source, float(plan.alpha)
     work = Buffers(device, torch.float32)

@@ -1,4 +1,4 @@
-"""Regular expressions from strangers (adapter configs, --include/--exclude), matched at a bounded cost.
+r"""Regular expressions from strangers (adapter configs, --include/--exclude), matched at a bounded cost.
 
 Python's `re` has no timeout, and `(.*)*X` against a long module name backtracks for minutes. The
 `regex` package matches with a timeout, but compiles counted repetitions by expanding them

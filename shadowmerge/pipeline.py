@@ -17,6 +17,7 @@ import torch
 from . import __version__, engine
 from .checkpoint import Checkpoint
 from .deltas import FullDelta
+from .devices import parse_device
 from .errors import ShadowMergeError
 from .output import OutputFolder, copy_side_files, side_files, write_record
 from .plan import Plan, build_plan, human_bytes
@@ -62,18 +63,6 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         return DTYPE_NAMES[str(name).lower()]
     except KeyError:
         raise ShadowMergeError(f"unknown dtype {name!r}; use bfloat16, float16 or float32") from None
-
-
-def parse_device(name: str | torch.device) -> torch.device:
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ShadowMergeError(f"unknown device {name!r}; use cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ShadowMergeError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ShadowMergeError(f"device {name!r} is not supported; use cpu or cuda[:N]")
-    return device
 
 
 def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Path | None = None,

@@ -20,7 +20,8 @@ from . import engine, jsonfile
 from .checkpoint import Checkpoint, TensorStore
 from .errors import ShadowMergeError
 from .output import RECORD, files_under, header_tensors, sha256_file
-from .pipeline import open_and_plan, parse_device, parse_dtype
+from .devices import parse_device
+from .pipeline import open_and_plan, parse_dtype
 from .progress import bar as progress_bar
 from .stformat import itemsize
 

@@ -7,10 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tinymodels  # noqa: E402
+
+
+# Where the arithmetic runs: every exactness test takes `device` from here. The cuda cases are skipped on a
+# machine without a GPU (CI's); on the lent GPU machine `pytest -m gpu` runs just them.
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run there with: pytest -m gpu)")
+DEVICES = ["cpu", pytest.param("cuda", marks=[CUDA, pytest.mark.gpu])]
 
 
 @pytest.fixture

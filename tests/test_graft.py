@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 import shadowmerge
+from conftest import DEVICES
 from tinymodels import state
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -31,9 +32,10 @@ def assert_bit_exact(inst, base, tuned, out, alpha=1.0, out_dtype=None):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("alpha", [1.0, 0.8])
-def test_bit_exact_against_reference_expression(make_triple, tmp_path, dtype, alpha):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bit_exact_against_reference_expression(make_triple, tmp_path, dtype, alpha, device):
     inst, base, tuned = make_triple("llama", dtype)
-    summary = shadowmerge.graft(inst, base, tuned, tmp_path / "out", alpha=alpha, progress=False)
+    summary = shadowmerge.graft(inst, base, tuned, tmp_path / "out", alpha=alpha, device=device, progress=False)
     assert summary.counts["graft"] == len(state(inst))
     assert_bit_exact(inst, base, tuned, tmp_path / "out", alpha)
     # the result really moved away from the instruct where the update is non-zero
@@ -224,13 +226,8 @@ def test_dry_run_reads_no_tensor_data_and_writes_nothing(make_triple, tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == [inst.parent.name]
 
 
-def test_gpu_code_path_is_the_cpu_code_path_with_explicit_device(make_triple, tmp_path):
-    inst, base, tuned = make_triple("llama")
-    shadowmerge.graft(inst, base, tuned, tmp_path / "out", device="cpu", progress=False)
-    assert_bit_exact(inst, base, tuned, tmp_path / "out")
-
-
-def test_small_chunks_give_the_same_bytes(make_triple, tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_chunks_give_the_same_bytes(make_triple, tmp_path, monkeypatch, device):
     """Tensors stream in chunks of rows; chunk boundaries must not change a single bit."""
     from shadowmerge import engine
 
@@ -238,17 +235,18 @@ def test_small_chunks_give_the_same_bytes(make_triple, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 100)
     run = engine.run
     monkeypatch.setattr(engine, "run", lambda *a, **k: run(*a, **k, chunk_elements=100))
-    shadowmerge.graft(inst, base, tuned, tmp_path / "out", alpha=0.3, vocab="common", progress=False)
+    shadowmerge.graft(inst, base, tuned, tmp_path / "out", alpha=0.3, vocab="common", device=device, progress=False)
     assert_bit_exact(inst, base, tuned, tmp_path / "out", 0.3)
 
 
-def test_mixed_input_dtypes_are_exact(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_input_dtypes_are_exact(tmp_path, device):
     """A bf16 Instruct/Base with an fp32 trainer checkpoint as Tuned (a common real combination)."""
     import tinymodels as tm
 
     inst = tm.save(tm.build("llama"), tmp_path / "i", torch.bfloat16)
     base = tm.save(tm.perturb(tm.build("llama"), 0.02, 1), tmp_path / "b", torch.float16)
     tuned = tm.save(tm.perturb(tm.perturb(tm.build("llama"), 0.02, 1), 0.01, 2), tmp_path / "t", torch.float32)
-    s = shadowmerge.graft(inst, base, tuned, tmp_path / "out", alpha=0.5, progress=False, vocab="common")
+    s = shadowmerge.graft(inst, base, tuned, tmp_path / "out", alpha=0.5, progress=False, vocab="common", device=device)
     assert any("dtypes differ" in w for w in s.warnings)
     assert_bit_exact(inst, base, tuned, tmp_path / "out", 0.5)

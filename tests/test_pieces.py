@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import shadowmerge
-from adapters import make_adapter, peft_merged, shadow_reference, ulp_distance
+from adapters import assert_close_to_merge, make_adapter, peft_merged, shadow_reference, ulp_distance
+from conftest import DEVICES
 from test_lora import BASE_CASES, PLAIN_CASES
 from tinymodels import state
 
@@ -64,10 +65,11 @@ WIDE = {"model.layers.0.mlp.experts.gate_up_proj": ((4, 24, 40), torch.bfloat16)
 
 @pytest.mark.parametrize("chunk", [7, 100, 960, 10_000])
 @pytest.mark.parametrize("dtype", [None, torch.float16])
-def test_full_graft_of_huge_rows_is_bit_exact(tmp_path, small_pieces, chunk, dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_full_graft_of_huge_rows_is_bit_exact(tmp_path, small_pieces, chunk, dtype, device):
     small_pieces(chunk, 1 << 24)
     inst, base, tuned = raw_triple(tmp_path, WIDE)
-    shadowmerge.graft(inst, base, tuned, tmp_path / "out", alpha=0.7, dtype=dtype, progress=False)
+    shadowmerge.graft(inst, base, tuned, tmp_path / "out", alpha=0.7, dtype=dtype, device=device, progress=False)
     I, B, T, out = (load_file(f / "model.safetensors") for f in (inst, base, tuned, tmp_path / "out"))
     for name, got in out.items():
         want = (I[name].float() + 0.7 * (T[name].float() - B[name].float())).to(dtype or I[name].dtype)
@@ -108,27 +110,30 @@ PIECES = [(1000, 32), (40, 64)]
 
 @pytest.mark.parametrize("pieces", PIECES, ids=lambda p: f"chunk{p[0]}-tile{p[1]}")
 @pytest.mark.parametrize("case", ["plain", "embedding", "fan-in-fan-out", "lora-bias"])
-def test_lora_pieces_equal_peft(case, pieces, make_triple, cli, tmp_path, small_pieces):
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_pieces_equal_peft(case, pieces, make_triple, cli, tmp_path, small_pieces, device):
     small_pieces(*pieces)
     family, dtype, lora_kwargs = PLAIN_CASES[case]
     inst, base, _ = make_triple(family, dtype)
     adapter = make_adapter(base, tmp_path / "adapter", **lora_kwargs)
-    res = cli("graft", "--instruct", inst, "--lora", adapter, "--out", tmp_path / "out", "-q")
+    res = cli("graft", "--instruct", inst, "--lora", adapter, "--out", tmp_path / "out", "-q", "--device", device)
     assert res.exit_code == 0, res.output
     out, peft_i = state(tmp_path / "out"), peft_merged(inst, adapter)
     for name, got in out.items():
-        assert ulp_distance(got, peft_i[name].to(dtype)) <= 1, name
+        assert_close_to_merge(got, peft_i[name].to(dtype), device, name)
 
 
 @pytest.mark.parametrize("pieces", PIECES, ids=lambda p: f"chunk{p[0]}-tile{p[1]}")
 @pytest.mark.parametrize("case", ["dora", "dora-fan-in-fan-out", "modules-to-save"])
-def test_dora_and_full_copies_in_pieces_equal_peft(case, pieces, make_triple, cli, tmp_path, small_pieces):
+@pytest.mark.parametrize("device", DEVICES)
+def test_dora_and_full_copies_in_pieces_equal_peft(case, pieces, make_triple, cli, tmp_path, small_pieces, device):
     """DoRA norms over huge rows, and over all rows (embeddings, fan_in_fan_out), come from the streamed pass."""
     small_pieces(*pieces)
     family, lora_kwargs, _ = BASE_CASES[case]
     inst, base, _ = make_triple(family)
     adapter = make_adapter(base, tmp_path / "adapter", **lora_kwargs)
-    res = cli("graft", "--instruct", inst, "--lora", adapter, "--base", base, "--out", tmp_path / "out", "-q")
+    res = cli("graft", "--instruct", inst, "--lora", adapter, "--base", base, "--out", tmp_path / "out", "-q",
+              "--device", device)
     assert res.exit_code == 0, res.output
     out, I, B = state(tmp_path / "out"), state(inst), state(base)
     shadow = shadow_reference(I, B, peft_merged(base, adapter), torch.bfloat16)

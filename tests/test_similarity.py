@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import shadowmerge
-from conftest import run_bad
+from conftest import CUDA, DEVICES, run_bad
 from tinymodels import state
 
 
@@ -60,6 +60,22 @@ def test_chunks_do_not_change_the_sums(tmp_path):
         assert chunked[name].cosine == pytest.approx(whole[name].cosine, rel=1e-12)
 
 
+@pytest.mark.gpu
+@CUDA
+def test_cuda_sums_equal_cpu_sums(make_triple):
+    """float64 sums of the same float32 values: only the order of addition differs between devices."""
+    from dataclasses import fields
+
+    inst, base, tuned = make_triple("qwen3")
+    on = {d: shadowmerge.similarity(base, inst, tuned=tuned, device=d, progress=False).pairs[0] for d in ("cpu", "cuda")}
+    rows = {d: {r.name: r.sums for r in p.rows} for d, p in on.items()}
+    assert rows["cpu"].keys() == rows["cuda"].keys()
+    for name, want in rows["cpu"].items():
+        for f in fields(want):
+            assert getattr(rows["cuda"][name], f.name) == pytest.approx(getattr(want, f.name), rel=1e-12, abs=1e-300), \
+                (name, f.name)
+
+
 def official_script(base: Path, instruct: Path) -> tuple[float, float]:
     """An independent, straightforward rendering of the official script's rules (and the weighted sigma)."""
     a, b = state(base), state(instruct)
@@ -74,9 +90,10 @@ def official_script(base: Path, instruct: Path) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_both_aggregations_match_independent_code(make_triple, family):
+@pytest.mark.parametrize("device", DEVICES)
+def test_both_aggregations_match_independent_code(make_triple, family, device):
     inst, base, _ = make_triple(family)
-    r = shadowmerge.similarity(base, inst, progress=False)
+    r = shadowmerge.similarity(base, inst, device=device, progress=False)
     (p,) = r.pairs
     official, weighted = official_script(base, inst)
     assert p.official == pytest.approx(official, rel=1e-9)
@@ -182,6 +199,8 @@ def test_diagnostics_see_an_update_that_undoes_instruction_tuning(make_triple, t
     (["--base", "{base}", "--instruct", "{inst}", "--matrix", "nope.weight"], "--matrix nope.weight: no such tensor"),
     (["--base", "{base}", "--instruct", "{inst}", "--matrix", "model.norm.weight"], "pass a 2-D weight matrix"),
     (["--base", "{gpt2}", "--instruct", "{inst}"], "share no tensor of equal shape"),
+    (["--base", "{base}", "--instruct", "{inst}", "--device", "meta"], "device 'meta' is not supported"),
+    (["--base", "{base}", "--instruct", "{inst}", "--device", "cuda:x"], "unknown device 'cuda:x'"),
     (["--base", "{base}", "--instruct", "{inst}", "--matrix-size", "1"], "--matrix-size must be at least 2"),
 ])
 def test_similarity_errors(make_triple, cli, tmp_path, args, expect):

@@ -10,6 +10,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from adapters import make_adapter
+from conftest import DEVICES
 
 
 @pytest.fixture
@@ -49,6 +50,21 @@ def test_graft_output_verifies_and_recomputes(cli, tmp_path, triple):
     text = ok(cli, out, "--recompute")
     assert f"{len(load_all(out))} tensor(s) recomputed from the inputs, bit-identical" in text
     assert "3 tensor(s) recomputed" in ok(cli, out, "--recompute", "--sample", "3")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_recompute_on_the_device_gives_the_same_bytes(cli, tmp_path, triple, device):
+    """A full-FT graft made on the CPU is recomputed bit for bit on the device, and the other way round."""
+    other = "cpu" if device != "cpu" else device
+    out = graft(cli, triple, tmp_path / "out", "--alpha", "0.3", "--device", device)
+    assert json.loads((out / "shadowmerge.json").read_text())["device"] == device
+    assert "bit-identical" in ok(cli, out, "--recompute", "--device", other)
+    out2 = graft(cli, triple, tmp_path / "out2", "--alpha", "0.3", "--device", other)
+    assert "bit-identical" in ok(cli, out2, "--recompute", "--device", device)
+    adapter = make_adapter(triple[1], tmp_path / "adapter", r=4, lora_alpha=8, target_modules="all-linear")
+    res = cli("graft", "--instruct", triple[0], "--lora", adapter, "--out", tmp_path / "lora", "-q", "--device", device)
+    assert res.exit_code == 0, res.output
+    assert "bit-identical" in ok(cli, tmp_path / "lora", "--recompute", "--device", device)
 
 
 def load_all(folder):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import Checkpoint
+from ..devices import parse_device
 from ..errors import ShadowMergeError
 from ..output import OutputFolder
 from ..progress import bar as progress_bar
@@ -65,7 +66,7 @@ def _compare_names(name: str, base: Checkpoint, inst: Checkpoint, tuned: Checkpo
 def similarity(base: str | Path | None = None, instruct: str | Path | None = None, tuned: str | Path | None = None,
                *, pairs: dict[str, tuple[str, str]] | None = None, out: str | Path | None = None,
                matrix: str | None = None, matrix_size: int = 48, force: bool = False, allow_pickle: bool = False,
-               progress: bool = True) -> SimilarityReport:
+               device: str = "cpu", progress: bool = True) -> SimilarityReport:
     """Compare Base and Instruct (or each NAME -> (BASE, INSTRUCT) in pairs); with tuned, add graft-risk diagnostics.
 
     Returns the numbers; with `out`, also writes the report folder.
@@ -84,6 +85,7 @@ def similarity(base: str | Path | None = None, instruct: str | Path | None = Non
         raise ShadowMergeError("--tuned goes with one pair (--base/--instruct), not with several --pair")
     if matrix_size < 2:
         raise ShadowMergeError("--matrix-size must be at least 2")
+    dev = parse_device(device)
 
     opened: list[Checkpoint] = []
     try:
@@ -109,7 +111,7 @@ def similarity(base: str | Path | None = None, instruct: str | Path | None = Non
         total = sum(info.nbytes + b.nbytes + (t.nbytes if t else 0) for items, *_ in plans for _, info, b, t in items)
         with progress_bar(total, progress, "similarity") as bar:
             for items, result, cb, ci, ct in plans:
-                sums = scan(items, cb, ci, ct, on_bytes=bar.update)
+                sums = scan(items, cb, ci, ct, on_bytes=bar.update, device=dev)
                 result.rows = [TensorRow(n, a.shape, sums[n]) for n, a, _, _ in items]
         results = [p[1] for p in plans]
         if target is None:

@@ -1,7 +1,7 @@
 """Per-tensor sums for the similarity analyzer, streamed from two (or three) checkpoints.
 
 Each tensor is read in pieces bounded by elements (chunks.ranges; pread, a reader thread one piece ahead), converted to
-float32, and reduced into float64 sums: sum |A - B|, |A|, |B|, (A - B)^2, A^2, B^2, and with a tuned
+float32 on the chosen device (cpu, or cuda from pinned buffers), and reduced into float64 sums: sum |A - B|, |A|, |B|, (A - B)^2, A^2, B^2, and with a tuned
 model T also (T - A)^2 and (T - A).(B - A). Every number of the report derives from these sums, so
 memory is bounded by the chunk, never by a tensor or a model.
 """
@@ -83,14 +83,18 @@ def _reduce(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None, scratch: t
 
 
 def scan(items: list[tuple[str, TensorInfo, TensorInfo, TensorInfo | None]], a: Checkpoint, b: Checkpoint,
-         t: Checkpoint | None = None, on_bytes=None, chunk_elements: int = CHUNK_ELEMENTS) -> dict[str, Sums]:
+         t: Checkpoint | None = None, on_bytes=None, chunk_elements: int = CHUNK_ELEMENTS,
+         device: torch.device = torch.device("cpu")) -> dict[str, Sums]:
     """Sums per tensor name, for items (name, info in A, info in B, info in T or None) of equal shapes."""
     jobs = []
     for name, ia, ib, it in items:
         jobs += [(name, ia, ib, it, e0, e1) for e0, e1 in ranges(0, ia.numel, ia.row_numel, chunk_elements)] or \
             [(name, ia, ib, it, 0, 0)]
+    cuda = device.type == "cuda"
     slots = [Buffers(torch.device("cpu")), Buffers(torch.device("cpu"))]
-    work = Buffers(torch.device("cpu"), torch.float32)
+    for slot in slots:
+        slot.pin = cuda
+    work = Buffers(device, torch.float32)
 
     def read(k: int):
         name, ia, ib, it, e0, e1 = jobs[k]
@@ -103,9 +107,10 @@ def scan(items: list[tuple[str, TensorInfo, TensorInfo, TensorInfo | None]], a: 
 
     def as_float(raw: torch.Tensor, info: TensorInfo, key: str, copy: bool = False) -> torch.Tensor:
         n = raw.numel() // itemsize(info.dtype)
-        if info.dtype == torch.float32 and not copy:
+        if info.dtype == torch.float32 and not copy and not cuda:
             return raw.view(torch.float32)
-        return work(key, n).copy_(raw.view(info.dtype))
+        # to the device first (bytes as stored), then widened there; the reductions below synchronise
+        return work(key, n).copy_(raw.view(info.dtype).to(device, non_blocking=True) if cuda else raw.view(info.dtype))
 
     out: dict[str, Sums] = {}
     if not jobs:
