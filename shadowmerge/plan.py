@@ -227,7 +227,10 @@ def build_plan(instruct: Checkpoint, source, *, alpha: float = 1.0, include: str
            for ck in getattr(source, "checkpoints", ()) for info in ck.tensors.values() if info.name in instruct.tensors):
         plan.warnings.append("input dtypes differ between checkpoints; all arithmetic is float32, so this is exact")
     if not any(t.graft_rows for t in plan.tensors):
-        plan.warnings.append("no tensor is grafted: the output will equal the instruct")
+        why = "--include/--exclude leave out every tensor with a delta" if include or exclude else \
+            "no tensor has a delta"
+        raise ShadowMergeError(f"nothing to graft ({why}): the output would equal the instruct; check the filters "
+                               f"and the inputs")
     return plan
 
 

@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 
-def make_adapter(base_dir: Path, folder: Path, seed: int = 3, save_embedding_layers=False, **lora_kwargs) -> Path:
+def make_adapter(base_dir: Path, folder: Path, seed: int = 3, save_embedding_layers=False, auto=None,
+                 **lora_kwargs) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = (auto or AutoModelForCausalLM).from_pretrained(base_dir, dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -28,12 +29,12 @@ def make_adapter(base_dir: Path, folder: Path, seed: int = 3, save_embedding_lay
     return Path(folder)
 
 
-def peft_merged(model_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
+def peft_merged(model_dir: Path, adapter: Path, auto=None) -> dict[str, torch.Tensor]:
     """peft's own merge: PeftModel.from_pretrained(model in float32, adapter).merge_and_unload()."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = (auto or AutoModelForCausalLM).from_pretrained(model_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 

@@ -29,6 +29,50 @@ FAMILIES = {
 }
 
 
+# Vision-language models (transformers 5 classes, loaded with AutoModelForImageTextToText)
+_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, vocab_size=300, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=4,
+                    spatial_merge_size=2, temporal_patch_size=2)
+_QWEN_TOKENS = dict(image_token_id=299, video_token_id=298, vision_start_token_id=297, vision_end_token_id=296)
+VLMS = {
+    "gemma3": dict(text_config=dict(_TEXT, sliding_window=32),
+                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      image_size=32, patch_size=8),
+                   mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298),
+    "mllama": dict(text_config=dict(_TEXT, cross_attention_layers=[1], rope_scaling=dict(rope_type="default")),
+                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                                      attention_heads=2, image_size=32, patch_size=8, vision_output_dim=64,
+                                      intermediate_layers_indices=[0], max_num_tiles=1,
+                                      supported_aspect_ratios=[[1, 1]]),
+                   image_token_index=299),
+    "qwen2_vl": dict(text_config=dict(_TEXT, rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3])),
+                     vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                                        spatial_merge_size=2, temporal_patch_size=2), **_QWEN_TOKENS),
+    "qwen2_5_vl": dict(text_config=dict(_TEXT, rope_scaling=dict(type="mrope", mrope_section=[2, 3, 3])),
+                       vision_config=dict(_QWEN_VISION, fullatt_block_indexes=[0], window_size=16), **_QWEN_TOKENS),
+    "qwen3_vl": dict(text_config=dict(_TEXT, rope_scaling=dict(rope_type="default", mrope_section=[2, 3, 3],
+                                                               mrope_interleaved=True)),
+                     vision_config=dict(_QWEN_VISION, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+                     **_QWEN_TOKENS),
+}
+
+
+def build_vlm(family: str, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.for_model(family, **VLMS[family])
+    torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(config)
+
+
+def vlm_triple(root: Path, family: str, dtype=torch.bfloat16) -> tuple[Path, Path]:
+    """(instruct, base) of a tiny vision-language model, saved by save_pretrained (the checkpoint layout)."""
+    inst = save(build_vlm(family), root / "instruct", dtype)
+    base = save(perturb(build_vlm(family), 0.02, 1), root / "base", dtype)
+    return inst, base
+
+
 def build(family: str, seed: int = 0, **overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 

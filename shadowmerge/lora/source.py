@@ -6,6 +6,11 @@ Base weights W_B: DoRA, whose merged weight is m * (W_B + dW) / ||W_B + dW|| (no
 unit), so the update is that minus W_B; and full copies (modules_to_save, bias="all"), whose
 update is copy - W_B.
 
+Adapter keys use the names of the loaded model; a checkpoint that transformers renames on loading
+(vision-language models: `language_model.model.*` on disk, `model.language_model.*` in memory) has its
+targets renamed to the on-disk names with transformers' own conversion mapping (names.disk_to_memory),
+so the output keeps the Instruct's layout.
+
 Memory is bounded by elements, like every other source: each piece (chunks.ranges, at most
 `tile = TILE_ELEMENTS // rank` rows or row elements) reads only the rows of B and the columns of A
 it needs. Where a piece cannot see a whole DoRA normalisation unit (embeddings and fan_in_fan_out
@@ -21,8 +26,9 @@ import torch
 
 from ..checkpoint import Checkpoint, TensorInfo
 from ..chunks import CHUNK_ELEMENTS, geometry, ranges
-from ..deltas import tied_alias
+from ..deltas import OUTPUT_EMBEDDINGS, tied_alias
 from ..errors import ShadowMergeError
+from ..names import converted_error, disk_to_memory
 from ..stformat import itemsize
 from .adapter import Adapter, LoraModule
 
@@ -104,7 +110,34 @@ class LoraDelta:
                 raise ShadowMergeError(f"--lora {adapter.ref}: {name} is both LoRA-adapted and saved in full; "
                                        f"the adapter is inconsistent")
             self._targets[name] = ("saved", info)
+        self.renamed: dict[str, str] = {}
+        self._to_disk_names(instruct)
+        if not any(n in instruct.tensors or _tied_head(instruct, n) for n in self._targets):
+            base_model = f" (its base_model_name_or_path is {adapter.base_model})" if adapter.base_model else ""
+            raise ShadowMergeError(
+                f"--lora {adapter.ref}: none of its {len(self._targets)} target(s) is in the instruct "
+                f"(e.g. {sorted(self._targets)[0]}): the adapter was made for another model{base_model}; pass the "
+                f"Instruct of the Base it was trained on")
         self._norms_of: tuple[object, torch.Tensor | None] = (None, None)
+
+    def _to_disk_names(self, instruct: Checkpoint) -> None:
+        """Rename targets given in the loaded model's names to the names the instruct stores them under."""
+        unmatched = [n for n in self._targets if n not in instruct.tensors and not _tied_head(instruct, n)]
+        if not unmatched:
+            return
+        by_memory: dict[str, list] = {}
+        for loaded in disk_to_memory(instruct.folder, list(instruct.tensors)).values():
+            if loaded.memory != loaded.disk:
+                by_memory.setdefault(loaded.memory, []).append(loaded)
+        for name in unmatched:
+            found = by_memory.get(name)
+            if not found:
+                continue
+            if found[0].converter is not None or len(found) > 1:
+                raise converted_error(self.adapter.ref, name, found)
+            self.renamed[name] = found[0].disk
+        if self.renamed:
+            self._targets = {self.renamed.get(n, n): t for n, t in self._targets.items()}
 
     def describe(self) -> dict:
         out = {"lora": self.adapter.describe()}
@@ -124,6 +157,7 @@ class LoraDelta:
                                  "bias": m.bias is not None, "embedding": m.embedding,
                                  "fan_in_fan_out": m.fan_in_fan_out} for m in a.modules.values()},
             "full_copies": sorted(a.saved),
+            "renamed_to_checkpoint_names": len(self.renamed),
             "base_copies_not_used": sorted(a.base_copies),
             "keys": len(a.tensors)}}
 
@@ -251,3 +285,8 @@ def _product(mod: LoraModule, a: torch.Tensor, b: torch.Tensor, geo: tuple, out:
     else:                        # peft: (B @ A) * scale
         torch.matmul(b.view(rows, rank), a.view(rank, cols), out=d)
     return d.mul_(mod.scale)
+
+
+def _tied_head(instruct: Checkpoint, name: str) -> bool:
+    """An lm_head the instruct ties to its input embedding: not stored, and handled by the plan."""
+    return instruct.tie_word_embeddings and name.endswith(OUTPUT_EMBEDDINGS)

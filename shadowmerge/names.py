@@ -1,0 +1,103 @@
+"""Names: a checkpoint's on-disk tensor names and the in-memory names a loaded model (and peft) uses.
+
+transformers 5 renames checkpoint keys when it loads a model (Gemma-3 `language_model.model.*` becomes
+`model.language_model.*`, Qwen2-VL `visual.*` becomes `model.visual.*`) and fuses some of them (per-expert
+MoE weights become one 3-D `mlp.experts.gate_up_proj`). peft adapters are made on the loaded model, so
+their keys use the in-memory names. This module asks transformers itself how it would load the folder:
+the model class of config.json's `architectures`, built on the meta device (no weights, no remote code),
+its `get_model_conversion_mapping`, and `rename_source_key` applied to every on-disk name, exactly as
+`from_pretrained` does. No table is kept here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ShadowMergeError
+
+# Real model classes are named like this; anything else in `architectures` is not looked up in transformers.
+_CLASS_NAME = re.compile(r"^[A-Z][A-Za-z0-9_]{0,99}$")
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """How one on-disk tensor is loaded: its in-memory name, and the transform when it is not a plain rename."""
+
+    disk: str
+    memory: str
+    converter: object | None = None      # a transformers WeightConverter (fusing, splitting, transposing ...)
+
+
+def disk_to_memory(folder: Path, names: list[str]) -> dict[str, Loaded]:
+    """Each on-disk name's in-memory name, as transformers would load `folder`; {} when it cannot tell.
+
+    Raises nothing for an unknown or custom architecture: the caller then compares names as they are.
+    """
+    model = _meta_model(folder)
+    if model is None:
+        return {}
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    try:
+        mapping = get_model_conversion_mapping(model)
+    except Exception:           # noqa: BLE001 - a mapping transformers cannot build means: no renaming known
+        return {}
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    meta = model.state_dict()
+    prefix = model.base_model_prefix
+    out = {}
+    for name in names:
+        memory, pattern = rename_source_key(name, renamings, converters, prefix, meta)
+        if memory not in meta and name in meta:        # as from_pretrained: a key that should not have been renamed
+            memory, pattern = rename_source_key(name, [], [], base_model_prefix=prefix, meta_state_dict=meta)
+        out[name] = Loaded(name, memory, by_pattern.get(pattern) if pattern is not None else None)
+    return out
+
+
+def _meta_model(folder: Path):
+    """The model class config.json names, built on the meta device; None when transformers has no such class."""
+    import torch
+
+    try:
+        import transformers
+        from transformers import AutoConfig
+    except ImportError:         # pragma: no cover - transformers is a dependency
+        return None
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    archs = []
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        archs = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
+    except Exception:           # noqa: BLE001 - a config transformers cannot read: names are compared as they are
+        return None
+    for arch in archs[:1]:
+        cls = getattr(transformers, arch, None) if _CLASS_NAME.match(arch) else None
+        if cls is None or not hasattr(cls, "_from_config"):
+            return None
+        level = logging.getLogger("transformers").level
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        try:
+            with torch.device("meta"):
+                return cls._from_config(config)
+        except Exception:       # noqa: BLE001 - a class that cannot be built from this config: no renaming known
+            return None
+        finally:
+            logging.getLogger("transformers").setLevel(level)
+    return None
+
+
+def converted_error(ref: str, memory: str, loaded: list[Loaded]) -> ShadowMergeError:
+    """The one-line refusal for an adapter target that is not stored as one tensor on disk."""
+    disk = ", ".join(sorted(x.disk for x in loaded)[:3]) + (", ..." if len(loaded) > 3 else "")
+    return ShadowMergeError(
+        f"--lora {ref}: the adapter changes {memory}, which transformers builds on loading from {disk} "
+        f"({type(loaded[0].converter).__name__}); shadowmerge cannot write that update back exactly: leave it out "
+        f"of the adapter, or merge the adapter into the Base with peft and graft that with --base/--tuned")
