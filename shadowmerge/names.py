@@ -29,6 +29,7 @@ class Loaded:
     disk: str
     memory: str
     converter: object | None = None      # a transformers WeightConverter (fusing, splitting, transposing ...)
+    pattern: str | None = None           # the converter's source pattern this name matched
 
 
 def disk_to_memory(folder: Path, names: list[str]) -> dict[str, Loaded]:
@@ -36,7 +37,7 @@ def disk_to_memory(folder: Path, names: list[str]) -> dict[str, Loaded]:
 
     Raises nothing for an unknown or custom architecture: the caller then compares names as they are.
     """
-    model = _meta_model(folder)
+    model = meta_model(folder)
     if model is None:
         return {}
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -56,12 +57,37 @@ def disk_to_memory(folder: Path, names: list[str]) -> dict[str, Loaded]:
         memory, pattern = rename_source_key(name, renamings, converters, prefix, meta)
         if memory not in meta and name in meta:        # as from_pretrained: a key that should not have been renamed
             memory, pattern = rename_source_key(name, [], [], base_model_prefix=prefix, meta_state_dict=meta)
-        out[name] = Loaded(name, memory, by_pattern.get(pattern) if pattern is not None else None)
+        converter = by_pattern.get(pattern) if pattern is not None else None
+        out[name] = Loaded(name, memory, converter, pattern if converter is not None else None)
     return out
 
 
-def _meta_model(folder: Path):
-    """The model class config.json names, built on the meta device; None when transformers has no such class."""
+_MODELS: dict[Path, object] = {}
+
+
+def meta_model(folder: Path):
+    """The model class config.json names, built on the meta device (once per folder); None when unknown."""
+    key = Path(folder).resolve()
+    if key not in _MODELS:
+        _MODELS[key] = _build_meta_model(Path(folder))
+    return _MODELS[key]
+
+
+def parameters_of(folder: Path, module: str) -> tuple[list[tuple[str, tuple[int, ...]]], bool] | None:
+    """The parameters a module of the loaded model registers itself (in order, with shapes), and whether its
+    3-D expert parameters are stored (experts, in, out) (`is_transposed`); None when there is no such module."""
+    model = meta_model(folder)
+    if model is None:
+        return None
+    try:
+        mod = model.get_submodule(module)
+    except AttributeError:
+        return None
+    params = [(n, tuple(p.shape)) for n, p in mod.named_parameters(recurse=False)]
+    return params, bool(getattr(mod, "is_transposed", False))
+
+
+def _build_meta_model(folder: Path):
     import torch
 
     try:
@@ -92,6 +118,19 @@ def _meta_model(folder: Path):
         finally:
             logging.getLogger("transformers").setLevel(level)
     return None
+
+
+def stacked_experts(loaded: Loaded) -> tuple[int, int] | None:
+    """(source index, expert) when transformers loads this tensor by stacking experts (MergeModulelist on dim 0)
+    and, for several sources, concatenating them along dim 1 (gate + up -> gate_up); None for any other transform."""
+    ops = [(type(op).__name__, getattr(op, "dim", None)) for op in loaded.converter.operations]
+    if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]):
+        return None
+    patterns = list(loaded.converter.source_patterns)
+    if loaded.pattern not in patterns or loaded.pattern.count("*") != 1:
+        return None
+    found = re.search(re.escape(loaded.pattern).replace(r"\*", r"(\d+)") + "$", loaded.disk)
+    return (patterns.index(loaded.pattern), int(found.group(1))) if found else None
 
 
 def converted_error(ref: str, memory: str, loaded: list[Loaded]) -> ShadowMergeError:

@@ -252,3 +252,21 @@ def test_llamafactory_loss_log_is_read(tmp_path):
                                                 '"loss": 1.5}\nnot json\n{"current_steps": 2, "eval_loss": 9}\n')
     assert losses(tmp_path) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 1.5}]
     assert losses(tmp_path / "missing") == []
+
+
+def test_default_lora_targets_on_a_moe_base_graft(cli, tmp_path):
+    """all-linear on Qwen3-MoE makes peft train the fused experts (target_parameters): the graft takes them."""
+    from transformers import AutoModelForCausalLM
+
+    inst, base = tinymodels.chat_pair(tmp_path / "models", "qwen3_moe")
+    out = tmp_path / "run"
+    run_train(cli, "--base", base, "--instruct", inst, "--data", sft_data(tmp_path), "--out", out, *FAST)
+    adapter_cfg = json.loads((out / "base-lora" / "adapter_config.json").read_text())
+    assert adapter_cfg["target_parameters"], "the default targets include the experts"
+    grafted = json.loads((out / "shadow" / "shadowmerge.json").read_text())["grafted"]
+    assert any(".mlp.experts.0.gate_proj." in n for n in grafted) and any(".mlp.experts.3.down_proj." in n
+                                                                          for n in grafted)
+    I, S = state(inst), state(out / "shadow")
+    assert not torch.equal(S["model.layers.1.mlp.experts.2.up_proj.weight"], I["model.layers.1.mlp.experts.2.up_proj.weight"])
+    model = AutoModelForCausalLM.from_pretrained(out / "shadow")
+    assert model.generate(torch.tensor([[2, 4, 13]]), max_new_tokens=4, do_sample=False).shape == (1, 7)

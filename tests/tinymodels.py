@@ -23,6 +23,14 @@ FAMILIES = {
     "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
                   max_position_embeddings=128, tie_word_embeddings=True),
+    # mixture of experts: experts stored one by one on disk, fused 3-D parameters in memory (transformers 5)
+    "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                      num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=128,
+                      decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False),
+    "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=32, num_local_experts=4,
+                    num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False),
     # Conv1D layers: weights stored (in, out), LoRA with fan_in_fan_out
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128,
                  tie_word_embeddings=True),

@@ -40,7 +40,6 @@ _VARIANTS = {
     "kasa_config": "KaSA (kasa_config)",
     "megatron_config": "Megatron-parallel LoRA (megatron_config)",
     "layer_replication": "layer replication (layer_replication)",
-    "target_parameters": "LoRA on parameters (target_parameters)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
 }
 # Initialisations that also rewrite the base weights, so the adapter alone is not the update.
@@ -65,6 +64,10 @@ class LoraModule:
     scale: float = 0.0
     rank: int = 0
     keys: list[str] = field(default_factory=list)
+    # LoRA on a parameter (peft's target_parameters): which one is decided against the model (source.py);
+    # for one expert of a fused 3-D parameter, B's rank columns for expert e of E are e, e + E, e + 2E, ...
+    on_parameter: bool = False
+    expert: tuple[int, int] | None = None   # (e, E)
 
     @property
     def transposed(self) -> bool:
@@ -131,8 +134,9 @@ class Adapter(TensorStore):
             expect(cfg.get(key), (bool, type(None)), f"{where} {key}", hint)
         expect(cfg.get("bias", "none"), (str, type(None)), f"{where} bias", hint)
         expect(cfg.get("base_model_name_or_path"), (str, type(None)), f"{where} base_model_name_or_path", hint)
-        for item in expect(cfg.get("modules_to_save") or [], list, f"{where} modules_to_save", hint):
-            expect(item, str, f"{where} an entry of modules_to_save", hint)
+        for key in ("modules_to_save", "target_parameters"):
+            for item in expect(cfg.get(key) or [], list, f"{where} {key}", hint):
+                expect(item, str, f"{where} an entry of {key}", hint)
         for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
             for pattern, value in expect(cfg.get(key) or {}, dict, f"{where} {key}", hint).items():
                 _positive(value, f"{where} {key}[{pattern[:60]!r}]", integer=integer)
@@ -244,6 +248,10 @@ class Adapter(TensorStore):
         rank = mod.A.shape[0]
         if mod.B.shape[1] != rank:
             raise ShadowMergeError(f"{where}: lora_A has rank {rank} but lora_B has {mod.B.shape[1]} columns")
+        if cfg.get("target_parameters") and (".base_layer" in mod.name or mod.embedding is False and
+                                             rank != self._pattern("rank_pattern", mod.name, cfg["r"])):
+            mod.on_parameter = True      # rank x experts rows: checked with the parameter (source.py)
+            return
         r = self._pattern("rank_pattern", mod.name, cfg["r"])
         alpha = self._pattern("alpha_pattern", mod.name, cfg["lora_alpha"])
         if r != rank:
@@ -259,6 +267,21 @@ class Adapter(TensorStore):
         if cfg.get("use_dora") and mod.magnitude is None:
             raise ShadowMergeError(f"{where}: {CONFIG} says use_dora but there is no lora_magnitude_vector")
 
+
+    def parameter_scale(self, mod: LoraModule, param: str, experts: int) -> None:
+        """Rank and scale of a LoRA on the parameter `param` (its full name) of `experts` stacked experts."""
+        cfg, where = self.config, f"--lora {self.ref}: parameter {param}"
+        if mod.bias is not None or mod.magnitude is not None or mod.embedding:
+            raise ShadowMergeError(f"{where} has a lora_B bias, DoRA magnitude or embedding factors, which peft "
+                                   f"does not make for a parameter; the adapter is not peft's")
+        r = self._pattern("rank_pattern", param, cfg["r"])
+        alpha = self._pattern("alpha_pattern", param, cfg["lora_alpha"])
+        if mod.A.shape[0] != r * experts or mod.B.shape[1] != r * experts:
+            raise ShadowMergeError(f"{where}: {CONFIG} says r={r} for {experts} expert(s), so lora_A should have "
+                                   f"{r * experts} rows, but it has {mod.A.shape[0]}; the config does not belong to "
+                                   f"these weights")
+        mod.rank = r
+        mod.scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
     def _pattern(self, key: str, module: str, default):
         """peft's get_pattern_key: the first key that matches the end of the module path, else the default."""

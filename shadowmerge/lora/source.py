@@ -20,7 +20,7 @@ streamed pass over the same pieces, accumulated in float64.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,7 +28,7 @@ from ..checkpoint import Checkpoint, TensorInfo
 from ..chunks import CHUNK_ELEMENTS, geometry, ranges
 from ..deltas import OUTPUT_EMBEDDINGS, tied_alias
 from ..errors import ShadowMergeError
-from ..names import converted_error, disk_to_memory
+from ..names import converted_error, disk_to_memory, parameters_of, stacked_experts
 from ..stformat import itemsize
 from .adapter import Adapter, LoraModule
 
@@ -102,6 +102,9 @@ class LoraDelta:
                                  f"Instruct weights")
         self._targets: dict[str, tuple[str, object]] = {}
         for mod in adapter.modules.values():
+            if mod.on_parameter:
+                self._targets.update(self._parameter_target(mod, instruct))
+                continue
             self._targets[f"{mod.name}.weight"] = ("weight", mod)
             if mod.bias is not None:
                 self._targets[f"{mod.name}.bias"] = ("bias", mod)
@@ -112,6 +115,7 @@ class LoraDelta:
             self._targets[name] = ("saved", info)
         self.renamed: dict[str, str] = {}
         self._to_disk_names(instruct)
+        self._refuse_fused(instruct)
         if not any(n in instruct.tensors or _tied_head(instruct, n) for n in self._targets):
             base_model = f" (its base_model_name_or_path is {adapter.base_model})" if adapter.base_model else ""
             raise ShadowMergeError(
@@ -133,11 +137,91 @@ class LoraDelta:
             found = by_memory.get(name)
             if not found:
                 continue
+            kind, obj = self._targets[name]
+            if kind == "parameter" and found[0].converter is not None:
+                del self._targets[name]
+                self._targets.update(self._expert_targets(obj, found, instruct))
+                self.renamed[name] = f"{len(found)} tensors"
+                continue
             if found[0].converter is not None or len(found) > 1:
                 raise converted_error(self.adapter.ref, name, found)
             self.renamed[name] = found[0].disk
-        if self.renamed:
-            self._targets = {self.renamed.get(n, n): t for n, t in self._targets.items()}
+            self._targets[found[0].disk] = self._targets.pop(name)
+
+    def _refuse_fused(self, instruct: Checkpoint) -> None:
+        for name, (kind, obj) in self._targets.items():
+            if kind == "parameter":
+                raise ShadowMergeError(
+                    f"--lora {self.adapter.ref}: the adapter changes the fused expert parameter {name}, which the "
+                    f"instruct {'stores as one 3-D tensor' if name in instruct.tensors else 'does not hold'}; "
+                    f"shadowmerge merges such LoRA (peft's target_parameters) into experts stored one by one "
+                    f"(experts.N.gate_proj/up_proj/down_proj, w1/w2/w3); merge it into the Base with peft and graft "
+                    f"that with --base/--tuned")
+
+    def _parameter_target(self, mod: LoraModule, instruct: Checkpoint) -> dict:
+        """The parameter a LoRA of peft's target_parameters changes, found as peft finds it: the module's own
+        parameters in the order it registers them, matched against target_parameters; nested wrappers
+        (module.base_layer...) hold the earlier ones, the outermost the last."""
+        ad = self.adapter
+        module = mod.name.replace(".base_layer", "")
+        depth = mod.name.count(".base_layer")
+        found = parameters_of(instruct.folder, module)
+        where = f"--lora {ad.ref}: module {mod.name} (LoRA on parameters, target_parameters)"
+        if found is None:
+            raise ShadowMergeError(f"{where}: the instruct's model has no module {module}; the adapter was made for "
+                                   f"another model")
+        params, transposed = found
+        wanted = ad.config.get("target_parameters") or []
+        matched = [(p, shape) for p, shape in params
+                   if any(f"{module}.{p}" == t or f"{module}.{p}".endswith("." + t) for t in wanted)]
+        if depth >= len(matched):
+            raise ShadowMergeError(f"{where}: {module} has {len(matched)} targeted parameter(s), too few for this "
+                                   f"nesting; the adapter does not match the instruct's model")
+        param, shape = matched[len(matched) - 1 - depth]
+        name = f"{module}.{param}"
+        if len(shape) == 2:          # a 2-D parameter (a router's weight): peft merges it like a linear layer
+            ad.parameter_scale(mod, name, 1)
+            mod.on_parameter = False
+            return {name: ("weight", replace(mod, name=module))}
+        if len(shape) != 3:
+            raise ShadowMergeError(f"{where}: {name} has {len(shape)} dimensions; only 2-D and 3-D (experts) "
+                                   f"parameters are merged")
+        experts, d1, d2 = shape
+        ad.parameter_scale(mod, name, experts)
+        in_dim, out_dim = (d1, d2) if transposed else (d2, d1)
+        if tuple(mod.A.shape) != (mod.rank * experts, in_dim) or tuple(mod.B.shape) != (out_dim, mod.rank * experts):
+            raise ShadowMergeError(f"{where}: lora_A {list(mod.A.shape)} / lora_B {list(mod.B.shape)} do not fit "
+                                   f"{name} {list(shape)}; the adapter was made for another model")
+        return {name: ("parameter", (mod, shape, transposed))}
+
+    def _expert_targets(self, target, found: list, instruct: Checkpoint) -> dict:
+        """Per-expert on-disk tensors of a fused parameter, each a slice of one expert's update."""
+        mod, (experts, d1, d2), transposed = target
+        where = f"--lora {self.adapter.ref}: the fused expert parameter of {mod.name}"
+        slots = {}
+        for loaded in found:
+            slot = stacked_experts(loaded)
+            if slot is None or transposed:
+                raise converted_error(self.adapter.ref, loaded.memory, found)
+            slots[slot] = loaded.disk
+        sources = 1 + max(j for j, _ in slots)
+        if set(slots) != {(j, e) for j in range(sources) for e in range(experts)}:
+            raise ShadowMergeError(f"{where}: the instruct stores {len(slots)} expert tensors for it, not "
+                                   f"{sources * experts}; it does not match the adapter's model")
+        out = {}
+        for e in range(experts):
+            row0 = 0
+            for j in range(sources):
+                disk = slots[(j, e)]
+                info = instruct.tensors[disk]
+                if len(info.shape) != 2 or info.shape[1] != d2:
+                    raise converted_error(self.adapter.ref, found[0].memory, found)
+                out[disk] = ("weight", _expert_module(mod, disk, e, experts, row0, info.shape[0]))
+                row0 += info.shape[0]
+            if row0 != d1:
+                raise ShadowMergeError(f"{where}: expert {e}'s tensors have {row0} rows together, the fused "
+                                       f"parameter {d1}")
+        return out
 
     def describe(self) -> dict:
         out = {"lora": self.adapter.describe()}
@@ -220,9 +304,27 @@ class LoraDelta:
         r0, r1, c0, c1 = geo
         (a0, a1), (b0, b1) = ((r0, r1), (c0, c1)) if mod.transposed else ((c0, c1), (r0, r1))
         rank = mod.rank
-        b = self.adapter.read_into(mod.B, b0 * rank, b1 * rank, buffers("lora_B", (b1 - b0) * rank * itemsize(mod.B.dtype)))
+        out_b = buffers("lora_B", (b1 - b0) * rank * itemsize(mod.B.dtype))
+        if mod.expert is None:
+            b = self.adapter.read_into(mod.B, b0 * rank, b1 * rank, out_b)
+        else:
+            b = self._expert_columns(mod, b0, b1, out_b)
         a = self.adapter.read_columns(mod.A, a0, a1, buffers("lora_A", (a1 - a0) * rank * itemsize(mod.A.dtype)))
         return a, b, geo
+
+    def _expert_columns(self, mod: LoraModule, b0: int, b1: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows [b0, b1) of B's columns e, e + E, ... (expert e's rank columns), read in blocks of whole rows
+        bounded by TILE_ELEMENTS, as raw bytes of a contiguous (b1 - b0, rank) block."""
+        e, experts = mod.expert
+        width, size = mod.B.shape[1], itemsize(mod.B.dtype)
+        block = max(1, TILE_ELEMENTS // width)
+        dst = out.view(mod.B.dtype).view(b1 - b0, mod.rank)
+        scratch = torch.empty(min(block, b1 - b0) * width * size, dtype=torch.uint8)
+        for k in range(b0, b1, block):
+            n = min(block, b1 - k)
+            rows = self.adapter.read_into(mod.B, k * width, (k + n) * width, scratch[: n * width * size])
+            dst[k - b0: k - b0 + n].copy_(rows.view(mod.B.dtype).view(n, width)[:, e::experts])
+        return out[: (b1 - b0) * mod.rank * size]
 
     def _norms(self, entry: LoraWeight) -> torch.Tensor:
         """DoRA's ||W_B + dW|| per output unit, streamed over the tensor (float64 sums), for one entry at a time."""
@@ -285,6 +387,21 @@ def _product(mod: LoraModule, a: torch.Tensor, b: torch.Tensor, geo: tuple, out:
     else:                        # peft: (B @ A) * scale
         torch.matmul(b.view(rows, rank), a.view(rank, cols), out=d)
     return d.mul_(mod.scale)
+
+
+def _expert_module(mod: LoraModule, disk: str, e: int, experts: int, row0: int, rows: int) -> LoraModule:
+    """Rows [row0, row0 + rows) of expert e's update, as a plain LoRA: B's rows sliced (its rank columns
+    for expert e are e, e + E, ...: read strided), A's rows e * r .. (e + 1) * r."""
+    r, size = mod.rank, itemsize(mod.A.dtype)
+    if mod.A.offset is None or mod.B.offset is None:
+        raise ShadowMergeError(f"{mod.name}: LoRA on expert parameters needs a safetensors adapter; re-save it")
+    a = replace(mod.A, name=f"{mod.A.name}[expert {e}]", shape=(r, mod.A.shape[1]),
+                offset=mod.A.offset + e * r * mod.A.shape[1] * size, nbytes=r * mod.A.shape[1] * size)
+    width, bsize = mod.B.shape[1], itemsize(mod.B.dtype)
+    b = replace(mod.B, name=f"{mod.B.name}[rows {row0}..{row0 + rows}]", shape=(rows, width),
+                offset=mod.B.offset + row0 * width * bsize, nbytes=rows * width * bsize)
+    return replace(mod, name=disk[: -len(".weight")] if disk.endswith(".weight") else disk, A=a, B=b,
+                   expert=(e, experts), on_parameter=False, keys=list(mod.keys))
 
 
 def _tied_head(instruct: Checkpoint, name: str) -> bool:
