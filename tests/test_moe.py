@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from adapters import make_adapter, peft_merged, ulp_distance
+from adapters import assert_close_to_merge, make_adapter, peft_merged, ulp_distance
 
 MOE = ["qwen3_moe", "mixtral"]
 
@@ -65,20 +65,48 @@ def test_an_adapter_peft_cannot_load_is_refused_too(make_triple, cli, tmp_path):
             expect="says r=8 for 4 expert(s), so lora_A should have 32 rows, but it has 24")
 
 
-def test_fused_experts_on_disk_are_refused_by_name(make_triple, cli, tmp_path):
-    """An Instruct saved with its experts fused (the in-memory layout): not merged yet, said by name."""
-    from safetensors.torch import load_file, save_file
+def fused_copy(inst, folder):
+    """The Instruct saved in the in-memory layout (experts fused), as some tools write it."""
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from conftest import run_bad
-
-    inst, base, _ = make_triple("qwen3_moe")
-    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules="all-linear")
-    fused = tmp_path / "fused"
-    fused.mkdir()
-    (fused / "config.json").write_bytes((inst / "config.json").read_bytes())
+    folder.mkdir()
+    (folder / "config.json").write_bytes((inst / "config.json").read_bytes())
     state = AutoModelForCausalLM.from_pretrained(inst, dtype=torch.bfloat16).state_dict()
-    save_file({k: v.contiguous() for k, v in state.items()}, fused / "model.safetensors", metadata={"format": "pt"})
-    assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(fused / "model.safetensors")
-    run_bad(cli, tmp_path, [fused, adapter], "--instruct", fused, "--lora", adapter,
-            expect="the fused expert parameter model.layers.0.mlp.experts.")
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("pieces", [None, (100, 64)], ids=["whole", "small-pieces"])
+@pytest.mark.parametrize("case", ["gpt_oss", "qwen3_moe-fused"])
+def test_lora_on_experts_fused_on_disk_equals_peft_merge(case, pieces, make_triple, cli, tmp_path, monkeypatch):
+    """GPT-OSS stores its experts fused, (experts, in, out); a Qwen3-MoE saved in the in-memory layout stores
+    them fused (experts, out, in). Pieces cut inside experts and rows must not change a bit."""
+    from transformers import AutoModelForCausalLM
+
+    if pieces:
+        from shadowmerge import engine
+        from shadowmerge.lora import source
+
+        run = engine.run
+        monkeypatch.setattr(engine, "run", lambda *a, **k: run(*a, **k, chunk_elements=pieces[0]))
+        monkeypatch.setattr(source, "TILE_ELEMENTS", pieces[1])
+    family = case.split("-")[0]
+    inst, base, _ = make_triple(family)
+    if case.endswith("fused"):
+        inst = fused_copy(inst, tmp_path / "fused")
+    targets = dict(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"]) \
+        if family == "gpt_oss" else dict(target_modules="all-linear")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, **targets)
+    res = cli("graft", "--instruct", inst, "--lora", adapter, "--out", tmp_path / "out", "-q")
+    assert res.exit_code == 0, res.output
+    assert disk_names(tmp_path / "out") == disk_names(inst)
+    assert any(".experts.gate_up_proj" in n for n in disk_names(inst))
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16).state_dict()
+    I = AutoModelForCausalLM.from_pretrained(inst, dtype=torch.bfloat16).state_dict()
+    want = peft_merged(inst, adapter)
+    for name, t in got.items():
+        assert_close_to_merge(t, want[name].to(torch.bfloat16), "cpu", name, order_differs=bool(pieces))
+    assert not torch.equal(got["model.layers.1.mlp.experts.down_proj"], I["model.layers.1.mlp.experts.down_proj"])
+    assert not torch.equal(got["model.layers.0.mlp.experts.gate_up_proj"][3],
+                           I["model.layers.0.mlp.experts.gate_up_proj"][3])

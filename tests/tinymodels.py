@@ -31,6 +31,12 @@ FAMILIES = {
     "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=32, num_local_experts=4,
                     num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     head_dim=16, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False),
+    # fused experts on disk too, stored (experts, in, out)
+    "gpt_oss": dict(model_type="gpt_oss", hidden_size=64, intermediate_size=32, num_local_experts=4,
+                    num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, vocab_size=256, max_position_embeddings=128, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False,
+                    rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
     # Conv1D layers: weights stored (in, out), LoRA with fan_in_fan_out
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128,
                  tie_word_embeddings=True),

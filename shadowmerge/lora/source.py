@@ -115,7 +115,7 @@ class LoraDelta:
             self._targets[name] = ("saved", info)
         self.renamed: dict[str, str] = {}
         self._to_disk_names(instruct)
-        self._refuse_fused(instruct)
+        self._fused_on_disk(instruct)
         if not any(n in instruct.tensors or _tied_head(instruct, n) for n in self._targets):
             base_model = f" (its base_model_name_or_path is {adapter.base_model})" if adapter.base_model else ""
             raise ShadowMergeError(
@@ -148,15 +148,23 @@ class LoraDelta:
             self.renamed[name] = found[0].disk
             self._targets[found[0].disk] = self._targets.pop(name)
 
-    def _refuse_fused(self, instruct: Checkpoint) -> None:
-        for name, (kind, obj) in self._targets.items():
-            if kind == "parameter":
+    def _fused_on_disk(self, instruct: Checkpoint) -> None:
+        """Fused expert parameters the instruct stores as they are loaded: one 3-D tensor, expert by expert."""
+        for name, (kind, obj) in list(self._targets.items()):
+            if kind != "parameter":
+                continue
+            mod, shape, transposed = obj
+            info = instruct.tensors.get(name)
+            if info is None or tuple(info.shape) != tuple(shape):
                 raise ShadowMergeError(
-                    f"--lora {self.adapter.ref}: the adapter changes the fused expert parameter {name}, which the "
-                    f"instruct {'stores as one 3-D tensor' if name in instruct.tensors else 'does not hold'}; "
-                    f"shadowmerge merges such LoRA (peft's target_parameters) into experts stored one by one "
-                    f"(experts.N.gate_proj/up_proj/down_proj, w1/w2/w3); merge it into the Base with peft and graft "
-                    f"that with --base/--tuned")
+                    f"--lora {self.adapter.ref}: the adapter changes the fused expert parameter {name} "
+                    f"{list(shape)}, which the instruct "
+                    f"{'stores as ' + str(list(info.shape)) if info is not None else 'does not hold'}; pass the "
+                    f"Instruct of the Base the adapter was trained on")
+            experts, d1, d2 = shape
+            per_expert = [_expert_module(mod, name, e, experts, 0, d2 if transposed else d1, transposed)
+                          for e in range(experts)]
+            self._targets[name] = ("fused", FusedExperts(tuple(shape), per_expert))
 
     def _parameter_target(self, mod: LoraModule, instruct: Checkpoint) -> dict:
         """The parameter a LoRA of peft's target_parameters changes, found as peft finds it: the module's own
@@ -258,6 +266,8 @@ class LoraDelta:
         kind, obj = target
         if kind == "bias":
             return LoraBias(obj)
+        if kind == "fused":
+            return obj
         shape = obj.shape
         base = tied_alias(self.base, name) if self.base is not None else None
         if base is not None and tuple(base.shape) != tuple(shape):
@@ -284,6 +294,9 @@ class LoraDelta:
         if isinstance(entry, SavedCopy):
             return (self.adapter.read_into(entry.saved, e0, e1, buffers("saved", n * itemsize(entry.saved.dtype))),
                     self.base.read_into(entry.base, e0, e1, buffers("base", n * itemsize(entry.base.dtype))))
+        if isinstance(entry, FusedExperts):
+            return [(mod, f0 - e0, self._factors(mod, g0, g1, buffers, f"{k}"))
+                    for k, (mod, f0, g0, g1) in enumerate(entry.subpieces(e0, e1))]
         mod = entry.module
         if isinstance(entry, LoraBias):
             return self.adapter.read_into(mod.bias, e0, e1, buffers("bias", n * itemsize(mod.bias.dtype)))
@@ -298,18 +311,18 @@ class LoraDelta:
             base = self.base.read_into(entry.base, e0, e1, buffers("base", n * itemsize(entry.base.dtype)))
         return a, b, m, norms, base, geo
 
-    def _factors(self, mod: LoraModule, e0: int, e1: int, buffers) -> tuple:
+    def _factors(self, mod: LoraModule, e0: int, e1: int, buffers, key: str = "") -> tuple:
         """Raw bytes of the rows of B and the columns of A that the piece [e0, e1) of the update needs."""
         geo = geometry(e0, e1, mod.shape[1])
         r0, r1, c0, c1 = geo
         (a0, a1), (b0, b1) = ((r0, r1), (c0, c1)) if mod.transposed else ((c0, c1), (r0, r1))
         rank = mod.rank
-        out_b = buffers("lora_B", (b1 - b0) * rank * itemsize(mod.B.dtype))
+        out_b = buffers("lora_B" + key, (b1 - b0) * rank * itemsize(mod.B.dtype))
         if mod.expert is None:
             b = self.adapter.read_into(mod.B, b0 * rank, b1 * rank, out_b)
         else:
             b = self._expert_columns(mod, b0, b1, out_b)
-        a = self.adapter.read_columns(mod.A, a0, a1, buffers("lora_A", (a1 - a0) * rank * itemsize(mod.A.dtype)))
+        a = self.adapter.read_columns(mod.A, a0, a1, buffers("lora_A" + key, (a1 - a0) * rank * itemsize(mod.A.dtype)))
         return a, b, geo
 
     def _expert_columns(self, mod: LoraModule, b0: int, b1: int, out: torch.Tensor) -> torch.Tensor:
@@ -358,6 +371,12 @@ class LoraDelta:
             saved_raw, base_raw = payload
             return torch.sub(to_float(saved_raw, entry.saved.dtype, "saved"),
                              to_float(base_raw, entry.base.dtype, "base"), out=out)
+        if isinstance(entry, FusedExperts):
+            for mod, at, (a_raw, b_raw, geo) in payload:
+                r0, r1, c0, c1 = geo
+                _product(mod, to_float(a_raw, mod.A.dtype, "lora_A"), to_float(b_raw, mod.B.dtype, "lora_B"), geo,
+                         out[at: at + (r1 - r0) * (c1 - c0)])
+            return out
         mod = entry.module
         if isinstance(entry, LoraBias):
             return torch.mul(to_float(payload, mod.bias.dtype, "bias"), mod.scale, out=out)
@@ -389,9 +408,37 @@ def _product(mod: LoraModule, a: torch.Tensor, b: torch.Tensor, geo: tuple, out:
     return d.mul_(mod.scale)
 
 
-def _expert_module(mod: LoraModule, disk: str, e: int, experts: int, row0: int, rows: int) -> LoraModule:
-    """Rows [row0, row0 + rows) of expert e's update, as a plain LoRA: B's rows sliced (its rank columns
-    for expert e are e, e + E, ...: read strided), A's rows e * r .. (e + 1) * r."""
+@dataclass(frozen=True, eq=False)
+class FusedExperts:
+    """A fused expert parameter stored as it is loaded, [E, d1, d2]: expert e's update is its own LoRA."""
+
+    shape: tuple[int, int, int]
+    experts: list
+
+    def subpieces(self, e0: int, e1: int):
+        """The flat piece [e0, e1) as (expert's module, flat start, g0, g1): [g0, g1) within that expert's
+        (d1, d2) update, each whole rows or one row's segment (what a LoRA piece is)."""
+        _, d1, d2 = self.shape
+        size = d1 * d2
+        f = e0
+        while f < e1:
+            e, g = divmod(f, size)
+            end = min(e1 - e * size, size)
+            if g % d2:                                     # the rest of a started row
+                stop = min(end, (g // d2 + 1) * d2)
+            elif end - g >= d2:                            # whole rows
+                stop = g + (end - g) // d2 * d2
+            else:                                          # the start of a row
+                stop = end
+            yield self.experts[e], f, g, stop
+            f = e * size + stop
+
+
+def _expert_module(mod: LoraModule, disk: str, e: int, experts: int, row0: int, rows: int,
+                   transposed: bool = False) -> LoraModule:
+    """Rows [row0, row0 + rows) of B for expert e, as a plain LoRA: B's rank columns for expert e are
+    e, e + E, ... (read strided), A's rows e * r .. (e + 1) * r. Where the model stores experts (in, out)
+    (transposed), the update is (B @ A).T, as for fan_in_fan_out."""
     r, size = mod.rank, itemsize(mod.A.dtype)
     if mod.A.offset is None or mod.B.offset is None:
         raise ShadowMergeError(f"{mod.name}: LoRA on expert parameters needs a safetensors adapter; re-save it")
@@ -401,7 +448,7 @@ def _expert_module(mod: LoraModule, disk: str, e: int, experts: int, row0: int, 
     b = replace(mod.B, name=f"{mod.B.name}[rows {row0}..{row0 + rows}]", shape=(rows, width),
                 offset=mod.B.offset + row0 * width * bsize, nbytes=rows * width * bsize)
     return replace(mod, name=disk[: -len(".weight")] if disk.endswith(".weight") else disk, A=a, B=b,
-                   expert=(e, experts), on_parameter=False, keys=list(mod.keys))
+                   expert=(e, experts), on_parameter=False, keys=list(mod.keys), fan_in_fan_out=transposed)
 
 
 def _tied_head(instruct: Checkpoint, name: str) -> bool:
