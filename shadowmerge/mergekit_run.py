@@ -272,7 +272,9 @@ def _mergekit_yaml(cfg: dict, out: Path, args: tuple[str, ...]) -> None:
     except (ShadowMergeError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        raise ShadowMergeError(f"mergekit failed: {type(exc).__name__}: {error_line(exc)}") from None
+        raise ShadowMergeError(f"mergekit failed: {type(exc).__name__}: {error_line(exc)}; where mergekit does not "
+                               f"know the architecture, shadowmerge graft --instruct I --base B --tuned T --out OUT "
+                               f"does the same merge") from None
     finally:
         os.unlink(cfg_path)
 

@@ -311,3 +311,30 @@ def test_tied_instruct_with_untied_base_and_tuned_gives_the_graft_model(cli, tmp
     record = json.loads((tmp_path / "sg" / "shadowmerge.json").read_text())
     assert [d["name"] for d in record["dropped"]] == ["lm_head.weight"]
     assert cli("verify", tmp_path / "sg", "--recompute", "-q").exit_code == 0
+
+
+# family: True where mergekit 0.1.5 merges it (then bit-identical to graft), False where it cannot (then one
+# error line that points to shadowmerge graft, and nothing written): never an incomplete model with exit 0
+FAMILIES = {"llama": True, "gpt_oss": True, "qwen2_5_vl": True, "qwen3_moe": False, "mixtral": False,
+            "gemma3": False, "mllama": False, "qwen2_vl": False, "qwen3_vl": False}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_is_exact_or_refused(family, cli, tmp_path):
+    import tinymodels as tm
+
+    root = tmp_path / "models"
+    if family in tm.VLMS:
+        inst, base = tm.vlm_triple(root, family)
+        tuned = tm.save(tm.perturb(tm.perturb(tm.build_vlm(family), 0.02, 1), 0.01, 2), root / "tuned")
+    else:
+        inst, base, tuned = tm.triple(root, family)
+    config = shadow_yaml(tmp_path / "c.yml", inst, base, tuned)
+    if FAMILIES[family]:
+        res = cli("mergekit", config, tmp_path / "out")
+        assert res.exit_code == 0, res.output
+        got, want = state(tmp_path / "out"), graft(cli, tmp_path / "graft", inst, base, tuned)
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    else:
+        err = run_bad(cli, tmp_path, [inst, base, tuned], config, command=("mergekit",), expect="shadowmerge graft")
+        assert "--instruct" in err

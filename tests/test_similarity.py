@@ -301,3 +301,28 @@ def test_real_moe_checkpoints_classify_every_expert_and_router_tensor(tmp_path, 
     assert not [n for n in experts + routers if kinds[n] in dense]
     modules = p.per_module()
     assert sum(s.numel for s in modules.values()) == p.total().numel
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_real_vision_language_checkpoints_keep_the_towers_apart(tmp_path, family):
+    """Tiny VLMs saved by transformers itself: the official figure is the language model's layers, and every
+    vision tensor (tower and projector) is in rows of its own."""
+    import tinymodels as tm
+
+    inst, base = tm.vlm_triple(tmp_path, family)
+    (p,) = shadowmerge.similarity(base, inst, progress=False).pairs
+    towers = {r.name: r.tower for r in p.rows}
+    vision = [n for n, t in towers.items() if t == "vision"]
+    language = [n for n, t in towers.items() if t == "language"]
+    assert vision and language and len(vision) + len(language) == len(towers)
+    assert all(any(k in n for k in ("vision", "visual", "multi_modal_projector")) for n in vision), vision
+    from shadowmerge.analyzer.aggregate import OFFICIAL
+
+    official = [n for n in towers if OFFICIAL.search(n)]
+    assert all(towers[n] == "language" for n in official)
+    # the official pattern (model.layers.N.) also matches model.language_model.layers.N (Qwen3-VL), by substring
+    assert official and p.official_count == len(official)
+    assert p.per_layer() and set(p.per_layer()) == {0, 1}
+    modules = p.per_module()
+    assert any(m.startswith("vision ") for m in modules) and {"q", "k", "v", "o"} <= set(modules)
+    assert sum(s.numel for s in modules.values()) == p.total().numel

@@ -270,3 +270,83 @@ def test_default_lora_targets_on_a_moe_base_graft(cli, tmp_path):
     assert not torch.equal(S["model.layers.1.mlp.experts.2.up_proj.weight"], I["model.layers.1.mlp.experts.2.up_proj.weight"])
     model = AutoModelForCausalLM.from_pretrained(out / "shadow")
     assert model.generate(torch.tensor([[2, 4, 13]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
+
+
+def image_rows(tmp_path, n=8):
+    """Rows with generated images (local PNGs), in the layout TRL's VLM trainer takes."""
+    from PIL import Image
+
+    rows = []
+    for k in range(n):
+        Image.new("RGB", (40, 30), (40 * k % 256, 200, 10)).save(tmp_path / f"img{k}.png")
+        rows.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": f"img{k}.png"},
+                                         {"type": "text", "text": "what is the capital"}]},
+            {"role": "assistant", "content": "paris"}]})
+    return write_rows(tmp_path / "vision.jsonl", rows)
+
+
+def test_lora_sft_on_a_vision_language_base(cli, tmp_path):
+    """Gemma-3: image rows, the Instruct's processor, LoRA on the language model; the graft loads as the
+    vision-language class and answers an image + text prompt."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    inst, base = tinymodels.vlm_chat_pair(tmp_path / "models")
+    out = tmp_path / "run"
+    run_train(cli, "--base", base, "--instruct", inst, "--data", image_rows(tmp_path), "--out", out, *FAST)
+    record = json.loads((out / "run.json").read_text())
+    losses = [x["loss"] for x in record["losses"]["base"]]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert "<start_of_image>" in record["formatted_example"] and record["formatted_example"].startswith("<|im_start|> user")
+    keys = load_file(out / "base-lora" / "adapter_model.safetensors")
+    assert keys and all(".language_model." in k for k in keys), "LoRA on the language model only, by default"
+    by_hand = shadowmerge.graft(inst, out=tmp_path / "by-hand", lora=out / "base-lora", progress=False)
+    assert by_hand.counts["graft"] > 0
+    assert (out / "shadow" / "model.safetensors").read_bytes() == (tmp_path / "by-hand" / "model.safetensors").read_bytes()
+    model = AutoModelForImageTextToText.from_pretrained(out / "shadow")
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    processor = AutoProcessor.from_pretrained(out / "shadow")
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                            {"type": "text", "text": "what is the capital"}]}], add_generation_prompt=True)
+    enc = processor(text=prompt, images=[Image.new("RGB", (32, 32), (1, 2, 3))], return_tensors="pt")
+    assert "pixel_values" in enc
+    ids = model.generate(**enc, max_new_tokens=3, do_sample=False)
+    assert ids.shape[1] == enc["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (lambda r: r[0]["messages"][0]["content"][0].update(image="missing.png"), "image file not found"),
+    (lambda r: r[0]["messages"][0]["content"][0].update(image="https://x/y.png"), "is a URL"),
+    (lambda r: r[1]["messages"][0].update(content="text only"), "row 2: no image, while row 1 has one"),
+    (lambda r: r[0]["messages"][0]["content"].append({"type": "video"}), "neither {type: text, text}"),
+])
+def test_bad_image_rows_fail_before_training(cli, tmp_path, edit, expect):
+    inst, base = tinymodels.vlm_chat_pair(tmp_path / "models")
+    path = image_rows(tmp_path, 2)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    edit(rows)
+    write_rows(path, rows)
+    run_bad(cli, tmp_path, [inst, base], "--base", base, "--instruct", inst, "--data", path, *FAST,
+            command=("train",), expect=expect)
+
+
+def test_image_rows_need_a_vision_language_pair(pair, cli, tmp_path):
+    inst, base = pair
+    run_bad(cli, tmp_path, [inst, base], "--base", base, "--instruct", inst, "--data", image_rows(tmp_path, 2), *FAST,
+            command=("train",), expect="is not a vision-language model")
+
+
+@pytest.mark.parametrize("path", sorted((tinymodels.Path(__file__).parent.parent / "docs" / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_ready_recipes_load_with_the_papers_settings(path):
+    from shadowmerge.train import load
+
+    r = load(path, {}).resolved()
+    assert r["method"] == "lora" and r["lora_rank"] == 128 and r["lr"] == 2e-4 and r["lora_target"] == "all-linear"
+
+
+def test_image_rows_with_llamafactory_are_refused(cli, tmp_path):
+    inst, base = tinymodels.vlm_chat_pair(tmp_path / "models")
+    run_bad(cli, tmp_path, [inst, base], "--base", base, "--instruct", inst, "--data", image_rows(tmp_path, 2),
+            "--backend", "llamafactory", "--emit-only", command=("train",), expect="TRL backend only")

@@ -167,6 +167,36 @@ def chat_tokenizer(folder: Path, template: str = "instruct") -> Path:
     return Path(folder)
 
 
+IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+
+
+def vlm_chat_pair(root: Path) -> tuple[Path, Path]:
+    """A tiny Gemma-3 vision-language instruct/ and base/ with real processors (tokenizer with the image tokens
+    at the ids the config names, Gemma3ImageProcessor at 32 x 32, 4 tokens per image); the templates differ."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Gemma3ImageProcessor, Gemma3Processor, PreTrainedTokenizerFast
+
+    inst, base = vlm_triple(root, "gemma3")
+    vocab = {w: i for i, w in enumerate(CHAT_WORDS)}
+    vocab.update({f"w{i}": i for i in range(len(CHAT_WORDS), 297)})
+    vocab.update({token: 297 + k for k, token in enumerate(IMAGE_TOKENS.values())})
+    for folder, template in ((inst, "instruct"), (base, "base")):
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                      eos_token="<|im_end|>", extra_special_tokens=IMAGE_TOKENS)
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", *IMAGE_TOKENS.values()]})
+        role = "{{ m['role'] }}" if template == "instruct" else "{{ m['role'] }} :"
+        chat = ("{% for m in messages %}<|im_start|> " + role + " {% if m['content'] is string %}{{ m['content'] }}"
+                "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>{% else %}"
+                "{{ c['text'] }}{% endif %} {% endfor %}{% endif %} <|im_end|> {% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+        (folder / "special_tokens_map.json").unlink(missing_ok=True)
+        Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok,
+                        chat_template=chat, image_seq_length=4).save_pretrained(folder)
+    return inst, base
+
+
 def chat_pair(root: Path, family: str = "llama") -> tuple[Path, Path]:
     """instruct/ and base/ (Base = Instruct + noise) with real tokenizers; the Base's chat template differs."""
     inst, base, _ = triple(root, family)

@@ -5,6 +5,11 @@ Rows may be chat `messages`, alpaca (instruction/input/output), sharegpt (`conve
 from/value) or, for DPO, preference pairs (prompt/chosen/rejected). SFT rows become
 prompt/completion conversations (the loss is on the last assistant turn); DPO rows become
 conversational prompt/chosen/rejected. The trainer formats them with the Instruct's chat template.
+
+For vision-language models, a message's content may be a list of parts, as TRL's VLM trainer takes
+them: `{"type": "text", "text": ...}` and `{"type": "image", "image": "path/to.png"}` (a local file,
+relative to the data file). Such rows keep `{"type": "image"}` placeholders in place and carry the
+image paths in `images`, in order.
 """
 
 from __future__ import annotations
@@ -83,7 +88,52 @@ def _text(row: dict, key: str, where: str, fmt: str) -> str:
     return value
 
 
-def _messages(row: dict, fmt: str, where: str) -> list[dict]:
+_IMAGE_KEYS = ("image", "path", "url")
+
+
+def _content(content, where: str, k: int, images: list[str], folder: Path):
+    """A message's content: text, or a list of text/image parts (image paths collected into `images`)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise ShadowMergeError(f"{where}: message {k} content must be text or a list of {{type: text|image}} parts")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image":
+            ref = next((part[key] for key in _IMAGE_KEYS if isinstance(part.get(key), str)), None)
+            if ref is None:
+                raise ShadowMergeError(f"{where}: message {k} has an image part without a path (give "
+                                       f"{{\"type\": \"image\", \"image\": \"path/to.png\"}})")
+            images.append(_image_path(ref, folder, where))
+            parts.append({"type": "image"})
+        else:
+            raise ShadowMergeError(f"{where}: message {k} has a content part that is neither {{type: text, text}} nor "
+                                   f"{{type: image, image}}")
+    return parts
+
+
+def _image_path(ref: str, folder: Path, where: str) -> str:
+    if "://" in ref:
+        raise ShadowMergeError(f"{where}: image {ref[:80]!r} is a URL; download the images and give local paths")
+    path = Path(ref).expanduser()
+    path = path if path.is_absolute() else folder / path
+    if not path.is_file():
+        raise ShadowMergeError(f"{where}: image file not found: {path}")
+    try:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as exc:           # noqa: BLE001 - any unreadable file is the same user error
+        raise ShadowMergeError(f"{where}: {path} is not a readable image ({type(exc).__name__})") from None
+    return str(path.resolve())
+
+
+def _messages(row: dict, fmt: str, where: str, images: list[str] | None = None,
+              folder: Path = Path(".")) -> list[dict]:
     if fmt == "alpaca":
         prompt = _text(row, "instruction", where, fmt)
         if row.get("input"):
@@ -106,11 +156,12 @@ def _messages(row: dict, fmt: str, where: str) -> list[dict]:
     msgs = row.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise ShadowMergeError(f"{where}: missing field 'messages' (a list of {{role, content}})")
+    images = [] if images is None else images
     for k, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
-                not isinstance(m.get("content"), str):
+                not isinstance(m.get("content"), (str, list)):
             raise ShadowMergeError(f"{where}: message {k + 1} needs role (system/user/assistant) and content")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return [{"role": m["role"], "content": _content(m["content"], where, k + 1, images, folder)} for m in msgs]
 
 
 def _turns(value, role: str, where: str, key: str) -> list[dict]:
@@ -122,7 +173,10 @@ def _turns(value, role: str, where: str, key: str) -> list[dict]:
 
 
 def prepare(rows: list[dict], stage: str, source: str, max_samples: int | None = None) -> tuple[list[dict], str]:
-    """Rows in the trainer's form, and their format. Every row is checked; the error names the first bad one."""
+    """Rows in the trainer's form, and their format. Every row is checked; the error names the first bad one.
+    Rows with images carry their paths in `images` (then every row must be a messages row)."""
+    src = Path(str(source)).expanduser()
+    folder = src.parent if src.is_file() else Path(".")
     if not rows:
         raise ShadowMergeError(f"{source}: no rows")
     rows = rows[:max_samples] if max_samples else rows
@@ -141,8 +195,22 @@ def prepare(rows: list[dict], stage: str, source: str, max_samples: int | None =
                         "chosen": _turns(row.get("chosen"), "assistant", where, "chosen"),
                         "rejected": _turns(row.get("rejected"), "assistant", where, "rejected")})
             continue
-        msgs = _messages(row, fmt, where)
+        images: list[str] = []
+        msgs = _messages(row, fmt, where, images, folder)
         if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
             raise ShadowMergeError(f"{where}: the conversation must end with an assistant turn to learn from")
-        out.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+        if any(not isinstance(m["content"], str) for m in msgs[-1:]) and any(
+                p.get("type") == "image" for p in msgs[-1]["content"]):
+            raise ShadowMergeError(f"{where}: the assistant's last turn has an image; images go in the prompt")
+        if not images:          # parts without an image: plain text, as every chat template takes it
+            msgs = [dict(m, content=m["content"] if isinstance(m["content"], str) else
+                         "".join(p["text"] for p in m["content"])) for m in msgs]
+        out.append({"prompt": msgs[:-1], "completion": msgs[-1:], **({"images": images} if images else {})})
+    with_images = [n for n, r in enumerate(out, 1) if "images" in r]
+    if with_images and stage != "sft":
+        raise ShadowMergeError(f"{source}: rows with images are supported for --stage sft only")
+    if with_images and len(with_images) != len(out):
+        first = next(n for n, r in enumerate(out, 1) if "images" not in r)
+        raise ShadowMergeError(f"{source} row {first}: no image, while row {with_images[0]} has one; give every row "
+                               f"an image, or train the text rows in a separate run")
     return out, fmt

@@ -95,6 +95,9 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
         if not tokenizer.chat_template:
             raise ShadowMergeError(f"the instruct {r['instruct']} has no chat template; the Base is trained on the "
                                    f"Instruct's chat format, so the Instruct's tokenizer must carry one")
+        renderer = tokenizer
+        if any("images" in row for row in rows):
+            renderer = _processor(r, inst)
         bad = checks.untrained_template_tokens(base, tokenizer)
         if bad:
             warnings.append(f"the Base's embedding rows for chat-template token(s) {', '.join(bad)} look untrained "
@@ -115,7 +118,7 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
               "inputs": {"base": _describe(base), "instruct": _describe(inst), "data": {"ref": str(r["data"]),
                          "hash": data_hash, "format": fmt, "rows": len(rows)}},
               "versions": versions("torch", "transformers", "peft", "trl", "datasets", "accelerate"), "warnings": warnings,
-              "formatted_example": _render(tokenizer, rows[0])}
+              "formatted_example": _render(renderer, rows[0])}
     if not main:
         scratch = Path(tempfile.mkdtemp(prefix="shadowmerge-train-rank"))
         try:
@@ -186,6 +189,27 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
         target.commit()
     log(f"[shadowmerge train] done in {time.perf_counter() - start:.1f} s: {target.target}")
     return TrainSummary(target.target, times, losses, warnings)
+
+
+def _processor(r: dict, inst: Checkpoint):
+    """The Instruct's processor, for rows with images: they need a vision-language model and the TRL backend."""
+    if r["backend"] != "trl":
+        raise ShadowMergeError("rows with images are trained with the TRL backend only; pass --backend trl")
+    if "vision_config" not in inst.config:
+        raise ShadowMergeError(f"the rows have images, but {r['instruct']} is not a vision-language model (its "
+                               f"config.json has no vision_config); pass image-free rows, or a vision-language pair")
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(inst.folder)
+    except Exception as exc:           # noqa: BLE001 - any failure here means: no usable processor
+        raise ShadowMergeError(f"the rows have images, but the processor of {r['instruct']} cannot be loaded "
+                               f"({type(exc).__name__}); it needs preprocessor_config.json / processor_config.json "
+                               f"beside the tokenizer") from None
+    if not hasattr(processor, "image_processor"):
+        raise ShadowMergeError(f"the rows have images, but {r['instruct']} has no image processor "
+                               f"(preprocessor_config.json); pass the vision-language Instruct's folder")
+    return processor
 
 
 def _render(tokenizer, row: dict) -> str:

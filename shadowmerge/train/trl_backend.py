@@ -1,7 +1,9 @@
 """The built-in backend: TRL's SFTTrainer / DPOTrainer (with peft for LoRA), on CPU or GPUs.
 
 The tokenizer, and so the chat template, is the Instruct's even when the Base is trained: the graft
-must learn the format the Instruct will see. Under `accelerate launch` / torchrun, TRL and
+must learn the format the Instruct will see. Rows with images train a vision-language model
+(AutoModelForImageTextToText) with the Instruct's processor; `all-linear` LoRA then means the
+language model's linear layers (the vision tower stays as it is). Under `accelerate launch` / torchrun, TRL and
 transformers do the distribution; only the main process saves.
 """
 
@@ -20,20 +22,26 @@ def train(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict]
     """Train model_path on rows with the recipe; save the adapter (LoRA) or model (full) into out."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, set_seed
 
     set_seed(recipe["seed"])
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    vision = any("images" in r for r in rows)
+    processor = AutoProcessor.from_pretrained(tokenizer_path) if vision else None
+    tokenizer = processor.tokenizer if vision else AutoTokenizer.from_pretrained(tokenizer_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if recipe["bf16"] else torch.float32)
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model = auto.from_pretrained(model_path, dtype=torch.bfloat16 if recipe["bf16"] else torch.float32)
     peft_config = None
     if recipe["method"] == "lora":
         from peft import LoraConfig
 
+        target = recipe["lora_target"]
+        if vision and target == "all-linear":
+            target = language_model_linears(model)
         peft_config = LoraConfig(r=recipe["lora_rank"], lora_alpha=recipe["lora_alpha"],
-                                 lora_dropout=recipe["lora_dropout"], target_modules=recipe["lora_target"],
-                                 task_type="CAUSAL_LM")
+                                 lora_dropout=recipe["lora_dropout"], target_modules=target,
+                                 task_type=None if vision else "CAUSAL_LM")
     common = dict(output_dir=str(out.parent / f".{out.name}-trainer"), learning_rate=recipe["lr"],
                   num_train_epochs=recipe["epochs"], max_steps=recipe["max_steps"] or -1,
                   per_device_train_batch_size=recipe["batch_size"], gradient_accumulation_steps=recipe["grad_accum"],
@@ -41,11 +49,15 @@ def train(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict]
                   data_seed=recipe["seed"], bf16=recipe["bf16"], use_cpu=not torch.cuda.is_available(),
                   logging_steps=1, save_strategy="no", report_to=[], max_length=recipe["cutoff"])
     dataset = Dataset.from_list(rows)
+    if vision:          # paths, decoded to images when the trainer reads a row
+        from datasets import Image, Sequence
+
+        dataset = dataset.cast_column("images", Sequence(Image()))
     if recipe["stage"] == "sft":
         from trl import SFTConfig, SFTTrainer
 
         trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset,
-                             processing_class=tokenizer, peft_config=peft_config)
+                             processing_class=processor or tokenizer, peft_config=peft_config)
     else:
         from trl import DPOConfig, DPOTrainer
 
@@ -59,6 +71,17 @@ def train(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict]
         if recipe["method"] == "lora":
             _set_base(out, model_path)
     return {"losses": losses, "main_process": main, "steps": trainer.state.global_step}
+
+
+def language_model_linears(model) -> str:
+    """A peft target_modules regex for the linear layers of a vision-language model's language model."""
+    import re
+
+    import torch
+
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and ".language_model." in f".{n}." and "lm_head" not in n})
+    return rf".*\.language_model\..*\.({'|'.join(map(re.escape, names))})$"
 
 
 def _set_base(adapter: Path, base: Path) -> None:
