@@ -37,7 +37,7 @@ def disk_to_memory(folder: Path, names: list[str]) -> dict[str, Loaded]:
 
     Raises nothing for an unknown or custom architecture: the caller then compares names as they are.
     """
-    model = meta_model(folder)
+    model = meta_model(folder, names)
     if model is None:
         return {}
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -65,18 +65,43 @@ def disk_to_memory(folder: Path, names: list[str]) -> dict[str, Loaded]:
 _MODELS: dict[Path, object] = {}
 
 
-def meta_model(folder: Path):
-    """The model class config.json names, built on the meta device (once per folder); None when unknown."""
+def meta_model(folder: Path, names: list[str]):
+    """The model class config.json names, built on the meta device (once per folder); None when unknown, or
+    when the config asks for far more layers or experts than the checkpoint's tensor names have (a config
+    from a stranger must not make the build loop for minutes)."""
     key = Path(folder).resolve()
     if key not in _MODELS:
-        _MODELS[key] = _build_meta_model(Path(folder))
+        _MODELS[key] = _build_meta_model(Path(folder), _module_bound(names))
     return _MODELS[key]
 
 
-def parameters_of(folder: Path, module: str) -> tuple[list[tuple[str, tuple[int, ...]]], bool] | None:
+# config keys that count modules to build (layers, experts, blocks); other sizes cost nothing on the meta device
+_COUNT_KEY = re.compile(r"(?i)layer|expert|depth|block")
+
+
+def _module_bound(names: list[str]) -> int:
+    """The largest module count a config may ask for: generous beside the indices the tensor names show
+    (fused experts leave no index in the names)."""
+    largest = 0
+    for name in names:
+        for part in name.split("."):
+            if part.isdigit() and len(part) < 9:
+                largest = max(largest, int(part) + 1)
+    return 16 * largest + 1024
+
+
+def _too_many_modules(value, bound: int, key: str = "") -> bool:
+    if isinstance(value, dict):
+        return any(_too_many_modules(v, bound, str(k)) for k, v in value.items())
+    if isinstance(value, list):
+        return len(value) > bound or any(_too_many_modules(v, bound, key) for v in value[:bound])
+    return isinstance(value, int) and not isinstance(value, bool) and value > bound and bool(_COUNT_KEY.search(key))
+
+
+def parameters_of(folder: Path, names: list[str], module: str) -> tuple[list[tuple[str, tuple[int, ...]]], bool] | None:
     """The parameters a module of the loaded model registers itself (in order, with shapes), and whether its
     3-D expert parameters are stored (experts, in, out) (`is_transposed`); None when there is no such module."""
-    model = meta_model(folder)
+    model = meta_model(folder, names)
     if model is None:
         return None
     try:
@@ -87,7 +112,7 @@ def parameters_of(folder: Path, module: str) -> tuple[list[tuple[str, tuple[int,
     return params, bool(getattr(mod, "is_transposed", False))
 
 
-def _build_meta_model(folder: Path):
+def _build_meta_model(folder: Path, bound: int):
     import torch
 
     try:
@@ -102,6 +127,8 @@ def _build_meta_model(folder: Path):
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         archs = [a for a in (getattr(config, "architectures", None) or []) if isinstance(a, str)]
+        if _too_many_modules(config.to_dict(), bound):
+            return None
     except Exception:           # noqa: BLE001 - a config transformers cannot read: names are compared as they are
         return None
     for arch in archs[:1]:

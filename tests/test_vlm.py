@@ -94,3 +94,30 @@ def test_filters_that_leave_nothing_to_graft_are_an_error(cli, tmp_path):
     adapter = make_adapter(base, tmp_path / "adapter", auto=Auto, r=4, lora_alpha=8, target_modules=LM_ONLY)
     run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter, "--exclude", "language_model",
             expect="nothing to graft (--include/--exclude leave out every tensor with a delta)")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c["text_config"].update(num_hidden_layers=10**9),          # would build a billion layers
+    lambda c: c["vision_config"].update(num_hidden_layers=2**40),
+    lambda c: c.update(auto_map={"AutoConfig": "evil.Config"}, architectures=["EvilModel"]),  # remote code
+    lambda c: c.update(architectures=["os.system"]),
+])
+def test_hostile_configs_never_build_a_huge_or_foreign_model(edit, cli, tmp_path):
+    """Mapping names builds the model class on the meta device: a stranger's config must not make that loop for
+    minutes or run code; the names are then compared as they are, and the error says what does not fit."""
+    import signal
+
+    from transformers import AutoModelForImageTextToText as Auto
+
+    inst, base = tm.vlm_triple(tmp_path / "vlm", "gemma3")
+    adapter = make_adapter(base, tmp_path / "adapter", auto=Auto, r=4, lora_alpha=8, target_modules=LM_ONLY)
+    cfg = json.loads((inst / "config.json").read_text())
+    edit(cfg)
+    (inst / "config.json").write_text(json.dumps(cfg))
+    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("hung")))
+    signal.alarm(120)
+    try:
+        run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter,
+                expect="transformers cannot say how it loads the instruct")
+    finally:
+        signal.alarm(0)

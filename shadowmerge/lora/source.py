@@ -114,10 +114,18 @@ class LoraDelta:
                                        f"the adapter is inconsistent")
             self._targets[name] = ("saved", info)
         self.renamed: dict[str, str] = {}
+        self._mapping_known = True
         self._to_disk_names(instruct)
         self._fused_on_disk(instruct)
         if not any(n in instruct.tensors or _tied_head(instruct, n) for n in self._targets):
             base_model = f" (its base_model_name_or_path is {adapter.base_model})" if adapter.base_model else ""
+            if not self._mapping_known:
+                raise ShadowMergeError(
+                    f"--lora {adapter.ref}: none of its {len(self._targets)} target(s) is in the instruct by name (e.g. "
+                    f"{sorted(self._targets)[0]}), and transformers cannot say how it loads the instruct (its "
+                    f"config.json names no architecture it can build here), so the adapter's in-memory names cannot "
+                    f"be mapped; pass an Instruct with transformers' own config.json, the one the adapter was made "
+                    f"for{base_model}")
             raise ShadowMergeError(
                 f"--lora {adapter.ref}: none of its {len(self._targets)} target(s) is in the instruct "
                 f"(e.g. {sorted(self._targets)[0]}): the adapter was made for another model{base_model}; pass the "
@@ -130,7 +138,9 @@ class LoraDelta:
         if not unmatched:
             return
         by_memory: dict[str, list] = {}
-        for loaded in disk_to_memory(instruct.folder, list(instruct.tensors)).values():
+        loaded_as = disk_to_memory(instruct.folder, list(instruct.tensors))
+        self._mapping_known = bool(loaded_as)
+        for loaded in loaded_as.values():
             if loaded.memory != loaded.disk:
                 by_memory.setdefault(loaded.memory, []).append(loaded)
         for name in unmatched:
@@ -173,7 +183,7 @@ class LoraDelta:
         ad = self.adapter
         module = mod.name.replace(".base_layer", "")
         depth = mod.name.count(".base_layer")
-        found = parameters_of(instruct.folder, module)
+        found = parameters_of(instruct.folder, list(instruct.tensors), module)
         where = f"--lora {ad.ref}: module {mod.name} (LoRA on parameters, target_parameters)"
         if found is None:
             raise ShadowMergeError(f"{where}: the instruct's model has no module {module}; the adapter was made for "
