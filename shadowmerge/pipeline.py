@@ -41,6 +41,8 @@ class GraftSummary:
     dry_run: bool
     warnings: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    identical: list[str] = field(default_factory=list)   # changed by the update, but not in the output dtype
+    grafted: int = 0                                     # tensors with rows grafted
     plan_text: str = ""
     timings: dict[str, float] = field(default_factory=dict)    # of the final step: sha256 manifest, fsync
 
@@ -133,7 +135,8 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
                                       vocab, dev, stats, warnings, seconds, allow_pickle))
             target.commit()
         return GraftSummary(target.target, plan.counts(), plan.total_bytes, len(shards),
-                            time.perf_counter() - start, False, warnings, stats.unchanged, timings=target.timings)
+                            time.perf_counter() - start, False, warnings, stats.unchanged, stats.identical,
+                            grafted, timings=target.timings)
     finally:
         for c in ckpts:
             c.close()

@@ -115,7 +115,8 @@ def test_llamafactory_emit_only(pair, cli, tmp_path):
     assert cfg["lora_rank"] == 128 and cfg["lora_alpha"] == 256 and cfg["lora_target"] == "all"
     assert cfg["learning_rate"] == 2e-4 and cfg["cutoff_len"] == 4096 and cfg["num_train_epochs"] == 1.0
     assert cfg["per_device_train_batch_size"] == 2 and cfg["gradient_accumulation_steps"] == 16
-    assert cfg["lr_scheduler_type"] == "cosine" and cfg["warmup_ratio"] == 0.1 and cfg["template"] == "qwen3"
+    # 8 rows at batch 2 x 16 are one optimizer step: warmup 0.1 would run it at learning rate 0, so it is 0
+    assert cfg["lr_scheduler_type"] == "cosine" and cfg["warmup_ratio"] == 0.0 and cfg["template"] == "qwen3"
     assert cfg["dataset"] == "shadowmerge_data" and cfg["dataset_dir"] == str(out.absolute() / "llamafactory")
     assert cfg["output_dir"] == str(out.absolute() / "base-lora")
     assert yaml.safe_load((lf / "train_instruct-lora.yaml").read_text())["model_name_or_path"] == str(inst)
@@ -350,3 +351,60 @@ def test_image_rows_with_llamafactory_are_refused(cli, tmp_path):
     inst, base = tinymodels.vlm_chat_pair(tmp_path / "models")
     run_bad(cli, tmp_path, [inst, base], "--base", base, "--instruct", inst, "--data", image_rows(tmp_path, 2),
             "--backend", "llamafactory", "--emit-only", command=("train",), expect="TRL backend only")
+
+
+def test_the_papers_batch_on_a_small_data_set_is_adapted_not_a_silent_no_op(pair, cli, tmp_path):
+    """8 rows with batch 2 x 16 give one optimizer step, which warmup 0.1 would run at learning rate 0."""
+    inst, base = pair
+    out = tmp_path / "run"
+    res = run_train(cli, "--base", base, "--instruct", inst, "--data", sft_data(tmp_path), "--out", out,
+                    "--lr", "5e-3", "--lora-rank", "8")
+    assert "every one would run at learning rate 0" in res.stderr and "warmup is set to 0" in res.stderr
+    assert "schedule: 1 optimizer step(s) from 8 rows" in res.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["schedule"]["optimizer_steps"] == 1 and record["schedule"]["steps_above_lr_0"] == 1
+    assert record["recipe"]["warmup"] == 0 and any("warmup is set to 0" in w for w in record["warnings"])
+    changed = [n for n, t in state(out / "shadow").items() if not torch.equal(t, state(inst)[n])]
+    assert changed
+
+
+def test_schedule_matches_what_the_trainer_did(pair, cli, tmp_path):
+    from shadowmerge.train import schedule
+
+    r = {"batch_size": 3, "grad_accum": 2, "epochs": 2.0, "max_steps": None, "warmup": 0.25, "lr": 1e-3,
+         "scheduler": "cosine"}
+    s = schedule.work_out(r, rows=20, world=1)        # 7 batches, 4 steps per epoch, 8 steps, warmup 2
+    assert (s.batches_per_epoch, s.steps, s.warmup_steps, s.trained_steps) == (7, 8, 2, 7)
+    assert schedule.work_out(dict(r, max_steps=5), rows=20, world=2).steps == 5
+    inst, base = pair
+    out = tmp_path / "run"
+    run_train(cli, "--base", base, "--instruct", inst, "--data", sft_data(tmp_path), "--out", out, "--lr", "5e-3",
+              "--lora-rank", "8", "--batch-size", "3", "--grad-accum", "2", "--warmup", "0.25")
+    record = json.loads((out / "run.json").read_text())
+    assert len(record["losses"]["base"]) == record["schedule"]["optimizer_steps"] == 2     # 8 rows: 3 batches
+
+
+def test_an_update_below_the_output_precision_is_an_error_and_the_adapter_is_kept(pair, cli, tmp_path):
+    inst, base = pair
+    out = tmp_path / "run"
+    res = cli("train", "--base", base, "--instruct", inst, "--data", sft_data(tmp_path), "--out", out,
+              "--max-steps", "2", "--lr", "1e-30", "--lora-rank", "8", "--batch-size", "4", "--grad-accum", "1")
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: training changed nothing the graft carries") and "kept in" in line, line
+    assert not out.exists()
+    kept = tmp_path / "run.rejected"
+    assert (kept / "base-lora" / "adapter_model.safetensors").is_file()
+    assert json.loads((kept / "run.json").read_text())["status"] == "rejected"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_base_and_instruct_with_the_same_weights_are_refused(pair, cli, tmp_path):
+    import shutil
+
+    inst, _ = pair
+    copy = tmp_path / "copy"
+    shutil.copytree(inst, copy)
+    for base in (inst, copy):
+        run_bad(cli, tmp_path, [inst], "--base", base, "--instruct", inst, "--data", sft_data(tmp_path), *FAST,
+                command=("train",), expect="hold the same weights (σ = 0)")

@@ -27,6 +27,27 @@ def check_pair(base: Checkpoint, instruct: Checkpoint) -> None:
                                f"(e.g. {', '.join(names)}); pass the Base and Instruct of one model")
 
 
+def same_weights(base: Checkpoint, instruct: Checkpoint, chunk_elements: int = CHUNK_ELEMENTS) -> bool:
+    """Whether Base and Instruct hold the same weights (σ = 0): byte for byte, stopping at the first difference
+    (a real pair differs in its first tensor, so this costs one piece; equal weights cost one read of both)."""
+    if base.folder.resolve() == instruct.folder.resolve():
+        return True
+    buf_a = buf_b = None
+    for name, a in base.tensors.items():
+        b = instruct.tensors.get(name)
+        if b is None or a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        step = max(1, chunk_elements)
+        for e0 in range(0, a.numel, step):
+            e1 = min(e0 + step, a.numel)
+            size = (e1 - e0) * a.nbytes // max(a.numel, 1)
+            if buf_a is None or buf_a.numel() < size:
+                buf_a, buf_b = torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)
+            if not torch.equal(base.read_into(a, e0, e1, buf_a[:size]), instruct.read_into(b, e0, e1, buf_b[:size])):
+                return False
+    return bool(base.tensors)
+
+
 def untrained_template_tokens(base: Checkpoint, tokenizer, chunk_elements: int = CHUNK_ELEMENTS) -> list[str]:
     """Special tokens of the chat template whose Base embedding row looks untrained (tiny, or the mean row)."""
     try:

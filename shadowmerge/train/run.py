@@ -24,7 +24,7 @@ from ..checkpoint import Checkpoint
 from ..errors import ShadowMergeError
 from ..output import OutputFolder
 from ..pipeline import graft, versions
-from . import checks, data, llamafactory, trl_backend
+from . import checks, data, llamafactory, schedule, trl_backend
 from .recipe import Recipe
 
 
@@ -81,8 +81,13 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
     inst = Checkpoint.open(r["instruct"], "instruct", allow_pickle)
     try:
         checks.check_pair(base, inst)
+        if checks.same_weights(base, inst):
+            raise ShadowMergeError(f"--base {r['base']} and --instruct {r['instruct']} hold the same weights (σ = 0): "
+                                   f"Shadow-FT trains the Base and grafts onto its Instruct; pass the two models")
         raw, data_hash = data.read_rows(r["data"])
         rows, fmt = data.prepare(raw, r["stage"], str(r["data"]), r["max_samples"])
+        plan, adapted = schedule.check(r, len(rows))
+        warnings += adapted
         if r["backend"] == "trl" and not trl_backend.available():
             raise ShadowMergeError("the trl backend needs TRL: pip install 'shadowmerge[train]' (or trl), or use "
                                    "--backend llamafactory")
@@ -110,6 +115,7 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
         inst.close()
     log(f"[shadowmerge train] {r['method']} {r['stage']} of {r['base']} ({len(rows)} {fmt} rows) with {r['backend']}, "
         f"graft onto {r['instruct']}")
+    log(f"[shadowmerge train] schedule: {plan.describe()}")
     for w in warnings:
         log(f"[shadowmerge train] warning: {w}")
     t = _stage(log, "prepare", t, times)
@@ -118,7 +124,10 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
               "inputs": {"base": _describe(base), "instruct": _describe(inst), "data": {"ref": str(r["data"]),
                          "hash": data_hash, "format": fmt, "rows": len(rows)}},
               "versions": versions("torch", "transformers", "peft", "trl", "datasets", "accelerate"), "warnings": warnings,
-              "formatted_example": _render(renderer, rows[0])}
+              "formatted_example": _render(renderer, rows[0]),
+              "schedule": {"optimizer_steps": plan.steps, "warmup_steps": plan.warmup_steps,
+                           "steps_above_lr_0": plan.trained_steps, "peak_lr": plan.peak_lr,
+                           "batches_per_epoch": plan.batches_per_epoch, "processes": plan.processes}}
     if not main:
         scratch = Path(tempfile.mkdtemp(prefix="shadowmerge-train-rank"))
         try:
@@ -158,9 +167,17 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
         t = _stage(log, "train", t, times)
 
         if kind == "lora":
-            graft(inst.folder, out=tmp / "shadow", lora=tuned, progress=False)
+            done = graft(inst.folder, out=tmp / "shadow", lora=tuned, progress=False)
         else:
-            graft(inst.folder, base.folder, tuned, tmp / "shadow", progress=False)
+            done = graft(inst.folder, base.folder, tuned, tmp / "shadow", progress=False)
+        _more_warnings(log, warnings, "graft", done.warnings)
+        if done.grafted and len(done.unchanged) + len(done.identical) >= done.grafted:
+            kept = _keep_rejected(tuned, target.target, dict(record, status="rejected", warnings=warnings))
+            raise ShadowMergeError(
+                f"training changed nothing the graft carries: every grafted tensor of the Instruct came out "
+                f"unchanged ({len(done.unchanged)} with a zero update, {len(done.identical)} with an update below "
+                f"the output precision); {plan.describe()}; raise --lr or --max-steps, or check the data. The "
+                f"trained {kind} is kept in {kept} for inspection")
         t = _stage(log, "graft", t, times)
 
         if baseline:
@@ -169,7 +186,8 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
             if r["backend"] == "trl":
                 record["losses"]["instruct"] = _train_one(r, inst.folder, inst.folder, rows, inst_tuned)["losses"]
             if kind == "lora":
-                graft(inst.folder, out=tmp / "instruct-ft", lora=inst_tuned, progress=False)
+                done = graft(inst.folder, out=tmp / "instruct-ft", lora=inst_tuned, progress=False)
+                _more_warnings(log, warnings, "baseline graft", done.warnings)
             else:
                 inst_tuned.rename(tmp / "instruct-ft")
                 _copy_tokenizer(inst.folder, tmp / "instruct-ft")
@@ -189,6 +207,25 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
         target.commit()
     log(f"[shadowmerge train] done in {time.perf_counter() - start:.1f} s: {target.target}")
     return TrainSummary(target.target, times, losses, warnings)
+
+
+def _more_warnings(log, warnings: list[str], stage: str, found: list[str]) -> None:
+    """A stage's warnings: printed now, and kept for run.json."""
+    for w in found:
+        warnings.append(f"{stage}: {w}")
+        log(f"[shadowmerge train] warning: {stage}: {w}")
+
+
+def _keep_rejected(tuned: Path, final: Path, record: dict) -> Path:
+    """The trained adapter or model of a rejected run, beside OUT as OUT.rejected (replacing an earlier one;
+    written aside and renamed, like any output)."""
+    kept = final.parent / f"{final.name}.rejected"
+    folder = OutputFolder(kept, force=True, inputs=[], need_bytes=0, record="run.json")
+    with folder as tmp:
+        shutil.copytree(tuned, tmp / tuned.name)
+        (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        folder.commit()
+    return folder.target
 
 
 def _processor(r: dict, inst: Checkpoint):
