@@ -42,6 +42,10 @@ def _signals_interrupt():
 class _Group(click.Group):
     """Expected errors become one line and exit 1; Ctrl-C, SIGTERM and SIGHUP exit 128+N after cleanup."""
 
+    def parse_args(self, ctx, args):
+        ctx.meta["shadowmerge.argv"] = list(args)      # the exact command, for model cards and records
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         try:
             with _signals_interrupt():
@@ -57,6 +61,14 @@ class _Group(click.Group):
             where = f": {exc.filename}" if exc.filename else ""
             click.echo(f"error: {exc.strerror or exc}{where}", err=True)
             sys.exit(1)
+
+
+def _command() -> str:
+    """The command line this run was started with ("shadowmerge graft ..."), for the output's model card."""
+    from .card import command_line
+
+    ctx = click.get_current_context(silent=True)
+    return command_line(ctx.meta.get("shadowmerge.argv") if ctx is not None else None)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -116,7 +128,8 @@ def graft(instruct, base, tuned, lora, out, alpha, include, exclude, dtype, shar
 
     summary = run_graft(instruct, base, tuned, out, lora=lora, alpha=alpha, include=include, exclude=exclude, dtype=dtype,
                         shard_size=shard_size, device=device, vocab=vocab, force=force, dry_run=dry_run,
-                        allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, progress=not quiet)
+                        allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, progress=not quiet,
+                        command=_command())
     click.echo(str(summary))
 
 
@@ -142,7 +155,7 @@ def mergekit(config, out, force, mergekit_args):
     """
     from .mergekit_run import run
 
-    click.echo(f"wrote {run(config, out, tuple(mergekit_args), force=force)}")
+    click.echo(f"wrote {run(config, out, tuple(mergekit_args), force=force, command=_command())}")
 
 
 def _parse_pairs(values: tuple[str, ...]) -> dict[str, tuple[str, str]]:
@@ -243,7 +256,7 @@ def train_command(recipe, baseline, emit_only, force, allow_pickle, **settings):
     from .train import load, train
 
     click.echo(str(train(load(recipe, settings), baseline=baseline, emit_only=emit_only, force=force,
-                         allow_pickle=allow_pickle)))
+                         allow_pickle=allow_pickle, command=_command())))
 
 
 @main.command(context_settings={"max_content_width": 100})
@@ -303,7 +316,7 @@ def retarget(adapter, instruct, out, force, allow_pickle):
     """
     from .lora.retarget import retarget as run_retarget
 
-    click.echo(str(run_retarget(adapter, instruct, out, force=force, allow_pickle=allow_pickle)))
+    click.echo(str(run_retarget(adapter, instruct, out, force=force, allow_pickle=allow_pickle, command=_command())))
 
 
 if __name__ == "__main__":

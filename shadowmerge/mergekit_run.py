@@ -22,7 +22,7 @@ from .output import OutputFolder, copy_side_files, make_readable, side_files, wr
 from .pipeline import dtype_name
 
 ROLES = ("instruct", "tuned")
-_KEEP = ("README.md", "mergekit_config.yml")     # mergekit's own account of the merge
+_KEEP = ("mergekit_config.yml",)     # mergekit's own account of the merge (its README is replaced by our card)
 
 
 def load_config(path: str | Path) -> dict:
@@ -99,7 +99,8 @@ def validate(cfg: dict, path: str | Path):
         raise ShadowMergeError(f"{path}: {loc}: {err.get('msg')} (mergekit's config check)") from None
 
 
-def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = (), *, force: bool = False) -> Path:
+def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = (), *, force: bool = False,
+        command: str | None = None) -> Path:
     """Check CONFIG, run mergekit-yaml on it into OUT (atomically), fix the side files for shadow_graft."""
     cfg = load_config(config)
     method = cfg.get("merge_method")
@@ -138,6 +139,7 @@ def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = ()
             dtype = cfg.get("out_dtype") or cfg.get("dtype")
             names = copy_side_files(instruct, tmp, dtype_name(dtype), skip=_KEEP)
             dropped = check_complete(tmp, ckpts["instruct"], roles, dtype)
+            _card(tmp, roles, instruct, cfg, command)
             record.update(roles=roles, side_files_from=str(instruct), side_files=names,
                           dropped=[{"name": n, "why": "the instruct config ties it to the input embedding"}
                                    for n in dropped],
@@ -145,6 +147,22 @@ def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = ()
         write_record(tmp, record)
         target.commit()
     return target.target
+
+
+def _card(folder: Path, roles: dict, instruct: Path, cfg: dict, command: str | None) -> None:
+    """The output's own card (mergekit's names the temporary folder and an empty base_model)."""
+    from . import card
+
+    alpha = (cfg.get("parameters") or {}).get("alpha", 1.0)
+    card.write(folder, title=f"{Path(roles['instruct']).name} + the update of a fine-tune of its Base (Shadow-FT, "
+                             f"mergekit)",
+               made_from={"Instruct": roles["instruct"], "Base": roles["base"], "tuned Base": roles["tuned"]},
+               relation="merge", license_from=instruct, command=command or card.command_line(None),
+               what="The Instruct model with the update of a fine-tune of its Base grafted onto it, by mergekit's "
+                    "`shadow_graft` merge method (`shadowmerge mergekit`); mergekit's own config is in "
+                    "mergekit_config.yml.",
+               details={"alpha": alpha, "dtype": cfg.get("dtype", "mergekit's default"),
+                        "out_dtype": cfg.get("out_dtype", "as dtype")})
 
 
 def _check_plus(cfg: dict, path, shadow: bool) -> None:

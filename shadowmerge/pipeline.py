@@ -58,6 +58,27 @@ class GraftSummary:
         return "\n".join(lines)
 
 
+def _card(folder: Path, plan: Plan, instruct, base, tuned, lora, inst_folder: Path, alpha: float, out_dtype,
+          include, exclude, command: str | None) -> None:
+    """The output's own model card (never the Instruct's: it would claim to be the official model)."""
+    from . import card
+
+    adapter = getattr(plan.source, "adapter", None)
+    made_from = {"Instruct": instruct, "Base": base, "tuned Base": tuned, "LoRA adapter (trained on the Base)": lora}
+    if adapter is not None and base is None and adapter.base_model:
+        made_from["Base (the adapter's base_model_name_or_path)"] = adapter.base_model
+    kind = "LoRA adapter" if lora is not None else "fine-tune"
+    details = {"alpha": alpha, "output dtype": dtype_name(out_dtype) or "as the Instruct's tensors",
+               "tensors grafted": sum(1 for t in plan.tensors if t.graft_rows),
+               "tensors copied from the Instruct": sum(1 for t in plan.tensors if not t.graft_rows)}
+    details.update({k: f"`{v}`" for k, v in (("--include", include), ("--exclude", exclude)) if v})
+    card.write(folder, title=f"{Path(str(instruct)).name} + the update of a {kind} of its Base (Shadow-FT)",
+               made_from=made_from, relation="merge", license_from=inst_folder,
+               what=f"The Instruct model with the update learned by a {kind} of its Base grafted onto it "
+                    f"(`shadowmerge graft`). It keeps the Instruct's config, tokenizer, chat template and generation "
+                    f"config.", command=command or card.command_line(None), details=details)
+
+
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
@@ -72,7 +93,8 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
           include: str | None = None,
           exclude: str | None = None, dtype: str | torch.dtype | None = None, shard_size: str | int = "5GB",
           device: str = "cpu", vocab: str = "error", force: bool = False, dry_run: bool = False,
-          allow_pickle: bool = False, allow_nonfinite: bool = False, progress: bool = True) -> GraftSummary:
+          allow_pickle: bool = False, allow_nonfinite: bool = False, progress: bool = True,
+          command: str | None = None) -> GraftSummary:
     """Graft a Base model's fine-tuning update onto its Instruct sibling: out = I + alpha * delta.
 
     The delta is tuned - base (a full fine-tune: `base`, `tuned`) or a PEFT LoRA adapter trained on
@@ -104,7 +126,7 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
         shard_of = {e[0]: i for i, s in enumerate(shards, 1) for e in s.entries}
         if dry_run:
             return GraftSummary(None, plan.counts(), plan.total_bytes, len(shards), time.perf_counter() - start,
-                                True, plan.warnings, [], plan.render(shard_of, len(shards)))
+                                True, plan.warnings, [], plan_text=plan.render(shard_of, len(shards)))
         need = sum(s.size for s in shards) + sum(p.stat().st_size for p in side_files(inst.folder))
         target = OutputFolder(out, force=force, inputs=[c.folder for c in ckpts], need_bytes=need)
         with target as tmp, progress_bar(plan.total_bytes, progress, "graft") as bar:
@@ -129,7 +151,8 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
             if stats.identical:
                 warnings.append(f"{len(stats.identical)} grafted tensor(s) came out identical to the instruct's "
                                 f"(the update is below the output dtype's precision), e.g. {stats.identical[0]}")
-            side = copy_side_files(inst.folder, tmp, dtype_name(out_dtype))
+            side = copy_side_files(inst.folder, tmp, dtype_name(out_dtype), skip=("README.md",))
+            _card(tmp, plan, instruct, base, tuned, lora, inst.folder, alpha, out_dtype, include, exclude, command)
             seconds = time.perf_counter() - start
             write_record(tmp, _record(plan, source, ckpts, shards, side, out_dtype, shard_bytes, include, exclude,
                                       vocab, dev, stats, warnings, seconds, allow_pickle))

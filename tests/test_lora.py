@@ -250,7 +250,11 @@ def test_retarget_points_the_adapter_at_the_instruct(make_triple, cli, tmp_path)
     assert (out / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(inst.absolute())
-    assert f"base_model: {inst.absolute()}" in (out / "README.md").read_text()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")       # a local Instruct is named in the text, not as base_model
+    assert card.data.base_model is None and "shadow-ft" in card.data.tags and card.data.library_name == "peft"
+    assert str(inst.absolute()) in card.text and "retargeted, unchanged" in card.text
     assert json.loads((out / "shadowmerge.json").read_text())["retargeted_to"] == str(inst.absolute())
     # peft loads it onto the Instruct and it behaves as the original adapter does there
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(inst, dtype=torch.float32), out)

@@ -65,7 +65,10 @@ def test_lora_sft_with_baseline(pair, cli, tmp_path):
     assert (out / "shadow" / "model.safetensors").read_bytes() == (tmp_path / "by-hand" / "model.safetensors").read_bytes()
     assert (out / "shadow" / "chat_template.jinja").read_bytes() == (inst / "chat_template.jinja").read_bytes()
     card = (out / "shadow" / "README.md").read_text()
-    assert f"base_model: {inst}" in card and "σ(Base, Instruct)" in card
+    assert f"`{inst}`" in card and "σ(Base, Instruct), official" in card and "shadowmerge train --base" in card
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load(out / "shadow" / "README.md").data.tags == ["shadow-ft", "shadowmerge"]
     model = AutoModelForCausalLM.from_pretrained(out / "shadow")
     assert model.generate(torch.tensor([[2, 4, 13]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
     # the baseline: the same recipe on the Instruct, merged into it

@@ -9,7 +9,6 @@ their update depends on the Base weights, so it does not carry over without merg
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ class RetargetSummary:
 
 
 def retarget(adapter: str | Path, instruct: str | Path, out: str | Path, *, force: bool = False,
-             allow_pickle: bool = False) -> RetargetSummary:
+             allow_pickle: bool = False, command: str | None = None) -> RetargetSummary:
     """Write a copy of `adapter` whose base model is `instruct`, after checking it fits (headers only)."""
     opened: list = []
     try:
@@ -69,7 +68,7 @@ def retarget(adapter: str | Path, instruct: str | Path, out: str | Path, *, forc
                           "weights": "byte-identical copy of the adapter's",
                           "method": "Shadow-FT: the adapter was trained on the Base and is applied to the Instruct"}
             (tmp / RECORD).write_text(json.dumps(provenance, indent=2) + "\n")
-            _write_card(tmp / "README.md", target_ref, ad.base_model)
+            _write_card(tmp, target_ref, ad.base_model, adapter, inst.folder, command)
             folder.commit()
         return RetargetSummary(folder.target, len(ad.modules), ad.base_model, target_ref, plan.warnings)
     finally:
@@ -77,15 +76,15 @@ def retarget(adapter: str | Path, instruct: str | Path, out: str | Path, *, forc
             item.close()
 
 
-def _write_card(path: Path, instruct: str, trained_on: str | None) -> None:
-    """Point the model card's base_model at the Instruct and say where the adapter was trained."""
-    text = path.read_text(errors="replace") if path.is_file() else "---\nlibrary_name: peft\n---\n"
-    if text.startswith("---\n") and "\n---" in text[4:]:
-        end = text.index("\n---", 4)
-        meta, rest = text[4:end], text[end:]
-        meta = re.sub(r"(?m)^base_model:.*\n(?:[ \t]*- .*\n)*", "", meta + "\n").rstrip("\n")
-        text = f"---\n{meta}\nbase_model: {instruct}{rest}"
-    text = text.rstrip("\n") + (f"\n\n## Shadow-FT\n\nThis LoRA adapter was trained on `{trained_on or 'the Base model'}` "
-                                f"and retargeted, unchanged, to its Instruct sibling `{instruct}` with "
-                                f"`shadowmerge lora retarget`.\n")
-    path.write_text(text)
+def _write_card(folder: Path, instruct: str, trained_on: str | None, adapter, inst_folder: Path,
+                command: str | None) -> None:
+    """The adapter's own card (peft's, with its stale base_model, is replaced): base_model is the Instruct."""
+    from .. import card
+
+    card.write(folder, title=f"A Shadow-FT LoRA adapter for {Path(str(instruct)).name}", library="peft",
+               made_from={"Instruct (applied to)": instruct, "Base (trained on)": trained_on,
+                          "adapter": adapter}, relation="adapter", license_from=inst_folder,
+               what=f"This LoRA adapter was trained on `{trained_on or 'the Base model'}` and retargeted, unchanged, "
+                    f"to its Instruct sibling `{instruct}` with `shadowmerge lora retarget`: load it on the Instruct "
+                    f"with peft, or serve it there (vLLM, TGI).",
+               command=command or card.command_line(None))

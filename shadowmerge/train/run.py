@@ -68,7 +68,7 @@ def _describe(ckpt: Checkpoint) -> dict:
 
 
 def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, force: bool = False,
-          allow_pickle: bool = False, log=None) -> TrainSummary:
+          allow_pickle: bool = False, log=None, command: str | None = None) -> TrainSummary:
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     r = recipe.resolved()
     times: dict[str, float] = {}
@@ -197,7 +197,7 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
 
         pair = similarity(base.folder, inst.folder, progress=False).pairs[0]
         record["sigma"] = {"official": pair.official, "weighted": pair.weighted}
-        (tmp / "shadow" / "README.md").write_text(_card(r, pair, losses, kind))
+        _card(tmp / "shadow", r, pair, losses, kind, inst.folder, command)
         for sub in ("shadow", "instruct-ft"):          # records name the final folders, and cover the card
             _finalise_record(tmp / sub, tmp, target.target)
         times["total"] = time.perf_counter() - start
@@ -294,34 +294,20 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copyfile(p, dst / p.name)
 
 
-def _card(r: dict, pair, losses: list[dict], kind: str) -> str:
+def _card(folder: Path, r: dict, pair, losses: list[dict], kind: str, inst_folder: Path, command: str | None) -> None:
+    """shadow/'s own model card: what was trained, how, σ, the loss, the recipe (huggingface_hub's ModelCard)."""
+    from .. import card
+
     official = f"{pair.official:.4f}" if pair.official is not None else "n/a"
     loss = f"{losses[0]['loss']:.4f} → {losses[-1]['loss']:.4f} over {len(losses)} logged steps" if losses else "n/a"
-    rows = "\n".join(f"| {k} | {v} |" for k, v in r.items() if k not in ("out",))
-    return f"""---
-base_model: {r['instruct']}
-base_model_relation: merge
-library_name: transformers
-tags:
-- shadow-ft
-- shadowmerge
----
-
-# Shadow-FT: {Path(str(r['instruct'])).name} + a {kind} {r['stage'].upper()} of {Path(str(r['base'])).name}
-
-This model is `{r['instruct']}` with the update of a {kind} {r['stage'].upper()} fine-tune of its Base
-`{r['base']}` grafted onto it (Shadow-FT, [arXiv 2505.12716](https://arxiv.org/abs/2505.12716)):
-W = W_Instruct + (W_Base,tuned − W_Base), computed in float32 by `shadowmerge train`. It keeps the
-Instruct's tokenizer, chat template and generation config. The Base was trained on data formatted
-with the Instruct's chat template.
-
-- σ(Base, Instruct): official (mean of per-tensor σ over model.layers.N.*) {official}, weighted {pair.weighted:.4f}
-- training loss: {loss}
-- data: `{r['data']}`
-
-## Recipe
-
-| setting | value |
-|---|---|
-{rows}
-"""
+    details = {"σ(Base, Instruct), official (mean of per-tensor σ over model.layers.N.*)": official,
+               "σ(Base, Instruct), weighted": f"{pair.weighted:.4f}", "training loss": loss}
+    details.update({f"recipe: {k}": f"`{v}`" for k, v in r.items() if k != "out"})
+    card.write(folder, title=f"Shadow-FT: {Path(str(r['instruct'])).name} + a {kind} {r['stage'].upper()} of "
+                             f"{Path(str(r['base'])).name}",
+               made_from={"Instruct": r["instruct"], "Base (trained)": r["base"], "data": r["data"]},
+               relation="merge", license_from=inst_folder, datasets=[str(r["data"])],
+               what=f"`{r['instruct']}` with the update of a {kind} {r['stage'].upper()} fine-tune of its Base "
+                    f"`{r['base']}` grafted onto it by `shadowmerge train`. It keeps the Instruct's tokenizer, chat "
+                    f"template and generation config; the Base was trained on data formatted with the Instruct's chat "
+                    f"template.", command=command or card.command_line(None), details=details)
