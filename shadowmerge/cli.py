@@ -233,6 +233,9 @@ def similarity(base, instruct, tuned, pairs, out, matrix, matrix_size, force, al
 @click.option("--max-samples", type=int, help="Use only the first N rows of the data.")
 @click.option("--template", help="LLaMA-Factory template name [default: guessed from the model type].")
 @click.option("--bf16/--no-bf16", default=None, help="bf16 training [default: where the device supports it].")
+@click.option("--trainer-arg", "trainer", multiple=True, metavar="KEY=VALUE",
+              help="Any other trainer setting, passed through (TRL's SFTConfig/DPOConfig or LLaMA-Factory's YAML), "
+                   "e.g. report_to=wandb; repeatable. A recipe's `trainer:` mapping does the same.")
 @click.option("--baseline", is_flag=True, help="Also tune the Instruct with the same recipe, into OUT/instruct-ft/.")
 @click.option("--emit-only", is_flag=True, help="llamafactory backend: write its configs and stop.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -251,10 +254,13 @@ def train_command(recipe, baseline, emit_only, force, allow_pickle, **settings):
                         --method lora --out runs/qwen3-4b
       shadowmerge train recipe.yaml --stage dpo --baseline
       shadowmerge train recipe.yaml --backend llamafactory --emit-only
+      shadowmerge train recipe.yaml --trainer-arg report_to=wandb --trainer-arg logging_steps=10
       accelerate launch -m shadowmerge train recipe.yaml      # several GPUs
     """
     from .train import load, train
+    from .train.recipe import trainer_args
 
+    settings["trainer"] = trainer_args(settings["trainer"]) or None
     click.echo(str(train(load(recipe, settings), baseline=baseline, emit_only=emit_only, force=force,
                          allow_pickle=allow_pickle, command=_command())))
 

@@ -411,3 +411,41 @@ def test_base_and_instruct_with_the_same_weights_are_refused(pair, cli, tmp_path
     for base in (inst, copy):
         run_bad(cli, tmp_path, [inst], "--base", base, "--instruct", inst, "--data", sft_data(tmp_path), *FAST,
                 command=("train",), expect="hold the same weights (σ = 0)")
+
+
+def test_trainer_args_reach_the_trainer_and_the_loss_curve_is_drawn(pair, cli, tmp_path):
+    inst, base = pair
+    out = tmp_path / "run"
+    res = run_train(cli, "--base", base, "--instruct", inst, "--data", sft_data(tmp_path), "--out", out, *FAST,
+                    "--trainer-arg", "weight_decay=0.5", "--trainer-arg", "logging_steps=2",
+                    "--trainer-arg", "report_to=[]")
+    record = json.loads((out / "run.json").read_text())
+    assert record["recipe"]["trainer"] == {"weight_decay": 0.5, "logging_steps": 2, "report_to": []}
+    assert [x["step"] for x in record["losses"]["base"]] == [2, 4, 6, 8], "logging_steps=2 reached the trainer"
+    assert "[shadowmerge train] σ(Base, Instruct): official" in res.stderr and "similarity done in" in res.stderr
+    png = (out / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and record["loss_plot"] == "loss.png"
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--trainer-arg", "learning_rate=1"], "trainer setting learning_rate is decided by the recipe: set `lr`"),
+    (["--trainer-arg", "no_such_setting=1"], "no_such_setting: not a SFTConfig setting"),
+    (["--trainer-arg", "novalue"], "write KEY=VALUE"),
+    (["--trainer-arg", "bad key=1"], "is not a setting name"),
+    (["--trainer-arg", "x={a: 1}"], "a number, text, true/false or a list of those"),
+])
+def test_bad_trainer_args(pair, cli, tmp_path, args, expect):
+    inst, base = pair
+    run_bad(cli, tmp_path, [inst, base], "--base", base, "--instruct", inst, "--data", sft_data(tmp_path), *FAST,
+            *args, command=("train",), expect=expect)
+
+
+def test_trainer_section_of_a_recipe_goes_into_the_llamafactory_config(pair, cli, tmp_path):
+    inst, base = pair
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"base": str(base), "instruct": str(inst), "data": str(sft_data(tmp_path)),
+                                      "out": str(tmp_path / "run"), "backend": "llamafactory", "template": "qwen3",
+                                      "trainer": {"report_to": "wandb", "logging_steps": 5}}))
+    run_train(cli, recipe, "--emit-only", "--trainer-arg", "logging_steps=2")
+    cfg = yaml.safe_load((tmp_path / "run" / "llamafactory" / "train_base-lora.yaml").read_text())
+    assert cfg["report_to"] == "wandb" and cfg["logging_steps"] == 2

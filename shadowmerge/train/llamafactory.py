@@ -77,6 +77,7 @@ def write(recipe: dict, rows: list[dict], folders: tuple[Path, Path], model: str
                    lora_target="all" if recipe["lora_target"] == "all-linear" else recipe["lora_target"])
     if recipe["stage"] == "dpo":
         cfg.update(pref_beta=recipe["dpo_beta"], pref_loss="sigmoid")
+    cfg.update(recipe.get("trainer") or {})      # --trainer-arg / `trainer:`, passed through as given
     path = folder / f"train_{Path(str(output_dir)).name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -7,6 +7,7 @@ batch 2 x 16 accumulation, cosine schedule, warmup 0.1, bf16 where the device su
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -44,6 +45,8 @@ class Recipe:
     dpo_beta: float = 0.1
     template: str | None = None             # LLaMA-Factory template name; None: guessed from the model type
     max_samples: int | None = None
+    trainer: dict | None = None             # more trainer settings, passed through (TRL's SFTConfig/DPOConfig, or
+                                            # LLaMA-Factory's YAML): `trainer:` in a recipe, --trainer-arg KEY=VALUE
 
     def resolved(self) -> dict:
         """Every value as it will be used (the defaults that depend on others filled in)."""
@@ -64,6 +67,32 @@ def _bf16_supported() -> bool:
 FIELDS = {f.name for f in fields(Recipe)}
 
 
+# trainer settings that a recipe setting (or shadowmerge itself) decides: set those through the recipe
+RESERVED = {"output_dir": "out", "learning_rate": "lr", "num_train_epochs": "epochs", "max_steps": "max_steps",
+            "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+            "lr_scheduler_type": "scheduler", "warmup_steps": "warmup", "warmup_ratio": "warmup", "seed": "seed",
+            "data_seed": "seed", "bf16": "bf16", "max_length": "cutoff", "cutoff_len": "cutoff",
+            "model_name_or_path": "base", "dataset": "data", "dataset_dir": "data", "template": "template",
+            "stage": "stage", "finetuning_type": "method", "lora_rank": "lora_rank", "lora_alpha": "lora_alpha",
+            "lora_dropout": "lora_dropout", "lora_target": "lora_target", "use_cpu": "(the device)"}
+
+
+def trainer_args(values: tuple[str, ...] | list[str]) -> dict:
+    """--trainer-arg KEY=VALUE options as a mapping; VALUE is read as YAML (1e-3, true, [wandb, tensorboard])."""
+    import yaml
+
+    out = {}
+    for text in values:
+        key, eq, value = str(text).partition("=")
+        if not eq or not key.strip():
+            raise ShadowMergeError(f"--trainer-arg {text!r}: write KEY=VALUE, e.g. --trainer-arg report_to=wandb")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
 def load(path: str | Path | None, overrides: dict) -> Recipe:
     """The recipe file's values (if any) under the flags that were given (not None)."""
     values: dict = {}
@@ -75,7 +104,12 @@ def load(path: str | Path | None, overrides: dict) -> Recipe:
         unknown = sorted(set(values) - FIELDS)
         if unknown:
             raise ShadowMergeError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
+    extra = overrides.pop("trainer", None)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if extra:
+        if values.get("trainer") is not None and not isinstance(values["trainer"], dict):
+            raise ShadowMergeError(f"{path}: `trainer:` is a mapping of trainer settings (report_to: wandb, ...)")
+        values["trainer"] = {**(values.get("trainer") or {}), **extra}
     recipe = Recipe(**values)
     _check(recipe)
     return recipe
@@ -98,5 +132,18 @@ def _check(r: Recipe) -> None:
             raise ShadowMergeError(f"{name} must be a positive number, not {value!r}")
     if r.max_steps is not None and (not isinstance(r.max_steps, int) or r.max_steps < 1):
         raise ShadowMergeError(f"max_steps must be a positive integer, not {r.max_steps!r}")
+    if r.trainer is not None:
+        if not isinstance(r.trainer, dict):
+            raise ShadowMergeError("`trainer:` is a mapping of trainer settings (report_to: wandb, ...)")
+        for key, value in r.trainer.items():
+            if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,99}", key):
+                raise ShadowMergeError(f"trainer setting {str(key)[:60]!r} is not a setting name")
+            if key in RESERVED:
+                raise ShadowMergeError(f"trainer setting {key} is decided by the recipe: set `{RESERVED[key]}` (or its "
+                                       f"flag) instead")
+            scalars = (str, int, float, bool, type(None))
+            if not isinstance(value, scalars) and not (isinstance(value, list) and
+                                                       all(isinstance(v, scalars) for v in value)):
+                raise ShadowMergeError(f"trainer setting {key}: a number, text, true/false or a list of those")
     if not 0 <= r.warmup < 1:
         raise ShadowMergeError(f"warmup is a ratio of the training steps in [0, 1), not {r.warmup!r}")

@@ -91,6 +91,8 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
         if r["backend"] == "trl" and not trl_backend.available():
             raise ShadowMergeError("the trl backend needs TRL: pip install 'shadowmerge[train]' (or trl), or use "
                                    "--backend llamafactory")
+        if r["backend"] == "trl":
+            trl_backend.check_settings(r)
         if r["backend"] == "llamafactory" and not emit_only and shutil.which("llamafactory-cli") is None:
             raise ShadowMergeError("llamafactory-cli is not installed; pip install llamafactory, or pass --emit-only "
                                    "to write its configs and stop")
@@ -197,6 +199,11 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
 
         pair = similarity(base.folder, inst.folder, progress=False).pairs[0]
         record["sigma"] = {"official": pair.official, "weighted": pair.weighted}
+        official = f"{pair.official:.6f}" if pair.official is not None else "n/a"
+        log(f"[shadowmerge train] σ(Base, Instruct): official {official}, weighted {pair.weighted:.6f}")
+        t = _stage(log, "similarity", t, times)
+        if _loss_plot(tmp / "loss.png", record["losses"]):
+            record["loss_plot"] = "loss.png"
         _card(tmp / "shadow", r, pair, losses, kind, inst.folder, command)
         for sub in ("shadow", "instruct-ft"):          # records name the final folders, and cover the card
             _finalise_record(tmp / sub, tmp, target.target)
@@ -207,6 +214,32 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
         target.commit()
     log(f"[shadowmerge train] done in {time.perf_counter() - start:.1f} s: {target.target}")
     return TrainSummary(target.target, times, losses, warnings)
+
+
+def _loss_plot(path: Path, losses: dict) -> bool:
+    """The training loss per optimizer step (the Base's, and the Instruct baseline's), as a PNG."""
+    curves = {k: v for k, v in losses.items() if v}
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    for name, points in curves.items():
+        label = {"base": "Base (grafted onto the Instruct)", "instruct": "Instruct (baseline)"}.get(name, name)
+        ax.plot([p["step"] for p in points], [p["loss"] for p in points], marker="o" if len(points) < 30 else None,
+                label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("shadowmerge train: training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
 
 
 def _more_warnings(log, warnings: list[str], stage: str, found: list[str]) -> None:

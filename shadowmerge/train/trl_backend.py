@@ -48,6 +48,7 @@ def train(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict]
                   lr_scheduler_type=recipe["scheduler"], warmup_steps=recipe["warmup"], seed=recipe["seed"],
                   data_seed=recipe["seed"], bf16=recipe["bf16"], use_cpu=not torch.cuda.is_available(),
                   logging_steps=1, save_strategy="no", report_to=[], max_length=recipe["cutoff"])
+    common.update(recipe.get("trainer") or {})
     dataset = Dataset.from_list(rows)
     if vision:          # paths, decoded to images when the trainer reads a row
         from datasets import Image, Sequence
@@ -71,6 +72,26 @@ def train(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict]
         if recipe["method"] == "lora":
             _set_base(out, model_path)
     return {"losses": losses, "main_process": main, "steps": trainer.state.global_step}
+
+
+def check_settings(recipe: dict) -> None:
+    """Every --trainer-arg / `trainer:` setting is one of TRL's config fields for this stage, before training."""
+    import dataclasses
+
+    from ..errors import ShadowMergeError
+
+    extra = recipe.get("trainer") or {}
+    if not extra:
+        return
+    if recipe["stage"] == "sft":
+        from trl import SFTConfig as Config
+    else:
+        from trl import DPOConfig as Config
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(k for k in extra if k not in known)
+    if unknown:
+        raise ShadowMergeError(f"trainer setting(s) {', '.join(unknown)}: not a {Config.__name__} setting of this TRL; "
+                               f"see its documentation for the names")
 
 
 def language_model_linears(model) -> str:
