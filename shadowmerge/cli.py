@@ -175,7 +175,8 @@ def _parse_pairs(values: tuple[str, ...]) -> dict[str, tuple[str, str]]:
 @main.command(context_settings={"max_content_width": 100})
 @click.option("--base", metavar="MODEL", help="Base model: local folder or Hub id.")
 @click.option("--instruct", metavar="MODEL", help="Instruct model: local folder or Hub id.")
-@click.option("--tuned", metavar="MODEL", help="A fine-tune of the Base: adds graft-risk diagnostics.")
+@click.option("--tuned", metavar="MODEL", help="A fine-tune of the Base (a model, or a LoRA adapter: its update is "
+              "computed on the fly, nothing merged): adds graft-risk diagnostics.")
 @click.option("--pair", "pairs", multiple=True, metavar="NAME=BASE,INSTRUCT",
               help="A named pair; repeat it to compare many pairs in one report and one bar chart.")
 @click.option("--out", required=True, metavar="DIR", help="Report folder (written beside, then renamed).")

@@ -326,3 +326,32 @@ def test_real_vision_language_checkpoints_keep_the_towers_apart(tmp_path, family
     modules = p.per_module()
     assert any(m.startswith("vision ") for m in modules) and {"q", "k", "v", "o"} <= set(modules)
     assert sum(s.numel for s in modules.values()) == p.total().numel
+
+
+@pytest.mark.parametrize("lora", [dict(r=4, lora_alpha=8, target_modules="all-linear"),
+                                  dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)],
+                         ids=["lora", "dora"])
+def test_tuned_can_be_a_lora_adapter(make_triple, cli, tmp_path, lora):
+    """The update is computed on the fly from the adapter: the same diagnostics as with the merged model."""
+    from adapters import make_adapter, peft_merged
+
+    inst, base, _ = make_triple("llama")
+    adapter = make_adapter(base, tmp_path / "adapter", **lora)
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_bytes((base / "config.json").read_bytes())
+    save_file({k: v.contiguous() for k, v in peft_merged(base, adapter).items()}, merged / "model.safetensors")
+    (on_the_fly,) = shadowmerge.similarity(base, inst, tuned=adapter, progress=False).pairs
+    (by_merge,) = shadowmerge.similarity(base, inst, tuned=merged, progress=False).pairs
+    want = {r.name: r.sums for r in by_merge.rows}
+    moved = 0
+    for r in on_the_fly.rows:
+        w = want[r.name]
+        assert r.sums.sq_update == pytest.approx(w.sq_update, rel=1e-5, abs=1e-12), r.name
+        assert r.sums.dot_update == pytest.approx(w.dot_update, rel=1e-4, abs=1e-9), r.name
+        moved += r.sums.sq_update > 0
+    assert moved and on_the_fly.total().update_rel == pytest.approx(by_merge.total().update_rel, rel=1e-5)
+    assert on_the_fly.verdict()["line"] == by_merge.verdict()["line"]
+    res = cli("similarity", "--base", base, "--instruct", inst, "--tuned", adapter, "--out", tmp_path / "rep", "-q")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["pairs"][0]["tuned"].endswith(str(adapter))

@@ -17,6 +17,7 @@ from ..output import OutputFolder
 from ..progress import bar as progress_bar
 from .aggregate import PairResult, TensorRow
 from .stats import Sums, scan
+from .tuned import LoraTuned, is_adapter
 
 __all__ = ["similarity", "SimilarityReport", "PairResult", "Sums"]
 
@@ -95,7 +96,10 @@ def similarity(base: str | Path | None = None, instruct: str | Path | None = Non
             opened.append(cb)
             ci = Checkpoint.open(i, "instruct", allow_pickle)
             opened.append(ci)
-            ct = Checkpoint.open(tuned, "tuned", allow_pickle) if tuned is not None else None
+            ct = None
+            if tuned is not None:
+                ct = LoraTuned(cb, tuned, allow_pickle) if is_adapter(tuned) else \
+                    Checkpoint.open(tuned, "tuned", allow_pickle)
             if ct is not None:
                 opened.append(ct)
             items, result = _compare_names(name, cb, ci, ct)
