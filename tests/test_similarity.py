@@ -355,3 +355,15 @@ def test_tuned_can_be_a_lora_adapter(make_triple, cli, tmp_path, lora):
     res = cli("similarity", "--base", base, "--instruct", inst, "--tuned", adapter, "--out", tmp_path / "rep", "-q")
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["pairs"][0]["tuned"].endswith(str(adapter))
+
+
+def test_tuned_adapter_of_another_model_is_one_line(make_triple, cli, tmp_path):
+    from adapters import make_adapter
+
+    inst, base, _ = make_triple("llama")
+    gpt2 = make_triple("gpt2")[1]
+    adapter = make_adapter(gpt2, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["c_attn"],
+                           fan_in_fan_out=True)
+    err = run_bad(cli, tmp_path, [inst, base, adapter], "--base", base, "--instruct", inst, "--tuned", adapter,
+                  command=("similarity",), expect="none of its 2 target(s) is in the base")
+    assert err.startswith(f"error: --tuned {adapter}") and "pass the Base it was trained on" in err

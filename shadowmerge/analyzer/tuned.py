@@ -33,7 +33,7 @@ class LoraTuned:
         self.adapter = Adapter.open(ref, allow_pickle)
         self.ref, self.folder = f"{base.ref} + LoRA {ref}", self.adapter.folder
         try:
-            self.source = LoraDelta(self.adapter, base, base)
+            self.source = LoraDelta(self.adapter, base, base, flag="--tuned")
         except ShadowMergeError:
             self.adapter.close()
             raise

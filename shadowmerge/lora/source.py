@@ -87,7 +87,7 @@ class LoraDelta:
     mismatch_hint = ("the adapter was made for another model: pass the Instruct of the Base it was trained on, or "
                      "leave the extra targets out with --exclude")
 
-    def __init__(self, adapter: Adapter, base: Checkpoint | None, instruct: Checkpoint):
+    def __init__(self, adapter: Adapter, base: Checkpoint | None, instruct: Checkpoint, flag: str = "--lora"):
         why = adapter.needs_base()
         if why and base is None:
             raise ShadowMergeError(f"the adapter {'; and '.join(why)}: pass --base, the model the adapter was "
@@ -119,17 +119,19 @@ class LoraDelta:
         self._fused_on_disk(instruct)
         if not any(n in instruct.tensors or _tied_head(instruct, n) for n in self._targets):
             base_model = f" (its base_model_name_or_path is {adapter.base_model})" if adapter.base_model else ""
+            model = instruct.label
             if not self._mapping_known:
                 raise ShadowMergeError(
-                    f"--lora {adapter.ref}: none of its {len(self._targets)} target(s) is in the instruct by name (e.g. "
-                    f"{sorted(self._targets)[0]}), and transformers cannot say how it loads the instruct (its "
+                    f"{flag} {adapter.ref}: none of its {len(self._targets)} target(s) is in the {model} by name (e.g. "
+                    f"{sorted(self._targets)[0]}), and transformers cannot say how it loads the {model} (its "
                     f"config.json names no architecture it can build here), so the adapter's in-memory names cannot "
-                    f"be mapped; pass an Instruct with transformers' own config.json, the one the adapter was made "
+                    f"be mapped; pass a {model} with transformers' own config.json, the one the adapter was made "
                     f"for{base_model}")
+            which = "the Instruct of the Base it was trained on" if model == "instruct" else "the Base it was trained on"
             raise ShadowMergeError(
-                f"--lora {adapter.ref}: none of its {len(self._targets)} target(s) is in the instruct "
-                f"(e.g. {sorted(self._targets)[0]}): the adapter was made for another model{base_model}; pass the "
-                f"Instruct of the Base it was trained on")
+                f"{flag} {adapter.ref}: none of its {len(self._targets)} target(s) is in the {model} "
+                f"(e.g. {sorted(self._targets)[0]}): the adapter was made for another model{base_model}; pass "
+                f"{which}")
         self._norms_of: tuple[object, torch.Tensor | None] = (None, None)
 
     def _to_disk_names(self, instruct: Checkpoint) -> None:
