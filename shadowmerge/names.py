@@ -62,14 +62,19 @@ def disk_to_memory(folder: Path, names: list[str]) -> dict[str, Loaded]:
     return out
 
 
-_MODELS: dict[Path, object] = {}
+_MODELS: dict[tuple, object] = {}
 
 
 def meta_model(folder: Path, names: list[str]):
     """The model class config.json names, built on the meta device (once per folder); None when unknown, or
     when the config asks for far more layers or experts than the checkpoint's tensor names have (a config
     from a stranger must not make the build loop for minutes)."""
-    key = Path(folder).resolve()
+    config = Path(folder).resolve() / "config.json"
+    try:
+        stat = config.stat()
+    except OSError:
+        return None
+    key = (config, stat.st_mtime_ns, stat.st_size)      # a config changed in place is read again
     if key not in _MODELS:
         _MODELS[key] = _build_meta_model(Path(folder), _module_bound(names))
     return _MODELS[key]
