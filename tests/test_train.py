@@ -449,3 +449,22 @@ def test_trainer_section_of_a_recipe_goes_into_the_llamafactory_config(pair, cli
     run_train(cli, recipe, "--emit-only", "--trainer-arg", "logging_steps=2")
     cfg = yaml.safe_load((tmp_path / "run" / "llamafactory" / "train_base-lora.yaml").read_text())
     assert cfg["report_to"] == "wandb" and cfg["logging_steps"] == 2
+
+
+def test_paths_given_relative_are_recorded_absolute_and_no_record_names_the_temporary_folder(pair, cli, tmp_path,
+                                                                                              monkeypatch):
+    inst, base = pair
+    sft_data(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    rel = lambda p: str(p.relative_to(tmp_path))   # noqa: E731
+    run_train(cli, "--base", rel(base), "--instruct", rel(inst), "--data", "train.jsonl", "--out", "run", *FAST)
+    out = tmp_path / "run"
+    cfg = json.loads((out / "base-lora" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base)
+    for path in [out / "run.json", out / "shadow" / "shadowmerge.json"]:
+        text = path.read_text()
+        assert ".shadowmerge-" not in text, (path, [line for line in text.splitlines() if ".shadowmerge-" in line])
+    record = json.loads((out / "shadow" / "shadowmerge.json").read_text())
+    assert record["input_paths"]["lora"] == str(out / "base-lora")
+    monkeypatch.chdir("/")
+    assert shadowmerge_verify(out, recompute=True, progress=False).recomputed > 0

@@ -158,8 +158,9 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
                 log(f"[shadowmerge train] wrote the LLaMA-Factory configs: {', '.join(record['llamafactory'])}")
                 return TrainSummary(target.target, times, [], warnings)
             for c, out_dir in zip(configs, (tuned, tmp / f"instruct-{kind}")):
-                _retarget_output_dir(c, out_dir, tmp / "llamafactory")
+                saved = _retarget_output_dir(c, out_dir, tmp / "llamafactory")
                 llamafactory.run(c)
+                _retarget_output_dir(c, *saved)           # the kept config names the final folders again
             losses = llamafactory.losses(tuned)
             if baseline:
                 record["losses"] = {"instruct": llamafactory.losses(tmp / f"instruct-{kind}")}
@@ -295,13 +296,28 @@ def _train_one(r: dict, model: Path, tokenizer: Path, rows: list[dict], out: Pat
         shutil.rmtree(out.parent / f".{out.name}-trainer", ignore_errors=True)
 
 
-def _retarget_output_dir(config: Path, out_dir: Path, dataset_dir: Path) -> None:
-    """During the run, LLaMA-Factory reads and writes in the temporary folder; the saved configs name OUT."""
+def _retarget_output_dir(config: Path, out_dir, dataset_dir) -> tuple[str, str]:
+    """Point a LLaMA-Factory config's output and dataset folders elsewhere; return the ones it named.
+
+    During the run LLaMA-Factory reads and writes in the temporary folder; the kept configs name OUT."""
     import yaml
 
     cfg = yaml.safe_load(config.read_text())
+    before = (cfg["output_dir"], cfg["dataset_dir"])
     cfg["output_dir"], cfg["dataset_dir"] = str(out_dir), str(dataset_dir)
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return before
+
+
+def _final_paths(value, tmp: str, final: str):
+    """Every string of a record that names the temporary run folder, naming the final one instead."""
+    if isinstance(value, dict):
+        return {k: _final_paths(v, tmp, final) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_final_paths(v, tmp, final) for v in value]
+    if isinstance(value, str) and (value == tmp or value.startswith(tmp + "/")):
+        return final + value[len(tmp):]
+    return value
 
 
 def _finalise_record(folder: Path, tmp: Path, final: Path) -> None:
@@ -311,9 +327,7 @@ def _finalise_record(folder: Path, tmp: Path, final: Path) -> None:
     path = folder / RECORD
     if not path.is_file():
         return
-    rec = json.loads(path.read_text())
-    rec["input_paths"] = {k: str(final / Path(v).relative_to(tmp)) if Path(v).is_relative_to(tmp) else v
-                          for k, v in rec.get("input_paths", {}).items()}
+    rec = _final_paths(json.loads(path.read_text()), str(tmp), str(final))
     known = {n: e["sha256"] for n, e in rec.pop("manifest", {}).items() if n != "README.md"}   # train wrote only the card
     path.write_text(json.dumps(rec, indent=2) + "\n")
     seal(folder, known=known)

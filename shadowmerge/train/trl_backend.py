@@ -110,5 +110,6 @@ def _set_base(adapter: Path, base: Path) -> None:
 
     path = adapter / "adapter_config.json"
     cfg = json.loads(path.read_text())
-    cfg["base_model_name_or_path"] = str(base)
+    local = Path(str(base)).expanduser()
+    cfg["base_model_name_or_path"] = str(local.absolute()) if local.exists() else str(base)   # re-runs from anywhere
     path.write_text(json.dumps(cfg, indent=2) + "\n")
