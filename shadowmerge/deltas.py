@@ -27,6 +27,11 @@ INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "model.language_model.embed_tok
                     "transformer.word_embeddings.weight")
 
 
+def tied_away(instruct: Checkpoint, name: str) -> bool:
+    """An lm_head the Instruct ties to its input embedding: it stores none, so an update of it has nowhere to go."""
+    return instruct.tie_word_embeddings and name.endswith(OUTPUT_EMBEDDINGS)
+
+
 def tied_alias(ckpt: Checkpoint, name: str) -> TensorInfo | None:
     """The tensor a tied checkpoint uses for `name`: itself, or its input embedding for a missing lm_head."""
     info = ckpt.tensors.get(name)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import Checkpoint, TensorInfo
-from .deltas import OUTPUT_EMBEDDINGS, INPUT_EMBEDDINGS
+from .deltas import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, tied_away
 from .errors import ShadowMergeError
 from .patterns import Matcher
 from .stformat import itemsize
@@ -186,24 +186,24 @@ def build_plan(instruct: Checkpoint, source, *, alpha: float = 1.0, include: str
         plan.tensors.append(TensorPlan(info, out_dtype, entry, graft_rows, reason))
 
     extra = sorted(n for n in source.names() - set(instruct.tensors)
-                   if not filters.excluded(n) and not _tied_away(instruct, n))
+                   if not filters.excluded(n) and not tied_away(instruct, n))
 
     def left_out(n: str) -> bool:
         return not filters.included(n) or filters.excluded(n)
 
-    tied_away = sorted(n for n in source.names() if _tied_away(instruct, n) and not left_out(n))
-    if tied_away and source.strict:
+    heads = sorted(n for n in source.names() if tied_away(instruct, n) and not left_out(n))
+    if heads and source.strict:
         plan.warnings.append("the base/tuned models have their own lm_head but the instruct ties it to the input "
                              "embedding: only the embedding's update is grafted")
-    elif tied_away:
+    elif heads:
         raise ShadowMergeError(
-            f"the {source.kind} delta changes {', '.join(tied_away)}, but the instruct ties it to the input "
+            f"the {source.kind} delta changes {', '.join(heads)}, but the instruct ties it to the input "
             f"embedding, so merging it would change the input embedding too; leave it out with --exclude lm_head "
             f"(its update is then not grafted), or graft onto an instruct with an untied lm_head")
     if not source.strict:
         planned = {t.name for t in plan.tensors if t.entry is not None}
-        skipped = sorted(n for n in source.names() if n not in planned and n not in tied_away
-                         and (n in instruct.tensors or _tied_away(instruct, n)))
+        skipped = sorted(n for n in source.names() if n not in planned and n not in heads
+                         and (n in instruct.tensors or tied_away(instruct, n)))
         if skipped:
             plan.warnings.append(f"{len(skipped)} tensor(s) the {source.kind} delta changes are not grafted "
                                  f"(--include/--exclude): {_listing(skipped, 4)}")
@@ -232,8 +232,3 @@ def build_plan(instruct: Checkpoint, source, *, alpha: float = 1.0, include: str
         raise ShadowMergeError(f"nothing to graft ({why}): the output would equal the instruct; check the filters "
                                f"and the inputs")
     return plan
-
-
-def _tied_away(instruct: Checkpoint, name: str) -> bool:
-    """An untied lm_head in base/tuned, while the Instruct ties it: its update has nowhere to go."""
-    return instruct.tie_word_embeddings and name.endswith(OUTPUT_EMBEDDINGS)

@@ -17,7 +17,8 @@ from .aggregate import MODULES, PairResult
 SIGMA_LABEL = "σ = Σ|A−B| / (Σ|A|+Σ|B|)  (unitless)"
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display): for every figure shadowmerge draws."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -32,7 +33,7 @@ def _save(fig, folder: Path, stem: str) -> list[str]:
         path = folder / f"{stem}.{ext}"
         fig.savefig(path, dpi=120, bbox_inches="tight")
         names.append(path.name)
-    _plt().close(fig)
+    pyplot().close(fig)
     return names
 
 
@@ -44,7 +45,7 @@ def _layer_axis(ax, layers: list[int]) -> None:
 
 
 def pair_bars(pairs: list[PairResult], folder: Path) -> list[str]:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(pairs) + 3), 4.5))
     xs = range(len(pairs))
     official = [p.official if p.official is not None else 0.0 for p in pairs]
@@ -62,7 +63,7 @@ def pair_bars(pairs: list[PairResult], folder: Path) -> list[str]:
 
 
 def per_layer_lines(pair: PairResult, folder: Path, stem: str) -> list[str]:
-    plt = _plt()
+    plt = pyplot()
     grid = pair.layer_module()
     layers = sorted({layer for layer, _ in grid})
     fig, ax = plt.subplots(figsize=(9, 4.8))
@@ -81,7 +82,7 @@ def per_layer_lines(pair: PairResult, folder: Path, stem: str) -> list[str]:
 
 
 def heatmap(pair: PairResult, folder: Path, stem: str) -> list[str]:
-    plt = _plt()
+    plt = pyplot()
     grid = pair.layer_module()
     layers = sorted({layer for layer, _ in grid})
     modules = [m for m in MODULES if any((layer, m) in grid for layer in layers)]
@@ -102,7 +103,7 @@ def matrix(name: str, a, b, pair: PairResult, folder: Path, stem: str, size: int
     """Surfaces of a [size x size] slice of A (Base), B (Instruct) and A - B, the last with z zoomed."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     a, b = a[:size, :size].float().numpy(), b[:size, :size].float().numpy()
     d = b - a
     yy, xx = np.mgrid[0: a.shape[0], 0: a.shape[1]]
@@ -123,7 +124,7 @@ def matrix(name: str, a, b, pair: PairResult, folder: Path, stem: str, size: int
 
 
 def diagnostics(pair: PairResult, folder: Path, stem: str) -> list[str]:
-    plt = _plt()
+    plt = pyplot()
     layers = pair.per_layer()
     xs = list(layers)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)

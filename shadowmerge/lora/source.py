@@ -26,7 +26,7 @@ import torch
 
 from ..checkpoint import Checkpoint, TensorInfo
 from ..chunks import CHUNK_ELEMENTS, geometry, ranges
-from ..deltas import OUTPUT_EMBEDDINGS, tied_alias
+from ..deltas import tied_alias, tied_away
 from ..errors import ShadowMergeError
 from ..names import converted_error, disk_to_memory, parameters_of, stacked_experts
 from ..stformat import itemsize
@@ -117,7 +117,7 @@ class LoraDelta:
         self._mapping_known = True
         self._to_disk_names(instruct)
         self._fused_on_disk(instruct)
-        if not any(n in instruct.tensors or _tied_head(instruct, n) for n in self._targets):
+        if not any(n in instruct.tensors or tied_away(instruct, n) for n in self._targets):
             base_model = f" (its base_model_name_or_path is {adapter.base_model})" if adapter.base_model else ""
             model = instruct.label
             if not self._mapping_known:
@@ -136,7 +136,7 @@ class LoraDelta:
 
     def _to_disk_names(self, instruct: Checkpoint) -> None:
         """Rename targets given in the loaded model's names to the names the instruct stores them under."""
-        unmatched = [n for n in self._targets if n not in instruct.tensors and not _tied_head(instruct, n)]
+        unmatched = [n for n in self._targets if n not in instruct.tensors and not tied_away(instruct, n)]
         if not unmatched:
             return
         by_memory: dict[str, list] = {}
@@ -461,8 +461,3 @@ def _expert_module(mod: LoraModule, disk: str, e: int, experts: int, row0: int, 
                 offset=mod.B.offset + row0 * width * bsize, nbytes=rows * width * bsize)
     return replace(mod, name=disk[: -len(".weight")] if disk.endswith(".weight") else disk, A=a, B=b,
                    expert=(e, experts), on_parameter=False, keys=list(mod.keys), fan_in_fan_out=transposed)
-
-
-def _tied_head(instruct: Checkpoint, name: str) -> bool:
-    """An lm_head the instruct ties to its input embedding: not stored, and handled by the plan."""
-    return instruct.tie_word_embeddings and name.endswith(OUTPUT_EMBEDDINGS)

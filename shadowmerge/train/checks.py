@@ -8,10 +8,12 @@ from __future__ import annotations
 import torch
 
 from ..checkpoint import Checkpoint
-from ..chunks import CHUNK_ELEMENTS
+from ..chunks import CHUNK_ELEMENTS, ranges
+from ..engine import Buffers
 from ..deltas import INPUT_EMBEDDINGS
 from ..errors import ShadowMergeError
 from ..plan import check_architecture
+from ..stformat import itemsize
 
 SAMPLE = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 
@@ -32,18 +34,15 @@ def same_weights(base: Checkpoint, instruct: Checkpoint, chunk_elements: int = C
     (a real pair differs in its first tensor, so this costs one piece; equal weights cost one read of both)."""
     if base.folder.resolve() == instruct.folder.resolve():
         return True
-    buf_a = buf_b = None
+    buffers = Buffers(torch.device("cpu"))
     for name, a in base.tensors.items():
         b = instruct.tensors.get(name)
         if b is None or a.shape != b.shape or a.dtype != b.dtype:
             return False
-        step = max(1, chunk_elements)
-        for e0 in range(0, a.numel, step):
-            e1 = min(e0 + step, a.numel)
-            size = (e1 - e0) * a.nbytes // max(a.numel, 1)
-            if buf_a is None or buf_a.numel() < size:
-                buf_a, buf_b = torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8)
-            if not torch.equal(base.read_into(a, e0, e1, buf_a[:size]), instruct.read_into(b, e0, e1, buf_b[:size])):
+        for e0, e1 in ranges(0, a.numel, a.row_numel, chunk_elements):
+            size = (e1 - e0) * itemsize(a.dtype)
+            if not torch.equal(base.read_into(a, e0, e1, buffers("base", size)),
+                               instruct.read_into(b, e0, e1, buffers("instruct", size))):
                 return False
     return bool(base.tensors)
 

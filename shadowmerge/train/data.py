@@ -199,8 +199,8 @@ def prepare(rows: list[dict], stage: str, source: str, max_samples: int | None =
         msgs = _messages(row, fmt, where, images, folder)
         if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
             raise ShadowMergeError(f"{where}: the conversation must end with an assistant turn to learn from")
-        if any(not isinstance(m["content"], str) for m in msgs[-1:]) and any(
-                p.get("type") == "image" for p in msgs[-1]["content"]):
+        last = msgs[-1]["content"]
+        if not isinstance(last, str) and any(p["type"] == "image" for p in last):
             raise ShadowMergeError(f"{where}: the assistant's last turn has an image; images go in the prompt")
         if not images:          # parts without an image: plain text, as every chat template takes it
             msgs = [dict(m, content=m["content"] if isinstance(m["content"], str) else

@@ -222,11 +222,9 @@ def _loss_plot(path: Path, losses: dict) -> bool:
     curves = {k: v for k, v in losses.items() if v}
     if not curves:
         return False
-    import matplotlib
+    from ..analyzer.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     for name, points in curves.items():
         label = {"base": "Base (grafted onto the Instruct)", "instruct": "Instruct (baseline)"}.get(name, name)
