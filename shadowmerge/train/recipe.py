@@ -42,8 +42,10 @@ class Recipe:
     warmup: float = 0.1                     # a ratio of the training steps
     bf16: bool | None = None                # None: where the device supports it
     seed: int = 42
+    save_steps: int = 500                   # a checkpoint every N optimizer steps (the latest kept), for --resume;
+                                            # 0: none
     dpo_beta: float = 0.1
-    template: str | None = None             # LLaMA-Factory template name; None: guessed from the model type
+    template: str | None = None             # LLaMA-Factory template name; None: the Instruct's chat template
     max_samples: int | None = None
     trainer: dict | None = None             # more trainer settings, passed through (TRL's SFTConfig/DPOConfig, or
                                             # LLaMA-Factory's YAML): `trainer:` in a recipe, --trainer-arg KEY=VALUE
@@ -74,7 +76,10 @@ RESERVED = {"output_dir": "out", "learning_rate": "lr", "num_train_epochs": "epo
             "data_seed": "seed", "bf16": "bf16", "max_length": "cutoff", "cutoff_len": "cutoff",
             "model_name_or_path": "base", "dataset": "data", "dataset_dir": "data", "template": "template",
             "stage": "stage", "finetuning_type": "method", "lora_rank": "lora_rank", "lora_alpha": "lora_alpha",
-            "lora_dropout": "lora_dropout", "lora_target": "lora_target", "use_cpu": "(the device)"}
+            "lora_dropout": "lora_dropout", "lora_target": "lora_target", "use_cpu": "(from the device)",
+            "tokenized_path": "(for its token check)", "mask_history": "(the last turn is trained, as by TRL)",
+            "trust_remote_code": "(remote code is never run)",
+            "save_steps": "save_steps", "save_strategy": "save_steps", "resume_from_checkpoint": "(--resume)"}
 
 
 def trainer_args(values: tuple[str, ...] | list[str]) -> dict:
@@ -138,6 +143,8 @@ def _check(r: Recipe) -> None:
         for key, value in r.trainer.items():
             if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,99}", key):
                 raise ShadowMergeError(f"trainer setting {str(key)[:60]!r} is not a setting name")
+            if key in RESERVED and RESERVED[key].startswith("("):
+                raise ShadowMergeError(f"trainer setting {key} is set by shadowmerge {RESERVED[key]}; leave it out")
             if key in RESERVED:
                 raise ShadowMergeError(f"trainer setting {key} is decided by the recipe: set `{RESERVED[key]}` (or its "
                                        f"flag) instead")
@@ -145,5 +152,8 @@ def _check(r: Recipe) -> None:
             if not isinstance(value, scalars) and not (isinstance(value, list) and
                                                        all(isinstance(v, scalars) for v in value)):
                 raise ShadowMergeError(f"trainer setting {key}: a number, text, true/false or a list of those")
+    if not isinstance(r.save_steps, int) or isinstance(r.save_steps, bool) or r.save_steps < 0:
+        raise ShadowMergeError(f"save_steps must be a whole number of optimizer steps (0: no checkpoints), not "
+                               f"{r.save_steps!r}")
     if not 0 <= r.warmup < 1:
         raise ShadowMergeError(f"warmup is a ratio of the training steps in [0, 1), not {r.warmup!r}")

@@ -24,7 +24,7 @@ from ..checkpoint import Checkpoint
 from ..errors import ShadowMergeError
 from ..output import OutputFolder
 from ..pipeline import graft, versions
-from . import checks, data, llamafactory, schedule, trl_backend
+from . import checkpoints, checks, data, llamafactory, schedule, trl_backend
 from .recipe import Recipe
 
 
@@ -68,7 +68,7 @@ def _describe(ckpt: Checkpoint) -> dict:
 
 
 def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, force: bool = False,
-          allow_pickle: bool = False, log=None, command: str | None = None) -> TrainSummary:
+          resume: bool = False, allow_pickle: bool = False, log=None, command: str | None = None) -> TrainSummary:
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     r = recipe.resolved()
     times: dict[str, float] = {}
@@ -88,14 +88,17 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
         rows, fmt = data.prepare(raw, r["stage"], str(r["data"]), r["max_samples"])
         plan, adapted = schedule.check(r, len(rows))
         warnings += adapted
-        if r["backend"] == "trl" and not trl_backend.available():
-            raise ShadowMergeError("the trl backend needs TRL: pip install 'shadowmerge[train]' (or trl), or use "
-                                   "--backend llamafactory")
+        if r["backend"] == "trl" and trl_backend.problem():
+            raise ShadowMergeError(trl_backend.problem())
         if r["backend"] == "trl":
             trl_backend.check_settings(r)
-        if r["backend"] == "llamafactory" and not emit_only and shutil.which("llamafactory-cli") is None:
-            raise ShadowMergeError("llamafactory-cli is not installed; pip install llamafactory, or pass --emit-only "
-                                   "to write its configs and stop")
+        work = checkpoints.folder(r["out"])                 # OUT.checkpoints: kept when training is interrupted
+        ckey = checkpoints.key(r, base.folder, inst.folder, data_hash)
+        if main and not emit_only:
+            checkpoints.check(work, ckey, resume, force, r["backend"])
+        resume_from = checkpoints.last(work / "base", prune=main) if resume else None
+        if r["backend"] == "llamafactory" and not emit_only and llamafactory.cli() is None:
+            raise ShadowMergeError(llamafactory.INSTALL)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(inst.folder)
@@ -130,89 +133,124 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
               "schedule": {"optimizer_steps": plan.steps, "warmup_steps": plan.warmup_steps,
                            "steps_above_lr_0": plan.trained_steps, "peak_lr": plan.peak_lr,
                            "batches_per_epoch": plan.batches_per_epoch, "processes": plan.processes}}
+    if resume_from:
+        record["resumed_from"] = Path(resume_from).name
+        log(f"[shadowmerge train] resuming from {Path(resume_from).name} in {work}")
     if not main:
         scratch = Path(tempfile.mkdtemp(prefix="shadowmerge-train-rank"))
         try:
-            _train_one(r, base.folder, inst.folder, rows, scratch / "model")
+            _train_one(r, base.folder, inst.folder, rows, scratch / "model", work / "base", resume_from)
             return TrainSummary(None, times, [])
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    with target as tmp:
-        kind = "lora" if r["method"] == "lora" else "full"
-        tuned = tmp / f"base-{kind}"
-        if r["backend"] == "llamafactory":
-            template, warn = llamafactory.template_for(r, inst.config.get("model_type"))
-            if warn:
-                warnings.append(warn)
-            lf_rows = llamafactory.as_sharegpt(rows, r["stage"])
-            final = Path(r["out"]).expanduser().absolute()
-            lf = (tmp / "llamafactory", final / "llamafactory")      # written here, read from there
-            configs = [llamafactory.write(r, lf_rows, lf, str(base.folder), final / tuned.name, template)]
-            if baseline:
-                configs.append(llamafactory.write(r, lf_rows, lf, str(inst.folder), final / f"instruct-{kind}",
-                                                  template))
-            record["llamafactory"] = [str(final / "llamafactory" / c.name) for c in configs]
-            if emit_only:
-                (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-                target.commit()
-                log(f"[shadowmerge train] wrote the LLaMA-Factory configs: {', '.join(record['llamafactory'])}")
-                return TrainSummary(target.target, times, [], warnings)
-            for c, out_dir in zip(configs, (tuned, tmp / f"instruct-{kind}")):
-                saved = _retarget_output_dir(c, out_dir, tmp / "llamafactory")
-                llamafactory.run(c)
-                _retarget_output_dir(c, *saved)           # the kept config names the final folders again
-            losses = llamafactory.losses(tuned)
-            if baseline:
-                record["losses"] = {"instruct": llamafactory.losses(tmp / f"instruct-{kind}")}
-        else:
-            losses = _train_one(r, base.folder, inst.folder, rows, tuned)["losses"]
-        record.setdefault("losses", {})["base"] = losses
-        t = _stage(log, "train", t, times)
-
-        if kind == "lora":
-            done = graft(inst.folder, out=tmp / "shadow", lora=tuned, progress=False)
-        else:
-            done = graft(inst.folder, base.folder, tuned, tmp / "shadow", progress=False)
-        _more_warnings(log, warnings, "graft", done.warnings)
-        if done.grafted and len(done.unchanged) + len(done.identical) >= done.grafted:
-            kept = _keep_rejected(tuned, target.target, dict(record, status="rejected", warnings=warnings))
-            raise ShadowMergeError(
-                f"training changed nothing the graft carries: every grafted tensor of the Instruct came out "
-                f"unchanged ({len(done.unchanged)} with a zero update, {len(done.identical)} with an update below "
-                f"the output precision); {plan.describe()}; raise --lr or --max-steps, or check the data. The "
-                f"trained {kind} is kept in {kept} for inspection")
-        t = _stage(log, "graft", t, times)
-
-        if baseline:
-            log("[shadowmerge train] baseline: the same recipe on the Instruct")
-            inst_tuned = tmp / f"instruct-{kind}"
-            if r["backend"] == "trl":
-                record["losses"]["instruct"] = _train_one(r, inst.folder, inst.folder, rows, inst_tuned)["losses"]
-            if kind == "lora":
-                done = graft(inst.folder, out=tmp / "instruct-ft", lora=inst_tuned, progress=False)
-                _more_warnings(log, warnings, "baseline graft", done.warnings)
+    try:
+        with target as tmp:
+            kind = "lora" if r["method"] == "lora" else "full"
+            tuned = tmp / f"base-{kind}"
+            if r["backend"] == "llamafactory":
+                final = Path(r["out"]).expanduser().absolute()
+                lf = (tmp / "llamafactory", final / "llamafactory")      # written here, read from there
+                lf_rows = llamafactory.as_sharegpt(rows, r["stage"])
+                llamafactory.model_view(base.folder, inst.folder, lf[0] / llamafactory.VIEW)
+                record["llamafactory_template"] = r["template"] or "the Instruct's chat template, parsed from its tokenizer"
+                configs = [llamafactory.write(r, lf_rows, lf, str(lf[1] / llamafactory.VIEW), final / tuned.name)]
+                if baseline:
+                    configs.append(llamafactory.write(r, lf_rows, lf, str(inst.folder), final / f"instruct-{kind}"))
+                record["llamafactory"] = [str(final / "llamafactory" / c.name) for c in configs]
+                if emit_only:
+                    (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+                    target.commit()
+                    log(f"[shadowmerge train] wrote the LLaMA-Factory configs: {', '.join(record['llamafactory'])}")
+                    return TrainSummary(target.target, times, [], warnings)
+                for c, out_dir in zip(configs, (tuned, tmp / f"instruct-{kind}")):
+                    _run_llamafactory(c, tmp, final)
+                    trained_on = base.folder if out_dir == tuned else inst.folder
+                    llamafactory.tidy_output(out_dir, {str(tmp / "llamafactory" / llamafactory.VIEW): str(trained_on),
+                                                       str(tmp): str(final)})
+                    if kind == "lora":
+                        _name_base(out_dir, trained_on)
+                mismatch, compared = llamafactory.token_mismatch(tmp / ".tokens-base", rows, tokenizer, r["stage"],
+                                                                 r["cutoff"])
+                shutil.rmtree(tmp / ".tokens-base", ignore_errors=True)
+                shutil.rmtree(tmp / ".tokens-instruct", ignore_errors=True)
+                if mismatch and not r["template"]:
+                    kept = _keep_rejected(tuned, target.target, dict(record, status="rejected", warnings=warnings))
+                    raise ShadowMergeError(f"{mismatch}; name a LLaMA-Factory template that matches in the recipe "
+                                           f"(`template:`), or use --backend trl. The trained {kind} is kept in {kept}")
+                if mismatch:
+                    _more_warnings(log, warnings, "llamafactory", [f"{mismatch} (template {r['template']!r})"])
+                else:
+                    log(f"[shadowmerge train] LLaMA-Factory trained on the Instruct's chat template: token ids equal on "
+                        f"{compared} row(s)")
+                record["llamafactory_tokens"] = {"rows_compared": compared, "equal": mismatch is None}
+                losses = llamafactory.losses(tuned)
+                if baseline:
+                    record["losses"] = {"instruct": llamafactory.losses(tmp / f"instruct-{kind}")}
             else:
-                inst_tuned.rename(tmp / "instruct-ft")
-                _copy_tokenizer(inst.folder, tmp / "instruct-ft")
-            t = _stage(log, "baseline", t, times)
+                checkpoints.start(work, ckey)
+                losses = _train_one(r, base.folder, inst.folder, rows, tuned, work / "base", resume_from)["losses"]
+            record.setdefault("losses", {})["base"] = losses
+            t = _stage(log, "train", t, times)
 
-        from ..analyzer import similarity
+            if kind == "lora":
+                done = graft(inst.folder, out=tmp / "shadow", lora=tuned, progress=False)
+            else:
+                done = graft(inst.folder, base.folder, tuned, tmp / "shadow", progress=False)
+            _more_warnings(log, warnings, "graft", done.warnings)
+            if done.grafted and len(done.unchanged) + len(done.identical) >= done.grafted:
+                kept = _keep_rejected(tuned, target.target, dict(record, status="rejected", warnings=warnings))
+                raise ShadowMergeError(
+                    f"training changed nothing the graft carries: every grafted tensor of the Instruct came out "
+                    f"unchanged ({len(done.unchanged)} with a zero update, {len(done.identical)} with an update below "
+                    f"the output precision); {plan.describe()}; raise --lr or --max-steps, or check the data. The "
+                    f"trained {kind} is kept in {kept} for inspection")
+            t = _stage(log, "graft", t, times)
 
-        pair = similarity(base.folder, inst.folder, progress=False).pairs[0]
-        record["sigma"] = {"official": pair.official, "weighted": pair.weighted}
-        official = f"{pair.official:.6f}" if pair.official is not None else "n/a"
-        log(f"[shadowmerge train] σ(Base, Instruct): official {official}, weighted {pair.weighted:.6f}")
-        t = _stage(log, "similarity", t, times)
-        if _loss_plot(tmp / "loss.png", record["losses"]):
-            record["loss_plot"] = "loss.png"
-        _card(tmp / "shadow", r, pair, losses, kind, inst.folder, command)
-        for sub in ("shadow", "instruct-ft"):          # records name the final folders, and cover the card
-            _finalise_record(tmp / sub, tmp, target.target)
-        times["total"] = time.perf_counter() - start
-        record["seconds"] = {k: round(v, 3) for k, v in times.items()}
-        record["warnings"] = warnings
-        (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-        target.commit()
+            if baseline:
+                log("[shadowmerge train] baseline: the same recipe on the Instruct")
+                inst_tuned = tmp / f"instruct-{kind}"
+                if r["backend"] == "trl":
+                    record["losses"]["instruct"] = _train_one(
+                        r, inst.folder, inst.folder, rows, inst_tuned, work / "instruct",
+                        checkpoints.last(work / "instruct", prune=True) if resume else None)["losses"]
+                if kind == "lora":
+                    done = graft(inst.folder, out=tmp / "instruct-ft", lora=inst_tuned, progress=False)
+                    _more_warnings(log, warnings, "baseline graft", done.warnings)
+                else:
+                    inst_tuned.rename(tmp / "instruct-ft")
+                    _copy_tokenizer(inst.folder, tmp / "instruct-ft")
+                t = _stage(log, "baseline", t, times)
+
+            from ..analyzer import similarity
+
+            pair = similarity(base.folder, inst.folder, progress=False).pairs[0]
+            record["sigma"] = {"official": pair.official, "weighted": pair.weighted}
+            official = f"{pair.official:.6f}" if pair.official is not None else "n/a"
+            log(f"[shadowmerge train] σ(Base, Instruct): official {official}, weighted {pair.weighted:.6f}")
+            t = _stage(log, "similarity", t, times)
+            if _loss_plot(tmp / "loss.png", record["losses"]):
+                record["loss_plot"] = "loss.png"
+            _card(tmp / "shadow", r, pair, losses, kind, inst.folder, command)
+            for sub in ("shadow", "instruct-ft"):          # records name the final folders, and cover the card
+                _finalise_record(tmp / sub, tmp, target.target)
+            times["total"] = time.perf_counter() - start
+            record["seconds"] = {k: round(v, 3) for k, v in times.items()}
+            record["warnings"] = warnings
+            (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+            target.commit()
+    except ShadowMergeError:
+        shutil.rmtree(work, ignore_errors=True)         # trained, then rejected: nothing to resume
+        raise
+    except KeyboardInterrupt:
+        newest = checkpoints.last(work / "base")
+        if newest:
+            log(f"[shadowmerge train] interrupted: {work} keeps {Path(newest).name}; add --resume to go on from "
+                f"there")
+        elif work.exists():
+            log(f"[shadowmerge train] interrupted before the first complete checkpoint (one every "
+                f"{r['save_steps']} steps); --resume starts from the beginning")
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     log(f"[shadowmerge train] done in {time.perf_counter() - start:.1f} s: {target.target}")
     return TrainSummary(target.target, times, losses, warnings)
 
@@ -287,24 +325,38 @@ def _render(tokenizer, row: dict) -> str:
     return tokenizer.apply_chat_template(msgs, tokenize=False)
 
 
-def _train_one(r: dict, model: Path, tokenizer: Path, rows: list[dict], out: Path) -> dict:
-    try:
-        return trl_backend.train(r, model, tokenizer, rows, out)
-    finally:
-        shutil.rmtree(out.parent / f".{out.name}-trainer", ignore_errors=True)
+def _train_one(r: dict, model: Path, tokenizer: Path, rows: list[dict], out: Path, work: Path,
+               resume_from: str | None) -> dict:
+    done = trl_backend.train(r, model, tokenizer, rows, out, work, resume_from)
+    if done["main_process"] and r["method"] == "lora":
+        _name_base(out, model)
+    return done
 
 
-def _retarget_output_dir(config: Path, out_dir, dataset_dir) -> tuple[str, str]:
-    """Point a LLaMA-Factory config's output and dataset folders elsewhere; return the ones it named.
-
-    During the run LLaMA-Factory reads and writes in the temporary folder; the kept configs name OUT."""
+def _run_llamafactory(config: Path, tmp: Path, final: Path) -> None:
+    """Run a kept LLaMA-Factory config with its folders in the temporary run folder (its output and model
+    view are there until the end) and its tokenized data saved for the token check; the config names OUT again
+    afterwards."""
     import yaml
 
-    cfg = yaml.safe_load(config.read_text())
-    before = (cfg["output_dir"], cfg["dataset_dir"])
-    cfg["output_dir"], cfg["dataset_dir"] = str(out_dir), str(dataset_dir)
+    kept = config.read_text()
+    cfg = _final_paths(yaml.safe_load(kept), str(final), str(tmp))
+    cfg["tokenized_path"] = str(tmp / f".tokens-{Path(cfg['output_dir']).name.split('-')[0]}")
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return before
+    try:
+        llamafactory.run(config)
+    finally:
+        config.write_text(kept)
+
+
+def _name_base(adapter: Path, base: Path) -> None:
+    """The adapter's base_model_name_or_path: the absolute folder of the model it was trained on (re-runs from
+    anywhere; not LLaMA-Factory's model view or a relative path as typed)."""
+    path = adapter / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    local = Path(str(base)).expanduser()
+    cfg["base_model_name_or_path"] = str(local.absolute()) if local.exists() else str(base)
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _final_paths(value, tmp: str, final: str):

@@ -12,14 +12,31 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("trl") is not None
+MIN_TRL = "0.29"        # measured with transformers 5: older SFTTrainers mask the wrong prompt length (they take
+                        # the length of apply_chat_template's dict), older DPOTrainers do not import
 
 
-def train(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict], out: Path) -> dict:
-    """Train model_path on rows with the recipe; save the adapter (LoRA) or model (full) into out."""
+def problem() -> str | None:
+    """None when a TRL this backend works with is installed; else the one-line error that says what to do."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        found = version("trl")
+    except PackageNotFoundError:
+        return (f"the trl backend needs TRL: pip install 'trl>={MIN_TRL}' 'datasets>=3' (or, in a shadowmerge "
+                f"checkout, pip install -e '.[train]'), or use --backend llamafactory")
+    if Version(found) < Version(MIN_TRL):
+        return (f"the trl backend needs trl>={MIN_TRL}, not {found}: with transformers 5 older TRL trains on the "
+                f"prompt tokens too (SFT) or cannot import its DPOTrainer; pip install 'trl>={MIN_TRL}', or use "
+                f"--backend llamafactory (LLaMA-Factory 0.9.5 pins trl<=0.24: give it its own virtualenv)")
+    return None
+
+
+def build(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict], work: Path):
+    """The TRL trainer for the recipe, its data tokenized (`trainer.train_dataset`), not yet trained; its
+    checkpoints go into `work` (every recipe["save_steps"] steps, the latest kept)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, set_seed
@@ -42,12 +59,14 @@ def train(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict]
         peft_config = LoraConfig(r=recipe["lora_rank"], lora_alpha=recipe["lora_alpha"],
                                  lora_dropout=recipe["lora_dropout"], target_modules=target,
                                  task_type=None if vision else "CAUSAL_LM")
-    common = dict(output_dir=str(out.parent / f".{out.name}-trainer"), learning_rate=recipe["lr"],
+    save = recipe.get("save_steps") or 0
+    common = dict(output_dir=str(work), learning_rate=recipe["lr"],
                   num_train_epochs=recipe["epochs"], max_steps=recipe["max_steps"] or -1,
                   per_device_train_batch_size=recipe["batch_size"], gradient_accumulation_steps=recipe["grad_accum"],
                   lr_scheduler_type=recipe["scheduler"], warmup_steps=recipe["warmup"], seed=recipe["seed"],
                   data_seed=recipe["seed"], bf16=recipe["bf16"], use_cpu=not torch.cuda.is_available(),
-                  logging_steps=1, save_strategy="no", report_to=[], max_length=recipe["cutoff"])
+                  logging_steps=1, report_to=[], max_length=recipe["cutoff"],
+                  save_strategy="steps" if save else "no", save_steps=save or 500, save_total_limit=1)
     common.update(recipe.get("trainer") or {})
     dataset = Dataset.from_list(rows)
     if vision:          # paths, decoded to images when the trainer reads a row
@@ -64,13 +83,19 @@ def train(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict]
 
         trainer = DPOTrainer(model=model, args=DPOConfig(**common, beta=recipe["dpo_beta"]), train_dataset=dataset,
                              processing_class=tokenizer, peft_config=peft_config)
-    trainer.train()
+    return trainer
+
+
+def train(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict], out: Path, work: Path,
+          resume: str | None = None) -> dict:
+    """Train model_path on rows with the recipe (from checkpoint `resume`, if given); save the adapter (LoRA)
+    or model (full) into out."""
+    trainer = build(recipe, model_path, tokenizer_path, rows, work)
+    trainer.train(resume_from_checkpoint=resume)
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     main = trainer.is_world_process_zero()
     if main:
         trainer.model.save_pretrained(out)
-        if recipe["method"] == "lora":
-            _set_base(out, model_path)
     return {"losses": losses, "main_process": main, "steps": trainer.state.global_step}
 
 
@@ -103,13 +128,3 @@ def language_model_linears(model) -> str:
     names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear) and ".language_model." in f".{n}." and "lm_head" not in n})
     return rf".*\.language_model\..*\.({'|'.join(map(re.escape, names))})$"
-
-
-def _set_base(adapter: Path, base: Path) -> None:
-    import json
-
-    path = adapter / "adapter_config.json"
-    cfg = json.loads(path.read_text())
-    local = Path(str(base)).expanduser()
-    cfg["base_model_name_or_path"] = str(local.absolute()) if local.exists() else str(base)   # re-runs from anywhere
-    path.write_text(json.dumps(cfg, indent=2) + "\n")
