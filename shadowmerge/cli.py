@@ -242,11 +242,13 @@ def similarity(base, instruct, tuned, pairs, out, matrix, matrix_size, force, al
                    "e.g. report_to=wandb; repeatable. A recipe's `trainer:` mapping does the same.")
 @click.option("--baseline", is_flag=True, help="Also tune the Instruct with the same recipe, into OUT/instruct-ft/.")
 @click.option("--emit-only", is_flag=True, help="llamafactory backend: write its configs and stop.")
+@click.option("--finish", metavar="OUT", help="After --emit-only and running its LLaMA-Factory configs yourself: "
+                                              "graft, σ, loss plot, card and run.json into OUT.")
 @click.option("--resume", is_flag=True, help="Go on from the last checkpoint of an interrupted run of the same "
                                              "recipe (in OUT.checkpoints/).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (and checkpoints of an interrupted run).")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
-def train_command(recipe, baseline, emit_only, resume, force, allow_pickle, **settings):
+def train_command(recipe, baseline, emit_only, finish, resume, force, allow_pickle, **settings):
     """Tune the Base with an existing trainer, then graft the update onto the Instruct.
 
     prepare (checks: same architecture and shapes, every data row, a free --out) -> train
@@ -260,13 +262,24 @@ def train_command(recipe, baseline, emit_only, resume, force, allow_pickle, **se
                         --method lora --out runs/qwen3-4b
       shadowmerge train recipe.yaml --stage dpo --baseline
       shadowmerge train recipe.yaml --backend llamafactory --emit-only
+      shadowmerge train --finish runs/qwen3-4b                # after running those configs yourself
       shadowmerge train recipe.yaml --trainer-arg report_to=wandb --trainer-arg logging_steps=10
       shadowmerge train recipe.yaml --resume                  # after Ctrl-C: from the last checkpoint
       accelerate launch -m shadowmerge train recipe.yaml      # several GPUs
     """
+    from .train import finish as finish_run
     from .train import load, train
     from .train.recipe import trainer_args
 
+    if finish is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in settings.items() if v not in (None, ())]
+        given += [flag for flag, on in (("--baseline", baseline), ("--emit-only", emit_only), ("--resume", resume),
+                                        ("--force", force), ("--allow-pickle", allow_pickle)) if on]
+        if recipe or given:
+            raise ShadowMergeError(f"--finish OUT takes no other settings ({', '.join(given) or recipe}): the run is "
+                                   f"the one OUT/run.json records")
+        click.echo(str(finish_run(finish, command=_command())))
+        return
     settings["trainer"] = trainer_args(settings["trainer"]) or None
     click.echo(str(train(load(recipe, settings), baseline=baseline, emit_only=emit_only, force=force, resume=resume,
                          allow_pickle=allow_pickle, command=_command())))

@@ -710,3 +710,54 @@ def test_resume_refuses_what_it_cannot_continue(pair, cli, tmp_path):
             expect="were made by another recipe or data (")
     run_train(cli, *common, "--out", tmp_path / "run", "--force")
     assert not (tmp_path / "run.checkpoints").exists()
+
+
+def test_finish_after_emit_only_grafts_what_was_trained_by_hand(pair, cli, tmp_path):
+    """--emit-only, then the LLaMA-Factory run done by hand (here: a peft adapter saved where the kept config
+    says), then `train --finish OUT`: graft, σ, card and run.json, as if shadowmerge had run it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import one_line_error
+
+    inst, base = pair
+    out = tmp_path / "run"
+    run_train(cli, "--base", base, "--instruct", inst, "--data", sft_data(tmp_path), "--out", out,
+              "--backend", "llamafactory", "--emit-only", *FAST)
+    cfg = yaml.safe_load((out / "llamafactory" / "train_base-lora.yaml").read_text())
+    assert cfg["tokenized_path"] == str(out.absolute() / "llamafactory" / "tokenized")
+    res = cli("train", "--finish", out)
+    assert res.exit_code == 1
+    one_line_error(res.stderr, "has no adapter_config.json: run `llamafactory-cli train "
+                               f"{out.absolute() / 'llamafactory' / 'train_base-lora.yaml'}` first, then --finish")
+    model = AutoModelForCausalLM.from_pretrained(cfg["model_name_or_path"])
+    lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    lora.save_pretrained(out / "base-lora")
+    (out / "base-lora" / "trainer_log.jsonl").write_text('{"current_steps": 1, "loss": 2.0}\n'
+                                                         '{"current_steps": 2, "loss": 1.0}\n')
+    (out / "base-lora" / "training_args.bin").write_bytes(b"pickle")
+    before = state(out / "base-lora")
+
+    res = run_train(cli, "--finish", out)
+    record = json.loads((out / "run.json").read_text())
+    assert record["finished_by"].startswith("shadowmerge train --finish") and record["losses"]["base"][-1]["loss"] == 1
+    assert any("were not saved (no tokenized_path)" in w for w in record["warnings"])
+    assert record["llamafactory_tokens"] == {"rows_compared": 0, "equal": False}
+    assert json.loads((out / "base-lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    assert not (out / "base-lora" / "training_args.bin").exists() and (out / "loss.png").is_file()
+    after = state(out / "base-lora")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    shadowmerge.graft(inst, out=tmp_path / "by-hand", lora=out / "base-lora", progress=False)
+    S, H = state(out / "shadow"), state(tmp_path / "by-hand")
+    assert S.keys() == H.keys() and all(torch.equal(S[k], H[k]) for k in S)
+    assert shadowmerge_verify(out, recompute=True, progress=False).recomputed > 0
+    res = cli("train", "--finish", out)
+    one_line_error(res.stderr, "is finished already (it has shadow/)")
+    res = cli("train", "--finish", out, "--lr", "1")
+    one_line_error(res.stderr, "--finish OUT takes no other settings (--lr)")
+    res = cli("train", "--finish", tmp_path / "nothing")
+    one_line_error(res.stderr, "--finish: cannot read")

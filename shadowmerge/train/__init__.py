@@ -5,6 +5,6 @@ training, trl_backend.py and llamafactory.py hand the training to a trainer, run
 """
 
 from .recipe import Recipe, load
-from .run import TrainSummary, train
+from .run import TrainSummary, finish, train
 
-__all__ = ["Recipe", "TrainSummary", "load", "train"]
+__all__ = ["Recipe", "TrainSummary", "finish", "load", "train"]

@@ -26,6 +26,7 @@ from ..output import RECORD, WEIGHT_INDEXES, WEIGHT_SUFFIXES
 
 DATASET = "shadowmerge_data"
 VIEW = "base-model"                      # OUT/llamafactory/base-model: the Base with the Instruct's tokenizer
+TOKENS = "tokenized"                     # OUT/llamafactory/tokenized: what an emitted config's run trained on
 BASE_SIDE_FILES = ("config.json", "generation_config.json")
 NOT_TOKENIZER = ("README", "LICENSE", "NOTICE", "USE_POLICY", ".")
 CHECKED_ROWS = 1000                      # rows whose token ids are compared after a run (the first ones)
@@ -50,8 +51,10 @@ def model_view(base: Path, instruct: Path, folder: Path) -> Path:
     return folder
 
 
-def write(recipe: dict, rows: list[dict], folders: tuple[Path, Path], model: str, output_dir: Path) -> Path:
-    """Write dataset, dataset_info.json and the training YAML into folders[0] (to be read from folders[1])."""
+def write(recipe: dict, rows: list[dict], folders: tuple[Path, Path], model: str, output_dir: Path,
+          tokens: bool = False) -> Path:
+    """Write dataset, dataset_info.json and the training YAML into folders[0] (to be read from folders[1]);
+    with tokens, the YAML has LLaMA-Factory save the token ids it trains on beside it (for --finish's check)."""
     folder, final = folders
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{DATASET}.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
@@ -73,6 +76,8 @@ def write(recipe: dict, rows: list[dict], folders: tuple[Path, Path], model: str
         "dataset": DATASET,
         "dataset_dir": str(final),
     }
+    if tokens:
+        cfg["tokenized_path"] = str(final / TOKENS)
     if recipe["template"]:                 # else: parsed from the tokenizer's (the Instruct's) chat template
         cfg["template"] = recipe["template"]
     if recipe["stage"] == "sft":
@@ -114,6 +119,16 @@ def as_sharegpt(rows: list[dict], stage: str) -> list[dict]:
     if stage == "dpo":
         return [{"prompt": r["prompt"], "chosen": r["chosen"][-1], "rejected": r["rejected"][-1]} for r in rows]
     return [{"messages": r["prompt"] + r["completion"]} for r in rows]
+
+
+def from_sharegpt(rows: list, stage: str) -> list[dict]:
+    """as_sharegpt's rows back in the trainers' prompt/completion (or prompt/chosen/rejected) layout."""
+    try:
+        if stage == "dpo":
+            return [{"prompt": r["prompt"], "chosen": [r["chosen"]], "rejected": [r["rejected"]]} for r in rows]
+        return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
+    except (TypeError, KeyError):
+        raise ShadowMergeError(f"--finish: {DATASET}.json does not hold the rows --emit-only wrote") from None
 
 
 def cli() -> str | None:

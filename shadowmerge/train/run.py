@@ -67,8 +67,35 @@ def _describe(ckpt: Checkpoint) -> dict:
     return out
 
 
+def finish(out, *, log=None, command: str | None = None) -> TrainSummary:
+    """After `--emit-only` and LLaMA-Factory run by hand on the kept configs: graft, σ, loss plot, card and
+    run.json into OUT, as a run that trained with LLaMA-Factory itself would have written them."""
+    from dataclasses import fields
+
+    folder = Path(str(out)).expanduser().absolute()
+    emitted = _read_json(folder / "run.json")
+    if not emitted.get("llamafactory") or not isinstance(emitted.get("recipe"), dict):
+        raise ShadowMergeError(f"--finish: {folder} is not a run written by `shadowmerge train --backend llamafactory "
+                               f"--emit-only` (its run.json names no LLaMA-Factory configs)")
+    if (folder / "shadow").exists():
+        raise ShadowMergeError(f"--finish: {folder} is finished already (it has shadow/)")
+    known = {f.name for f in fields(Recipe)}
+    values = {k: v for k, v in emitted["recipe"].items() if k in known}
+    values.update(base=emitted["inputs"]["base"]["path"], instruct=emitted["inputs"]["instruct"]["path"],
+                  out=str(folder), bf16=bool(values.get("bf16")))
+    recipe = Recipe(**values)
+    kind = "lora" if recipe.method == "lora" else "full"
+    for name, config in zip((f"base-{kind}", f"instruct-{kind}"), emitted["llamafactory"]):
+        marker = "adapter_config.json" if kind == "lora" else "config.json"
+        if not (folder / name / marker).is_file():
+            raise ShadowMergeError(f"--finish: {folder / name} has no {marker}: run `llamafactory-cli train {config}` "
+                                   f"first, then --finish")
+    return train(recipe, baseline=bool(emitted.get("baseline")), finishing=emitted, log=log, command=command)
+
+
 def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, force: bool = False,
-          resume: bool = False, allow_pickle: bool = False, log=None, command: str | None = None) -> TrainSummary:
+          resume: bool = False, allow_pickle: bool = False, log=None, command: str | None = None,
+          finishing: dict | None = None) -> TrainSummary:
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     r = recipe.resolved()
     times: dict[str, float] = {}
@@ -84,8 +111,13 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
         if checks.same_weights(base, inst):
             raise ShadowMergeError(f"--base {r['base']} and --instruct {r['instruct']} hold the same weights (σ = 0): "
                                    f"Shadow-FT trains the Base and grafts onto its Instruct; pass the two models")
-        raw, data_hash = data.read_rows(r["data"])
-        rows, fmt = data.prepare(raw, r["stage"], str(r["data"]), r["max_samples"])
+        if finishing:      # the rows LLaMA-Factory was given
+            lf_file = Path(r["out"]) / "llamafactory" / f"{llamafactory.DATASET}.json"
+            rows = llamafactory.from_sharegpt(_read_json(lf_file, list), r["stage"])
+            data_hash, fmt = finishing["inputs"]["data"]["hash"], finishing["inputs"]["data"]["format"]
+        else:
+            raw, data_hash = data.read_rows(r["data"])
+            rows, fmt = data.prepare(raw, r["stage"], str(r["data"]), r["max_samples"])
         plan, adapted = schedule.check(r, len(rows))
         warnings += adapted
         if r["backend"] == "trl" and trl_backend.problem():
@@ -97,7 +129,7 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
         if main and not emit_only:
             checkpoints.check(work, ckey, resume, force, r["backend"])
         resume_from = checkpoints.last(work / "base", prune=main) if resume else None
-        if r["backend"] == "llamafactory" and not emit_only and llamafactory.cli() is None:
+        if r["backend"] == "llamafactory" and not emit_only and not finishing and llamafactory.cli() is None:
             raise ShadowMergeError(llamafactory.INSTALL)
         from transformers import AutoTokenizer
 
@@ -113,7 +145,7 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
             warnings.append(f"the Base's embedding rows for chat-template token(s) {', '.join(bad)} look untrained "
                             f"(tiny or equal to the mean row): the Base has never seen the chat format; consider "
                             f"training the embeddings too (method full) or check the outputs for stray tokens")
-        target = OutputFolder(r["out"], force=force, inputs=[base.folder, inst.folder], need_bytes=0,
+        target = OutputFolder(r["out"], force=force or bool(finishing), inputs=[base.folder, inst.folder], need_bytes=0,
                               record="run.json") if main else None
     finally:
         base.close()
@@ -150,39 +182,54 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
             if r["backend"] == "llamafactory":
                 final = Path(r["out"]).expanduser().absolute()
                 lf = (tmp / "llamafactory", final / "llamafactory")      # written here, read from there
-                lf_rows = llamafactory.as_sharegpt(rows, r["stage"])
-                llamafactory.model_view(base.folder, inst.folder, lf[0] / llamafactory.VIEW)
                 record["llamafactory_template"] = r["template"] or "the Instruct's chat template, parsed from its tokenizer"
-                configs = [llamafactory.write(r, lf_rows, lf, str(lf[1] / llamafactory.VIEW), final / tuned.name)]
-                if baseline:
-                    configs.append(llamafactory.write(r, lf_rows, lf, str(inst.folder), final / f"instruct-{kind}"))
-                record["llamafactory"] = [str(final / "llamafactory" / c.name) for c in configs]
-                if emit_only:
-                    (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-                    target.commit()
-                    log(f"[shadowmerge train] wrote the LLaMA-Factory configs: {', '.join(record['llamafactory'])}")
-                    return TrainSummary(target.target, times, [], warnings)
-                for c, out_dir in zip(configs, (tuned, tmp / f"instruct-{kind}")):
-                    _run_llamafactory(c, tmp, final)
+                outputs = [tuned] + ([tmp / f"instruct-{kind}"] if baseline else [])
+                if finishing:           # LLaMA-Factory ran by hand into OUT: its files, linked into the new OUT
+                    _adopt(final, tmp)
+                    record["llamafactory"], record["finished_by"] = finishing["llamafactory"], command or "finish()"
+                    tokens, view = tmp / "llamafactory" / llamafactory.TOKENS, final / "llamafactory" / llamafactory.VIEW
+                else:
+                    lf_rows = llamafactory.as_sharegpt(rows, r["stage"])
+                    llamafactory.model_view(base.folder, inst.folder, lf[0] / llamafactory.VIEW)
+                    configs = [llamafactory.write(r, lf_rows, lf, str(lf[1] / llamafactory.VIEW), final / tuned.name,
+                                                  tokens=emit_only)]
+                    if baseline:
+                        configs.append(llamafactory.write(r, lf_rows, lf, str(inst.folder), final / f"instruct-{kind}"))
+                    record["llamafactory"] = [str(final / "llamafactory" / c.name) for c in configs]
+                    if emit_only:
+                        (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+                        target.commit()
+                        log(f"[shadowmerge train] wrote the LLaMA-Factory configs: "
+                            f"{', '.join(record['llamafactory'])}; after running them, `shadowmerge train --finish "
+                            f"{final}` grafts")
+                        return TrainSummary(target.target, times, [], warnings)
+                    for c in configs:
+                        _run_llamafactory(c, tmp, final)
+                    tokens, view = tmp / ".tokens-base", tmp / "llamafactory" / llamafactory.VIEW
+                for out_dir in outputs:
                     trained_on = base.folder if out_dir == tuned else inst.folder
-                    llamafactory.tidy_output(out_dir, {str(tmp / "llamafactory" / llamafactory.VIEW): str(trained_on),
-                                                       str(tmp): str(final)})
+                    llamafactory.tidy_output(out_dir, {str(view): str(trained_on), str(tmp): str(final)})
                     if kind == "lora":
                         _name_base(out_dir, trained_on)
-                mismatch, compared = llamafactory.token_mismatch(tmp / ".tokens-base", rows, tokenizer, r["stage"],
-                                                                 r["cutoff"])
-                shutil.rmtree(tmp / ".tokens-base", ignore_errors=True)
-                shutil.rmtree(tmp / ".tokens-instruct", ignore_errors=True)
+                if tokens.exists():
+                    mismatch, compared = llamafactory.token_mismatch(tokens, rows, tokenizer, r["stage"], r["cutoff"])
+                else:
+                    mismatch, compared = None, 0
+                    _more_warnings(log, warnings, "llamafactory", [
+                        "the token ids LLaMA-Factory trained on were not saved (no tokenized_path), so they were not "
+                        "compared with the Instruct's chat template"])
+                for left in (tokens, tmp / ".tokens-instruct"):
+                    shutil.rmtree(left, ignore_errors=True)
                 if mismatch and not r["template"]:
                     kept = _keep_rejected(tuned, target.target, dict(record, status="rejected", warnings=warnings))
                     raise ShadowMergeError(f"{mismatch}; name a LLaMA-Factory template that matches in the recipe "
                                            f"(`template:`), or use --backend trl. The trained {kind} is kept in {kept}")
                 if mismatch:
                     _more_warnings(log, warnings, "llamafactory", [f"{mismatch} (template {r['template']!r})"])
-                else:
+                elif compared:
                     log(f"[shadowmerge train] LLaMA-Factory trained on the Instruct's chat template: token ids equal on "
                         f"{compared} row(s)")
-                record["llamafactory_tokens"] = {"rows_compared": compared, "equal": mismatch is None}
+                record["llamafactory_tokens"] = {"rows_compared": compared, "equal": mismatch is None and compared > 0}
                 losses = llamafactory.losses(tuned)
                 if baseline:
                     record["losses"] = {"instruct": llamafactory.losses(tmp / f"instruct-{kind}")}
@@ -347,6 +394,35 @@ def _run_llamafactory(config: Path, tmp: Path, final: Path) -> None:
         llamafactory.run(config)
     finally:
         config.write_text(kept)
+
+
+def _adopt(final: Path, tmp: Path) -> None:
+    """Everything in the emitted run folder but its run.json, hard-linked into the new one (no copy of weights)."""
+    import os
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for p in sorted(final.iterdir()):
+        if p.name == "run.json":
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.copytree(p, tmp / p.name, symlinks=True, copy_function=link)
+        else:
+            link(p, tmp / p.name) if not p.is_symlink() else os.symlink(os.readlink(p), tmp / p.name)
+
+
+def _read_json(path: Path, kind=dict):
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ShadowMergeError(f"--finish: cannot read {path} ({type(exc).__name__})") from None
+    if not isinstance(value, kind):
+        raise ShadowMergeError(f"--finish: {path} does not hold what --emit-only wrote")
+    return value
 
 
 def _name_base(adapter: Path, base: Path) -> None:

@@ -148,7 +148,9 @@ def test_round_trip(smol, tmp_path, stage, method, rows):
     generates(out / "shadow")
 
 
-def test_kept_config_reruns_from_any_directory(smol, tmp_path):
+def test_emit_only_run_by_hand_from_any_directory_then_finish(smol, tmp_path):
+    """--emit-only, `llamafactory-cli train` on the kept config from `/`, then `train --finish OUT`: the token
+    ids LLaMA-Factory saved are checked, and the graft generates."""
     inst, base = smol
     out = tmp_path / "run"
     res = train("--base", base, "--instruct", inst, "--data", rows_file(tmp_path / "d.jsonl", SFT), "--out", out,
@@ -159,6 +161,15 @@ def test_kept_config_reruns_from_any_directory(smol, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "base-lora" / "adapter_model.safetensors").is_file()
+    assert (out / "llamafactory" / "tokenized").is_dir()
+    res = subprocess.run([SHADOWMERGE, "train", "--finish", "run"], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads((out / "run.json").read_text())
+    assert record["llamafactory_tokens"] == {"rows_compared": len(SFT), "equal": True}
+    assert record["finished_by"] == "shadowmerge train --finish run" and len(record["losses"]["base"]) == 4
+    assert not (out / "llamafactory" / "tokenized").exists()
+    no_temporary_paths(out)
+    generates(out / "shadow")
 
 
 def test_a_chat_template_llamafactory_renders_otherwise_is_not_grafted(smol, tmp_path):
