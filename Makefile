@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
 LF_VENV := .venv-llamafactory
-LF_PIN := -c tests/llamafactory/constraints.txt
+LF_PIN := -c tests/with_llamafactory/constraints.txt
 
 .PHONY: demo test test-llamafactory bench clean
 
@@ -25,7 +25,7 @@ test: $(VENV)/.ready
 
 # LLaMA-Factory's round trip, in its own virtualenv: it pins trl <= 0.24 (the main venv needs >= 0.29) and
 # imports torchaudio, whose PyPI wheels need a CUDA build of torch (about 7 GB, downloaded once).
-$(LF_VENV)/.ready: pyproject.toml Makefile tests/llamafactory/constraints.txt
+$(LF_VENV)/.ready: pyproject.toml Makefile tests/with_llamafactory/constraints.txt
 	rm -rf $(LF_VENV)
 	$(PYTHON) -m venv $(LF_VENV)
 	$(LF_VENV)/bin/pip install -q $(LF_PIN) torch torchaudio
@@ -34,7 +34,7 @@ $(LF_VENV)/.ready: pyproject.toml Makefile tests/llamafactory/constraints.txt
 	touch $@
 
 test-llamafactory: $(VENV)/.ready $(LF_VENV)/.ready
-	SHADOWMERGE_TRL_PYTHON=$(abspath $(PY)) $(LF_VENV)/bin/python -m pytest -q tests/llamafactory
+	SHADOWMERGE_TRL_PYTHON=$(abspath $(PY)) $(LF_VENV)/bin/python -m pytest -q tests/with_llamafactory
 
 bench: $(VENV)/.ready
 	$(PY) benchmarks/bench_graft.py --markdown benchmarks/last-run.md

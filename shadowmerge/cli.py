@@ -207,7 +207,7 @@ def similarity(base, instruct, tuned, pairs, out, matrix, matrix_size, force, al
 
     report = run_similarity(base, instruct, tuned, pairs=_parse_pairs(pairs), out=out, matrix=matrix,
                             matrix_size=matrix_size, force=force, allow_pickle=allow_pickle, device=device,
-                            progress=not quiet)
+                            progress=not quiet, command=_command())
     click.echo(str(report))
 
 

