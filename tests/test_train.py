@@ -437,6 +437,10 @@ def test_trainer_args_reach_the_trainer_and_the_loss_curve_is_drawn(pair, cli, t
     assert "[shadowmerge train] σ(Base, Instruct): official" in res.stderr and "similarity done in" in res.stderr
     png = (out / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and record["loss_plot"] == "loss.png"
+    # the model card shows it too: shadow/ is what goes to the Hub, so the figure travels inside it
+    assert (out / "shadow" / "loss.png").read_bytes() == png
+    assert "![training loss](loss.png)" in (out / "shadow" / "README.md").read_text()
+    assert shadowmerge_verify(out, recompute=True, progress=False).recomputed > 0
 
 
 @pytest.mark.parametrize("args, expect", [

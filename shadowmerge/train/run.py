@@ -277,6 +277,7 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
             t = _stage(log, "similarity", t, times)
             if _loss_plot(tmp / "loss.png", record["losses"]):
                 record["loss_plot"] = "loss.png"
+                shutil.copyfile(tmp / "loss.png", tmp / "shadow" / "loss.png")     # shown by the model card
             _card(tmp / "shadow", r, pair, losses, kind, inst.folder, command)
             for sub in ("shadow", "instruct-ft"):          # records name the final folders, and cover the card
                 _finalise_record(tmp / sub, tmp, target.target)
@@ -474,7 +475,8 @@ def _card(folder: Path, r: dict, pair, losses: list[dict], kind: str, inst_folde
     official = f"{pair.official:.4f}" if pair.official is not None else "n/a"
     loss = f"{losses[0]['loss']:.4f} → {losses[-1]['loss']:.4f} over {len(losses)} logged steps" if losses else "n/a"
     details = {"σ(Base, Instruct), official (mean of per-tensor σ over model.layers.N.*)": official,
-               "σ(Base, Instruct), weighted": f"{pair.weighted:.4f}", "training loss": loss}
+               "σ(Base, Instruct), weighted": f"{pair.weighted:.4f}",
+               "training loss": loss + (" ![training loss](loss.png)" if (folder / "loss.png").is_file() else "")}
     details.update({f"recipe: {k}": f"`{v}`" for k, v in r.items() if k != "out"})
     card.write(folder, title=f"Shadow-FT: {Path(str(r['instruct'])).name} + a {kind} {r['stage'].upper()} of "
                              f"{Path(str(r['base'])).name}",
