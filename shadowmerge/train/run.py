@@ -5,7 +5,9 @@ OUT/base-lora/ (or base-full/), OUT/shadow/ (the grafted model, with a model car
 --baseline OUT/instruct-lora/ and OUT/instruct-ft/ (the same recipe on the Instruct), with the
 llamafactory backend OUT/llamafactory/ (its configs), and OUT/run.json (inputs, the resolved
 recipe, versions, timings, loss curves). Under `accelerate launch` / torchrun only the main process
-writes; the others only train.
+writes; the others only train. Training checkpoints live beside OUT in OUT.checkpoints/ until the run
+ends (checkpoints.py, --resume); finish() completes a run whose LLaMA-Factory training was done by hand
+after --emit-only.
 """
 
 from __future__ import annotations
