@@ -286,6 +286,38 @@ def train_command(recipe, baseline, emit_only, finish, resume, force, allow_pick
 
 
 @main.command(context_settings={"max_content_width": 100})
+@click.option("--base", required=True, metavar="MODEL", help="The Base the full fine-tune started from.")
+@click.option("--tuned", required=True, metavar="MODEL", help="The full fine-tune of that Base.")
+@click.option("--out", required=True, metavar="DIR", help="The adapter folder to write.")
+@click.option("--rank", type=int, help="LoRA rank of every module (give this or --energy).")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this share of Σ s² (e.g. 0.99).")
+@click.option("--max-rank", type=int, default=256, show_default=True, help="With --energy: the largest rank.")
+@click.option("--for-instruct", metavar="MODEL", help="Write the adapter for this Instruct (its base_model_name_or_path; "
+              "full copies are the Instruct's plus the update).")
+@click.option("--others", type=click.Choice(["drop", "copy"]), default="drop", show_default=True,
+              help="Changed embeddings, head and norms: dropped, or kept as peft modules_to_save full copies.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
+def extract(base, tuned, out, rank, energy, max_rank, for_instruct, others, force, allow_pickle):
+    """Turn a full fine-tune's update (tuned - base) into a PEFT LoRA adapter.
+
+    Per linear module: ΔW = T - B in float32, its truncated SVD at --rank, or at the rank that keeps
+    --energy of the squared singular values. peft loads the adapter (onto the Instruct with
+    --for-instruct); OUT/extract.json and OUT/extract.png give each module's relative error
+    ‖ΔW - BA‖/‖ΔW‖ and the energy kept.
+
+    \b
+    Examples:
+      shadowmerge extract --base Qwen/Qwen3-4B-Base --tuned ./qwen3-4b-sft --out ./sft-lora --rank 64
+      shadowmerge extract --base ./base --tuned ./tuned --out ./lora --energy 0.99 --for-instruct ./instruct
+    """
+    from .extract import extract as run_extract
+
+    click.echo(str(run_extract(base, tuned, out, rank=rank, energy=energy, max_rank=max_rank,
+                               for_instruct=for_instruct, others=others, force=force, allow_pickle=allow_pickle)))
+
+
+@main.command(context_settings={"max_content_width": 100})
 @click.argument("out", metavar="OUT")
 @click.option("--recompute", is_flag=True, help="Also re-read the inputs named in the record and recompute every "
               "tensor (grafted, cast or copied); the output must be bit-identical.")

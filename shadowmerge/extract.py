@@ -1,0 +1,197 @@
+"""`shadowmerge extract`: a full fine-tune's update T - B as a PEFT LoRA adapter (per-module truncated SVD).
+
+Every linear weight (a 2-D `*.weight` that is not an embedding or the head) gets
+ΔW = T - B in float32 and its SVD ΔW = U S Vh; rank r is --rank, or the smallest r whose
+singular values hold --energy of Σ s² (capped by --max-rank). The adapter stores
+lora_B = U_r √S_r and lora_A = √S_r Vh_r with lora_alpha = r per module (peft's scale 1), so
+peft's merge adds exactly the rank-r truncation, the best rank-r approximation in Frobenius norm.
+The relative error ‖ΔW - BA‖ / ‖ΔW‖ = √(Σ_{i>r} s²) / √(Σ s²) and the kept energy come from the
+singular values themselves and are recorded per module.
+
+Other changed tensors (embeddings, head, norms, biases) are dropped by default and their share of
+the update is recorded; `--others copy` carries embeddings, head and norms as peft `modules_to_save`
+full copies (the tuned Base's values, or, with --for-instruct, the Instruct's plus the update).
+Tensors are read one at a time: memory holds one ΔW and its SVD. Written by hand: peft builds
+adapters only around live models, and mergekit's extractor is LGPL (imported, never copied).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, TensorInfo
+from .errors import ShadowMergeError
+from .output import OutputFolder
+
+OTHERS = ("drop", "copy")
+_NOT_LORA = re.compile(r"(^|\.)(embed_tokens|embed_positions|wte|wpe|word_embeddings|lm_head|embed_out|output)\.weight$")
+
+
+@dataclass
+class ExtractSummary:
+    out: Path
+    modules: list[dict] = field(default_factory=list)
+    others: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        if not self.modules:
+            return f"wrote {self.out}"
+        worst = max(self.modules, key=lambda m: m["rel_error"])
+        ranks = sorted({m["rank"] for m in self.modules})
+        rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+        kept = sum(1 for o in self.others if o["kept"])
+        return (f"wrote {self.out}: {len(self.modules)} LoRA modules, rank {rank_text}, mean relative error "
+                f"{sum(m['rel_error'] for m in self.modules) / len(self.modules):.3g} (worst {worst['rel_error']:.3g}, "
+                f"{worst['module']}); {len(self.others)} other changed tensor(s), {kept} kept as full copies; "
+                f"{self.seconds:.1f} s")
+
+
+def _read(ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
+    """One whole tensor as float32 (it is read once; memory holds it and its raw bytes)."""
+    raw = torch.empty(info.nbytes, dtype=torch.uint8)
+    ckpt.read_into(info, 0, info.numel, raw)
+    return raw.view(info.dtype).reshape(info.shape).float()
+
+
+def _rank(s: torch.Tensor, rank: int | None, energy: float | None, max_rank: int) -> int:
+    if rank is not None:
+        return max(1, min(rank, s.numel()))
+    power = s.double() ** 2
+    total = float(power.sum())
+    if total == 0.0:
+        return 1
+    cumulative = torch.cumsum(power, 0) / total
+    r = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=torch.float64)).item()) + 1
+    return max(1, min(r, max_rank, s.numel()))
+
+
+def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int | None = None,
+            energy: float | None = None, max_rank: int = 256, for_instruct: str | Path | None = None,
+            others: str = "drop", force: bool = False, allow_pickle: bool = False) -> ExtractSummary:
+    if (rank is None) == (energy is None):
+        raise ShadowMergeError("give one of --rank R or --energy E (e.g. --energy 0.99)")
+    if rank is not None and rank < 1:
+        raise ShadowMergeError(f"--rank must be at least 1, not {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise ShadowMergeError(f"--energy is a share of the update's squared singular values in (0, 1], not {energy}")
+    if max_rank < 1:
+        raise ShadowMergeError(f"--max-rank must be at least 1, not {max_rank}")
+    if others not in OTHERS:
+        raise ShadowMergeError(f"--others is one of {', '.join(OTHERS)}, not {others!r}")
+    start = time.perf_counter()
+    b = Checkpoint.open(base, "base", allow_pickle)
+    t = Checkpoint.open(tuned, "tuned", allow_pickle)
+    inst = Checkpoint.open(for_instruct, "instruct", allow_pickle) if for_instruct is not None else None
+    try:
+        names = _check(b, t, inst)
+        target = OutputFolder(out, force=force, inputs=[c.folder for c in (b, t, inst) if c is not None],
+                              need_bytes=0, record="extract.json")
+        summary = ExtractSummary(target.target)
+        state: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        keep: set[str] = set()
+        with target as tmp:
+            for name in names:
+                delta = _read(t, t.tensors[name]) - _read(b, b.tensors[name])
+                norm = float(delta.double().norm())
+                if norm == 0.0:
+                    continue
+                module = name[: -len(".weight")] if name.endswith(".weight") else name
+                if delta.dim() == 2 and name.endswith(".weight") and not _NOT_LORA.search(name):
+                    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+                    r = _rank(s, rank, energy, max_rank)
+                    root = s[:r].sqrt()
+                    state[f"base_model.model.{module}.lora_A.weight"] = (root[:, None] * vh[:r]).contiguous()
+                    state[f"base_model.model.{module}.lora_B.weight"] = (u[:, :r] * root[None, :]).contiguous()
+                    power = s.double() ** 2
+                    kept = float(power[:r].sum() / power.sum())
+                    ranks[module] = r
+                    summary.modules.append({"module": module, "shape": list(delta.shape), "rank": r,
+                                            "rel_error": max(0.0, 1.0 - kept) ** 0.5, "energy": kept,
+                                            "update_norm": norm})
+                    continue
+                copyable = others == "copy" and name.endswith(".weight") and (
+                    _NOT_LORA.search(name) or delta.dim() == 1)
+                summary.others.append({"tensor": name, "shape": list(delta.shape), "update_norm": norm,
+                                       "kept": bool(copyable)})
+                if copyable:
+                    full = (_read(inst, inst.tensors[name]) + delta) if inst is not None else _read(t, t.tensors[name])
+                    state[f"base_model.model.{name}"] = full.to(t.tensors[name].dtype).contiguous()
+                    keep.add(module)
+            if not ranks:
+                raise ShadowMergeError(f"--tuned {tuned}: no linear weight differs from --base {base}; there is no "
+                                       f"update to extract")
+            _write(tmp, state, ranks, sorted(keep), inst.folder if inst is not None else b.folder)
+            summary.seconds = time.perf_counter() - start
+            _report(tmp, summary, b, t, inst, rank, energy, max_rank, others)
+            target.commit()
+        return summary
+    finally:
+        for c in (b, t, inst):
+            if c is not None:
+                c.close()
+
+
+def _check(b: Checkpoint, t: Checkpoint, inst: Checkpoint | None) -> list[str]:
+    """The floating tensors to compare, in order; names and shapes must match (and the Instruct's, if given)."""
+    if set(b.tensors) != set(t.tensors):
+        only = sorted(set(b.tensors) ^ set(t.tensors))
+        raise ShadowMergeError(f"--base and --tuned hold different tensors (e.g. {only[0]!r}); pass the tuned model "
+                               f"and the Base it was trained from")
+    for name, info in b.tensors.items():
+        if tuple(t.tensors[name].shape) != tuple(info.shape):
+            raise ShadowMergeError(f"{name}: base {list(info.shape)}, tuned {list(t.tensors[name].shape)}; pass the "
+                                   f"tuned model and the Base it was trained from")
+        if info.dtype.is_floating_point and len(info.shape) > 2:
+            raise ShadowMergeError(f"{name} has shape {list(info.shape)}: fused expert tensors are not extracted yet; "
+                                   f"graft the full update with shadowmerge graft --base --tuned instead")
+        if inst is not None and (name not in inst.tensors or tuple(inst.tensors[name].shape) != tuple(info.shape)):
+            raise ShadowMergeError(f"--for-instruct: {name} is not in the instruct with shape {list(info.shape)}; pass "
+                                   f"the Instruct sibling of this Base")
+    return [n for n, i in b.tensors.items() if i.dtype.is_floating_point]
+
+
+def _write(tmp: Path, state: dict, ranks: dict[str, int], keep: list[str], model: Path) -> None:
+    from safetensors.torch import save_file
+
+    default = max(set(ranks.values()), key=list(ranks.values()).count)
+    pattern = {re.escape(m): r for m, r in ranks.items() if r != default}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(model).absolute()),
+              "r": default, "lora_alpha": default, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+              "target_modules": sorted(ranks), "modules_to_save": keep or None, "lora_dropout": 0.0,
+              "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+              "init_lora_weights": True, "inference_mode": True}
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def _report(tmp: Path, summary: ExtractSummary, b, t, inst, rank, energy, max_rank, others) -> None:
+    from . import __version__
+    from .analyzer.plots import pyplot
+
+    record = {"tool": "shadowmerge extract", "version": __version__,
+              "inputs": {"base": str(b.folder), "tuned": str(t.folder),
+                         "for_instruct": str(inst.folder) if inst is not None else None},
+              "settings": {"rank": rank, "energy": energy, "max_rank": max_rank, "others": others},
+              "seconds": round(summary.seconds, 3), "modules": summary.modules, "others": summary.others}
+    (tmp / "extract.json").write_text(json.dumps(record, indent=2) + "\n")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    xs = range(len(summary.modules))
+    ax.bar(xs, [m["rel_error"] for m in summary.modules], color="tab:blue", label="‖ΔW − BA‖ / ‖ΔW‖")
+    ax.plot(xs, [m["energy"] for m in summary.modules], color="tab:orange", marker=".", linestyle="none",
+            label="energy kept Σ_{i≤r} s² / Σ s²")
+    ax.set_xlabel("module (in checkpoint order)")
+    ax.set_ylabel("share (unitless)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"LoRA extraction of T − B per module: {Path(str(t.folder)).name}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
+    fig.savefig(tmp / "extract.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,130 @@
+"""`shadowmerge extract`: a full fine-tune's update as a LoRA adapter that real peft loads and merges."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import shadowmerge
+from conftest import run_bad
+from tinymodels import state
+
+
+@pytest.fixture
+def f32_triple(make_triple):
+    return make_triple("llama", dtype=torch.float32)
+
+
+def peft_merged(instruct, adapter) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(instruct, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return {k: v.detach() for k, v in merged.state_dict().items()}
+
+
+def test_rank_r_adapter_is_the_svd_truncation_and_peft_merges_it(f32_triple, cli, tmp_path):
+    inst, base, tuned = f32_triple
+    out = tmp_path / "lora"
+    res = cli("extract", "--base", base, "--tuned", tuned, "--out", out, "--rank", "8", "--for-instruct", inst)
+    assert res.exit_code == 0, res.output
+    I, B, T = state(inst), state(base), state(tuned)
+    merged = peft_merged(inst, out)
+    record = json.loads((out / "extract.json").read_text())
+    assert len(record["modules"]) == 14 and all(m["rank"] == 8 for m in record["modules"])
+    for m in record["modules"]:
+        name = m["module"] + ".weight"
+        delta = T[name] - B[name]
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        best = u[:, :8] @ torch.diag(s[:8]) @ vh[:8]              # Eckart-Young: the best rank-8 approximation
+        torch.testing.assert_close(merged[name], I[name] + best, rtol=0, atol=1e-5)
+        got = float((merged[name] - I[name] - delta).norm() / delta.norm())
+        assert got == pytest.approx(m["rel_error"], rel=1e-3) and 0 < m["rel_error"] < 1
+        assert m["energy"] == pytest.approx(1 - m["rel_error"] ** 2, rel=1e-6)
+    # dropped by default: norms and embeddings stay the Instruct's, and the record says what was left out
+    assert torch.equal(merged["model.norm.weight"], I["model.norm.weight"])
+    assert {o["tensor"] for o in record["others"]} >= {"model.norm.weight", "model.embed_tokens.weight"}
+    assert not any(o["kept"] for o in record["others"])
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(inst) and cfg["r"] == cfg["lora_alpha"] == 8
+    assert (out / "extract.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_full_rank_with_copies_reproduces_the_three_way_graft(f32_triple, cli, tmp_path):
+    """At full rank with --others copy, grafting the extracted adapter onto the Instruct is the graft of the
+    full update itself (up to float32 SVD rounding): nothing of T - B is lost."""
+    inst, base, tuned = f32_triple
+    out = tmp_path / "lora"
+    res = cli("extract", "--base", base, "--tuned", tuned, "--out", out, "--rank", "128", "--others", "copy",
+              "--for-instruct", inst)
+    assert res.exit_code == 0, res.output
+    shadowmerge.graft(inst, base, tuned, tmp_path / "full", progress=False)
+    F, M = state(tmp_path / "full"), peft_merged(inst, out)
+    for name, want in F.items():
+        torch.testing.assert_close(M[name], want, rtol=0, atol=2e-5 * float(want.abs().max()), msg=name)
+    # the full copies were made for the Instruct (Instruct + update): the graft takes their update against it
+    shadowmerge.graft(inst, inst, out=tmp_path / "via-lora", lora=out, progress=False)
+    G = state(tmp_path / "via-lora")
+    for name, want in F.items():
+        torch.testing.assert_close(G[name], want, rtol=0, atol=2e-5 * float(want.abs().max()), msg=name)
+    record = json.loads((out / "extract.json").read_text())
+    assert max(m["rel_error"] for m in record["modules"]) < 1e-3 and all(o["kept"] for o in record["others"])
+
+
+def test_energy_picks_the_rank_per_module(f32_triple, cli, tmp_path):
+    inst, base, tuned = f32_triple
+    out = tmp_path / "lora"
+    res = cli("extract", "--base", base, "--tuned", tuned, "--out", out, "--energy", "0.9", "--max-rank", "40")
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "extract.json").read_text())
+    B, T = state(base), state(tuned)
+    for m in record["modules"]:
+        s = torch.linalg.svdvals((T[m["module"] + ".weight"] - B[m["module"] + ".weight"]).double())
+        share = torch.cumsum(s ** 2, 0) / (s ** 2).sum()
+        want = min(int((share < 0.9).sum()) + 1, 40)
+        assert m["rank"] == want and (m["energy"] >= 0.9 or m["rank"] == 40)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base)
+    peft_merged(base, out)          # peft accepts the per-module ranks (rank_pattern / alpha_pattern)
+
+
+@pytest.mark.parametrize("args, expect", [
+    ([], "give one of --rank R or --energy E"),
+    (["--rank", "4", "--energy", "0.9"], "give one of --rank R or --energy E"),
+    (["--rank", "0"], "--rank must be at least 1"),
+    (["--energy", "1.5"], "--energy is a share of the update's squared singular values in (0, 1]"),
+])
+def test_bad_settings(f32_triple, cli, tmp_path, args, expect):
+    inst, base, tuned = f32_triple
+    run_bad(cli, tmp_path, [inst, base, tuned], "--base", base, "--tuned", tuned, *args, command=("extract",),
+            expect=expect)
+
+
+def test_inputs_that_do_not_belong_together(f32_triple, make_triple, cli, tmp_path):
+    inst, base, tuned = f32_triple
+    q_inst, _, _ = make_triple("qwen2", dtype=torch.float32)
+    run_bad(cli, tmp_path, [inst, base], "--base", base, "--tuned", base, "--rank", "4", command=("extract",),
+            expect="no linear weight differs from --base")
+    run_bad(cli, tmp_path, [base, q_inst], "--base", base, "--tuned", q_inst, "--rank", "4", command=("extract",),
+            expect="--base and --tuned hold different tensors")
+    run_bad(cli, tmp_path, [base, tuned, q_inst], "--base", base, "--tuned", tuned, "--rank", "4", "--for-instruct",
+            q_inst, command=("extract",), expect="--for-instruct: ")
+
+
+def test_every_command_has_help_with_an_example(cli):
+    import click
+
+    from shadowmerge.cli import main
+
+    def commands(group, path):
+        for name, cmd in group.commands.items():
+            yield [*path, name]
+            if isinstance(cmd, click.Group):
+                yield from commands(cmd, [*path, name])
+
+    for path in commands(main, []):
+        res = cli(*path, "--help")
+        assert res.exit_code == 0 and "Example" in res.output and "shadowmerge " in res.output, path
