@@ -52,6 +52,14 @@ _WRITE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
                  errno.ENOTDIR: "a path component is not a folder", errno.EFBIG: "file too large"}
 
 
+def rewrite_text(path: Path, text: str) -> None:
+    """Give path new text through a new file renamed over it: a file hard-linked from elsewhere (train
+    --finish links the trained files) keeps its old contents there."""
+    new = path.with_name(f".{path.name}.new")
+    new.write_text(text, errors="surrogateescape")
+    os.replace(new, path)
+
+
 def side_files(folder: Path) -> list[Path]:
     """Every top-level non-weight file of a model folder (config, tokenizer, templates, README, ...)."""
     return sorted(p for p in folder.iterdir()

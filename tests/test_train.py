@@ -764,4 +764,37 @@ def test_finish_after_emit_only_grafts_what_was_trained_by_hand(pair, cli, tmp_p
     res = cli("train", "--finish", out, "--lr", "1")
     one_line_error(res.stderr, "--finish OUT takes no other settings (--lr)")
     res = cli("train", "--finish", tmp_path / "nothing")
-    one_line_error(res.stderr, "--finish: cannot read")
+    one_line_error(res.stderr, "run.json is missing; pass a folder written by `shadowmerge train --backend llamafactory")
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (lambda out: (out / "run.json").write_text("[1, 2]"), "--finish: the run record"),
+    (lambda out: (out / "run.json").write_bytes(b"\xff\xfe{"), "is not UTF-8 text"),
+    (lambda out: (out / "run.json").write_text(json.dumps(dict(json.loads((out / "run.json").read_text()),
+                                                                inputs={"base": 3}))), "--finish: run.json's base"),
+    (lambda out: (out / "llamafactory" / "shadowmerge_data.json").write_text('{"rows": 1}'),
+     "--finish: the LLaMA-Factory data"),
+    (lambda out: (out / "llamafactory" / "shadowmerge_data.json").write_text('[{"text": "x"}]'),
+     "does not hold the rows --emit-only wrote"),
+    (lambda out: (out / "llamafactory" / "tokenized").mkdir(), "tokenized data"),
+])
+def test_finish_refuses_damaged_runs_and_leaves_them_as_they_were(pair, cli, tmp_path, damage, expect):
+    """Every file --finish reads was written by --emit-only and LLaMA-Factory, and may have been edited since."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import one_line_error
+
+    inst, base = pair
+    out = tmp_path / "run"
+    run_train(cli, "--base", base, "--instruct", inst, "--data", sft_data(tmp_path), "--out", out,
+              "--backend", "llamafactory", "--emit-only", *FAST)
+    model = AutoModelForCausalLM.from_pretrained(out / "llamafactory" / "base-model")
+    get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM")).save_pretrained(
+        out / "base-lora")
+    damage(out)
+    before = tree_digest(out)
+    res = cli("train", "--finish", out)
+    assert res.exit_code == 1
+    one_line_error(res.stderr, expect)
+    assert tree_digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["models", "run", "train.jsonl"]

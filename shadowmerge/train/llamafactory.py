@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ShadowMergeError
-from ..output import RECORD, WEIGHT_INDEXES, WEIGHT_SUFFIXES
+from ..output import RECORD, WEIGHT_INDEXES, WEIGHT_SUFFIXES, rewrite_text
 
 DATASET = "shadowmerge_data"
 VIEW = "base-model"                      # OUT/llamafactory/base-model: the Base with the Instruct's tokenizer
@@ -161,7 +161,7 @@ def tidy_output(folder: Path, paths: dict[str, str]) -> None:
             for old, now in paths.items():
                 new = new.replace(old, now)
             if new != text:
-                p.write_text(new, errors="surrogateescape")
+                rewrite_text(p, new)
 
 
 def expected_tokens(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[list[int], int]:
@@ -185,8 +185,18 @@ def token_mismatch(tokenized: Path, rows: list[dict], tokenizer, stage: str, cut
     are skipped: both trainers truncate them, differently); else (what differs, in words, rows compared)."""
     from datasets import load_from_disk
 
-    saved = load_from_disk(str(tokenized))
-    saved = saved["train"] if "train" in saved else saved
+    try:
+        saved = load_from_disk(str(tokenized))
+        saved = saved["train"] if "train" in saved else saved
+        columns = set(saved.column_names)
+    except Exception as exc:       # noqa: BLE001 - whatever datasets raises on a folder it cannot read
+        raise ShadowMergeError(f"LLaMA-Factory's tokenized data {tokenized} cannot be read ({type(exc).__name__}); "
+                               f"run LLaMA-Factory again") from None
+    want = {f"{s}_{k}" for s in ("chosen", "rejected") for k in ("input_ids", "labels")} if stage == "dpo" else \
+        {"input_ids", "labels"}
+    if not want <= columns:
+        raise ShadowMergeError(f"LLaMA-Factory's tokenized data {tokenized} lacks {', '.join(sorted(want - columns))}; "
+                               f"run LLaMA-Factory again")
     if len(saved) != len(rows):
         return f"LLaMA-Factory tokenized {len(saved)} of the {len(rows)} rows (it drops rows it cannot read)", 0
     sides = [("chosen", "chosen"), ("rejected", "rejected")] if stage == "dpo" else [("completion", "")]

@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, jsonfile
 from ..checkpoint import Checkpoint
 from ..errors import ShadowMergeError
-from ..output import OutputFolder
+from ..output import OutputFolder, rewrite_text
 from ..pipeline import graft, versions
 from . import checkpoints, checks, data, llamafactory, schedule, trl_backend
 from .recipe import Recipe
@@ -75,10 +75,18 @@ def finish(out, *, log=None, command: str | None = None) -> TrainSummary:
     from dataclasses import fields
 
     folder = Path(str(out)).expanduser().absolute()
-    emitted = _read_json(folder / "run.json")
+    hint = "pass a folder written by `shadowmerge train --backend llamafactory --emit-only`"
+    emitted = jsonfile.load(folder / "run.json", "--finish: the run record", hint=hint)
     if not emitted.get("llamafactory") or not isinstance(emitted.get("recipe"), dict):
         raise ShadowMergeError(f"--finish: {folder} is not a run written by `shadowmerge train --backend llamafactory "
                                f"--emit-only` (its run.json names no LLaMA-Factory configs)")
+    inputs = jsonfile.expect(emitted.get("inputs"), dict, "--finish: run.json's inputs", hint)
+    for role in ("base", "instruct"):
+        jsonfile.expect(jsonfile.expect(inputs.get(role), dict, f"--finish: run.json's {role}", hint).get("path"),
+                        str, f"--finish: run.json's {role} path", hint)
+    jsonfile.expect(jsonfile.expect(inputs.get("data"), dict, "--finish: run.json's data", hint).get("hash"), str,
+                    "--finish: run.json's data hash", hint)
+    jsonfile.expect(emitted["llamafactory"], list, "--finish: run.json's llamafactory configs", hint)
     if (folder / "shadow").exists():
         raise ShadowMergeError(f"--finish: {folder} is finished already (it has shadow/)")
     known = {f.name for f in fields(Recipe)}
@@ -115,7 +123,8 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
                                    f"Shadow-FT trains the Base and grafts onto its Instruct; pass the two models")
         if finishing:      # the rows LLaMA-Factory was given
             lf_file = Path(r["out"]) / "llamafactory" / f"{llamafactory.DATASET}.json"
-            rows = llamafactory.from_sharegpt(_read_json(lf_file, list), r["stage"])
+            rows = llamafactory.from_sharegpt(jsonfile.load(lf_file, "--finish: the LLaMA-Factory data", list,
+                                                            hint="run --emit-only again"), r["stage"])
             data_hash, fmt = finishing["inputs"]["data"]["hash"], finishing["inputs"]["data"]["format"]
         else:
             raw, data_hash = data.read_rows(r["data"])
@@ -418,16 +427,6 @@ def _adopt(final: Path, tmp: Path) -> None:
             link(p, tmp / p.name) if not p.is_symlink() else os.symlink(os.readlink(p), tmp / p.name)
 
 
-def _read_json(path: Path, kind=dict):
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ShadowMergeError(f"--finish: cannot read {path} ({type(exc).__name__})") from None
-    if not isinstance(value, kind):
-        raise ShadowMergeError(f"--finish: {path} does not hold what --emit-only wrote")
-    return value
-
-
 def _name_base(adapter: Path, base: Path) -> None:
     """The adapter's base_model_name_or_path: the absolute folder of the model it was trained on (re-runs from
     anywhere; not LLaMA-Factory's model view or a relative path as typed)."""
@@ -435,7 +434,7 @@ def _name_base(adapter: Path, base: Path) -> None:
     cfg = json.loads(path.read_text())
     local = Path(str(base)).expanduser()
     cfg["base_model_name_or_path"] = str(local.absolute()) if local.exists() else str(base)
-    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    rewrite_text(path, json.dumps(cfg, indent=2) + "\n")
 
 
 def _final_paths(value, tmp: str, final: str):
