@@ -99,7 +99,8 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
         keep: set[str] = set()
         with target as tmp:
             for name in names:
-                delta = _read(t, t.tensors[name]) - _read(b, b.tensors[name])
+                tuned_value = _read(t, t.tensors[name])
+                delta = tuned_value - _read(b, b.tensors[name])
                 norm = float(delta.double().norm())
                 if norm == 0.0:
                     continue
@@ -122,7 +123,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
                 summary.others.append({"tensor": name, "shape": list(delta.shape), "update_norm": norm,
                                        "kept": bool(copyable)})
                 if copyable:
-                    full = (_read(inst, inst.tensors[name]) + delta) if inst is not None else _read(t, t.tensors[name])
+                    full = (_read(inst, inst.tensors[name]) + delta) if inst is not None else tuned_value
                     state[f"base_model.model.{name}"] = full.to(t.tensors[name].dtype).contiguous()
                     keep.add(module)
             if not ranks:

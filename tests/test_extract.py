@@ -128,3 +128,12 @@ def test_every_command_has_help_with_an_example(cli):
     for path in commands(main, []):
         res = cli(*path, "--help")
         assert res.exit_code == 0 and "Example" in res.output and "shadowmerge " in res.output, path
+
+
+def test_copies_without_an_instruct_are_the_tuned_values(f32_triple, cli, tmp_path):
+    inst, base, tuned = f32_triple
+    out = tmp_path / "lora"
+    assert cli("extract", "--base", base, "--tuned", tuned, "--out", out, "--rank", "4", "--others", "copy").exit_code == 0
+    T, merged = state(tuned), peft_merged(base, out)
+    for name in ("model.norm.weight", "model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(merged[name], T[name]), name
