@@ -96,6 +96,7 @@ def test_energy_picks_the_rank_per_module(f32_triple, cli, tmp_path):
     (["--rank", "4", "--energy", "0.9"], "give one of --rank R or --energy E"),
     (["--rank", "0"], "--rank must be at least 1"),
     (["--energy", "1.5"], "--energy is a share of the update's squared singular values in (0, 1]"),
+    (["--energy", "0.9", "--max-rank", "0"], "--max-rank must be at least 1"),
 ])
 def test_bad_settings(f32_triple, cli, tmp_path, args, expect):
     inst, base, tuned = f32_triple

@@ -798,3 +798,13 @@ def test_finish_refuses_damaged_runs_and_leaves_them_as_they_were(pair, cli, tmp
     assert res.exit_code == 1
     one_line_error(res.stderr, expect)
     assert tree_digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["models", "run", "train.jsonl"]
+
+
+@pytest.mark.parametrize("value", ["-1", "2.5", "'ten'", "true"])
+def test_bad_save_steps(pair, cli, tmp_path, value):
+    inst, base = pair
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"save_steps: {value}\n")
+    run_bad(cli, tmp_path, [inst, base], recipe, "--base", base, "--instruct", inst, "--data", sft_data(tmp_path),
+            command=("train",), out_name="run",
+            expect="save_steps must be a whole number of optimizer steps (0: no checkpoints)")
