@@ -3,7 +3,8 @@
 Names, shapes and dtypes come from the safetensors headers (or the index) without reading tensor
 data; bytes are read on demand with pread, so no input file is memory-mapped and nothing is
 held beyond the caller's buffer. Pickle (`.bin`) weights are read only when the caller allows
-it, with `torch.load(weights_only=True)`.
+it, with `torch.load(weights_only=True)`. A Hub id is read the same way from its remote headers
+(hub.Remote); its weight files are downloaded by `fetch()`, or at the first read of data.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from . import hub, jsonfile
 from .errors import ShadowMergeError
+from .sidefiles import is_side_file
 from .stformat import NAMES, itemsize, read_header
 
 INDEX = "model.safetensors.index.json"
@@ -55,10 +57,12 @@ class TensorInfo:
 class TensorStore:
     """Lazily read tensors of one folder: `tensors` from headers, bytes on demand (`read_into`)."""
 
-    def __init__(self, folder: Path, label: str, ref: str):
-        self.folder = folder
+    def __init__(self, where: "Path | hub.Remote", label: str, ref: str):
+        self.remote = where if isinstance(where, hub.Remote) else None
+        self.folder = where.folder if self.remote else where
         self.label = label
         self.ref = ref
+        self._remote_headers: dict[str, tuple[int, dict]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._pickled: dict[str, torch.Tensor] = {}
         self._weight_map: dict | None = None
@@ -68,10 +72,31 @@ class TensorStore:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def _has(self, name: str) -> bool:
+        """Whether the model has this top-level file (on the Hub: in the commit's file list)."""
+        if self.remote is not None:
+            return name in self.remote.files
+        return (self.folder / name).is_file()
+
+    def _names(self) -> list[str]:
+        """The model's top-level entries (a folder where a file belongs is named too: reading it is the error)."""
+        if self.remote is not None:
+            return sorted(n for n in self.remote.files if "/" not in n)
+        return sorted(p.name for p in self.folder.iterdir())
+
+    def _header(self, path: Path) -> tuple[int, dict]:
+        if self.remote is None or path.is_file():
+            start, header, _ = read_header(path, path.stat().st_size)
+            return start, header
+        with self.remote.header_file(path.name) as (stand_in, size):
+            start, header, _ = read_header(stand_in, size, label=f"{self.label} {self.remote.name}: {path.name}")
+        self._remote_headers[path.name] = (start, header)
+        return start, header
+
     def _scan_safetensors(self, files: list[Path]) -> dict[str, TensorInfo]:
         found: list[TensorInfo] = []
         for path in files:
-            start, header, _ = read_header(path, path.stat().st_size)
+            start, header = self._header(path)
             for name, (dtype, shape, begin, end) in header.items():
                 found.append(TensorInfo(name, dtype, shape, path, start + begin, end - begin))
         found.sort(key=lambda t: (files.index(t.file), t.offset))
@@ -91,6 +116,8 @@ class TensorStore:
 
     def _scan_pickles(self, files: list[Path]) -> dict[str, TensorInfo]:
         tensors: dict[str, TensorInfo] = {}
+        if self.remote is not None:      # a pickle has no header: it is read whole (only with --allow-pickle)
+            self.remote.download([p.name for p in files], progress=False)
         for path in files:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -112,11 +139,36 @@ class TensorStore:
                 tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), path, None, t.numel() * t.element_size())
         return tensors
 
+    def side_bytes(self) -> int:
+        """The size of the side files (config, tokenizer, ...), on the Hub or on disk."""
+        names = [n for n in self._names() if is_side_file(n)]
+        if self.remote is not None:
+            return sum(self.remote.files.get(n) or 0 for n in names)
+        return sum((self.folder / n).stat().st_size for n in names if (self.folder / n).is_file())
+
     # --- data -----------------------------------------------------------------------------
+    def fetch(self, progress: bool = False, side: bool | list[str] = False, weights: bool = True) -> None:
+        """Download what reading needs of a Hub model: its weight files (unless weights=False), and its side
+        files (all of them with side=True, or those named). Nothing for a local folder."""
+        remote = self.remote
+        if remote is None:
+            return
+        weights = sorted({t.file.name for t in self.tensors.values() if t.offset is not None}) if weights else []
+        extra = ([n for n in self._names() if is_side_file(n)] if side is True else
+                 [n for n in side or () if self._has(n)])
+        remote.download(weights + extra, progress, f"download {self.label} {remote.name}")
+        for name in weights:         # the bytes downloaded must be those whose header was checked
+            checked = self._remote_headers.pop(name, None)
+            if checked is not None and self._header(self.folder / name) != checked:
+                raise ShadowMergeError(f"{self.label} {remote.name}: the downloaded {name} differs from the header "
+                                       f"read before; the repo changed or the download is damaged; run again")
+
     def fd(self, path: Path) -> int:
         """An open read-only descriptor of one of this checkpoint's files (kept until close())."""
         fd = self._fds.get(path)
         if fd is None:
+            if self.remote is not None and not path.is_file():
+                self.fetch()
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
@@ -168,8 +220,8 @@ _QUANT_SUFFIX = re.compile(r"(?i)[-_.](fp8(-dynamic)?|fp4|mxfp4|nvfp4|awq|gptq|i
 class Checkpoint(TensorStore):
     """A model folder opened for lazy reading. Use `Checkpoint.open(ref, label)`."""
 
-    def __init__(self, folder: Path, label: str, ref: str, allow_pickle: bool = False):
-        super().__init__(folder, label, ref)
+    def __init__(self, where: "Path | hub.Remote", label: str, ref: str, allow_pickle: bool = False):
+        super().__init__(where, label, ref)
         self.config = self._read_config()
         self.tensors = self._scan(allow_pickle)
         self._refuse_quantized()
@@ -234,20 +286,20 @@ class Checkpoint(TensorStore):
         index = folder / INDEX
         if os.path.lexists(index):
             files = self._index_files(index)
-        elif (folder / "model.safetensors").is_file():
+        elif self._has("model.safetensors"):
             files = [folder / "model.safetensors"]
         else:
-            files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
+            files = [folder / n for n in self._names() if n.endswith(".safetensors") and not n.startswith("adapter_")]
         if files:
             return self._scan_safetensors(files)
-        pickles = sorted(folder.glob("*.bin"))
+        pickles = [folder / n for n in self._names() if n.endswith(".bin")]
         if pickles:
             if not allow_pickle:
                 raise ShadowMergeError(
                     f"{self.label} {folder}: only pickle weights ({pickles[0].name}); pass --allow-pickle to "
                     f"load them with torch.load(weights_only=True), or convert the model to safetensors")
             return self._scan_pickles(pickles)
-        hint = "; it looks like a PEFT adapter" if (folder / "adapter_config.json").is_file() else ""
+        hint = "; it looks like a PEFT adapter" if self._has("adapter_config.json") else ""
         raise ShadowMergeError(f"{self.label} {folder}: no weights found (expected model.safetensors or "
                                f"{INDEX}){hint}")
 
@@ -267,7 +319,7 @@ class Checkpoint(TensorStore):
             if not name.endswith(".safetensors") or not Path(name).name.strip():
                 raise ShadowMergeError(f"{where} names the shard {name[:200]!r}, which is not a .safetensors file; "
                                        f"refusing to open it ({hint})")
-            if not path.is_file():
+            if not self._has(name):
                 raise ShadowMergeError(f"{where} names shard {name}, which is missing; re-download the model")
             files.append(path)
         self._weight_map = weight_map

@@ -298,7 +298,8 @@ def train_command(recipe, baseline, emit_only, finish, resume, force, allow_pick
               help="Changed embeddings, head and norms: dropped, or kept as peft modules_to_save full copies.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
-def extract(base, tuned, out, rank, energy, max_rank, for_instruct, others, force, allow_pickle):
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def extract(base, tuned, out, rank, energy, max_rank, for_instruct, others, force, allow_pickle, quiet):
     """Turn a full fine-tune's update (tuned - base) into a PEFT LoRA adapter.
 
     Per linear module: ΔW = T - B in float32, its truncated SVD at --rank, or at the rank that keeps
@@ -314,7 +315,8 @@ def extract(base, tuned, out, rank, energy, max_rank, for_instruct, others, forc
     from .extract import extract as run_extract
 
     click.echo(str(run_extract(base, tuned, out, rank=rank, energy=energy, max_rank=max_rank,
-                               for_instruct=for_instruct, others=others, force=force, allow_pickle=allow_pickle)))
+                               for_instruct=for_instruct, others=others, force=force, allow_pickle=allow_pickle,
+                               progress=not quiet)))
 
 
 @main.command(context_settings={"max_content_width": 100})
@@ -358,7 +360,8 @@ def lora():
 @click.option("--out", required=True, metavar="DIR", help="Output adapter folder (written beside, then renamed).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
-def retarget(adapter, instruct, out, force, allow_pickle):
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar (downloading a Hub adapter).")
+def retarget(adapter, instruct, out, force, allow_pickle, quiet):
     """Point a Base-trained LoRA ADAPTER at the Instruct model, without merging.
 
     The weights are copied unchanged; adapter_config.json's base_model_name_or_path names
@@ -374,7 +377,8 @@ def retarget(adapter, instruct, out, force, allow_pickle):
     """
     from .lora.retarget import retarget as run_retarget
 
-    click.echo(str(run_retarget(adapter, instruct, out, force=force, allow_pickle=allow_pickle, command=_command())))
+    click.echo(str(run_retarget(adapter, instruct, out, force=force, allow_pickle=allow_pickle, progress=not quiet,
+                                command=_command())))
 
 
 if __name__ == "__main__":

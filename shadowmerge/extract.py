@@ -25,9 +25,11 @@ from pathlib import Path
 
 import torch
 
+from . import hub
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import ShadowMergeError
 from .output import OutputFolder
+from .progress import bar as progress_bar
 
 OTHERS = ("drop", "copy")
 _NOT_LORA = re.compile(r"(^|\.)(embed_tokens|embed_positions|wte|wpe|word_embeddings|lm_head|embed_out|output)\.weight$")
@@ -74,7 +76,8 @@ def _rank(s: torch.Tensor, rank: int | None, energy: float | None, max_rank: int
 
 def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int | None = None,
             energy: float | None = None, max_rank: int = 256, for_instruct: str | Path | None = None,
-            others: str = "drop", force: bool = False, allow_pickle: bool = False) -> ExtractSummary:
+            others: str = "drop", force: bool = False, allow_pickle: bool = False,
+            progress: bool = True) -> ExtractSummary:
     if (rank is None) == (energy is None):
         raise ShadowMergeError("give one of --rank R or --energy E (e.g. --energy 0.99)")
     if rank is not None and rank < 1:
@@ -86,58 +89,70 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
     if others not in OTHERS:
         raise ShadowMergeError(f"--others is one of {', '.join(OTHERS)}, not {others!r}")
     start = time.perf_counter()
-    b = Checkpoint.open(base, "base", allow_pickle)
-    t = Checkpoint.open(tuned, "tuned", allow_pickle)
-    inst = Checkpoint.open(for_instruct, "instruct", allow_pickle) if for_instruct is not None else None
+    opened: list[Checkpoint] = []
     try:
+        for ref, label in ((base, "base"), (tuned, "tuned"), (for_instruct, "instruct")):
+            if ref is not None:
+                opened.append(Checkpoint.open(ref, label, allow_pickle))
+        b, t, inst = (opened + [None])[:3]
         names = _check(b, t, inst)
-        target = OutputFolder(out, force=force, inputs=[c.folder for c in (b, t, inst) if c is not None],
-                              need_bytes=0, record="extract.json")
+        target = OutputFolder(out, force=force, inputs=[c.folder for c in opened], need_bytes=0,
+                              record="extract.json")
         summary = ExtractSummary(target.target)
         state: dict[str, torch.Tensor] = {}
         ranks: dict[str, int] = {}
         keep: set[str] = set()
         with target as tmp:
-            for name in names:
-                tuned_value = _read(t, t.tensors[name])
-                delta = tuned_value - _read(b, b.tensors[name])
-                norm = float(delta.double().norm())
-                if norm == 0.0:
-                    continue
-                module = name[: -len(".weight")] if name.endswith(".weight") else name
-                if delta.dim() == 2 and name.endswith(".weight") and not _NOT_LORA.search(name):
-                    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-                    r = _rank(s, rank, energy, max_rank)
-                    root = s[:r].sqrt()
-                    state[f"base_model.model.{module}.lora_A.weight"] = (root[:, None] * vh[:r]).contiguous()
-                    state[f"base_model.model.{module}.lora_B.weight"] = (u[:, :r] * root[None, :]).contiguous()
-                    power = s.double() ** 2
-                    kept = float(power[:r].sum() / power.sum())
-                    ranks[module] = r
-                    summary.modules.append({"module": module, "shape": list(delta.shape), "rank": r,
-                                            "rel_error": max(0.0, 1.0 - kept) ** 0.5, "energy": kept,
-                                            "update_norm": norm})
-                    continue
-                copyable = others == "copy" and name.endswith(".weight") and (
-                    _NOT_LORA.search(name) or delta.dim() == 1)
-                summary.others.append({"tensor": name, "shape": list(delta.shape), "update_norm": norm,
-                                       "kept": bool(copyable)})
-                if copyable:
-                    full = (_read(inst, inst.tensors[name]) + delta) if inst is not None else tuned_value
-                    state[f"base_model.model.{name}"] = full.to(t.tensors[name].dtype).contiguous()
-                    keep.add(module)
+            for c in opened:           # Hub inputs: download the weights, now that everything was checked
+                c.fetch(progress)
+            with progress_bar(sum(t.tensors[n].nbytes + b.tensors[n].nbytes for n in names), progress,
+                              "extract") as bar:
+                _extract(names, b, t, inst, (rank, energy, max_rank, others), summary, state, ranks, keep, bar)
             if not ranks:
                 raise ShadowMergeError(f"--tuned {tuned}: no linear weight differs from --base {base}; there is no "
                                        f"update to extract")
-            _write(tmp, state, ranks, sorted(keep), inst.folder if inst is not None else b.folder)
+            _write(tmp, state, ranks, sorted(keep), *hub.reference(inst if inst is not None else b))
             summary.seconds = time.perf_counter() - start
-            _report(tmp, summary, b, t, inst, rank, energy, max_rank, others)
+            _report(tmp, summary, opened, rank, energy, max_rank, others)
             target.commit()
         return summary
     finally:
-        for c in (b, t, inst):
-            if c is not None:
-                c.close()
+        for c in opened:
+            c.close()
+
+
+def _extract(names, b, t, inst, settings, summary, state, ranks, keep, bar) -> None:
+    """Each tensor in turn: a linear weight's ΔW as its truncated SVD; other changes dropped or copied."""
+    rank, energy, max_rank, others = settings
+    for name in names:
+        bar.update(t.tensors[name].nbytes + b.tensors[name].nbytes)
+        tuned_value = _read(t, t.tensors[name])
+        delta = tuned_value - _read(b, b.tensors[name])
+        norm = float(delta.double().norm())
+        if norm == 0.0:
+            continue
+        module = name[: -len(".weight")] if name.endswith(".weight") else name
+        if delta.dim() == 2 and name.endswith(".weight") and not _NOT_LORA.search(name):
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            r = _rank(s, rank, energy, max_rank)
+            root = s[:r].sqrt()
+            state[f"base_model.model.{module}.lora_A.weight"] = (root[:, None] * vh[:r]).contiguous()
+            state[f"base_model.model.{module}.lora_B.weight"] = (u[:, :r] * root[None, :]).contiguous()
+            power = s.double() ** 2
+            kept = float(power[:r].sum() / power.sum())
+            ranks[module] = r
+            summary.modules.append({"module": module, "shape": list(delta.shape), "rank": r,
+                                    "rel_error": max(0.0, 1.0 - kept) ** 0.5, "energy": kept,
+                                    "update_norm": norm})
+            continue
+        copyable = others == "copy" and name.endswith(".weight") and (
+            _NOT_LORA.search(name) or delta.dim() == 1)
+        summary.others.append({"tensor": name, "shape": list(delta.shape), "update_norm": norm,
+                               "kept": bool(copyable)})
+        if copyable:
+            full = (_read(inst, inst.tensors[name]) + delta) if inst is not None else tuned_value
+            state[f"base_model.model.{name}"] = full.to(t.tensors[name].dtype).contiguous()
+            keep.add(module)
 
 
 def _check(b: Checkpoint, t: Checkpoint, inst: Checkpoint | None) -> list[str]:
@@ -159,12 +174,13 @@ def _check(b: Checkpoint, t: Checkpoint, inst: Checkpoint | None) -> list[str]:
     return [n for n, i in b.tensors.items() if i.dtype.is_floating_point]
 
 
-def _write(tmp: Path, state: dict, ranks: dict[str, int], keep: list[str], model: Path) -> None:
+def _write(tmp: Path, state: dict, ranks: dict[str, int], keep: list[str], model: str, revision: str | None) -> None:
     from safetensors.torch import save_file
 
     default = max(set(ranks.values()), key=list(ranks.values()).count)
     pattern = {re.escape(m): r for m, r in ranks.items() if r != default}
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(model).absolute()),
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model,
+              "revision": revision,
               "r": default, "lora_alpha": default, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
               "target_modules": sorted(ranks), "modules_to_save": keep or None, "lora_dropout": 0.0,
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
@@ -173,13 +189,16 @@ def _write(tmp: Path, state: dict, ranks: dict[str, int], keep: list[str], model
     save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def _report(tmp: Path, summary: ExtractSummary, b, t, inst, rank, energy, max_rank, others) -> None:
+def _report(tmp: Path, summary: ExtractSummary, opened: list[Checkpoint], rank, energy, max_rank, others) -> None:
     from . import __version__
     from .analyzer.plots import pyplot
 
+    by_role = {c.label: c for c in opened}
     record = {"tool": "shadowmerge extract", "version": __version__,
-              "inputs": {"base": str(b.folder), "tuned": str(t.folder),
-                         "for_instruct": str(inst.folder) if inst is not None else None},
+              "inputs": {"base": by_role["base"].ref, "tuned": by_role["tuned"].ref,
+                         "for_instruct": by_role["instruct"].ref if "instruct" in by_role else None},
+              "input_paths": {role: str(c.folder.absolute()) for role, c in by_role.items()},
+              "hub": hub.provenance(opened),
               "settings": {"rank": rank, "energy": energy, "max_rank": max_rank, "others": others},
               "seconds": round(summary.seconds, 3), "modules": summary.modules, "others": summary.others}
     (tmp / "extract.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -192,7 +211,7 @@ def _report(tmp: Path, summary: ExtractSummary, b, t, inst, rank, energy, max_ra
     ax.set_xlabel("module (in checkpoint order)")
     ax.set_ylabel("share (unitless)")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"LoRA extraction of T − B per module: {Path(str(t.folder)).name}")
+    ax.set_title(f"LoRA extraction of T − B per module: {Path(str(by_role['tuned'].folder)).name}")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
     fig.savefig(tmp / "extract.png", dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -1,19 +1,51 @@
-"""Turn a model reference (a local folder or a Hugging Face Hub id) into a local folder."""
+"""Model references: a local folder as is, or a Hugging Face Hub id (`org/name[@revision]`) read header first.
+
+A Hub id is resolved once, with huggingface_hub, to one commit (model_info: its sha and file list);
+its small JSON files (config, index, adapter config) are downloaded, and each safetensors header is
+fetched with two HTTP range requests (the 8-byte length, then the header). So every check a local
+folder gets runs before a single weight byte is downloaded, and `--dry-run` never downloads any.
+The files a run needs are downloaded later, pinned to that commit, into the standard
+huggingface_hub cache (`hf_hub_download`: its locks, its layout, `HF_HOME`/`HF_HUB_CACHE`,
+`HF_TOKEN`, `HF_ENDPOINT`), with one progress bar. Offline (`HF_HUB_OFFLINE=1`, or the Hub out of
+reach), a revision already in the cache is used as a local folder.
+
+Written here rather than taken from huggingface_hub: the range reads. Its get_safetensors_metadata
+fetches the first 100 kB of each file (the whole of a small shard) and returns parsed tensors
+without the header's length, which the byte offsets depend on; here the raw header bytes are kept
+and validated by the safetensors library itself (see Remote.header_file).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import struct
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from . import jsonfile
 from .errors import ShadowMergeError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REVISION = re.compile(r"^[\w.][\w./-]{0,254}$")
 # Weight formats we never read; pickles are fetched only when the user allows them.
-_NEVER = ["*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.onnx", "*.ot", "*.tflite", "original/*"]
+_NEVER = ("*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.onnx", "*.ot", "*.tflite", "original/*")
+# Small JSON files every check needs: fetched when a Hub id is opened.
+METADATA = ("config.json", "adapter_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+MAX_HEADER = 100 * 1024 * 1024   # safetensors' own limit
+_TIMEOUT = 60.0                  # seconds without data before a request fails (never a hang)
 
 
-def resolve(ref: str | Path, allow_pickle: bool = False) -> Path:
-    """A local folder as is; otherwise a Hub repo id, downloaded (or found in the cache) by huggingface_hub."""
+def split_ref(text: str) -> tuple[str, str | None]:
+    """'org/name@revision' -> ('org/name', 'revision'); no '@' -> (text, None)."""
+    repo, at, revision = text.partition("@")
+    return repo, (revision if at else None)
+
+
+def resolve(ref: str | Path, allow_pickle: bool = False) -> "Path | Remote":
+    """A local folder as is; otherwise a Hub repo id, opened header first (or, offline, found in the cache)."""
     text = str(ref)
     try:
         if "\0" in text:
@@ -26,16 +58,291 @@ def resolve(ref: str | Path, allow_pickle: bool = False) -> Path:
         if not path.is_dir():
             raise ShadowMergeError(f"{ref} is a file; pass the model folder that contains it")
         return path
-    if not _REPO_ID.match(text) or ".." in text:
+    repo, revision = split_ref(text)
+    if not _REPO_ID.match(repo) or ".." in repo:
         raise ShadowMergeError(f"model folder not found: {ref}")
-    try:
-        from huggingface_hub import snapshot_download
+    if revision is not None and (not _REVISION.match(revision) or ".." in revision):
+        raise ShadowMergeError(f"{text[:200]!r}: {revision[:80]!r} is not a revision (a branch, tag or commit "
+                               f"sha after '@', e.g. {repo}@main)")
+    return Remote.open(repo, revision, allow_pickle)
 
-        ignore = _NEVER + ([] if allow_pickle else ["*.bin"])
-        return Path(snapshot_download(text, ignore_patterns=ignore))
-    except Exception as exc:  # offline, unknown, gated: all mean the same to the user
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def explain(exc: BaseException, repo: str, revision: str | None) -> ShadowMergeError:
+    """A huggingface_hub or network failure as the one-line error a user can act on."""
+    from huggingface_hub import constants, errors
+
+    name = f"{repo}@{revision}" if revision else repo
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    said = {   # in this order: a gated repo's error is also a RepositoryNotFoundError
+        errors.GatedRepoError: f"{name} is a gated model: accept its terms on its Hub page "
+                               f"({constants.ENDPOINT}/{repo}) with your account, then {login}",
+        errors.RepositoryNotFoundError: f"{name}: no such model on the Hugging Face Hub, or it is private; check the "
+                                        f"id, or {login} with an account that can read it",
+        errors.RevisionNotFoundError: f"{name}: the Hub has no revision {revision!r} (branch, tag or commit sha) for "
+                                      f"{repo}; check it on the model's page, or drop '@{revision}' for main",
+        errors.EntryNotFoundError: f"{name}: a file listed by the Hub could not be fetched ({_one_line(exc)}); run "
+                                   f"again, or download the model (`hf download {repo}`) and pass its folder",
+    }
+    for kind, text in said.items():
+        if isinstance(exc, kind):
+            return ShadowMergeError(text)
+    return ShadowMergeError(
+        f"{name!r} is not a local folder and could not be fetched from the Hugging Face Hub "
+        f"({type(exc).__name__}: {_one_line(exc)}); check the id and your connection, or download it first "
+        f"(`hf download {repo} --local-dir DIR`) and pass DIR")
+
+
+def _offline_error(exc: BaseException) -> bool:
+    """True when the Hub is out of reach (or the user said so), rather than refusing the request."""
+    import importlib
+
+    from huggingface_hub import errors
+
+    kinds = [errors.OfflineModeIsEnabled, ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):         # huggingface_hub 2.x uses httpx2, 1.x httpx
+        with contextlib.suppress(ImportError):
+            kinds.append(importlib.import_module(module).TransportError)
+    return isinstance(exc, tuple(kinds))
+
+
+def _from_cache(repo: str, revision: str | None, why: BaseException) -> Path:
+    """Offline: the cached snapshot of a revision, if its weights are there."""
+    from huggingface_hub import snapshot_download
+
+    name = f"{repo}@{revision}" if revision else repo
+    try:
+        folder = Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except Exception:
         raise ShadowMergeError(
-            f"{text!r} is not a local folder and could not be fetched from the Hugging Face Hub "
-            f"({type(exc).__name__}: {reason}); check the id and your connection, or download it first "
-            f"(`hf download {text} --local-dir DIR`) and pass DIR") from None
+            f"{name!r} is not a local folder, the Hugging Face Hub cannot be reached ({type(why).__name__}: "
+            f"{_one_line(why)}) and it is not in the cache; connect and run again, or download it first "
+            f"(`hf download {repo} --local-dir DIR`) and pass DIR") from None
+    if not _has_weights(folder):
+        raise ShadowMergeError(
+            f"{name}: only its headers are in the Hugging Face cache (a --dry-run or `lora retarget` fetched no "
+            f"weights) and the Hub cannot be reached ({type(why).__name__}); connect and run again")
+    return folder
+
+
+def _has_weights(folder: Path) -> bool:
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (ValueError, AttributeError, OSError):
+            return True            # the checkpoint reader says what is wrong with it
+        return all((folder / s).is_file() for s in shards if isinstance(s, str))
+    return any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir())
+
+
+class Remote:
+    """One revision of a Hub model: its commit, its files and their sizes, its folder in the cache.
+
+    Files appear in `folder` (the cache's snapshots/<sha>/) as they are downloaded.
+    """
+
+    def __init__(self, repo: str, revision: str | None, sha: str, files: dict[str, int | None], folder: Path):
+        self.repo, self.revision, self.sha, self.files, self.folder = repo, revision, sha, files, folder
+        self.downloaded: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        return f"{self.repo}@{self.revision}" if self.revision else self.repo
+
+    def describe(self) -> dict:
+        """For run records: the id, the revision asked for, and the commit it resolved to."""
+        return {"repo": self.repo, "revision": self.revision or "main", "sha": self.sha}
+
+    @classmethod
+    def open(cls, repo: str, revision: str | None, allow_pickle: bool = False) -> "Path | Remote":
+        """Resolve the revision to a commit and fetch the small JSON files; offline, the cached snapshot."""
+        from huggingface_hub import HfApi, hf_hub_download
+
+        try:
+            info = HfApi().model_info(repo, revision=revision, files_metadata=True, timeout=_TIMEOUT)
+            sha = info.sha
+            if not sha or not re.fullmatch(r"[0-9a-f]{40}", sha):
+                raise ShadowMergeError(f"{repo}: the Hub's answer names no commit; run again later")
+            files = {s.rfilename: s.size for s in info.siblings or () if _wanted(s.rfilename, allow_pickle)}
+            for name in METADATA:       # read whole by jsonfile, which refuses more than MAX_BYTES: never fetch more
+                if (files.get(name) or 0) > jsonfile.MAX_BYTES:
+                    raise ShadowMergeError(f"{repo}: {name} is {files[name]} bytes on the Hub, more than a model's "
+                                           f"JSON can be ({jsonfile.MAX_BYTES}); this is not a usable model repo")
+            first = next((f for f in METADATA if f in files), None)
+            if first is None:
+                raise ShadowMergeError(f"{repo}{'@' + revision if revision else ''}: the Hub repo has no config.json "
+                                       f"or adapter_config.json; pass a model (or PEFT adapter) repo")
+            # the branch or tag asked for, so that the cache maps it to the commit (and works offline later)
+            path = Path(hf_hub_download(repo, first, revision=revision or "main", etag_timeout=_TIMEOUT))
+            if path.parent.name != sha:
+                raise ShadowMergeError(f"{repo}: the Hub repo changed while it was being opened ({sha[:12]} → "
+                                       f"{path.parent.name[:12]}); run again")
+        except ShadowMergeError:
+            raise
+        except Exception as exc:
+            if _offline_error(exc):
+                return _from_cache(repo, revision, exc)
+            raise explain(exc, repo, revision) from None
+        remote = cls(repo, revision, sha, files, path.parent)
+        remote.downloaded.add(first)
+        remote.download([f for f in METADATA if f in files], progress=False)
+        return remote
+
+    def download(self, names: list[str], progress: bool, what: str = "download") -> None:
+        """Download files of this commit into the cache (those already there are not fetched again)."""
+        from huggingface_hub import hf_hub_download
+
+        todo = [n for n in dict.fromkeys(names) if n not in self.downloaded and not (self.folder / n).is_file()]
+        self.downloaded.update(n for n in names if n not in todo)
+        if not todo:
+            return
+        from .progress import bar
+
+        total = sum(self.files.get(n) or 0 for n in todo)
+        with bar(total, progress, f"download {self.repo}" if what == "download" else what) as shown:
+            forward = _forwarding(shown)
+            lock = threading.Lock()
+
+            def one(name: str) -> None:
+                got = hf_hub_download(self.repo, name, revision=self.sha, etag_timeout=_TIMEOUT, tqdm_class=forward)
+                if Path(got) != self.folder / name:
+                    raise ShadowMergeError(f"{self.repo}: {name} was stored at {got}, not in {self.folder}")
+                with lock:
+                    self.downloaded.add(name)
+
+            try:
+                with ThreadPoolExecutor(max_workers=min(4, len(todo))) as pool:
+                    for future in [pool.submit(one, n) for n in todo]:
+                        future.result()
+            except ShadowMergeError:
+                raise
+            except Exception as exc:
+                raise explain(exc, self.repo, self.revision) from None
+
+    def header(self, name: str) -> tuple[bytes, int]:
+        """The raw header of a safetensors file (its 8-byte length and JSON) and the file's size: 2 range reads."""
+        try:
+            head, size = self._range(name, 0, 7)
+            if len(head) != 8:
+                raise ShadowMergeError(f"{self.name}: {name} is not a safetensors file (only {len(head)} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise ShadowMergeError(f"{self.name}: {name}: corrupt or truncated safetensors header "
+                                       f"({n} bytes of {size}); the repo's file is damaged")
+            body, _ = self._range(name, 8, 8 + n - 1) if n else (b"", size)
+        except ShadowMergeError:
+            raise
+        except Exception as exc:
+            raise explain(exc, self.repo, self.revision) from None
+        if len(body) != n:
+            raise ShadowMergeError(f"{self.name}: {name}: the Hub sent {len(body)} of its {n} header bytes; run again")
+        return head + body, size
+
+    @contextlib.contextmanager
+    def header_file(self, name: str):
+        """A sparse stand-in for a remote safetensors file: its real header, then a hole as long as its data.
+
+        The safetensors library validates headers of files only (offsets against the file's size); the
+        hole costs no disk and is never read.
+        """
+        raw, size = self.header(name)
+        with tempfile.TemporaryDirectory(prefix="shadowmerge-header-") as tmp:
+            path = Path(tmp) / Path(name).name
+            with open(path, "wb") as f:
+                f.write(raw)
+                f.truncate(size)
+            yield path, size
+
+    def _range(self, name: str, start: int, end: int) -> tuple[bytes, int]:
+        """Bytes [start, end] of a file of this commit, and the file's size; never more than asked for."""
+        from huggingface_hub import constants, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        url = hf_hub_url(self.repo, name, revision=self.sha, endpoint=constants.ENDPOINT)
+        headers = {**build_hf_headers(), "Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
+        want = end - start + 1
+        with get_session().stream("GET", url, headers=headers, timeout=_TIMEOUT, follow_redirects=True) as r:
+            if r.status_code >= 400:
+                r.read()
+                hf_raise_for_status(r)
+            if r.status_code != 206:
+                raise ShadowMergeError(f"{self.name}: the server answered a range request for {name} with HTTP "
+                                       f"{r.status_code}, not 206; it cannot be read header first")
+            total = r.headers.get("Content-Range", "").rpartition("/")[2]
+            if not total.isdigit():
+                raise ShadowMergeError(f"{self.name}: the server's range answer for {name} has no file size")
+            data = bytearray()
+            for chunk in r.iter_bytes():
+                data += chunk[:want - len(data)]
+                if len(data) >= want:
+                    break
+        size = int(total)
+        listed = self.files.get(name)
+        if listed is not None and listed != size:
+            raise ShadowMergeError(f"{self.name}: {name} is {size} bytes, the Hub lists it as {listed}; run again")
+        return bytes(data), size
+
+
+def _wanted(name: str, allow_pickle: bool) -> bool:
+    from fnmatch import fnmatch
+
+    return not any(fnmatch(name, p) for p in _NEVER) and (allow_pickle or not name.endswith(".bin"))
+
+
+def _forwarding(shown):
+    """A tqdm class for hf_hub_download that shows nothing itself and adds its bytes to our one bar."""
+    from tqdm import tqdm
+
+    class Forward(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            shown.update(n or 0)
+            return super().update(n)
+
+    return Forward
+
+
+def _hub_id_in_cache(store) -> str | None:
+    """The commit of an input given as a Hub id and found in the cache offline (a local folder then), else None."""
+    sha = cache_revision(store.folder)
+    repo = split_ref(store.ref)[0]
+    return sha if sha and _REPO_ID.match(repo) and not Path(store.ref).expanduser().exists() else None
+
+
+def reference(store) -> tuple[str, str | None]:
+    """How an adapter config names an input (base_model_name_or_path, revision): its Hub id, with the commit
+    sha when a revision was asked for; or, for a local folder, its absolute path."""
+    repo, revision = split_ref(store.ref)
+    sha = store.remote.sha if store.remote is not None else _hub_id_in_cache(store)
+    if sha is None:
+        return str(Path(store.folder).absolute()), None
+    return repo, (sha if revision else None)
+
+
+def provenance(stores) -> dict:
+    """For run records: each Hub input's id, revision asked for and commit sha, by role (adapter: lora)."""
+    out = {}
+    for store in stores:
+        role = "lora" if store.label == "adapter" else store.label
+        if store.remote is not None:
+            out[role] = store.remote.describe()
+        elif (sha := _hub_id_in_cache(store)) is not None:
+            out[role] = {"repo": split_ref(store.ref)[0], "revision": split_ref(store.ref)[1] or "main", "sha": sha}
+    return out
+
+
+def cache_revision(folder: Path) -> str | None:
+    """The commit sha of a folder in the huggingface_hub cache (…/snapshots/<sha>), else None."""
+    folder = Path(folder).absolute()
+    return folder.name if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
+

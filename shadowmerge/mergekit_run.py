@@ -18,7 +18,8 @@ from pathlib import Path
 from . import __version__, yamlfile
 from .checkpoint import Checkpoint
 from .errors import ShadowMergeError
-from .output import OutputFolder, copy_side_files, make_readable, side_files, write_record
+from .output import OutputFolder, copy_side_files, make_readable, write_record
+from .sidefiles import side_files
 from .pipeline import dtype_name
 
 ROLES = ("instruct", "tuned")

@@ -42,10 +42,8 @@ from pathlib import Path
 
 from .errors import ShadowMergeError
 from .plan import human_bytes
+from .sidefiles import RECORD, side_files
 
-RECORD = "shadowmerge.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 TMP_TAG = ".shadowmerge-"
 _WRITE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only filesystem",
                  errno.EACCES: "permission denied", errno.EPERM: "permission denied",
@@ -58,13 +56,6 @@ def rewrite_text(path: Path, text: str) -> None:
     new = path.with_name(f".{path.name}.new")
     new.write_text(text, errors="surrogateescape")
     os.replace(new, path)
-
-
-def side_files(folder: Path) -> list[Path]:
-    """Every top-level non-weight file of a model folder (config, tokenizer, templates, README, ...)."""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)
-                  and p.name not in WEIGHT_INDEXES and p.name != RECORD and not p.name.startswith("."))
 
 
 def _umask() -> int:

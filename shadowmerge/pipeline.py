@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, engine
+from . import __version__, engine, hub
 from .checkpoint import Checkpoint
 from .deltas import FullDelta
 from .devices import parse_device
 from .errors import ShadowMergeError
-from .output import OutputFolder, copy_side_files, side_files, write_record
+from .output import OutputFolder, copy_side_files, write_record
 from .plan import Plan, build_plan, human_bytes
 from .progress import bar as progress_bar
 from .writer import ShardWriter, layout, parse_size
@@ -127,15 +127,18 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
         if dry_run:
             return GraftSummary(None, plan.counts(), plan.total_bytes, len(shards), time.perf_counter() - start,
                                 True, plan.warnings, [], plan_text=plan.render(shard_of, len(shards)))
-        need = sum(s.size for s in shards) + sum(p.stat().st_size for p in side_files(inst.folder))
+        need = sum(s.size for s in shards) + inst.side_bytes()
         target = OutputFolder(out, force=force, inputs=[c.folder for c in ckpts], need_bytes=need)
-        with target as tmp, progress_bar(plan.total_bytes, progress, "graft") as bar:
-            writer = ShardWriter(tmp, shards, on_bytes=bar.update)
-            try:
-                stats = engine.run(plan, writer, dev, allow_nonfinite)
-                writer.finish()
-            finally:
-                writer.abort()
+        with target as tmp:
+            for c in ckpts:          # Hub inputs: download what the graft reads, now that everything was checked
+                c.fetch(progress, side=c is inst)
+            with progress_bar(plan.total_bytes, progress, "graft") as bar:
+                writer = ShardWriter(tmp, shards, on_bytes=bar.update)
+                try:
+                    stats = engine.run(plan, writer, dev, allow_nonfinite)
+                    writer.finish()
+                finally:
+                    writer.abort()
             target.digests = writer.digests
             warnings = list(plan.warnings)
             if stats.nonfinite:
@@ -198,6 +201,7 @@ def _record(plan: Plan, source, ckpts, shards, side, out_dtype, shard_bytes, inc
         "inputs": {"instruct": plan.instruct.ref, **source.describe()},
         # absolute folders of the inputs, to re-read them from anywhere (shadowmerge verify --recompute)
         "input_paths": {c.label if c.label != "adapter" else "lora": str(c.folder.absolute()) for c in ckpts},
+        "hub": hub.provenance(ckpts),   # Hub inputs: id, revision asked for, the commit sha it resolved to
         "allow_pickle": allow_pickle,
         "delta": source.kind,
         "alpha": plan.alpha,

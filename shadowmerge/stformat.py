@@ -38,41 +38,43 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def read_header(path, file_size: int) -> tuple[int, dict, dict]:
+def read_header(path, file_size: int, label: str | None = None) -> tuple[int, dict, dict]:
     """Return (data_start, tensors, metadata) of one file; raise on anything malformed or truncated.
 
-    tensors maps name -> (dtype, shape, begin, end) with offsets relative to data_start.
+    tensors maps name -> (dtype, shape, begin, end) with offsets relative to data_start. Errors name
+    the file as `label` (default: its path).
     """
     hint = "re-download or re-save the checkpoint"
+    shown = label or path
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise ShadowMergeError(f"{path}: not a safetensors file (only {len(raw)} bytes); {hint}")
+                raise ShadowMergeError(f"{shown}: not a safetensors file (only {len(raw)} bytes); {hint}")
             (n,) = struct.unpack("<Q", raw)
             if n > MAX_HEADER or 8 + n > file_size:
-                raise ShadowMergeError(f"{path}: corrupt or truncated safetensors header; {hint}")
-            _validate(path, hint)
+                raise ShadowMergeError(f"{shown}: corrupt or truncated safetensors header; {hint}")
+            _validate(path, hint, shown)
             header = json.loads(f.read(n))
     except OSError as exc:
-        raise ShadowMergeError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        raise ShadowMergeError(f"{shown}: cannot be read ({exc.strerror or exc})") from None
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + n
     tensors = {}
     for name, entry in header.items():
         if len(name) > MAX_NAME:
-            raise ShadowMergeError(f"{path}: a tensor name is {len(name)} characters long (at most {MAX_NAME}); "
+            raise ShadowMergeError(f"{shown}: a tensor name is {len(name)} characters long (at most {MAX_NAME}); "
                                    f"this is not a model checkpoint; {hint}")
         dtype = DTYPES.get(entry["dtype"])
         if dtype is None:
-            raise ShadowMergeError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which shadowmerge does not "
+            raise ShadowMergeError(f"{shown}: tensor {name!r} has dtype {entry['dtype']}, which shadowmerge does not "
                                    f"merge (quantized or packed); use a bf16/fp16/fp32 checkpoint")
         begin, end = entry["data_offsets"]
         tensors[name] = (dtype, tuple(entry["shape"]), begin, end)
     return data_start, tensors, metadata
 
 
-def _validate(path, hint: str) -> None:
+def _validate(path, hint: str, shown) -> None:
     """The safetensors library's own header check (it maps the file but reads only the header)."""
     from safetensors import safe_open
 
@@ -87,7 +89,7 @@ def _validate(path, hint: str) -> None:
             what = "corrupt safetensors header"
         else:
             what = "not a valid safetensors file"
-        raise ShadowMergeError(f"{path}: {what} ({reason[:200]}); {hint}") from None
+        raise ShadowMergeError(f"{shown}: {what} ({reason[:200]}); {hint}") from None
 
 
 def build_header(entries: list[tuple[str, torch.dtype, tuple[int, ...], int]],

@@ -19,7 +19,8 @@ import torch
 from . import engine, jsonfile
 from .checkpoint import Checkpoint, TensorStore
 from .errors import ShadowMergeError
-from .output import RECORD, files_under, header_tensors, sha256_file
+from .output import files_under, header_tensors, sha256_file
+from .sidefiles import RECORD
 from .devices import parse_device
 from .pipeline import open_and_plan, parse_dtype
 from .progress import bar as progress_bar

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import hub
 from ..checkpoint import Checkpoint
 from ..devices import parse_device
 from ..errors import ShadowMergeError
@@ -100,11 +101,13 @@ def similarity(base: str | Path | None = None, instruct: str | Path | None = Non
             opened.append(ci)
             ct = None
             if tuned is not None:
-                ct = LoraTuned(cb, tuned, allow_pickle) if is_adapter(tuned) else \
-                    Checkpoint.open(tuned, "tuned", allow_pickle)
+                where = hub.resolve(tuned, allow_pickle)
+                ct = LoraTuned(cb, tuned, allow_pickle, where) if is_adapter(where) else \
+                    Checkpoint(where, "tuned", str(tuned), allow_pickle)
             if ct is not None:
                 opened.append(ct)
             items, result = _compare_names(name, cb, ci, ct)
+            result.hub = hub.provenance([c for c in (cb, ci, ct) if c is not None])
             if not items:
                 raise ShadowMergeError(f"{name}: the base and instruct share no tensor of equal shape; are they one "
                                        f"model family?")
@@ -115,6 +118,8 @@ def similarity(base: str | Path | None = None, instruct: str | Path | None = Non
         if out is not None:
             target = OutputFolder(out, force=force, inputs=[c.folder for c in opened], need_bytes=0)
         total = sum(info.nbytes + b.nbytes + (t.nbytes if t else 0) for items, *_ in plans for _, info, b, t in items)
+        for c in opened:         # Hub inputs: download the weights, now that everything was checked
+            c.fetch(progress)
         with progress_bar(total, progress, "similarity") as bar:
             for items, result, cb, ci, ct in plans:
                 sums = scan(items, cb, ci, ct, on_bytes=bar.update, device=dev)

@@ -95,6 +95,7 @@ class PairResult:
     shape_differs: list[str] = field(default_factory=list)
     not_in_tuned: list[str] = field(default_factory=list)     # compared tensors the tuned model lacks or reshapes
     not_floating: list[str] = field(default_factory=list)     # integer tensors (buffers, quantized weights)
+    hub: dict = field(default_factory=dict)                   # Hub inputs: id, revision, commit sha by role
 
     @property
     def official(self) -> float | None:

@@ -48,7 +48,7 @@ def metrics(s: Sums, tuned: bool) -> dict:
 def pair_dict(p: PairResult, figures: list[str]) -> dict:
     tuned = p.tuned is not None
     return {
-        "name": p.name, "base": p.base, "instruct": p.instruct, "tuned": p.tuned,
+        "name": p.name, "base": p.base, "instruct": p.instruct, "tuned": p.tuned, "hub": p.hub,
         "official_sigma": {"value": p.official, "tensors": p.official_count},
         "weighted_sigma": {"value": p.weighted, "tensors": len(p.rows), "parameters": p.total().numel},
         "towers": {k: metrics(s, tuned) for k, s in p.towers().items()},

@@ -13,25 +13,29 @@ from pathlib import Path
 
 import torch
 
+from .. import hub
 from ..checkpoint import Checkpoint, TensorInfo
 from ..engine import Buffers
 from ..errors import ShadowMergeError
 from ..stformat import itemsize
 
 
-def is_adapter(ref: str | Path) -> bool:
-    return (Path(str(ref)).expanduser() / "adapter_config.json").is_file()
+def is_adapter(where: "Path | hub.Remote") -> bool:
+    """Whether a resolved --tuned (a folder, or a Hub model) is a PEFT adapter rather than a model."""
+    if isinstance(where, hub.Remote):
+        return "adapter_config.json" in where.files and "config.json" not in where.files
+    return (where / "adapter_config.json").is_file()
 
 
 class LoraTuned:
     """Base + a LoRA adapter's update, readable like a Checkpoint (float32 where the adapter changes it)."""
 
-    def __init__(self, base: Checkpoint, ref: str | Path, allow_pickle: bool = False):
+    def __init__(self, base: Checkpoint, ref: str | Path, allow_pickle: bool = False, where=None):
         from ..lora import Adapter, LoraDelta
 
         self.base, self.label = base, "tuned"
-        self.adapter = Adapter.open(ref, allow_pickle)
-        self.ref, self.folder = f"{base.ref} + LoRA {ref}", self.adapter.folder
+        self.adapter = Adapter(where, str(ref), allow_pickle) if where is not None else Adapter.open(ref, allow_pickle)
+        self.ref, self.folder, self.remote = f"{base.ref} + LoRA {ref}", self.adapter.folder, self.adapter.remote
         try:
             self.source = LoraDelta(self.adapter, base, base, flag="--tuned")
         except ShadowMergeError:
@@ -71,6 +75,9 @@ class LoraTuned:
         t = out[: (e1 - e0) * 4].view(torch.float32)
         torch.add(raw.view(b.dtype).float(), delta, out=t)
         return out[: (e1 - e0) * 4]
+
+    def fetch(self, progress: bool = False) -> None:
+        self.adapter.fetch(progress)
 
     def close(self) -> None:
         self.adapter.close()

@@ -83,8 +83,8 @@ class LoraModule:
 class Adapter(TensorStore):
     """A PEFT LoRA adapter folder. Use `Adapter.open(ref)`."""
 
-    def __init__(self, folder: Path, ref: str, allow_pickle: bool = False):
-        super().__init__(folder, "adapter", ref)
+    def __init__(self, where: "Path | hub.Remote", ref: str, allow_pickle: bool = False):
+        super().__init__(where, "adapter", ref)
         self._patterns = Matcher(f"--lora {ref}: {CONFIG}")
         self.config = self._read_config()
         self._check_config()
@@ -178,9 +178,9 @@ class Adapter(TensorStore):
 
     # --- weights --------------------------------------------------------------------------
     def _scan(self, allow_pickle: bool) -> dict[str, TensorInfo]:
-        if (self.folder / WEIGHTS).is_file():
+        if self._has(WEIGHTS):
             return self._scan_safetensors([self.folder / WEIGHTS])
-        if (self.folder / PICKLE).is_file():
+        if self._has(PICKLE):
             if not allow_pickle:
                 raise ShadowMergeError(f"--lora {self.folder}: only pickle weights ({PICKLE}); pass --allow-pickle to "
                                        f"load them with torch.load(weights_only=True), or re-save as safetensors")

@@ -13,11 +13,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, hub
 from ..checkpoint import Checkpoint
 from ..errors import ShadowMergeError
-from ..output import RECORD, OutputFolder
+from ..output import OutputFolder
 from ..plan import build_plan
+from ..sidefiles import RECORD
 from .adapter import CONFIG, Adapter
 from .source import LoraDelta
 
@@ -37,7 +38,7 @@ class RetargetSummary:
 
 
 def retarget(adapter: str | Path, instruct: str | Path, out: str | Path, *, force: bool = False,
-             allow_pickle: bool = False, command: str | None = None) -> RetargetSummary:
+             allow_pickle: bool = False, progress: bool = True, command: str | None = None) -> RetargetSummary:
     """Write a copy of `adapter` whose base model is `instruct`, after checking it fits (headers only)."""
     opened: list = []
     try:
@@ -54,17 +55,20 @@ def retarget(adapter: str | Path, instruct: str | Path, out: str | Path, *, forc
         # Without filters, the plan takes every adapter target or raises: each exists in the Instruct,
         # with the right shape, and none is a head the Instruct ties to its embedding.
         plan = build_plan(inst, LoraDelta(ad, None, inst))
+        ad.fetch(progress, side=True)                       # a Hub adapter: all of it; a Hub Instruct: its headers were enough
+        inst.fetch(weights=False, side=["README.md"])   # for the card's license
         files = [p for p in sorted(ad.folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
-        target_ref = str(inst.folder.absolute()) if Path(str(instruct)).expanduser().exists() else str(instruct)
+        target_ref, pinned = hub.reference(inst)
         folder = OutputFolder(out, force=force, inputs=[ad.folder, inst.folder],
                               need_bytes=sum(p.stat().st_size for p in files))
         with folder as tmp:
             for p in files:
                 shutil.copyfile(p, tmp / p.name)
-            cfg = dict(ad.config, base_model_name_or_path=target_ref)
+            cfg = dict(ad.config, base_model_name_or_path=target_ref, revision=pinned)   # not the Base's revision
             (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
             provenance = {"tool": "shadowmerge lora retarget", "version": __version__, "adapter": str(adapter),
-                          "trained_on": ad.base_model, "retargeted_to": target_ref,
+                          "trained_on": ad.base_model, "retargeted_to": target_ref, "revision": pinned,
+                          "hub": hub.provenance(opened),
                           "weights": "byte-identical copy of the adapter's",
                           "method": "Shadow-FT: the adapter was trained on the Base and is applied to the Instruct"}
             (tmp / RECORD).write_text(json.dumps(provenance, indent=2) + "\n")

@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from ..errors import ShadowMergeError
-from ..output import RECORD, WEIGHT_INDEXES, WEIGHT_SUFFIXES, rewrite_text
+from ..output import rewrite_text
+from ..sidefiles import RECORD, WEIGHT_INDEXES, WEIGHT_SUFFIXES
 
 DATASET = "shadowmerge_data"
 VIEW = "base-model"                      # OUT/llamafactory/base-model: the Base with the Instruct's tokenizer

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__, jsonfile
+from .. import __version__, hub, jsonfile
 from ..checkpoint import Checkpoint
 from ..errors import ShadowMergeError
 from ..output import OutputFolder, rewrite_text
@@ -63,8 +63,7 @@ def _describe(ckpt: Checkpoint) -> dict:
     folder = ckpt.folder.resolve()
     out = {"ref": ckpt.ref, "path": str(folder),
            "config_sha256": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()}
-    if folder.parent.name == "snapshots":
-        out["revision"] = folder.name
+    out.update(hub.provenance([ckpt]).get(ckpt.label, {}))     # a Hub id: repo, revision, sha
     out["weights"] = {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))}
     return out
 
@@ -118,6 +117,8 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
     inst = Checkpoint.open(r["instruct"], "instruct", allow_pickle)
     try:
         checks.check_pair(base, inst)
+        base.fetch(main, side=["generation_config.json"])   # Hub ids: the trainers read whole folders
+        inst.fetch(main, side=True)
         if checks.same_weights(base, inst):
             raise ShadowMergeError(f"--base {r['base']} and --instruct {r['instruct']} hold the same weights (σ = 0): "
                                    f"Shadow-FT trains the Base and grafts onto its Instruct; pass the two models")
@@ -450,7 +451,8 @@ def _final_paths(value, tmp: str, final: str):
 
 def _finalise_record(folder: Path, tmp: Path, final: Path) -> None:
     """A graft record written in the temporary run folder: name the final input folders, seal it again."""
-    from ..output import RECORD, seal
+    from ..output import seal
+    from ..sidefiles import RECORD
 
     path = folder / RECORD
     if not path.is_file():
@@ -462,7 +464,7 @@ def _finalise_record(folder: Path, tmp: Path, final: Path) -> None:
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
-    from ..output import side_files
+    from ..sidefiles import side_files
 
     for p in side_files(src):
         if p.name != "config.json" and not (dst / p.name).exists():

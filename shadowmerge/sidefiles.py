@@ -1,0 +1,24 @@
+"""Side files: the files of a model folder that are not weights (config, tokenizer, chat template, README, ...).
+
+The output of a graft keeps the Instruct's side files; a Hub model's side files are downloaded only
+when they are kept. Both ask the one predicate here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RECORD = "shadowmerge.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def is_side_file(name: str) -> bool:
+    """Whether a top-level file name is a side file: not weights, an index, our record or hidden."""
+    return ("/" not in name and not name.endswith(WEIGHT_SUFFIXES) and name not in WEIGHT_INDEXES
+            and name != RECORD and not name.startswith("."))
+
+
+def side_files(folder: Path) -> list[Path]:
+    """Every top-level side file of a model folder."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_side_file(p.name))

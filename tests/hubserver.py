@@ -1,0 +1,218 @@
+"""A Hub-compatible HTTP server on 127.0.0.1 for tests (huggingface_hub reaches it through HF_ENDPOINT).
+
+It serves what huggingface_hub asks of the real Hub: model info with file sizes
+(`/api/models/ORG/NAME/revision/REV?blobs=true`), files with HEAD and GET under
+`/ORG/NAME/resolve/REV/FILE` (large files answered, as on the Hub, with a 302 to a CDN URL that
+honours Range), branches and commit shas as revisions, gated and private repos (401 with the
+Hub's X-Error-Code unless `Authorization: Bearer TOKEN`). Every request is logged with the bytes
+of each file it sent, so tests can assert what was downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+
+TOKEN = "hf_shadowmerge_test_token"
+LFS = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+@dataclass
+class Sent:
+    method: str
+    path: str
+    repo: str | None = None
+    file: str | None = None
+    start: int = 0
+    nbytes: int = 0
+
+
+@dataclass
+class Repo:
+    refs: dict[str, str] = field(default_factory=dict)               # branch -> commit sha
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    gated: bool = False
+    private: bool = False
+
+
+class FakeHub:
+    """Start with `with FakeHub() as hub:`; `hub.url` is the HF_ENDPOINT."""
+
+    def __init__(self):
+        self.repos: dict[str, Repo] = {}
+        self.log: list[Sent] = []
+        self.blobs: dict[str, tuple[str, str, bytes]] = {}             # sha256 -> (a repo, a file, bytes)
+        self._lock = threading.Lock()
+        self.ignore_range = False          # hostile or broken servers: answer a range request with the whole file
+        self.tamper = False                # ... or serve whole files other than the ranges said
+
+    # --- content ----------------------------------------------------------------------------
+    def add(self, repo_id: str, folder: Path | dict[str, bytes], *, branch: str = "main", gated: bool = False,
+            private: bool = False, extra: dict[str, bytes] | None = None) -> str:
+        """Push the files of a folder (or a dict name -> bytes) as a new commit of branch; return its sha."""
+        if isinstance(folder, dict):
+            files = dict(folder)
+        else:
+            files = {p.relative_to(folder).as_posix(): p.read_bytes()
+                     for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+        files.update(extra or {})
+        repo = self.repos.setdefault(repo_id, Repo())
+        repo.gated, repo.private = gated, private
+        digest = hashlib.sha1(repo_id.encode() + str(len(repo.commits)).encode())
+        for name in sorted(files):
+            digest.update(name.encode() + hashlib.sha256(files[name]).digest())
+        sha = digest.hexdigest()
+        repo.commits[sha], repo.refs[branch] = files, sha
+        for name, data in files.items():
+            self.blobs[hashlib.sha256(data).hexdigest()] = (repo_id, name, data)
+        return sha
+
+    def sent(self, suffix: str = ".safetensors", repo: str | None = None) -> int:
+        """Bytes of files ending in suffix that GET requests returned (headers included)."""
+        return sum(s.nbytes for s in self.log if s.method == "GET" and s.file and s.file.endswith(suffix)
+                   and (repo is None or s.repo == repo))
+
+    def weight_bytes(self, repo: str | None = None) -> int:
+        """Bytes returned from the tensor data of safetensors files (beyond each file's header)."""
+        total = 0
+        for s in self.log:
+            if s.method != "GET" or not s.file or not s.file.endswith(".safetensors") or (repo and s.repo != repo):
+                continue
+            data = next(files[s.file] for files in self.repos[s.repo].commits.values() if s.file in files)
+            header_end = 8 + struct.unpack("<Q", data[:8])[0]
+            total += max(0, s.start + s.nbytes - max(s.start, header_end))
+        return total
+
+    # --- server -----------------------------------------------------------------------------
+    def __enter__(self) -> "FakeHub":
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):       # quiet
+                pass
+
+            def do_HEAD(self):
+                hub._answer(self, head=True)
+
+            def do_GET(self):
+                hub._answer(self, head=False)
+
+        # the Hub, and its CDN on another host (huggingface_hub follows redirects only within the Hub's host)
+        self.servers = [ThreadingHTTPServer((host, 0), Handler) for host in ("127.0.0.1", "127.0.0.2")]
+        self.url, self.cdn = (f"http://{s.server_address[0]}:{s.server_address[1]}" for s in self.servers)
+        for server in self.servers:
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+
+    def _answer(self, h: BaseHTTPRequestHandler, head: bool) -> None:
+        raw = urlsplit(h.path).path
+        entry = Sent("HEAD" if head else "GET", raw)
+        with self._lock:
+            self.log.append(entry)
+        authorized = h.headers.get("Authorization") == f"Bearer {TOKEN}"
+        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", raw):
+            repo_id, rev = unquote(m[1]), unquote(m[2] or "main")
+            repo = self.repos.get(repo_id)
+            if repo is None or (repo.private and not authorized):
+                return self._error(h, 401, "RepoNotFound", "Repository not found")
+            sha = self._commit(repo, rev)
+            if sha is None:
+                return self._error(h, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            files = repo.commits[sha]
+            siblings = [{"rfilename": n, "size": len(d), "blobId": _git_sha1(d),
+                         **({"lfs": {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d), "pointerSize": 134}}
+                            if n.endswith(LFS) else {})} for n, d in sorted(files.items())]
+            body = json.dumps({"_id": sha[:24], "id": repo_id, "modelId": repo_id, "sha": sha,
+                               "private": repo.private, "gated": "manual" if repo.gated else False,
+                               "disabled": False, "downloads": 0, "likes": 0, "tags": [],
+                               "lastModified": "2026-01-01T00:00:00.000Z", "siblings": siblings}).encode()
+            return self._send(h, 200, body, {"Content-Type": "application/json"}, head, entry)
+        if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", raw):
+            repo_id, rev, name = unquote(m[1]), unquote(m[2]), unquote(m[3])
+            repo = self.repos.get(repo_id)
+            if repo is None or (repo.private and not authorized):
+                return self._error(h, 401, "RepoNotFound", "Repository not found")
+            if repo.gated and not authorized:
+                return self._error(h, 401, "GatedRepo", "Access to model is restricted. You must have access "
+                                                        "to it and be authenticated to access it. Please log in.")
+            sha = self._commit(repo, rev)
+            if sha is None:
+                return self._error(h, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            data = repo.commits[sha].get(name)
+            if data is None:
+                return self._error(h, 404, "EntryNotFound", f"{name} does not exist on \"{rev}\"")
+            entry.repo, entry.file = repo_id, name
+            if name.endswith(LFS):       # as the Hub: a redirect to the CDN, the file's facts in X-Linked-*
+                oid = hashlib.sha256(data).hexdigest()
+                where = urlencode({"repo": repo_id, "file": name})     # as a signed URL's query
+                return self._send(h, 302, b"", {"Location": f"{self.cdn}/cdn/{oid}?{where}", "X-Repo-Commit": sha,
+                                                "X-Linked-Etag": f'"{oid}"', "X-Linked-Size": str(len(data)),
+                                                "ETag": f'"{_git_sha1(data)}"'}, head, entry)
+            return self._file(h, data, {"X-Repo-Commit": sha, "ETag": f'"{_git_sha1(data)}"'}, head, entry)
+        if m := re.fullmatch(r"/cdn/([0-9a-f]{64})", raw):
+            if m[1] not in self.blobs:
+                return self._error(h, 404, None, "no such blob")
+            data = self.blobs[m[1]][2]
+            query = parse_qs(urlsplit(h.path).query)
+            entry.repo, entry.file = query["repo"][0], query["file"][0]
+            return self._file(h, data, {"ETag": f'"{m[1]}"'}, head, entry)
+        return self._error(h, 404, None, "not found")
+
+    @staticmethod
+    def _commit(repo: Repo, rev: str) -> str | None:
+        if rev in repo.refs:
+            return repo.refs[rev]
+        return rev if rev in repo.commits else None
+
+    def _file(self, h, data: bytes, headers: dict, head: bool, entry: Sent) -> None:
+        rng = None if self.ignore_range else h.headers.get("Range")
+        if self.tamper and not rng and entry.file.endswith(".safetensors"):
+            data = data[:8] + data[8:].replace(b'"F32"', b'"I32"').replace(b'"BF16"', b'"F16" ')
+        if rng and (m := re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())):
+            start, end = int(m[1]), min(int(m[2]) if m[2] else len(data) - 1, len(data) - 1)
+            if start >= len(data):
+                return self._send(h, 416, b"", {"Content-Range": f"bytes */{len(data)}"}, head, entry)
+            entry.start = start
+            return self._send(h, 206, data[start:end + 1],
+                              {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}, head, entry)
+        return self._send(h, 200, data, headers, head, entry)
+
+    @staticmethod
+    def _error(h, status: int, code: str | None, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        h.send_response(status)
+        if code:
+            h.send_header("X-Error-Code", code)
+        h.send_header("X-Error-Message", message)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if h.command != "HEAD":
+            h.wfile.write(body)
+
+    @staticmethod
+    def _send(h, status: int, body: bytes, headers: dict, head: bool, entry: Sent) -> None:
+        h.send_response(status)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if not head and body:
+            h.wfile.write(body)
+            entry.nbytes = len(body)
+
+
+def _git_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()

@@ -1,0 +1,236 @@
+"""Hub ids, header first: against a Hub-compatible server on 127.0.0.1 (tests/hubserver.py), never the real Hub.
+
+Each run is the real CLI in a subprocess, pointed at the server by HF_ENDPOINT, with its own HF_HOME.
+The server logs every byte it sends, so the tests assert what was downloaded: no weight bytes for a
+dry run or a refused input, only the files a run needs, into the standard cache layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import shadowmerge
+import tinymodels
+from conftest import one_line_error
+from hubserver import TOKEN, FakeHub
+
+SHARDS = ("model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors")
+WEIGHTS = {"model.safetensors.index.json", *SHARDS}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    i, b, t = tinymodels.triple(root / "triple", "llama", torch.bfloat16, "100KB")
+    other = tinymodels.save(tinymodels.build("llama", 0, hidden_size=32, intermediate_size=64), root / "other")
+    t2 = tinymodels.save(tinymodels.perturb(tinymodels.build("llama", 0), 0.05, 9), root / "tuned2", shard="100KB")
+    from adapters import make_adapter
+
+    adapter = make_adapter(b, root / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    return {"instruct": i, "base": b, "tuned": t, "other": other, "tuned2": t2, "adapter": adapter}
+
+
+@pytest.fixture(scope="module")
+def hub(models):
+    with FakeHub() as server:
+        extra = {"pytorch_model.bin": b"never fetched", "original/consolidated.00.pth": b"never fetched"}
+        server.shas = {
+            "inst": server.add("org/inst", models["instruct"], extra=extra),
+            "base": server.add("org/base", models["base"]),
+            "tuned": server.add("org/tuned", models["tuned"]),
+            "other": server.add("org/other", models["other"]),
+            "adapter": server.add("org/adapter", models["adapter"]),
+            "gated": server.add("org/gated-inst", models["instruct"], gated=True),
+            "private": server.add("org/private-inst", models["instruct"], private=True),
+            "v1": server.add("org/tuned-rev", models["tuned"], branch="v1"),
+        }
+        server.shas["main"] = server.add("org/tuned-rev", models["tuned2"])
+        data = (models["other"] / "model.safetensors").read_bytes()
+        server.add("org/truncated", {"config.json": (models["other"] / "config.json").read_bytes(),
+                                     "model.safetensors": data[: len(data) // 2]})
+        yield server
+
+
+def run(hub, home: Path, *args, token: str | None = None, offline: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and "proxy" not in k.lower()}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(home), NO_PROXY="127.0.0.1,127.0.0.2", no_proxy="127.0.0.1,127.0.0.2")
+    if token:
+        env["HF_TOKEN"] = token
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    hub.log.clear()
+    return subprocess.run([sys.executable, "-m", "shadowmerge", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=home.parent)
+
+
+def snapshot(home: Path, repo: str, sha: str) -> Path:
+    return home / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / sha
+
+
+def files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
+
+
+GRAFT = ("graft", "--instruct", "org/inst", "--base", "org/base", "--tuned", "org/tuned")
+
+
+def test_dry_run_reads_headers_only(hub, tmp_path):
+    home = tmp_path / "hf"
+    res = run(hub, home, *GRAFT, "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert "model.layers.1.self_attn.q_proj.weight" in res.stdout
+    assert hub.weight_bytes() == 0, "a dry run downloaded tensor data"
+    ranges = {(s.repo, s.file, s.start) for s in hub.log if s.method == "GET" and s.file and s.file.endswith(".safetensors")
+              and s.nbytes}
+    assert {start for *_, start in ranges} == {0, 8} and len(ranges) == 3 * 2 * len(SHARDS)   # length, then header
+    for repo in ("inst", "base", "tuned"):
+        assert files(snapshot(home, f"org/{repo}", hub.shas[repo])) == {"config.json", "model.safetensors.index.json"}
+    assert not any(s.file and s.file.endswith((".bin", ".pth")) for s in hub.log)
+
+
+def test_graft_from_hub_ids_is_the_local_graft(hub, models, tmp_path):
+    home, out = tmp_path / "hf", tmp_path / "out"
+    res = run(hub, home, *GRAFT, "--out", out)
+    assert res.returncode == 0, res.stderr
+    assert "download instruct org/inst" in res.stderr                    # one progress bar per model, in bytes
+    shadowmerge.graft(models["instruct"], models["base"], models["tuned"], tmp_path / "local", progress=False)
+    got, want = tinymodels.state(out), tinymodels.state(tmp_path / "local")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    record = json.loads((out / "shadowmerge.json").read_text())
+    assert record["inputs"]["instruct"] == "org/inst"
+    assert record["hub"] == {role: {"repo": f"org/{repo}", "revision": "main", "sha": hub.shas[repo]}
+                             for role, repo in (("instruct", "inst"), ("base", "base"), ("tuned", "tuned"))}
+    # the standard cache: refs/main -> sha, snapshots/<sha>/<file> -> ../../blobs/<hash>
+    repo_dir = home / "hub" / "models--org--base"
+    assert (repo_dir / "refs" / "main").read_text() == hub.shas["base"]
+    shard = snapshot(home, "org/base", hub.shas["base"]) / SHARDS[0]
+    assert shard.is_symlink() and shard.resolve().parent == (repo_dir / "blobs").resolve()
+    # only what the graft needs: the Base's and the tuned model's weights and config; the Instruct's side files too
+    assert files(snapshot(home, "org/base", hub.shas["base"])) == {"config.json", *WEIGHTS}
+    inst_files = files(snapshot(home, "org/inst", hub.shas["inst"]))
+    assert {"tokenizer_config.json", "chat_template.jinja", "generation_config.json"} <= inst_files
+    assert not inst_files & {"pytorch_model.bin", "original/consolidated.00.pth"}
+    assert (out / "chat_template.jinja").read_text() == "<instruct>"
+    assert not any(s.file and s.file.endswith((".bin", ".pth")) for s in hub.log)
+    # verify --recompute re-reads the inputs from the cache
+    check = run(hub, home, "verify", out, "--recompute", "-q")
+    assert check.returncode == 0, check.stderr
+    # quiet: no progress bars, and the weights already cached are not downloaded again
+    again = run(hub, home, *GRAFT, "--out", tmp_path / "again", "-q")
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+    assert hub.sent() == 0
+
+
+def test_revision_pins_a_commit(hub, models, tmp_path):
+    home = tmp_path / "hf"
+    res = run(hub, home, "graft", "--instruct", "org/inst", "--base", "org/base", "--tuned", "org/tuned-rev@v1",
+              "--out", tmp_path / "v1", "-q")
+    assert res.returncode == 0, res.stderr
+    record = json.loads((tmp_path / "v1" / "shadowmerge.json").read_text())
+    assert record["hub"]["tuned"] == {"repo": "org/tuned-rev", "revision": "v1", "sha": hub.shas["v1"]}
+    shadowmerge.graft(models["instruct"], models["base"], models["tuned"], tmp_path / "local", progress=False)
+    got, want = tinymodels.state(tmp_path / "v1"), tinymodels.state(tmp_path / "local")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # main is another commit (other weights); a commit sha pins it too
+    res = run(hub, home, "similarity", "--base", "org/tuned-rev", "--instruct", f"org/tuned-rev@{hub.shas['v1']}",
+              "--out", tmp_path / "sim", "-q")
+    assert res.returncode == 0, res.stderr
+    pair = json.loads((tmp_path / "sim" / "report.json").read_text())["pairs"][0]
+    assert pair["hub"]["base"]["sha"] == hub.shas["main"] and pair["hub"]["instruct"]["sha"] == hub.shas["v1"]
+    assert pair["weighted_sigma"]["value"] > 0
+
+
+@pytest.mark.parametrize("args, expect", [
+    (("--instruct", "org/gated-inst"), "org/gated-inst is a gated model: accept its terms"),
+    (("--instruct", "org/private-inst"), "no such model on the Hugging Face Hub, or it is private"),
+    (("--instruct", "org/no-such-model"), "no such model on the Hugging Face Hub"),
+    (("--instruct", "org/inst@nope"), "the Hub has no revision 'nope'"),
+    (("--instruct", "org/inst@"), "is not a revision"),
+    (("--instruct", "org/inst", "--base", "org/other"), "shape"),
+    (("--instruct", "org/inst", "--base", "org/truncated"), "org/truncated: model.safetensors"),
+], ids=["gated", "private", "unknown", "revision", "empty-revision", "refused-shapes", "truncated"])
+def test_errors_before_any_weight_byte(hub, tmp_path, args, expect):
+    home = tmp_path / "hf"
+    given = dict(zip(args[::2], args[1::2]))
+    full = {"--instruct": "org/inst", "--base": "org/base", "--tuned": "org/tuned", **given}
+    res = run(hub, home, "graft", *[x for kv in full.items() for x in kv], "--out", tmp_path / "out", "-q")
+    assert res.returncode == 1, res.stderr
+    line = one_line_error(res.stderr, expect)
+    assert "hf auth login" in line or "gated" not in expect
+    assert hub.weight_bytes() == 0 and not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_gated_and_private_with_a_token(hub, tmp_path):
+    for repo in ("org/gated-inst", "org/private-inst"):
+        res = run(hub, tmp_path / "hf", "graft", "--instruct", repo, "--base", "org/base", "--tuned", "org/tuned",
+                  "--dry-run", token=TOKEN)
+        assert res.returncode == 0, res.stderr
+        assert hub.weight_bytes() == 0
+
+
+def test_offline_uses_the_cache(hub, tmp_path):
+    home = tmp_path / "hf"
+    assert run(hub, home, *GRAFT, "--dry-run").returncode == 0             # headers only in the cache
+    res = run(hub, home, *GRAFT, "--out", tmp_path / "out", offline=True)
+    assert res.returncode == 1 and not hub.log
+    one_line_error(res.stderr, "org/inst: only its headers are in the Hugging Face cache")
+    assert run(hub, home, *GRAFT, "--out", tmp_path / "online", "-q").returncode == 0
+    res = run(hub, home, *GRAFT, "--out", tmp_path / "out", "-q", offline=True)
+    assert res.returncode == 0 and not hub.log, res.stderr
+    record = json.loads((tmp_path / "out" / "shadowmerge.json").read_text())
+    assert record["hub"]["base"] == {"repo": "org/base", "revision": "main", "sha": hub.shas["base"]}
+    res = run(hub, home, "graft", "--instruct", "org/not-cached", "--base", "org/base", "--tuned", "org/tuned",
+              "--out", tmp_path / "x", offline=True)
+    one_line_error(res.stderr, "cannot be reached")
+
+
+def test_retarget_onto_a_hub_instruct_reads_headers_only(hub, models, tmp_path):
+    home = tmp_path / "hf"
+    res = run(hub, home, "lora", "retarget", "org/adapter", "--instruct", "org/inst", "--out", tmp_path / "a", "-q")
+    assert res.returncode == 0, res.stderr
+    assert hub.weight_bytes("org/inst") == 0 and hub.sent(repo="org/adapter") > 0
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "org/inst" and cfg["revision"] is None
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == \
+        (models["adapter"] / "adapter_model.safetensors").read_bytes()
+    sha = hub.shas["inst"]
+    res = run(hub, home, "lora", "retarget", models["adapter"], "--instruct", f"org/inst@{sha}", "--out",
+              tmp_path / "b", "-q")
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "org/inst" and cfg["revision"] == sha
+
+
+def test_graft_a_hub_adapter(hub, models, tmp_path):
+    res = run(hub, tmp_path / "hf", "graft", "--instruct", "org/inst", "--lora", "org/adapter", "--out",
+              tmp_path / "out", "-q")
+    assert res.returncode == 0, res.stderr
+    shadowmerge.graft(models["instruct"], out=tmp_path / "local", lora=models["adapter"], progress=False)
+    got, want = tinymodels.state(tmp_path / "out"), tinymodels.state(tmp_path / "local")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((tmp_path / "out" / "shadowmerge.json").read_text())["hub"]["lora"]["sha"] == hub.shas["adapter"]
+
+
+@pytest.mark.parametrize("fault, expect", [
+    ("ignore_range", "not 206; it cannot be read header first"),
+    ("tamper", "differs from the header read before"),
+])
+def test_a_server_that_breaks_its_word(hub, tmp_path, fault, expect):
+    """A server that ignores Range is refused before it sends a file; one whose files differ from the headers it
+    served is caught before any byte of them is used."""
+    setattr(hub, fault, True)
+    try:
+        res = run(hub, tmp_path / "hf", *GRAFT, "--out", tmp_path / "out", "-q")
+    finally:
+        setattr(hub, fault, False)
+    assert res.returncode == 1
+    one_line_error(res.stderr, expect)
+    assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
