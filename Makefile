@@ -41,6 +41,7 @@ bench: $(VENV)/.ready
 	$(PY) benchmarks/bench_lora.py --markdown benchmarks/last-run-lora.md
 	$(PY) benchmarks/bench_similarity.py --markdown benchmarks/last-run-similarity.md
 	$(PY) benchmarks/bench_memory.py --markdown benchmarks/last-run-memory.md
+	$(PY) benchmarks/bench_extract.py --markdown benchmarks/last-run-extract.md
 
 clean:
 	rm -rf $(VENV) $(LF_VENV) .demo demo-output benchmarks/work

@@ -316,7 +316,7 @@ def extract(base, tuned, out, rank, energy, max_rank, for_instruct, others, forc
 
     click.echo(str(run_extract(base, tuned, out, rank=rank, energy=energy, max_rank=max_rank,
                                for_instruct=for_instruct, others=others, force=force, allow_pickle=allow_pickle,
-                               progress=not quiet)))
+                               progress=not quiet, command=_command())))
 
 
 @main.command(context_settings={"max_content_width": 100})

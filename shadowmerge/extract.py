@@ -11,14 +11,18 @@ singular values themselves and are recorded per module.
 Other changed tensors (embeddings, head, norms, biases) are dropped by default and their share of
 the update is recorded; `--others copy` carries embeddings, head and norms as peft `modules_to_save`
 full copies (the tuned Base's values, or, with --for-instruct, the Instruct's plus the update).
-Tensors are read one at a time: memory holds one ΔW and its SVD. Written by hand: peft builds
-adapters only around live models, and mergekit's extractor is LGPL (imported, never copied).
+Tensors are read one at a time and each result is appended to a spool file as it is made, so memory
+holds one ΔW and its SVD, never the adapter; the safetensors file is assembled from the spool at
+the end (its header needs every shape, and with --energy a rank is known only after its SVD).
+Written by hand: peft builds adapters only around live models, and mergekit's extractor is LGPL
+(imported, never copied).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +32,10 @@ import torch
 from . import hub
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import ShadowMergeError
+from .names import disk_to_memory, meta_model
 from .output import OutputFolder
 from .progress import bar as progress_bar
+from .stformat import build_header
 
 OTHERS = ("drop", "copy")
 _NOT_LORA = re.compile(r"(^|\.)(embed_tokens|embed_positions|wte|wpe|word_embeddings|lm_head|embed_out|output)\.weight$")
@@ -77,7 +83,7 @@ def _rank(s: torch.Tensor, rank: int | None, energy: float | None, max_rank: int
 def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int | None = None,
             energy: float | None = None, max_rank: int = 256, for_instruct: str | Path | None = None,
             others: str = "drop", force: bool = False, allow_pickle: bool = False,
-            progress: bool = True) -> ExtractSummary:
+            progress: bool = True, command: str | None = None) -> ExtractSummary:
     if (rank is None) == (energy is None):
         raise ShadowMergeError("give one of --rank R or --energy E (e.g. --energy 0.99)")
     if rank is not None and rank < 1:
@@ -99,21 +105,23 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
         target = OutputFolder(out, force=force, inputs=[c.folder for c in opened], need_bytes=0,
                               record="extract.json")
         summary = ExtractSummary(target.target)
-        state: dict[str, torch.Tensor] = {}
         ranks: dict[str, int] = {}
         keep: set[str] = set()
-        with target as tmp:
+        with target as tmp, _Spool(tmp / ".adapter.spool") as state:
+            applied_to = inst if inst is not None else b
             for c in opened:           # Hub inputs: download the weights, now that everything was checked
-                c.fetch(progress)
+                c.fetch(progress, side=["README.md"] if c is applied_to else False)
             with progress_bar(sum(t.tensors[n].nbytes + b.tensors[n].nbytes for n in names), progress,
                               "extract") as bar:
-                _extract(names, b, t, inst, (rank, energy, max_rank, others), summary, state, ranks, keep, bar)
+                _extract(names, b, t, inst, (rank, energy, max_rank, others), summary, state, ranks, keep, bar,
+                         disk_to_memory(applied_to.folder, names), meta_model(applied_to.folder, names))
             if not ranks:
                 raise ShadowMergeError(f"--tuned {tuned}: no linear weight differs from --base {base}; there is no "
                                        f"update to extract")
-            _write(tmp, state, ranks, sorted(keep), *hub.reference(inst if inst is not None else b))
+            _write(tmp, state, ranks, sorted(keep), *hub.reference(applied_to))
             summary.seconds = time.perf_counter() - start
             _report(tmp, summary, opened, rank, energy, max_rank, others)
+            _card(tmp, summary, applied_to, base, tuned, rank, energy, others, command)
             target.commit()
         return summary
     finally:
@@ -121,8 +129,14 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
             c.close()
 
 
-def _extract(names, b, t, inst, settings, summary, state, ranks, keep, bar) -> None:
-    """Each tensor in turn: a linear weight's ΔW as its truncated SVD; other changes dropped or copied."""
+def _extract(names, b, t, inst, settings, summary, state, ranks, keep, bar, memory: dict, model) -> None:
+    """Each tensor in turn: a linear weight's ΔW as its truncated SVD; other changes dropped or copied.
+
+    Keys are the loaded model's names, which peft sees (`memory`: names.disk_to_memory; vision-language
+    checkpoints are renamed on load); a changed tensor that transformers converts on load (fuses, splits)
+    cannot be one LoRA target or copy and is refused. Where transformers can build the model (on the meta
+    device, `model`), only nn.Linear modules become LoRA targets (an nn.Embedding is an embedding, a
+    transposed GPT-2 Conv1D is left to --others); otherwise the names decide."""
     rank, energy, max_rank, others = settings
     for name in names:
         bar.update(t.tensors[name].nbytes + b.tensors[name].nbytes)
@@ -131,28 +145,46 @@ def _extract(names, b, t, inst, settings, summary, state, ranks, keep, bar) -> N
         norm = float(delta.double().norm())
         if norm == 0.0:
             continue
-        module = name[: -len(".weight")] if name.endswith(".weight") else name
-        if delta.dim() == 2 and name.endswith(".weight") and not _NOT_LORA.search(name):
+        how = memory.get(name)
+        if how is not None and how.converter is not None:
+            raise ShadowMergeError(f"{name} changed, and it is converted when the model loads ({how.memory}): such "
+                                   f"tensors are not extracted yet; graft the full update with shadowmerge graft "
+                                   f"--base --tuned instead")
+        loaded = how.memory if how is not None else name
+        module = loaded[: -len(".weight")] if loaded.endswith(".weight") else loaded
+        if delta.dim() == 2 and name.endswith(".weight") and not _NOT_LORA.search(name) and _linear(model, module):
             u, s, vh = torch.linalg.svd(delta, full_matrices=False)
             r = _rank(s, rank, energy, max_rank)
             root = s[:r].sqrt()
-            state[f"base_model.model.{module}.lora_A.weight"] = (root[:, None] * vh[:r]).contiguous()
-            state[f"base_model.model.{module}.lora_B.weight"] = (u[:, :r] * root[None, :]).contiguous()
+            state.add(f"base_model.model.{module}.lora_A.weight", root[:, None] * vh[:r])
+            state.add(f"base_model.model.{module}.lora_B.weight", u[:, :r] * root[None, :])
             power = s.double() ** 2
             kept = float(power[:r].sum() / power.sum())
             ranks[module] = r
-            summary.modules.append({"module": module, "shape": list(delta.shape), "rank": r,
+            summary.modules.append({"module": module, "tensor": name, "shape": list(delta.shape), "rank": r,
                                     "rel_error": max(0.0, 1.0 - kept) ** 0.5, "energy": kept,
                                     "update_norm": norm})
             continue
         copyable = others == "copy" and name.endswith(".weight") and (
-            _NOT_LORA.search(name) or delta.dim() == 1)
+            _NOT_LORA.search(name) or delta.dim() == 1 or _is(model, module, torch.nn.Embedding))
         summary.others.append({"tensor": name, "shape": list(delta.shape), "update_norm": norm,
                                "kept": bool(copyable)})
         if copyable:
             full = (_read(inst, inst.tensors[name]) + delta) if inst is not None else tuned_value
-            state[f"base_model.model.{name}"] = full.to(t.tensors[name].dtype).contiguous()
+            state.add(f"base_model.model.{loaded}", full.to(t.tensors[name].dtype))
             keep.add(module)
+
+
+def _is(model, module: str, kind: type) -> bool:
+    try:
+        return model is not None and isinstance(model.get_submodule(module), kind)
+    except AttributeError:
+        return False
+
+
+def _linear(model, module: str) -> bool:
+    """Whether a module is an nn.Linear of the loaded model (True when the model is unknown: names decided)."""
+    return model is None or _is(model, module, torch.nn.Linear)
 
 
 def _check(b: Checkpoint, t: Checkpoint, inst: Checkpoint | None) -> list[str]:
@@ -165,7 +197,7 @@ def _check(b: Checkpoint, t: Checkpoint, inst: Checkpoint | None) -> list[str]:
         if tuple(t.tensors[name].shape) != tuple(info.shape):
             raise ShadowMergeError(f"{name}: base {list(info.shape)}, tuned {list(t.tensors[name].shape)}; pass the "
                                    f"tuned model and the Base it was trained from")
-        if info.dtype.is_floating_point and len(info.shape) > 2:
+        if info.dtype.is_floating_point and len(info.shape) > 2 and "expert" in name:
             raise ShadowMergeError(f"{name} has shape {list(info.shape)}: fused expert tensors are not extracted yet; "
                                    f"graft the full update with shadowmerge graft --base --tuned instead")
         if inst is not None and (name not in inst.tensors or tuple(inst.tensors[name].shape) != tuple(info.shape)):
@@ -174,9 +206,38 @@ def _check(b: Checkpoint, t: Checkpoint, inst: Checkpoint | None) -> list[str]:
     return [n for n, i in b.tensors.items() if i.dtype.is_floating_point]
 
 
-def _write(tmp: Path, state: dict, ranks: dict[str, int], keep: list[str], model: str, revision: str | None) -> None:
-    from safetensors.torch import save_file
+class _Spool:
+    """Tensors appended to a file as they are made; `finish` writes them as one safetensors file."""
 
+    def __init__(self, path: Path):
+        self.path, self.entries = path, []
+
+    def __enter__(self) -> "_Spool":
+        self.file = open(self.path, "w+b")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.file.closed:
+            self.file.close()
+            self.path.unlink(missing_ok=True)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        flat = tensor.contiguous().reshape(-1)
+        self.file.write(memoryview(flat.view(torch.uint8).numpy()))
+        self.entries.append((name, flat.dtype, tuple(tensor.shape), flat.numel() * flat.element_size()))
+
+    def finish(self, path: Path, metadata: dict[str, str]) -> None:
+        header, _ = build_header(self.entries, metadata)
+        self.file.flush()
+        with open(path, "wb") as out:
+            out.write(header)
+            self.file.seek(0)
+            shutil.copyfileobj(self.file, out, 16 << 20)
+        self.__exit__()          # the spool is not part of the output
+
+
+def _write(tmp: Path, state: _Spool, ranks: dict[str, int], keep: list[str], model: str,
+           revision: str | None) -> None:
     default = max(set(ranks.values()), key=list(ranks.values()).count)
     pattern = {re.escape(m): r for m, r in ranks.items() if r != default}
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model,
@@ -186,7 +247,27 @@ def _write(tmp: Path, state: dict, ranks: dict[str, int], keep: list[str], model
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "init_lora_weights": True, "inference_mode": True}
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    state.finish(tmp / "adapter_model.safetensors", {"format": "pt"})
+
+
+def _card(tmp: Path, summary: ExtractSummary, applied_to: Checkpoint, base, tuned, rank, energy, others,
+          command: str | None) -> None:
+    """The adapter's own card: base_model is the model it loads onto (the Instruct with --for-instruct)."""
+    from . import card
+
+    ranks = sorted({m["rank"] for m in summary.modules})
+    worst = max(m["rel_error"] for m in summary.modules)
+    onto = "its Instruct sibling" if applied_to.label == "instruct" else "the Base"
+    card.write(tmp, title=f"The update of {Path(str(tuned)).name} as a LoRA adapter for {Path(applied_to.ref).name}",
+               made_from={"loads onto": applied_to.ref, "Base": str(base), "tuned Base": str(tuned)},
+               relation="adapter", license_from=applied_to.folder, library="peft",
+               what=f"The update of a full fine-tune of a Base model (tuned − Base), extracted as a LoRA adapter "
+                    f"by truncated SVD per linear module (`shadowmerge extract`), for {onto}. "
+                    f"`extract.json` gives each module's rank and relative error ‖ΔW − BA‖/‖ΔW‖.",
+               command=command or card.command_line(None),
+               details={"rank": rank if rank is not None else f"energy {energy} (ranks {ranks[0]}–{ranks[-1]})",
+                        "modules": len(summary.modules), "largest relative error": f"{worst:.4g}",
+                        "other changed tensors": others})
 
 
 def _report(tmp: Path, summary: ExtractSummary, opened: list[Checkpoint], rank, energy, max_rank, others) -> None:

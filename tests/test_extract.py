@@ -9,6 +9,7 @@ import torch
 
 import shadowmerge
 from conftest import run_bad
+import tinymodels
 from tinymodels import state
 
 
@@ -51,6 +52,8 @@ def test_rank_r_adapter_is_the_svd_truncation_and_peft_merges_it(f32_triple, cli
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(inst) and cfg["r"] == cfg["lora_alpha"] == 8
     assert (out / "extract.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                     "extract.json", "extract.png"]    # the spool is gone
 
 
 def test_full_rank_with_copies_reproduces_the_three_way_graft(f32_triple, cli, tmp_path):
@@ -138,3 +141,29 @@ def test_copies_without_an_instruct_are_the_tuned_values(f32_triple, cli, tmp_pa
     T, merged = state(tuned), peft_merged(base, out)
     for name in ("model.norm.weight", "model.embed_tokens.weight", "lm_head.weight"):
         assert torch.equal(merged[name], T[name]), name
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_vision_language_update_uses_the_loaded_names(family, cli, tmp_path):
+    """Vision-language checkpoints are renamed when they load; the adapter uses the loaded names, so peft applies
+    it to the Instruct (the language model's and the vision tower's linear layers) as the SVD says."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    inst, base = tinymodels.vlm_triple(tmp_path, family, torch.float32)
+    tuned = tinymodels.save(tinymodels.perturb(tinymodels.perturb(tinymodels.build_vlm(family), 0.02, 1), 0.01, 2),
+                            tmp_path / "tuned", torch.float32)
+    res = cli("extract", "--base", base, "--tuned", tuned, "--rank", "4", "--for-instruct", inst,
+              "--out", tmp_path / "lora", "-q")
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "lora" / "extract.json").read_text())
+    assert any(m["module"] + ".weight" != m["tensor"] for m in record["modules"]), "nothing was renamed"
+    model = AutoModelForImageTextToText.from_pretrained(inst, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = PeftModel.from_pretrained(model, tmp_path / "lora").merge_and_unload().state_dict()
+    B, T = tinymodels.state(base), tinymodels.state(tuned)
+    for m in record["modules"]:
+        key, delta = m["module"] + ".weight", T[m["tensor"]] - B[m["tensor"]]
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        torch.testing.assert_close(merged[key], before[key] + u[:, :4] @ torch.diag(s[:4]) @ vh[:4], rtol=0, atol=1e-5)
+    assert len(record["modules"]) > 10

@@ -234,3 +234,19 @@ def test_a_server_that_breaks_its_word(hub, tmp_path, fault, expect):
     assert res.returncode == 1
     one_line_error(res.stderr, expect)
     assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_extract_for_a_hub_instruct(hub, tmp_path):
+    sha = hub.shas["inst"]
+    res = run(hub, tmp_path / "hf", "extract", "--base", "org/base", "--tuned", "org/tuned", "--rank", "4",
+              "--for-instruct", f"org/inst@{sha}", "--out", tmp_path / "lora", "-q")
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "org/inst" and cfg["revision"] == sha
+    record = json.loads((tmp_path / "lora" / "extract.json").read_text())
+    assert record["hub"]["instruct"] == {"repo": "org/inst", "revision": sha, "sha": sha}
+    assert record["hub"]["tuned"]["sha"] == hub.shas["tuned"]
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "lora" / "README.md")
+    assert card.data.base_model == ["org/inst", "org/base", "org/tuned"] and card.data.library_name == "peft"
