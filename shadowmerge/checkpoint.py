@@ -88,9 +88,10 @@ class TensorStore:
         if self.remote is None or path.is_file():
             start, header, _ = read_header(path, path.stat().st_size)
             return start, header
-        with self.remote.header_file(path.name) as (stand_in, size):
-            start, header, _ = read_header(stand_in, size, label=f"{self.label} {self.remote.name}: {path.name}")
-        self._remote_headers[path.name] = (start, header)
+        name = path.relative_to(self.folder).as_posix()      # an index may name shards in a subfolder
+        with self.remote.header_file(name) as (stand_in, size):
+            start, header, _ = read_header(stand_in, size, label=f"{self.label} {self.remote.name}: {name}")
+        self._remote_headers[name] = (start, header)
         return start, header
 
     def _scan_safetensors(self, files: list[Path]) -> dict[str, TensorInfo]:
@@ -108,7 +109,8 @@ class TensorStore:
             tensors[info.name] = info
         weight_map = self._weight_map
         if weight_map is not None:
-            wrong = [n for n, f in weight_map.items() if n not in tensors or tensors[n].file.name != f]
+            wrong = [n for n, f in weight_map.items()
+                     if n not in tensors or tensors[n].file != self.folder / f]     # shards may be in subfolders
             if wrong:
                 raise ShadowMergeError(f"{self.label} {self.folder / INDEX} disagrees with the shard headers "
                                        f"about {len(wrong)} tensor(s), e.g. {wrong[0]!r}; re-save the model")
@@ -153,7 +155,8 @@ class TensorStore:
         remote = self.remote
         if remote is None:
             return
-        weights = sorted({t.file.name for t in self.tensors.values() if t.offset is not None}) if weights else []
+        weights = sorted({t.file.relative_to(self.folder).as_posix() for t in self.tensors.values()
+                          if t.offset is not None}) if weights else []
         extra = ([n for n in self._names() if is_side_file(n)] if side is True else
                  [n for n in side or () if self._has(n)])
         remote.download(weights + extra, progress, f"download {self.label} {remote.name}")

@@ -52,10 +52,20 @@ def hub(models):
             "v1": server.add("org/tuned-rev", models["tuned"], branch="v1"),
         }
         server.shas["main"] = server.add("org/tuned-rev", models["tuned2"])
+        sub = {n: d for n, d in _files(models["tuned"]).items() if not n.endswith(".safetensors")}
+        index = json.loads(sub["model.safetensors.index.json"])
+        index["weight_map"] = {k: f"weights/{v}" for k, v in index["weight_map"].items()}
+        sub["model.safetensors.index.json"] = json.dumps(index).encode()
+        sub.update({f"weights/{n}": d for n, d in _files(models["tuned"]).items() if n.endswith(".safetensors")})
+        server.shas["sub"] = server.add("org/tuned-sub", sub)
         data = (models["other"] / "model.safetensors").read_bytes()
         server.add("org/truncated", {"config.json": (models["other"] / "config.json").read_bytes(),
                                      "model.safetensors": data[: len(data) // 2]})
         yield server
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
 def run(hub, home: Path, *args, token: str | None = None, offline: bool = False) -> subprocess.CompletedProcess:
@@ -250,3 +260,15 @@ def test_extract_for_a_hub_instruct(hub, tmp_path):
 
     card = ModelCard.load(tmp_path / "lora" / "README.md")
     assert card.data.base_model == ["org/inst", "org/base", "org/tuned"] and card.data.library_name == "peft"
+
+
+def test_shards_in_a_subfolder(hub, models, tmp_path):
+    """An index may name shards in a subfolder: their headers and files are fetched by their full names."""
+    res = run(hub, tmp_path / "hf", "graft", "--instruct", "org/inst", "--base", "org/base", "--tuned",
+              "org/tuned-sub", "--out", tmp_path / "out", "-q")
+    assert res.returncode == 0, res.stderr
+    assert {s.file for s in hub.log if s.repo == "org/tuned-sub" and s.file.endswith(".safetensors")} == \
+        {f"weights/{n}" for n in SHARDS}
+    shadowmerge.graft(models["instruct"], models["base"], models["tuned"], tmp_path / "local", progress=False)
+    got, want = tinymodels.state(tmp_path / "out"), tinymodels.state(tmp_path / "local")
+    assert all(torch.equal(got[k], want[k]) for k in want)
