@@ -217,6 +217,10 @@ class _Spool:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close and remove the spool (it is never part of the output)."""
         if not self.file.closed:
             self.file.close()
             self.path.unlink(missing_ok=True)
@@ -233,7 +237,7 @@ class _Spool:
             out.write(header)
             self.file.seek(0)
             shutil.copyfileobj(self.file, out, 16 << 20)
-        self.__exit__()          # the spool is not part of the output
+        self.close()
 
 
 def _write(tmp: Path, state: _Spool, ranks: dict[str, int], keep: list[str], model: str,

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from . import jsonfile
 from .errors import ShadowMergeError
+from .stformat import MAX_HEADER
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REVISION = re.compile(r"^[\w.][\w./-]{0,254}$")
@@ -34,7 +35,6 @@ _REVISION = re.compile(r"^[\w.][\w./-]{0,254}$")
 _NEVER = ("*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.onnx", "*.ot", "*.tflite", "original/*")
 # Small JSON files every check needs: fetched when a Hub id is opened.
 METADATA = ("config.json", "adapter_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
-MAX_HEADER = 100 * 1024 * 1024   # safetensors' own limit
 _TIMEOUT = 60.0                  # seconds without data before a request fails (never a hang)
 
 
@@ -130,14 +130,13 @@ def _from_cache(repo: str, revision: str | None, why: BaseException) -> Path:
 
 
 def _has_weights(folder: Path) -> bool:
-    import json
-
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
-        except (ValueError, AttributeError, OSError):
+            weight_map = jsonfile.load(index, "index").get("weight_map")
+        except ShadowMergeError:
             return True            # the checkpoint reader says what is wrong with it
+        shards = weight_map.values() if isinstance(weight_map, dict) else ()
         return all((folder / s).is_file() for s in shards if isinstance(s, str))
     return any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir())
 
@@ -158,7 +157,7 @@ class Remote:
 
     def describe(self) -> dict:
         """For run records: the id, the revision asked for, and the commit it resolved to."""
-        return {"repo": self.repo, "revision": self.revision or "main", "sha": self.sha}
+        return _described(self.repo, self.revision, self.sha)
 
     @classmethod
     def open(cls, repo: str, revision: str | None, allow_pickle: bool = False) -> "Path | Remote":
@@ -195,7 +194,7 @@ class Remote:
         remote.download([f for f in METADATA if f in files], progress=False)
         return remote
 
-    def download(self, names: list[str], progress: bool, what: str = "download") -> None:
+    def download(self, names: list[str], progress: bool, desc: str | None = None) -> None:
         """Download files of this commit into the cache (those already there are not fetched again)."""
         from huggingface_hub import hf_hub_download
 
@@ -206,7 +205,7 @@ class Remote:
         from .progress import bar
 
         total = sum(self.files.get(n) or 0 for n in todo)
-        with bar(total, progress, f"download {self.repo}" if what == "download" else what) as shown:
+        with bar(total, progress, desc or f"download {self.repo}") as shown:
             forward = _forwarding(shown)
             lock = threading.Lock()
 
@@ -337,8 +336,12 @@ def provenance(stores) -> dict:
         if store.remote is not None:
             out[role] = store.remote.describe()
         elif (sha := _hub_id_in_cache(store)) is not None:
-            out[role] = {"repo": split_ref(store.ref)[0], "revision": split_ref(store.ref)[1] or "main", "sha": sha}
+            out[role] = _described(*split_ref(store.ref), sha)
     return out
+
+
+def _described(repo: str, revision: str | None, sha: str) -> dict:
+    return {"repo": repo, "revision": revision or "main", "sha": sha}
 
 
 def cache_revision(folder: Path) -> str | None:

@@ -19,8 +19,8 @@ from . import __version__, yamlfile
 from .checkpoint import Checkpoint
 from .errors import ShadowMergeError
 from .output import OutputFolder, copy_side_files, make_readable, write_record
-from .sidefiles import side_files
 from .pipeline import dtype_name
+from .sidefiles import side_files
 
 ROLES = ("instruct", "tuned")
 _KEEP = ("mergekit_config.yml",)     # mergekit's own account of the merge (its README is replaced by our card)

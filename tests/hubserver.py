@@ -52,6 +52,9 @@ class FakeHub:
         self._lock = threading.Lock()
         self.ignore_range = False          # hostile or broken servers: answer a range request with the whole file
         self.tamper = False                # ... or serve whole files other than the ranges said
+        self.no_content_range = False      # ... or answer a range without saying the file's size
+        self.info_sha: str | None = None   # model info naming this commit ("" for none) instead of the real one
+        self.listed: dict[str, int] = {}   # file name -> the size model info claims for it
 
     # --- content ----------------------------------------------------------------------------
     def add(self, repo_id: str, folder: Path | dict[str, bytes], *, branch: str = "main", gated: bool = False,
@@ -131,10 +134,11 @@ class FakeHub:
             if sha is None:
                 return self._error(h, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
             files = repo.commits[sha]
-            siblings = [{"rfilename": n, "size": len(d), "blobId": _git_sha1(d),
+            siblings = [{"rfilename": n, "size": self.listed.get(n, len(d)), "blobId": _git_sha1(d),
                          **({"lfs": {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d), "pointerSize": 134}}
                             if n.endswith(LFS) else {})} for n, d in sorted(files.items())]
-            body = json.dumps({"_id": sha[:24], "id": repo_id, "modelId": repo_id, "sha": sha,
+            shown = self.info_sha if self.info_sha is not None else sha
+            body = json.dumps({"_id": sha[:24], "id": repo_id, "modelId": repo_id, "sha": shown,
                                "private": repo.private, "gated": "manual" if repo.gated else False,
                                "disabled": False, "downloads": 0, "likes": 0, "tags": [],
                                "lastModified": "2026-01-01T00:00:00.000Z", "siblings": siblings}).encode()
@@ -186,7 +190,8 @@ class FakeHub:
                 return self._send(h, 416, b"", {"Content-Range": f"bytes */{len(data)}"}, head, entry)
             entry.start = start
             return self._send(h, 206, data[start:end + 1],
-                              {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}, head, entry)
+                              {**headers, **({} if self.no_content_range else
+                                             {"Content-Range": f"bytes {start}-{end}/{len(data)}"})}, head, entry)
         return self._send(h, 200, data, headers, head, entry)
 
     @staticmethod

@@ -229,21 +229,37 @@ def test_graft_a_hub_adapter(hub, models, tmp_path):
     assert json.loads((tmp_path / "out" / "shadowmerge.json").read_text())["hub"]["lora"]["sha"] == hub.shas["adapter"]
 
 
-@pytest.mark.parametrize("fault, expect", [
-    ("ignore_range", "not 206; it cannot be read header first"),
-    ("tamper", "differs from the header read before"),
-])
-def test_a_server_that_breaks_its_word(hub, tmp_path, fault, expect):
-    """A server that ignores Range is refused before it sends a file; one whose files differ from the headers it
-    served is caught before any byte of them is used."""
-    setattr(hub, fault, True)
+@pytest.mark.parametrize("fault, value, expect", [
+    ("ignore_range", True, "not 206; it cannot be read header first"),
+    ("tamper", True, "differs from the header read before"),
+    ("no_content_range", True, "the server's range answer for model-0000"),
+    ("info_sha", "", "the Hub's answer names no commit"),
+    ("info_sha", "f" * 40, "the Hub repo changed while it was being opened"),
+    ("listed", {SHARDS[0]: 12345}, "bytes, the Hub lists it as 12345; run again"),
+    ("listed", {"config.json": 65 << 20}, "config.json is 68157440 bytes on the Hub, more than a model's JSON"),
+], ids=["ignores-range", "tampered", "no-content-range", "no-sha", "stale-sha", "wrong-size", "huge-config"])
+def test_a_server_that_breaks_its_word(hub, tmp_path, fault, value, expect):
+    """A server that ignores Range, omits sizes or commits, or contradicts itself is refused before it sends a
+    weight byte; one whose files differ from the headers it served is caught before any byte of them is used."""
+    before = getattr(hub, fault)
+    setattr(hub, fault, value)
     try:
         res = run(hub, tmp_path / "hf", *GRAFT, "--out", tmp_path / "out", "-q")
     finally:
-        setattr(hub, fault, False)
+        setattr(hub, fault, before)
     assert res.returncode == 1
     one_line_error(res.stderr, expect)
+    assert fault in ("ignore_range", "tamper") or hub.weight_bytes() == 0   # those two send what they like
     assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_a_repo_without_a_config(hub, tmp_path):
+    hub.add("org/readme-only", {"README.md": b"# nothing here"})
+    res = run(hub, tmp_path / "hf", "graft", "--instruct", "org/readme-only", "--base", "org/base", "--tuned",
+              "org/tuned", "--out", tmp_path / "out", "-q")
+    assert res.returncode == 1
+    one_line_error(res.stderr, "org/readme-only: the Hub repo has no config.json or adapter_config.json")
+    assert not (tmp_path / "out").exists()
 
 
 def test_extract_for_a_hub_instruct(hub, tmp_path):

@@ -55,8 +55,8 @@ def retarget(adapter: str | Path, instruct: str | Path, out: str | Path, *, forc
         # Without filters, the plan takes every adapter target or raises: each exists in the Instruct,
         # with the right shape, and none is a head the Instruct ties to its embedding.
         plan = build_plan(inst, LoraDelta(ad, None, inst))
-        ad.fetch(progress, side=True)                       # a Hub adapter: all of it; a Hub Instruct: its headers were enough
-        inst.fetch(weights=False, side=["README.md"])   # for the card's license
+        ad.fetch(progress, side=True)                    # a Hub adapter: all of it
+        inst.fetch(weights=False, side=["README.md"])    # a Hub Instruct: its headers, and its card for the license
         files = [p for p in sorted(ad.folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
         target_ref, pinned = hub.reference(inst)
         folder = OutputFolder(out, force=force, inputs=[ad.folder, inst.folder],

@@ -23,7 +23,7 @@ import yaml
 
 from ..errors import ShadowMergeError
 from ..output import rewrite_text
-from ..sidefiles import RECORD, WEIGHT_INDEXES, WEIGHT_SUFFIXES
+from ..sidefiles import WEIGHT_INDEXES, WEIGHT_SUFFIXES, side_files
 
 DATASET = "shadowmerge_data"
 VIEW = "base-model"                      # OUT/llamafactory/base-model: the Base with the Instruct's tokenizer
@@ -45,9 +45,9 @@ def model_view(base: Path, instruct: Path, folder: Path) -> Path:
         if p.is_file() and (p.name.endswith(WEIGHT_SUFFIXES) or p.name in WEIGHT_INDEXES
                             or p.name in BASE_SIDE_FILES):
             os.symlink(p, folder / p.name)
-    for p in sorted(instruct.iterdir()):
-        if (p.is_file() and not p.name.endswith((*WEIGHT_SUFFIXES, ".py", ".md")) and p.name not in WEIGHT_INDEXES
-                and p.name not in BASE_SIDE_FILES and p.name != RECORD and not p.name.startswith(NOT_TOKENIZER)):
+    for p in side_files(instruct):
+        if (not p.name.endswith((".py", ".md")) and p.name not in BASE_SIDE_FILES
+                and not p.name.startswith(NOT_TOKENIZER)):
             shutil.copyfile(p, folder / p.name)
     return folder
 
