@@ -2,7 +2,8 @@
 
 A Hub id is resolved once, with huggingface_hub, to one commit (model_info: its sha and file list);
 its small JSON files (config, index, adapter config) are downloaded, and each safetensors header is
-fetched with two HTTP range requests (the 8-byte length, then the header). So every check a local
+fetched with two HTTP range requests (the 8-byte length, then the header; a server that ignores
+Range is read up to the header's end and left). So every check a local
 folder gets runs before a single weight byte is downloaded, and `--dry-run` never downloads any.
 The files a run needs are downloaded later, pinned to that commit, into the standard
 huggingface_hub cache (`hf_hub_download`: its locks, its layout, `HF_HOME`/`HF_HUB_CACHE`,
@@ -35,7 +36,15 @@ _REVISION = re.compile(r"^[\w.][\w./-]{0,254}$")
 _NEVER = ("*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.onnx", "*.ot", "*.tflite", "original/*")
 # Small JSON files every check needs: fetched when a Hub id is opened.
 METADATA = ("config.json", "adapter_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
-_TIMEOUT = 60.0                  # seconds without data before a request fails (never a hang)
+
+
+def timeout() -> float:
+    """Seconds without an answer before a Hub request fails (never a hang): HF_HUB_ETAG_TIMEOUT when set, else 60."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_ETAG_TIMEOUT != constants.DEFAULT_ETAG_TIMEOUT:
+        return float(constants.HF_HUB_ETAG_TIMEOUT)
+    return 60.0
 
 
 def split_ref(text: str) -> tuple[str, str | None]:
@@ -69,7 +78,10 @@ def resolve(ref: str | Path, allow_pickle: bool = False) -> "Path | Remote":
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    text = text.splitlines()[0][:200] if text else type(exc).__name__
+    if "Timeout" in type(exc).__name__:
+        text += f" after {timeout():g} s; a slow link may need more: HF_HUB_ETAG_TIMEOUT=SECONDS"
+    return text
 
 
 def explain(exc: BaseException, repo: str, revision: str | None) -> ShadowMergeError:
@@ -165,7 +177,7 @@ class Remote:
         from huggingface_hub import HfApi, hf_hub_download
 
         try:
-            info = HfApi().model_info(repo, revision=revision, files_metadata=True, timeout=_TIMEOUT)
+            info = HfApi().model_info(repo, revision=revision, files_metadata=True, timeout=timeout())
             sha = info.sha
             if not sha or not re.fullmatch(r"[0-9a-f]{40}", sha):
                 raise ShadowMergeError(f"{repo}: the Hub's answer names no commit; run again later")
@@ -179,7 +191,7 @@ class Remote:
                 raise ShadowMergeError(f"{repo}{'@' + revision if revision else ''}: the Hub repo has no config.json "
                                        f"or adapter_config.json; pass a model (or PEFT adapter) repo")
             # the branch or tag asked for, so that the cache maps it to the commit (and works offline later)
-            path = Path(hf_hub_download(repo, first, revision=revision or "main", etag_timeout=_TIMEOUT))
+            path = Path(hf_hub_download(repo, first, revision=revision or "main", etag_timeout=timeout()))
             if path.parent.name != sha:
                 raise ShadowMergeError(f"{repo}: the Hub repo changed while it was being opened ({sha[:12]} → "
                                        f"{path.parent.name[:12]}); run again")
@@ -210,7 +222,7 @@ class Remote:
             lock = threading.Lock()
 
             def one(name: str) -> None:
-                got = hf_hub_download(self.repo, name, revision=self.sha, etag_timeout=_TIMEOUT, tqdm_class=forward)
+                got = hf_hub_download(self.repo, name, revision=self.sha, etag_timeout=timeout(), tqdm_class=forward)
                 if Path(got) != self.folder / name:
                     raise ShadowMergeError(f"{self.repo}: {name} was stored at {got}, not in {self.folder}")
                 with lock:
@@ -260,30 +272,39 @@ class Remote:
             yield path, size
 
     def _range(self, name: str, start: int, end: int) -> tuple[bytes, int]:
-        """Bytes [start, end] of a file of this commit, and the file's size; never more than asked for."""
+        """Bytes [start, end] of a file of this commit, and the file's size; never more than asked for.
+
+        A server that ignores Range (HTTP 200, the whole file) is read only up to `end`, then left.
+        """
         from huggingface_hub import constants, hf_hub_url
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
         url = hf_hub_url(self.repo, name, revision=self.sha, endpoint=constants.ENDPOINT)
         headers = {**build_hf_headers(), "Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
-        want = end - start + 1
-        with get_session().stream("GET", url, headers=headers, timeout=_TIMEOUT, follow_redirects=True) as r:
+        listed = self.files.get(name)
+        with get_session().stream("GET", url, headers=headers, timeout=timeout(), follow_redirects=True) as r:
             if r.status_code >= 400:
                 r.read()
                 hf_raise_for_status(r)
-            if r.status_code != 206:
+            encoding = r.headers.get("Content-Encoding", "identity").strip().lower()
+            if r.status_code not in (200, 206) or encoding != "identity":
                 raise ShadowMergeError(f"{self.name}: the server answered a range request for {name} with HTTP "
-                                       f"{r.status_code}, not 206; it cannot be read header first")
-            total = r.headers.get("Content-Range", "").rpartition("/")[2]
-            if not total.isdigit():
-                raise ShadowMergeError(f"{self.name}: the server's range answer for {name} has no file size")
+                                       f"{r.status_code} ({encoding}); it cannot be read header first")
+            if r.status_code == 206:
+                total, skip = r.headers.get("Content-Range", "").rpartition("/")[2], 0
+            else:                                       # the whole file: read up to `end`, then leave
+                total, skip = r.headers.get("Content-Length", ""), start
+            size = int(total) if total.isdigit() else listed
+            if size is None:
+                raise ShadowMergeError(f"{self.name}: the server's answer for {name} has no file size")
             data = bytearray()
-            for chunk in r.iter_bytes():
-                data += chunk[:want - len(data)]
-                if len(data) >= want:
+            for chunk in r.iter_raw():
+                if skip:
+                    dropped = min(skip, len(chunk))
+                    chunk, skip = chunk[dropped:], skip - dropped
+                data += chunk[:end - start + 1 - len(data)]
+                if len(data) > end - start:
                     break
-        size = int(total)
-        listed = self.files.get(name)
         if listed is not None and listed != size:
             raise ShadowMergeError(f"{self.name}: {name} is {size} bytes, the Hub lists it as {listed}; run again")
         return bytes(data), size

@@ -15,6 +15,7 @@ import json
 import re
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -53,6 +54,8 @@ class FakeHub:
         self.ignore_range = False          # hostile or broken servers: answer a range request with the whole file
         self.tamper = False                # ... or serve whole files other than the ranges said
         self.no_content_range = False      # ... or answer a range without saying the file's size
+        self.unsized = False               # model info without file sizes
+        self.stall: tuple[str, float] | None = None    # (path regex, seconds): wait that long before answering
         self.info_sha: str | None = None   # model info naming this commit ("" for none) instead of the real one
         self.listed: dict[str, int] = {}   # file name -> the size model info claims for it
 
@@ -124,6 +127,8 @@ class FakeHub:
         entry = Sent("HEAD" if head else "GET", raw)
         with self._lock:
             self.log.append(entry)
+        if self.stall and re.search(self.stall[0], raw):
+            time.sleep(self.stall[1])
         authorized = h.headers.get("Authorization") == f"Bearer {TOKEN}"
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", raw):
             repo_id, rev = unquote(m[1]), unquote(m[2] or "main")
@@ -134,9 +139,10 @@ class FakeHub:
             if sha is None:
                 return self._error(h, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
             files = repo.commits[sha]
-            siblings = [{"rfilename": n, "size": self.listed.get(n, len(d)), "blobId": _git_sha1(d),
+            siblings = [{"rfilename": n, **({} if self.unsized else {"size": self.listed.get(n, len(d))}),
+                         "blobId": _git_sha1(d),
                          **({"lfs": {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d), "pointerSize": 134}}
-                            if n.endswith(LFS) else {})} for n, d in sorted(files.items())]
+                            if n.endswith(LFS) and not self.unsized else {})} for n, d in sorted(files.items())]
             shown = self.info_sha if self.info_sha is not None else sha
             body = json.dumps({"_id": sha[:24], "id": repo_id, "modelId": repo_id, "sha": shown,
                                "private": repo.private, "gated": "manual" if repo.gated else False,
@@ -214,9 +220,15 @@ class FakeHub:
             h.send_header(k, v)
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
-        if not head and body:
-            h.wfile.write(body)
-            entry.nbytes = len(body)
+        if head:
+            return
+        for at in range(0, len(body), 1 << 20):       # counting what the client takes before it leaves
+            try:
+                h.wfile.write(body[at:at + (1 << 20)])
+            except (BrokenPipeError, ConnectionResetError):
+                h.close_connection = True
+                return
+            entry.nbytes += len(body[at:at + (1 << 20)])
 
 
 def _git_sha1(data: bytes) -> str:

@@ -298,6 +298,7 @@ def test_quantized_refusal_names_the_full_precision_release(cli, tmp_path, tripl
     cfg["quantization_config"] = {"quant_method": "fp8"}
     (fp8 / "config.json").write_text(json.dumps(cfg))
     err = run_bad(cli, tmp_path, (*triple, fp8), *args(fp8, b, t), expect=f"e.g. {tmp_path / 'Qwen3-8B'}")
+    assert "fp8" in err and str(fp8) in err       # names the method and the folder
     # every command that opens a model refuses it the same way
     for command, extra in ((("graft",), ["--instruct", fp8, "--base", b, "--tuned", t, "--dry-run"]),
                            (("similarity",), ["--base", b, "--instruct", fp8]),
