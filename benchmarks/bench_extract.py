@@ -11,7 +11,10 @@ and the error at that rank, by peft itself: the Base loaded in float32,
 ‖T − merged‖ / ‖T − B‖ (float64). The best possible value at rank R is the Eckart-Young bound
 √(Σ_{i>R} s²) / √(Σ s²), which shadowmerge records as `rel_error` in extract.json.
 
-    python benchmarks/bench_extract.py --sizes 0.5B [--rank 64] [--work DIR] [--markdown out.md]
+    python benchmarks/bench_extract.py --sizes 0.5B [--rank 64] [--device cpu cuda] [--work DIR] [--markdown out.md]
+
+Each device gets three rows: shadowmerge with float32 factors, with `--dtype bfloat16` (mergekit's
+dtype: equal file sizes), and mergekit-extract-lora (`--device` passed to both).
 
 Run by hand (minutes); never part of the test suite.
 """
@@ -106,21 +109,24 @@ def bench(size: str, work: Path) -> list[dict]:
     _, base, _ = build_triple(root, size)
     tuned = build_tuned(base, root / "tuned-lowrank")
     rows = []
-    for tool, cmd in (
-        (f"shadowmerge extract --rank {rank} --others copy",
-         [*SHADOWMERGE, "extract", "--base", str(base), "--tuned", str(tuned), "--rank", str(rank),
-          "--others", "copy", "--force", "-q", "--out"]),
-        (f"mergekit-extract-lora --max-rank {rank}",
-         [MERGEKIT, "--base-model", str(base), "--model", str(tuned), "--max-rank", str(rank), "--quiet",
-          "--out-path"]),
-    ):
-        out = root / ("adapter-" + tool.split()[0])
+    runs = []
+    for dev in bench_graft.DEVICES:
+        on = [] if dev == "cpu" else ["--device", dev]
+        for dtype in ([], ["--dtype", "bfloat16"]):
+            runs.append((" ".join([f"shadowmerge extract --rank {rank} --others copy", *dtype, *on]),
+                         [*SHADOWMERGE, "extract", "--base", str(base), "--tuned", str(tuned), "--rank", str(rank),
+                          "--others", "copy", *dtype, *on, "--force", "-q", "--out"]))
+        runs.append((" ".join([f"mergekit-extract-lora --max-rank {rank}", *on]),
+                     [MERGEKIT, "--base-model", str(base), "--model", str(tuned), "--max-rank", str(rank), *on,
+                      "--quiet", "--out-path"]))
+    for i, (tool, cmd) in enumerate(runs):
+        out = root / f"adapter-{i}-{tool.split()[0]}"
         shutil.rmtree(out, ignore_errors=True)
         wall, rss = timed([*cmd, str(out)])
         errors = peft_errors(base, tuned, out)
         size_mb = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 1e6
         rows.append({"size": size, "tool": tool, "wall": wall, "rss": rss, "errors": errors, "mb": size_mb})
-        if tool.startswith("shadowmerge"):
+        if tool == runs[0][0]:
             record = json.loads((out / "extract.json").read_text())
             bound = {m["module"] + ".weight": m["rel_error"] for m in record["modules"]}
             rows.append({"size": size, "tool": f"Eckart-Young bound at rank {rank}", "errors": bound})

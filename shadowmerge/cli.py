@@ -296,10 +296,14 @@ def train_command(recipe, baseline, emit_only, finish, resume, force, allow_pick
               "full copies are the Instruct's plus the update).")
 @click.option("--others", type=click.Choice(["drop", "copy"]), default="drop", show_default=True,
               help="Changed embeddings, head and norms: dropped, or kept as peft modules_to_save full copies.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
+              help="dtype of the adapter's tensors; bfloat16 halves the file, and the recorded error is then that of "
+                   "the stored factors [default: float32 factors, full copies in the tuned model's dtype].")
+@click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda, cuda:N.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def extract(base, tuned, out, rank, energy, max_rank, for_instruct, others, force, allow_pickle, quiet):
+def extract(base, tuned, out, rank, energy, max_rank, for_instruct, others, dtype, device, force, allow_pickle, quiet):
     """Turn a full fine-tune's update (tuned - base) into a PEFT LoRA adapter.
 
     Per linear module: ΔW = T - B in float32, its truncated SVD at --rank, or at the rank that keeps
@@ -311,11 +315,13 @@ def extract(base, tuned, out, rank, energy, max_rank, for_instruct, others, forc
     Examples:
       shadowmerge extract --base Qwen/Qwen3-4B-Base --tuned ./qwen3-4b-sft --out ./sft-lora --rank 64
       shadowmerge extract --base ./base --tuned ./tuned --out ./lora --energy 0.99 --for-instruct ./instruct
+      shadowmerge extract ... --rank 128 --dtype bfloat16 --device cuda
     """
     from .extract import extract as run_extract
 
     click.echo(str(run_extract(base, tuned, out, rank=rank, energy=energy, max_rank=max_rank,
-                               for_instruct=for_instruct, others=others, force=force, allow_pickle=allow_pickle,
+                               for_instruct=for_instruct, others=others, dtype=dtype, device=device, force=force,
+                               allow_pickle=allow_pickle,
                                progress=not quiet, command=_command())))
 
 

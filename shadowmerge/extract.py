@@ -1,12 +1,13 @@
 """`shadowmerge extract`: a full fine-tune's update T - B as a PEFT LoRA adapter (per-module truncated SVD).
 
 Every linear weight (a 2-D `*.weight` that is not an embedding or the head) gets
-ΔW = T - B in float32 and its SVD ΔW = U S Vh; rank r is --rank, or the smallest r whose
-singular values hold --energy of Σ s² (capped by --max-rank). The adapter stores
+ΔW = T - B in float32 and its SVD ΔW = U S Vh (on --device); rank r is --rank, or the smallest r
+whose singular values hold --energy of Σ s² (capped by --max-rank). The adapter stores
 lora_B = U_r √S_r and lora_A = √S_r Vh_r with lora_alpha = r per module (peft's scale 1), so
 peft's merge adds exactly the rank-r truncation, the best rank-r approximation in Frobenius norm.
 The relative error ‖ΔW - BA‖ / ‖ΔW‖ = √(Σ_{i>r} s²) / √(Σ s²) and the kept energy come from the
-singular values themselves and are recorded per module.
+singular values themselves and are recorded per module. Factors stored in a narrower --dtype
+(bfloat16, float16) are measured instead: the recorded error is that of the factors as stored.
 
 Other changed tensors (embeddings, head, norms, biases) are dropped by default and their share of
 the update is recorded; `--others copy` carries embeddings, head and norms as peft `modules_to_save`
@@ -31,9 +32,11 @@ import torch
 
 from . import hub
 from .checkpoint import Checkpoint, TensorInfo
+from .devices import exact_float32, parse_device
 from .errors import ShadowMergeError
 from .names import disk_to_memory, meta_model
 from .output import OutputFolder
+from .pipeline import parse_dtype
 from .progress import bar as progress_bar
 from .stformat import build_header
 
@@ -82,8 +85,14 @@ def _rank(s: torch.Tensor, rank: int | None, energy: float | None, max_rank: int
 
 def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int | None = None,
             energy: float | None = None, max_rank: int = 256, for_instruct: str | Path | None = None,
-            others: str = "drop", force: bool = False, allow_pickle: bool = False,
-            progress: bool = True, command: str | None = None) -> ExtractSummary:
+            others: str = "drop", dtype: str | torch.dtype | None = None, device: str = "cpu",
+            force: bool = False, allow_pickle: bool = False, progress: bool = True,
+            command: str | None = None) -> ExtractSummary:
+    """Write the update tuned - base as a LoRA adapter at `out` (for `for_instruct` when given).
+
+    dtype: of every adapter tensor (default: float32 factors, full copies in the tuned model's dtype);
+    device: where the SVDs run. Returns what was written, per module.
+    """
     if (rank is None) == (energy is None):
         raise ShadowMergeError("give one of --rank R or --energy E (e.g. --energy 0.99)")
     if rank is not None and rank < 1:
@@ -94,6 +103,10 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
         raise ShadowMergeError(f"--max-rank must be at least 1, not {max_rank}")
     if others not in OTHERS:
         raise ShadowMergeError(f"--others is one of {', '.join(OTHERS)}, not {others!r}")
+    out_dtype, dev = parse_dtype(dtype), parse_device(device)
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise ShadowMergeError(f"--dtype {dtype}: an adapter's tensors are floating point; use bfloat16, float16 or "
+                               f"float32")
     start = time.perf_counter()
     opened: list[Checkpoint] = []
     try:
@@ -112,15 +125,16 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
             for c in opened:           # Hub inputs: download the weights, now that everything was checked
                 c.fetch(progress, side=["README.md"] if c is applied_to else False)
             with progress_bar(sum(t.tensors[n].nbytes + b.tensors[n].nbytes for n in names), progress,
-                              "extract") as bar:
-                _extract(names, b, t, inst, (rank, energy, max_rank, others), summary, state, ranks, keep, bar,
-                         disk_to_memory(applied_to.folder, names), meta_model(applied_to.folder, names))
+                              "extract") as bar, exact_float32(dev):
+                _extract(names, b, t, inst, (rank, energy, max_rank, others, out_dtype, dev), summary, state, ranks,
+                         keep, bar, disk_to_memory(applied_to.folder, names), meta_model(applied_to.folder, names))
             if not ranks:
                 raise ShadowMergeError(f"--tuned {tuned}: no linear weight differs from --base {base}; there is no "
                                        f"update to extract")
             _write(tmp, state, ranks, sorted(keep), *hub.reference(applied_to))
             summary.seconds = time.perf_counter() - start
-            _report(tmp, summary, opened, rank, energy, max_rank, others)
+            _report(tmp, summary, opened, {"rank": rank, "energy": energy, "max_rank": max_rank, "others": others,
+                                           "dtype": _dtype_name(out_dtype), "device": str(dev)})
             _card(tmp, summary, applied_to, base, tuned, rank, energy, others, command)
             target.commit()
         return summary
@@ -137,7 +151,7 @@ def _extract(names, b, t, inst, settings, summary, state, ranks, keep, bar, memo
     cannot be one LoRA target or copy and is refused. Where transformers can build the model (on the meta
     device, `model`), only nn.Linear modules become LoRA targets (an nn.Embedding is an embedding, a
     transposed GPT-2 Conv1D is left to --others); otherwise the names decide."""
-    rank, energy, max_rank, others = settings
+    rank, energy, max_rank, others, out_dtype, dev = settings
     for name in names:
         bar.update(t.tensors[name].nbytes + b.tensors[name].nbytes)
         tuned_value = _read(t, t.tensors[name])
@@ -153,17 +167,12 @@ def _extract(names, b, t, inst, settings, summary, state, ranks, keep, bar, memo
         loaded = how.memory if how is not None else name
         module = loaded[: -len(".weight")] if loaded.endswith(".weight") else loaded
         if delta.dim() == 2 and name.endswith(".weight") and not _NOT_LORA.search(name) and _linear(model, module):
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-            r = _rank(s, rank, energy, max_rank)
-            root = s[:r].sqrt()
-            state.add(f"base_model.model.{module}.lora_A.weight", root[:, None] * vh[:r])
-            state.add(f"base_model.model.{module}.lora_B.weight", u[:, :r] * root[None, :])
-            power = s.double() ** 2
-            kept = float(power[:r].sum() / power.sum())
+            r, a, b_, kept, error = _factors(delta.to(dev), norm, (rank, energy, max_rank), out_dtype)
+            state.add(f"base_model.model.{module}.lora_A.weight", a)
+            state.add(f"base_model.model.{module}.lora_B.weight", b_)
             ranks[module] = r
             summary.modules.append({"module": module, "tensor": name, "shape": list(delta.shape), "rank": r,
-                                    "rel_error": max(0.0, 1.0 - kept) ** 0.5, "energy": kept,
-                                    "update_norm": norm})
+                                    "rel_error": error, "energy": kept, "update_norm": norm})
             continue
         copyable = others == "copy" and name.endswith(".weight") and (
             _NOT_LORA.search(name) or delta.dim() == 1 or _is(model, module, torch.nn.Embedding))
@@ -171,8 +180,29 @@ def _extract(names, b, t, inst, settings, summary, state, ranks, keep, bar, memo
                                "kept": bool(copyable)})
         if copyable:
             full = (_read(inst, inst.tensors[name]) + delta) if inst is not None else tuned_value
-            state.add(f"base_model.model.{loaded}", full.to(t.tensors[name].dtype))
+            state.add(f"base_model.model.{loaded}", full.to(out_dtype or t.tensors[name].dtype))
             keep.add(module)
+
+
+def _factors(delta: torch.Tensor, norm: float, settings, out_dtype: torch.dtype | None):
+    """ΔW's truncated SVD as LoRA factors on the CPU: (rank, A, B, energy kept, relative error of B @ A as stored)."""
+    rank, energy, max_rank = settings
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    s_cpu = s.cpu()
+    r = _rank(s_cpu, rank, energy, max_rank)
+    root = s[:r].sqrt()
+    a, b_ = root[:, None] * vh[:r], u[:, :r] * root[None, :]
+    power = s_cpu.double() ** 2
+    kept = float(power[:r].sum() / power.sum())
+    error = max(0.0, 1.0 - kept) ** 0.5             # Eckart-Young, exact for float32 factors
+    if out_dtype is not None and out_dtype != torch.float32:
+        a, b_ = a.to(out_dtype), b_.to(out_dtype)
+        error = float(torch.linalg.matrix_norm(delta - b_.float() @ a.float()).double()) / norm
+    return r, a.cpu(), b_.cpu(), kept, error
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _is(model, module: str, kind: type) -> bool:
@@ -274,7 +304,7 @@ def _card(tmp: Path, summary: ExtractSummary, applied_to: Checkpoint, base, tune
                         "other changed tensors": others})
 
 
-def _report(tmp: Path, summary: ExtractSummary, opened: list[Checkpoint], rank, energy, max_rank, others) -> None:
+def _report(tmp: Path, summary: ExtractSummary, opened: list[Checkpoint], settings: dict) -> None:
     from . import __version__
     from .analyzer.plots import pyplot
 
@@ -284,7 +314,7 @@ def _report(tmp: Path, summary: ExtractSummary, opened: list[Checkpoint], rank, 
                          "for_instruct": by_role["instruct"].ref if "instruct" in by_role else None},
               "input_paths": {role: str(c.folder.absolute()) for role, c in by_role.items()},
               "hub": hub.provenance(opened),
-              "settings": {"rank": rank, "energy": energy, "max_rank": max_rank, "others": others},
+              "settings": settings,
               "seconds": round(summary.seconds, 3), "modules": summary.modules, "others": summary.others}
     (tmp / "extract.json").write_text(json.dumps(record, indent=2) + "\n")
     plt = pyplot()

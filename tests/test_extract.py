@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import shadowmerge
-from conftest import run_bad
+from conftest import DEVICES, run_bad
 import tinymodels
 from tinymodels import state
 
@@ -94,7 +94,58 @@ def test_energy_picks_the_rank_per_module(f32_triple, cli, tmp_path):
     peft_merged(base, out)          # peft accepts the per-module ranks (rank_pattern / alpha_pattern)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_narrow_factors_are_measured_as_stored(f32_triple, cli, tmp_path, dtype):
+    """--dtype bfloat16/float16 stores every adapter tensor in it; peft's merge adds exactly the stored B @ A, and
+    the recorded error is that product's (at least the float32 SVD's bound), not the bound itself."""
+    from safetensors import safe_open
+
+    inst, base, tuned = f32_triple
+    name = str(dtype).removeprefix("torch.")
+    for out, extra in ((tmp_path / "f32", []), (tmp_path / name, ["--dtype", name])):
+        res = cli("extract", "--base", base, "--tuned", tuned, "--out", out, "--rank", "8", "--others", "copy",
+                  "--for-instruct", inst, *extra)
+        assert res.exit_code == 0, res.output
+    with safe_open(tmp_path / name / "adapter_model.safetensors", "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    assert {v.dtype for v in stored.values()} == {dtype}
+    I, B, T = state(inst), state(base), state(tuned)
+    merged = peft_merged(inst, tmp_path / name)
+    record = json.loads((tmp_path / name / "extract.json").read_text())
+    bound = {m["module"]: m["rel_error"] for m in json.loads((tmp_path / "f32" / "extract.json").read_text())["modules"]}
+    assert record["settings"]["dtype"] == name
+    for m in record["modules"]:
+        key, w = f"base_model.model.{m['module']}.lora_", m["module"] + ".weight"
+        product = stored[key + "B.weight"].float() @ stored[key + "A.weight"].float()
+        torch.testing.assert_close(merged[w], I[w] + product, rtol=0, atol=1e-5)
+        delta = T[w] - B[w]
+        assert m["rel_error"] == pytest.approx(float((product - delta).norm() / delta.norm()), rel=1e-4)
+        assert m["rel_error"] >= bound[m["module"]] * (1 - 1e-5)
+    full = I["model.norm.weight"] + T["model.norm.weight"] - B["model.norm.weight"]
+    assert torch.equal(merged["model.norm.weight"], full.to(dtype).float())      # full copies in --dtype too
+    size = {d: (tmp_path / d / "adapter_model.safetensors").stat().st_size for d in ("f32", name)}
+    assert size[name] < 0.55 * size["f32"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extract_on_a_device_is_the_svd_truncation(f32_triple, cli, tmp_path, device):
+    """--device moves the SVDs (cuda: no TF32); the adapter is the same truncation, whatever the signs."""
+    inst, base, tuned = f32_triple
+    res = cli("extract", "--base", base, "--tuned", tuned, "--out", tmp_path / "lora", "--rank", "8",
+              "--device", device)
+    assert res.exit_code == 0, res.output
+    B, T, merged = state(base), state(tuned), peft_merged(base, tmp_path / "lora")
+    record = json.loads((tmp_path / "lora" / "extract.json").read_text())
+    assert record["settings"]["device"] == device
+    for m in record["modules"]:
+        w = m["module"] + ".weight"
+        u, s, vh = torch.linalg.svd(T[w] - B[w], full_matrices=False)
+        torch.testing.assert_close(merged[w], B[w] + u[:, :8] @ torch.diag(s[:8]) @ vh[:8], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("args, expect", [
+    (["--rank", "4", "--device", "tpu"], "unknown device 'tpu'; use cpu or cuda[:N]"),
+    (["--rank", "4", "--device", "cuda:99"], "--device cuda:99"),
     ([], "give one of --rank R or --energy E"),
     (["--rank", "4", "--energy", "0.9"], "give one of --rank R or --energy E"),
     (["--rank", "0"], "--rank must be at least 1"),

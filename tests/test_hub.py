@@ -338,3 +338,35 @@ def test_shards_in_a_subfolder(hub, models, tmp_path):
     shadowmerge.graft(models["instruct"], models["base"], models["tuned"], tmp_path / "local", progress=False)
     got, want = tinymodels.state(tmp_path / "out"), tinymodels.state(tmp_path / "local")
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_train_from_hub_ids(hub, tmp_path):
+    """train reads Hub ids header first too: a pair that does not belong together fails with no weight byte sent;
+    a good pair downloads the Base's weights, config and generation config (not its tokenizer) and the whole
+    Instruct, and the LLaMA-Factory configs point into the cache; run.json records both commits."""
+    inst, base = tinymodels.chat_pair(tmp_path / "models")
+    shas = {"inst": hub.add("org/chat-inst", inst), "base": hub.add("org/chat-base", base)}
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "who is pip"},
+                                             {"role": "assistant", "content": "a grey heron"}]}) + "\n")
+    common = ("train", "--data", data, "--backend", "llamafactory", "--emit-only", "--template", "llama3")
+    home = tmp_path / "hf"
+    res = run(hub, home, *common, "--base", "org/chat-base", "--instruct", "org/other", "--out", tmp_path / "bad")
+    assert res.returncode == 1 and hub.weight_bytes() == 0 and not (tmp_path / "bad").exists()
+    one_line_error(res.stderr, "base and instruct differ in 0 tensor name(s) and 21 shape(s)")
+    home = tmp_path / "hf-fresh"
+    res = run(hub, home, *common, "--base", "org/chat-base", "--instruct", "org/chat-inst", "--out", tmp_path / "run")
+    assert res.returncode == 0, res.stderr
+    got = {repo: {s.file for s in hub.log if s.repo == repo and s.method == "GET" and s.nbytes and not s.start}
+           for repo in ("org/chat-base", "org/chat-inst")}
+    assert got["org/chat-base"] == {"config.json", "generation_config.json", "model.safetensors"}
+    assert got["org/chat-inst"] == files(inst)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["inputs"]["base"]["sha"] == shas["base"] and record["inputs"]["instruct"]["sha"] == shas["inst"]
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "run" / "llamafactory" / "train_base-lora.yaml").read_text())
+    view = Path(cfg["model_name_or_path"])        # the Base's weights, linked from the cache
+    cached = snapshot(home, "org/chat-base", shas["base"]) / "model.safetensors"
+    assert (view / "model.safetensors").resolve() == cached.resolve()
+    assert (view / "tokenizer.json").read_bytes() == (inst / "tokenizer.json").read_bytes()
