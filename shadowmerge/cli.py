@@ -306,8 +306,9 @@ def train_command(recipe, baseline, emit_only, finish, resume, force, allow_pick
 def extract(base, tuned, out, rank, energy, max_rank, for_instruct, others, dtype, device, force, allow_pickle, quiet):
     """Turn a full fine-tune's update (tuned - base) into a PEFT LoRA adapter.
 
-    Per linear module: ΔW = T - B in float32, its truncated SVD at --rank, or at the rank that keeps
-    --energy of the squared singular values. peft loads the adapter (onto the Instruct with
+    Per linear module (and per expert of a MoE's fused expert parameters): ΔW = T - B in float32,
+    its truncated SVD at --rank, or at the rank that keeps --energy of the squared singular
+    values. peft loads the adapter (onto the Instruct with
     --for-instruct); OUT/extract.json and OUT/extract.png give each module's relative error
     ‖ΔW - BA‖/‖ΔW‖ and the energy kept.
 

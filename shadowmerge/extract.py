@@ -9,7 +9,10 @@ The relative error ‖ΔW - BA‖ / ‖ΔW‖ = √(Σ_{i>r} s²) / √(Σ s²) 
 singular values themselves and are recorded per module. Factors stored in a narrower --dtype
 (bfloat16, float16) are measured instead: the recorded error is that of the factors as stored.
 
-Other changed tensors (embeddings, head, norms, biases) are dropped by default and their share of
+Mixture-of-experts: the 3-D expert parameters a model loads (stacked from experts stored one by one,
+or stored fused) each get one LoRA in peft's target_parameters layout, each expert its own truncated
+SVD at one rank per parameter.
+Other changed tensors (embeddings, head, norms, routers, biases) are dropped by default and their share of
 the update is recorded; `--others copy` carries embeddings, head and norms as peft `modules_to_save`
 full copies (the tuned Base's values, or, with --for-instruct, the Instruct's plus the update).
 Tensors are read one at a time and each result is appended to a spool file as it is made, so memory
@@ -34,7 +37,7 @@ from . import hub
 from .checkpoint import Checkpoint, TensorInfo
 from .devices import exact_float32, parse_device
 from .errors import ShadowMergeError
-from .names import disk_to_memory, meta_model
+from .names import disk_to_memory, meta_model, stacked_experts
 from .output import OutputFolder
 from .pipeline import parse_dtype
 from .progress import bar as progress_bar
@@ -64,11 +67,15 @@ class ExtractSummary:
                 f"{self.seconds:.1f} s")
 
 
-def _read(ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
-    """One whole tensor as float32 (it is read once; memory holds it and its raw bytes)."""
-    raw = torch.empty(info.nbytes, dtype=torch.uint8)
-    ckpt.read_into(info, 0, info.numel, raw)
-    return raw.view(info.dtype).reshape(info.shape).float()
+def _read(ckpt: Checkpoint, info: TensorInfo, start: int = 0, count: int | None = None) -> torch.Tensor:
+    """A whole tensor (or `count` elements of it from `start`, flat) as float32; memory holds it and its raw bytes."""
+    if count is None:
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        ckpt.read_into(info, 0, info.numel, raw)
+        return raw.view(info.dtype).reshape(info.shape).float()
+    raw = torch.empty(count * info.dtype.itemsize, dtype=torch.uint8)
+    ckpt.read_into(info, start, start + count, raw)
+    return raw.view(info.dtype).float()
 
 
 def _rank(s: torch.Tensor, rank: int | None, energy: float | None, max_rank: int) -> int:
@@ -118,7 +125,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
         target = OutputFolder(out, force=force, inputs=[c.folder for c in opened], need_bytes=0,
                               record="extract.json")
         summary = ExtractSummary(target.target)
-        ranks: dict[str, int] = {}
+        ranks: dict[str, int] = {}         # LoRA target -> rank: modules, and (experts) parameters
         keep: set[str] = set()
         with target as tmp, _Spool(tmp / ".adapter.spool") as state:
             applied_to = inst if inst is not None else b
@@ -131,7 +138,8 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
             if not ranks:
                 raise ShadowMergeError(f"--tuned {tuned}: no linear weight differs from --base {base}; there is no "
                                        f"update to extract")
-            _write(tmp, state, ranks, sorted(keep), *hub.reference(applied_to))
+            _write(tmp, state, ranks, sorted(keep), *hub.reference(applied_to), model=meta_model(applied_to.folder,
+                                                                                               names))
             summary.seconds = time.perf_counter() - start
             _report(tmp, summary, opened, {"rank": rank, "energy": energy, "max_rank": max_rank, "others": others,
                                            "dtype": _dtype_name(out_dtype), "device": str(dev)})
@@ -152,7 +160,11 @@ def _extract(names, b, t, inst, settings, summary, state, ranks, keep, bar, memo
     device, `model`), only nn.Linear modules become LoRA targets (an nn.Embedding is an embedding, a
     transposed GPT-2 Conv1D is left to --others); otherwise the names decide."""
     rank, energy, max_rank, others, out_dtype, dev = settings
+    groups = _expert_groups(names, b, memory, model)
+    grouped = {d for g in groups.values() for d in g.slots.values()}
     for name in names:
+        if name in grouped:
+            continue
         bar.update(t.tensors[name].nbytes + b.tensors[name].nbytes)
         tuned_value = _read(t, t.tensors[name])
         delta = tuned_value - _read(b, b.tensors[name])
@@ -164,6 +176,10 @@ def _extract(names, b, t, inst, settings, summary, state, ranks, keep, bar, memo
             raise ShadowMergeError(f"{name} changed, and it is converted when the model loads ({how.memory}): such "
                                    f"tensors are not extracted yet; graft the full update with shadowmerge graft "
                                    f"--base --tuned instead")
+        if delta.dim() > 2 and "expert" in name:
+            raise ShadowMergeError(f"{name} has shape {list(delta.shape)}: these expert tensors are not a parameter "
+                                   f"of the model transformers builds from config.json, so they are not extracted; "
+                                   f"graft the full update with shadowmerge graft --base --tuned instead")
         loaded = how.memory if how is not None else name
         module = loaded[: -len(".weight")] if loaded.endswith(".weight") else loaded
         if delta.dim() == 2 and name.endswith(".weight") and not _NOT_LORA.search(name) and _linear(model, module):
@@ -175,13 +191,142 @@ def _extract(names, b, t, inst, settings, summary, state, ranks, keep, bar, memo
                                     "rel_error": error, "energy": kept, "update_norm": norm})
             continue
         copyable = others == "copy" and name.endswith(".weight") and (
-            _NOT_LORA.search(name) or delta.dim() == 1 or _is(model, module, torch.nn.Embedding))
+            _NOT_LORA.search(name) or delta.dim() == 1 or _is(model, module, torch.nn.Embedding)
+            or (delta.dim() == 2 and _is(model, module, torch.nn.Module)))   # a router's, a Conv1D's: whole
         summary.others.append({"tensor": name, "shape": list(delta.shape), "update_norm": norm,
                                "kept": bool(copyable)})
         if copyable:
             full = (_read(inst, inst.tensors[name]) + delta) if inst is not None else tuned_value
             state.add(f"base_model.model.{loaded}", full.to(out_dtype or t.tensors[name].dtype))
             keep.add(module)
+    _whole_modules(names, b, t, inst, keep, memory, summary, state, out_dtype)
+    for group in groups.values():
+        _extract_experts(group, b, t, settings, summary, state, ranks, bar)
+
+
+def _whole_modules(names, b, t, inst, keep, memory: dict, summary, state, out_dtype) -> None:
+    """peft loads a modules_to_save copy whole: the other tensors of a copied module (a router's bias, say) go in
+    too, as the Instruct's plus the update (or the tuned Base's)."""
+    written = {e[0].removeprefix("base_model.model.") for e in state.entries}
+    others = {o["tensor"]: o for o in summary.others}
+    for name in names:
+        how = memory.get(name)
+        loaded = how.memory if how is not None else name
+        if loaded in written or loaded.rpartition(".")[0] not in keep:
+            continue
+        tuned_value = _read(t, t.tensors[name])
+        full = _read(inst, inst.tensors[name]) + (tuned_value - _read(b, b.tensors[name])) if inst is not None \
+            else tuned_value
+        state.add(f"base_model.model.{loaded}", full.to(out_dtype or t.tensors[name].dtype))
+        if name in others:
+            others[name]["kept"] = True
+
+
+@dataclass
+class _Experts:
+    """A fused 3-D expert parameter of the loaded model, [E, d1, d2], and the on-disk tensors it is built from:
+    slots (source j, expert e) -> one 2-D tensor each (experts stored one by one: rows of gate, then of up), or
+    (0, -1) -> the 3-D tensor itself. Expert e's update as a linear map is (d1, d2), or its transpose when the
+    model stores experts (in, out) (`transposed`)."""
+
+    name: str
+    shape: tuple[int, int, int]
+    transposed: bool
+    slots: dict[tuple[int, int], str]
+
+    def update(self, b: Checkpoint, t: Checkpoint, e: int, dev: torch.device) -> torch.Tensor:
+        """Expert e's ΔW as (out, in), float32, on dev."""
+        if (0, -1) in self.slots:
+            disk = self.slots[(0, -1)]
+            size = self.shape[1] * self.shape[2]
+            delta = (_read(t, t.tensors[disk], e * size, size) - _read(b, b.tensors[disk], e * size, size))
+            delta = delta.reshape(self.shape[1:])
+            return (delta.T if self.transposed else delta).contiguous().to(dev)
+        rows = [_read(t, t.tensors[d]) - _read(b, b.tensors[d])
+                for d in (self.slots[(j, e)] for j in range(len(self.slots) // self.shape[0]))]
+        return torch.cat(rows).to(dev)
+
+
+def _expert_groups(names: list[str], b: Checkpoint, memory: dict, model) -> dict[str, _Experts]:
+    """The fused expert parameters (3-D, as peft's target_parameters sees them) the checkpoint's tensors load into:
+    experts stored one by one that transformers stacks (and concatenates gate with up), or stored fused already."""
+    if model is None:
+        return {}
+    groups: dict[str, _Experts] = {}
+    for name in names:
+        how = memory.get(name)
+        loaded = how.memory if how is not None else name
+        try:
+            param = model.get_parameter(loaded)
+            transposed = bool(getattr(model.get_submodule(loaded.rpartition(".")[0]), "is_transposed", False))
+        except AttributeError:
+            continue
+        if param.dim() != 3 or "expert" not in loaded.rpartition(".")[0]:     # not a 3-D probe, say
+            continue
+        shape = tuple(param.shape)
+        if how is not None and how.converter is not None:
+            slot = stacked_experts(how)
+            if slot is None or transposed:
+                continue            # refused below if it changed: transformers converts it some other way
+            groups.setdefault(loaded, _Experts(loaded, shape, transposed, {})).slots[slot] = name
+        elif tuple(b.tensors[name].shape) == shape:
+            groups[loaded] = _Experts(loaded, shape, transposed, {(0, -1): name})
+    for g in groups.values():
+        if (0, -1) in g.slots:
+            continue
+        experts, d1, d2 = g.shape
+        sources = 1 + max(j for j, _ in g.slots)
+        rows = {e: [b.tensors[g.slots[(j, e)]].shape for j in range(sources) if (j, e) in g.slots]
+                for e in range(experts)}
+        if len(g.slots) != sources * experts or any(
+                len(r) != sources or any(len(s) != 2 or s[1] != d2 for s in r) or sum(s[0] for s in r) != d1
+                for r in rows.values()):
+            raise ShadowMergeError(f"{g.name}: the checkpoint's {len(g.slots)} expert tensors do not make up its "
+                                   f"{list(g.shape)} (experts x rows x columns); re-save the model, or graft the full "
+                                   f"update with shadowmerge graft --base --tuned")
+    return groups
+
+
+def _extract_experts(g: _Experts, b: Checkpoint, t: Checkpoint, settings, summary, state, ranks, bar) -> None:
+    """A fused expert parameter as one LoRA in peft's target_parameters layout: expert e's truncated SVD is
+    lora_A rows e·r … (e+1)·r and lora_B columns e, e + E, …; one rank r for all experts (with --energy the
+    largest any expert needs). Memory holds one expert's ΔW and the parameter's factors."""
+    rank, energy, max_rank, _, out_dtype, dev = settings
+    experts = g.shape[0]
+    out_dim, in_dim = (g.shape[2], g.shape[1]) if g.transposed else (g.shape[1], g.shape[2])
+    bar.update(sum(t.tensors[d].nbytes + b.tensors[d].nbytes for d in g.slots.values()))
+    norms = []
+    r = max(1, min(rank or max_rank, out_dim, in_dim))
+    if energy is not None:
+        found = []
+        for e in range(experts):
+            delta = g.update(b, t, e, dev)
+            norms.append(float(delta.double().norm()))
+            found.append(_rank(torch.linalg.svdvals(delta).cpu(), None, energy, max_rank) if norms[-1] else 1)
+        r = max(found)
+    if energy is None or any(norms):
+        a_all = torch.empty(experts * r, in_dim, dtype=out_dtype or torch.float32)
+        b_all = torch.empty(out_dim, r, experts, dtype=out_dtype or torch.float32)
+        error2 = kept2 = total2 = 0.0
+        for e in range(experts):
+            delta = g.update(b, t, e, dev)
+            norm = float(delta.double().norm())
+            if norm == 0.0:
+                a_all[e * r:(e + 1) * r], b_all[:, :, e] = 0, 0
+                continue
+            _, a, b_, kept, error = _factors(delta, norm, (r, None, max_rank), out_dtype)
+            k = a.shape[0]                    # r, or fewer where the expert's ΔW has fewer singular values
+            a_all[e * r:e * r + k], a_all[e * r + k:(e + 1) * r] = a, 0
+            b_all[:, :k, e], b_all[:, k:, e] = b_, 0
+            error2, kept2, total2 = error2 + (error * norm) ** 2, kept2 + kept * norm ** 2, total2 + norm ** 2
+        if total2 == 0.0:
+            return
+        state.add(f"{g.name}\0A", a_all)
+        state.add(f"{g.name}\0B", b_all.reshape(out_dim, r * experts))
+        ranks[g.name] = r
+        summary.modules.append({"module": g.name, "tensor": sorted(g.slots.values()), "shape": list(g.shape),
+                                "experts": experts, "rank": r, "rel_error": (error2 / total2) ** 0.5,
+                                "energy": kept2 / total2, "update_norm": total2 ** 0.5})
 
 
 def _factors(delta: torch.Tensor, norm: float, settings, out_dtype: torch.dtype | None):
@@ -227,9 +372,6 @@ def _check(b: Checkpoint, t: Checkpoint, inst: Checkpoint | None) -> list[str]:
         if tuple(t.tensors[name].shape) != tuple(info.shape):
             raise ShadowMergeError(f"{name}: base {list(info.shape)}, tuned {list(t.tensors[name].shape)}; pass the "
                                    f"tuned model and the Base it was trained from")
-        if info.dtype.is_floating_point and len(info.shape) > 2 and "expert" in name:
-            raise ShadowMergeError(f"{name} has shape {list(info.shape)}: fused expert tensors are not extracted yet; "
-                                   f"graft the full update with shadowmerge graft --base --tuned instead")
         if inst is not None and (name not in inst.tensors or tuple(inst.tensors[name].shape) != tuple(info.shape)):
             raise ShadowMergeError(f"--for-instruct: {name} is not in the instruct with shape {list(info.shape)}; pass "
                                    f"the Instruct sibling of this Base")
@@ -270,18 +412,37 @@ class _Spool:
         self.close()
 
 
-def _write(tmp: Path, state: _Spool, ranks: dict[str, int], keep: list[str], model: str,
-           revision: str | None) -> None:
+def _write(tmp: Path, state: _Spool, ranks: dict[str, int], keep: list[str], model_ref: str,
+           revision: str | None, model=None) -> None:
     default = max(set(ranks.values()), key=list(ranks.values()).count)
     pattern = {re.escape(m): r for m, r in ranks.items() if r != default}
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model,
+    params = sorted(n for n in ranks if any(e[0].startswith(n + "\0") for e in state.entries))
+    _parameter_keys(state, params, model)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": model_ref,
               "revision": revision,
               "r": default, "lora_alpha": default, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-              "target_modules": sorted(ranks), "modules_to_save": keep or None, "lora_dropout": 0.0,
+              "target_modules": sorted(set(ranks) - set(params)), "target_parameters": params or None,
+              "modules_to_save": keep or None, "lora_dropout": 0.0,
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "init_lora_weights": True, "inference_mode": True}
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     state.finish(tmp / "adapter_model.safetensors", {"format": "pt"})
+
+
+def _parameter_keys(state: _Spool, params: list[str], model) -> None:
+    """Name the factors of LoRAs on parameters as peft does: a module's targeted parameters wrap it in order of
+    registration, so the last is the outermost (module.lora_A) and each earlier one a base_layer deeper."""
+    by_module: dict[str, list[str]] = {}
+    for name in params:
+        by_module.setdefault(name.rpartition(".")[0], []).append(name)
+    keys = {}
+    for module, targeted in by_module.items():
+        order = [f"{module}.{p}" for p, _ in model.get_submodule(module).named_parameters(recurse=False)]
+        targeted.sort(key=order.index)
+        for depth, name in enumerate(reversed(targeted)):
+            for f in "AB":
+                keys[f"{name}\0{f}"] = f"base_model.model.{module}.{'base_layer.' * depth}lora_{f}.weight"
+    state.entries = [(keys.get(n, n), *rest) for n, *rest in state.entries]
 
 
 def _card(tmp: Path, summary: ExtractSummary, applied_to: Checkpoint, base, tuned, rank, energy, others,

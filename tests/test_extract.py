@@ -218,3 +218,103 @@ def test_vision_language_update_uses_the_loaded_names(family, cli, tmp_path):
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         torch.testing.assert_close(merged[key], before[key] + u[:, :4] @ torch.diag(s[:4]) @ vh[:4], rtol=0, atol=1e-5)
     assert len(record["modules"]) > 10
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe", "mixtral", "qwen3_moe-fused", "gpt_oss"])
+def test_moe_experts_become_a_lora_on_the_fused_parameters(case, make_triple, cli, tmp_path):
+    """Experts stored one by one (Qwen3-MoE, Mixtral) or fused on disk ((experts, out, in), or GPT-OSS's
+    (experts, in, out)) load as one 3-D parameter; the adapter puts a LoRA on it with peft's target_parameters,
+    and peft's merge adds each expert's own rank-r truncation. At full rank with --others copy (routers as full
+    copies) the merge is the three-way graft."""
+    from transformers import AutoModelForCausalLM
+
+    from test_moe import fused_copy
+
+    family = case.split("-")[0]
+    inst, base, tuned = make_triple(family, dtype=torch.float32)
+    if case.endswith("fused"):
+        inst, base, tuned = (fused_copy(m, tmp_path / f"fused-{m.name}", torch.float32) for m in (inst, base, tuned))
+    loaded = {n: AutoModelForCausalLM.from_pretrained(m, dtype=torch.float32).state_dict()
+              for n, m in (("I", inst), ("B", base), ("T", tuned))}
+    I, B, T = loaded["I"], loaded["B"], loaded["T"]
+    out = tmp_path / "lora"
+    res = cli("extract", "--base", base, "--tuned", tuned, "--out", out, "--rank", "2", "--for-instruct", inst,
+              "--others", "copy", "-q")
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    fused = sorted(n for n, v in I.items() if v.dim() == 3)
+    assert cfg["target_parameters"] == fused and len(fused) == 4
+    merged = peft_merged(inst, out)
+    record = {m["module"]: m for m in json.loads((out / "extract.json").read_text())["modules"]}
+    transposed = family == "gpt_oss"
+    for name in fused:
+        delta = T[name] - B[name]
+        for e in range(delta.shape[0]):
+            m = delta[e].T if transposed else delta[e]
+            u, s, vh = torch.linalg.svd(m, full_matrices=False)
+            best = u[:, :2] @ torch.diag(s[:2]) @ vh[:2]
+            torch.testing.assert_close(merged[name][e], I[name][e] + (best.T if transposed else best), rtol=0,
+                                       atol=1e-5, msg=f"{name} expert {e}")
+        got = float((merged[name] - I[name] - delta).norm() / delta.norm())
+        assert record[name]["experts"] == delta.shape[0] and record[name]["rank"] == 2
+        assert got == pytest.approx(record[name]["rel_error"], rel=1e-3)
+    routers = [n for n in I if n.endswith("mlp.gate.weight") or n.endswith("router.weight")]
+    assert routers and all(torch.equal(merged[n], I[n] + (T[n] - B[n])) for n in routers)   # full copies
+    res = cli("extract", "--base", base, "--tuned", tuned, "--out", tmp_path / "full", "--rank", "64",
+              "--for-instruct", inst, "--others", "copy", "-q")
+    assert res.exit_code == 0, res.output
+    shadowmerge.graft(inst, base, tuned, tmp_path / "graft", progress=False)
+    G = AutoModelForCausalLM.from_pretrained(tmp_path / "graft", dtype=torch.float32).state_dict()
+    M = peft_merged(inst, tmp_path / "full")
+    for name, want in G.items():
+        if name.endswith("weight") or name in fused:        # biases and GPT-OSS's attention sinks are dropped
+            torch.testing.assert_close(M[name], want, rtol=0, atol=2e-5 * float(want.abs().max()), msg=name)
+
+
+def test_moe_energy_takes_the_largest_rank_any_expert_needs(make_triple, cli, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    inst, base, tuned = make_triple("qwen3_moe", dtype=torch.float32)
+    out = tmp_path / "lora"
+    res = cli("extract", "--base", base, "--tuned", tuned, "--out", out, "--energy", "0.5", "--max-rank", "64", "-q")
+    assert res.exit_code == 0, res.output
+    B = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).state_dict()
+    T = AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32).state_dict()
+    merged = peft_merged(base, out)          # peft takes the parameters' ranks from rank_pattern
+    ranks = set()
+    for m in json.loads((out / "extract.json").read_text())["modules"]:
+        if "experts" not in m:
+            continue
+        need, r = [], m["rank"]
+        for e, d in enumerate(T[m["module"]] - B[m["module"]]):
+            s = torch.linalg.svdvals(d.double())
+            need.append(int((torch.cumsum(s ** 2, 0) / (s ** 2).sum() < 0.5).sum()) + 1)
+            u, s, vh = torch.linalg.svd(d, full_matrices=False)
+            torch.testing.assert_close(merged[m["module"]][e], B[m["module"]][e] + u[:, :r] @ torch.diag(s[:r]) @ vh[:r],
+                                       rtol=0, atol=1e-5)
+        assert r == max(need) and m["energy"] >= 0.5
+        ranks.add(r)
+    assert len(ranks) > 1 or ranks != {json.loads((out / "adapter_config.json").read_text())["r"]}
+
+
+def test_expert_tensors_that_are_no_fused_parameter_are_refused(make_triple, cli, tmp_path):
+    """A changed 3-D expert tensor the model does not load as a parameter, or an expert set with one missing,
+    cannot be one LoRA: a one-line error, nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    def resave(folder, edit):
+        sd = load_file(folder / "model.safetensors")
+        edit(sd)
+        save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+
+    inst, base, tuned = make_triple("llama", dtype=torch.float32)
+    for folder, value in ((base, 0.0), (tuned, 1.0)):
+        resave(folder, lambda sd: sd.update({"model.layers.0.mlp.experts.w": torch.full((2, 3, 4), value)}))
+    run_bad(cli, tmp_path, [base, tuned], "--base", base, "--tuned", tuned, "--rank", "2", command=("extract",),
+            expect="model.layers.0.mlp.experts.w has shape [2, 3, 4]: these expert tensors are not a parameter")
+    inst, base, tuned = make_triple("qwen3_moe", dtype=torch.float32)
+    for folder in (base, tuned):
+        resave(folder, lambda sd: sd.pop("model.layers.1.mlp.experts.2.up_proj.weight"))
+    run_bad(cli, tmp_path, [base, tuned], "--base", base, "--tuned", tuned, "--rank", "2", command=("extract",),
+            expect="model.layers.1.mlp.experts.gate_up_proj: the checkpoint's 7 expert tensors do not make up its "
+                   "[4, 64, 64]")

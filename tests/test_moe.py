@@ -65,14 +65,14 @@ def test_an_adapter_peft_cannot_load_is_refused_too(make_triple, cli, tmp_path):
             expect="says r=8 for 4 expert(s), so lora_A should have 32 rows, but it has 24")
 
 
-def fused_copy(inst, folder):
+def fused_copy(inst, folder, dtype=torch.bfloat16):
     """The Instruct saved in the in-memory layout (experts fused), as some tools write it."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     folder.mkdir()
     (folder / "config.json").write_bytes((inst / "config.json").read_bytes())
-    state = AutoModelForCausalLM.from_pretrained(inst, dtype=torch.bfloat16).state_dict()
+    state = AutoModelForCausalLM.from_pretrained(inst, dtype=dtype).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 
