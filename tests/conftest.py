@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +13,12 @@ from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tinymodels  # noqa: E402
+
+# A shell starts background jobs with SIGINT ignored, and children inherit "ignored" (never a handler): the
+# tests that interrupt a real process with Ctrl-C would then see it carry on. Handle it here, so children
+# start with the default, as under a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # Where the arithmetic runs: every exactness test takes `device` from here. The cuda cases are skipped on a
