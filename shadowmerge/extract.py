@@ -39,7 +39,7 @@ from .devices import exact_float32, parse_device
 from .errors import ShadowMergeError
 from .names import disk_to_memory, meta_model, stacked_experts
 from .output import OutputFolder
-from .pipeline import parse_dtype
+from .pipeline import dtype_name, parse_dtype
 from .progress import bar as progress_bar
 from .stformat import build_header
 
@@ -142,7 +142,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
                                                                                                names))
             summary.seconds = time.perf_counter() - start
             _report(tmp, summary, opened, {"rank": rank, "energy": energy, "max_rank": max_rank, "others": others,
-                                           "dtype": _dtype_name(out_dtype), "device": str(dev)})
+                                           "dtype": dtype_name(out_dtype), "device": str(dev)})
             _card(tmp, summary, applied_to, base, tuned, rank, energy, others, command)
             target.commit()
         return summary
@@ -295,38 +295,36 @@ def _extract_experts(g: _Experts, b: Checkpoint, t: Checkpoint, settings, summar
     experts = g.shape[0]
     out_dim, in_dim = (g.shape[2], g.shape[1]) if g.transposed else (g.shape[1], g.shape[2])
     bar.update(sum(t.tensors[d].nbytes + b.tensors[d].nbytes for d in g.slots.values()))
-    norms = []
-    r = max(1, min(rank or max_rank, out_dim, in_dim))
-    if energy is not None:
-        found = []
+    if energy is None:
+        r = max(1, min(rank, out_dim, in_dim))
+    else:                   # a first pass: the largest rank an expert needs (None: no expert changed)
+        r = None
         for e in range(experts):
             delta = g.update(b, t, e, dev)
-            norms.append(float(delta.double().norm()))
-            found.append(_rank(torch.linalg.svdvals(delta).cpu(), None, energy, max_rank) if norms[-1] else 1)
-        r = max(found)
-    if energy is None or any(norms):
-        a_all = torch.empty(experts * r, in_dim, dtype=out_dtype or torch.float32)
-        b_all = torch.empty(out_dim, r, experts, dtype=out_dtype or torch.float32)
-        error2 = kept2 = total2 = 0.0
-        for e in range(experts):
-            delta = g.update(b, t, e, dev)
-            norm = float(delta.double().norm())
-            if norm == 0.0:
-                a_all[e * r:(e + 1) * r], b_all[:, :, e] = 0, 0
-                continue
-            _, a, b_, kept, error = _factors(delta, norm, (r, None, max_rank), out_dtype)
-            k = a.shape[0]                    # r, or fewer where the expert's ΔW has fewer singular values
-            a_all[e * r:e * r + k], a_all[e * r + k:(e + 1) * r] = a, 0
-            b_all[:, :k, e], b_all[:, k:, e] = b_, 0
-            error2, kept2, total2 = error2 + (error * norm) ** 2, kept2 + kept * norm ** 2, total2 + norm ** 2
-        if total2 == 0.0:
+            if float(delta.double().norm()):
+                r = max(r or 1, _rank(torch.linalg.svdvals(delta).cpu(), None, energy, max_rank))
+        if r is None:
             return
-        state.add(f"{g.name}\0A", a_all)
-        state.add(f"{g.name}\0B", b_all.reshape(out_dim, r * experts))
-        ranks[g.name] = r
-        summary.modules.append({"module": g.name, "tensor": sorted(g.slots.values()), "shape": list(g.shape),
-                                "experts": experts, "rank": r, "rel_error": (error2 / total2) ** 0.5,
-                                "energy": kept2 / total2, "update_norm": total2 ** 0.5})
+    a_all = torch.zeros(experts * r, in_dim, dtype=out_dtype or torch.float32)
+    b_all = torch.zeros(out_dim, r, experts, dtype=out_dtype or torch.float32)
+    error2 = kept2 = total2 = 0.0
+    for e in range(experts):
+        delta = g.update(b, t, e, dev)
+        norm = float(delta.double().norm())
+        if norm == 0.0:
+            continue                          # its factors stay zero
+        _, a, b_, kept, error = _factors(delta, norm, (r, None, max_rank), out_dtype)
+        k = a.shape[0]                        # r, or fewer where the expert's ΔW has fewer singular values
+        a_all[e * r:e * r + k], b_all[:, :k, e] = a, b_
+        error2, kept2, total2 = error2 + (error * norm) ** 2, kept2 + kept * norm ** 2, total2 + norm ** 2
+    if total2 == 0.0:
+        return
+    state.add(f"{g.name}\0A", a_all)
+    state.add(f"{g.name}\0B", b_all.reshape(out_dim, r * experts))
+    ranks[g.name] = r
+    summary.modules.append({"module": g.name, "tensor": sorted(g.slots.values()), "shape": list(g.shape),
+                            "experts": experts, "rank": r, "rel_error": (error2 / total2) ** 0.5,
+                            "energy": kept2 / total2, "update_norm": total2 ** 0.5})
 
 
 def _factors(delta: torch.Tensor, norm: float, settings, out_dtype: torch.dtype | None):
@@ -344,10 +342,6 @@ def _factors(delta: torch.Tensor, norm: float, settings, out_dtype: torch.dtype 
         a, b_ = a.to(out_dtype), b_.to(out_dtype)
         error = float(torch.linalg.matrix_norm(delta - b_.float() @ a.float()).double()) / norm
     return r, a.cpu(), b_.cpu(), kept, error
-
-
-def _dtype_name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _is(model, module: str, kind: type) -> bool:

@@ -55,6 +55,7 @@ class FakeHub:
         self.tamper = False                # ... or serve whole files other than the ranges said
         self.no_content_range = False      # ... or answer a range without saying the file's size
         self.unsized = False               # model info without file sizes
+        self.encoding: str | None = None   # a Content-Encoding on every range answer (a compressing proxy)
         self.stall: tuple[str, float] | None = None    # (path regex, seconds): wait that long before answering
         self.info_sha: str | None = None   # model info naming this commit ("" for none) instead of the real one
         self.listed: dict[str, int] = {}   # file name -> the size model info claims for it
@@ -197,7 +198,8 @@ class FakeHub:
             entry.start = start
             return self._send(h, 206, data[start:end + 1],
                               {**headers, **({} if self.no_content_range else
-                                             {"Content-Range": f"bytes {start}-{end}/{len(data)}"})}, head, entry)
+                                             {"Content-Range": f"bytes {start}-{end}/{len(data)}"}),
+                               **({"Content-Encoding": self.encoding} if self.encoding else {})}, head, entry)
         return self._send(h, 200, data, headers, head, entry)
 
     @staticmethod

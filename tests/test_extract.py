@@ -300,12 +300,7 @@ def test_moe_energy_takes_the_largest_rank_any_expert_needs(make_triple, cli, tm
 def test_expert_tensors_that_are_no_fused_parameter_are_refused(make_triple, cli, tmp_path):
     """A changed 3-D expert tensor the model does not load as a parameter, or an expert set with one missing,
     cannot be one LoRA: a one-line error, nothing written."""
-    from safetensors.torch import load_file, save_file
-
-    def resave(folder, edit):
-        sd = load_file(folder / "model.safetensors")
-        edit(sd)
-        save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    from test_errors import resave
 
     inst, base, tuned = make_triple("llama", dtype=torch.float32)
     for folder, value in ((base, 0.0), (tuned, 1.0)):

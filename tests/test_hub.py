@@ -238,7 +238,8 @@ def test_graft_a_hub_adapter(hub, models, tmp_path):
     ("listed", {SHARDS[0]: 12345}, "bytes, the Hub lists it as 12345; run again"),
     ("listed", {"config.json": 65 << 20}, "config.json is 68157440 bytes on the Hub, more than a model's JSON"),
     ({"no_content_range": True, "unsized": True}, None, "the server's answer for model-0000"),
-], ids=["tampered", "no-sha", "stale-sha", "wrong-size", "huge-config", "no-size-anywhere"])
+    ("encoding", "gzip", "with HTTP 206 (gzip); it cannot be read header first"),
+], ids=["tampered", "no-sha", "stale-sha", "wrong-size", "huge-config", "no-size-anywhere", "encoded"])
 def test_a_server_that_breaks_its_word(hub, tmp_path, fault, value, expect):
     """A server that omits sizes or commits, or contradicts itself, is refused before it sends a weight byte;
     one whose files differ from the headers it served is caught before any byte of them is used."""
