@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 LF_VENV := .venv-llamafactory
 LF_PIN := -c tests/with_llamafactory/constraints.txt
 
-.PHONY: demo test test-llamafactory bench clean
+.PHONY: demo test test-kernels test-latest lock test-llamafactory bench clean
 
 $(VENV)/.ready: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(VENV)/.ready
 
 test: $(VENV)/.ready
 	$(PY) -m pytest -q
+
+# The exactness tests under every combination of float32 kernels (MKL AVX2/AVX-512, ATen default/avx2/avx512)
+# and thread counts (1, 2); `make test` runs three combinations that cover each value.
+test-kernels: $(VENV)/.ready
+	SHADOWMERGE_KERNELS=all $(PY) -m pytest -q tests/test_kernels.py
 
 # LLaMA-Factory's round trip, in its own virtualenv: it pins trl <= 0.24 (the main venv needs >= 0.29) and
 # imports torchaudio, whose PyPI wheels need a CUDA build of torch (about 7 GB, downloaded once).

@@ -6,8 +6,16 @@ Python's `re` has no timeout, and `(.*)*X` against a long module name backtracks
 transformers use `re`, so this is the syntax adapters are written for, and parsing expands
 nothing); patterns that are too long, that nest an unbounded repetition in another (`(.*)*X`, the
 classic catastrophic shape), or whose repetitions would expand too far are refused; then `regex`
-compiles it and every match runs under a timeout drawn from one budget per Matcher (the backstop
-for the slow patterns no static rule sees, like `(.|[a-z])*\d\d`).
+compiles it and every match runs under a timeout (the backstop for the slow patterns no static rule
+sees, like `(.|[a-z])*\d\d`).
+
+The budget counts only the CPU time this thread spends matching, never the wall clock: time spent
+elsewhere (opening checkpoints, building a meta model, other processes on a busy machine) is not
+charged to a pattern. One match may take at most MATCH_SECONDS, and all the matches of one Matcher
+at most BUDGET_SECONDS plus MATCH_ALLOWANCE per match made (a legitimate pattern costs a few
+microseconds per module name, so thousands of names times dozens of keys stay far inside it).
+`regex`'s own timeout is wall-clock, so a match that timed out while this thread was descheduled
+is run again with the CPU time it has left.
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ except ImportError:                     # pragma: no cover - Python 3.10
 
 MAX_LENGTH = 1000           # characters of one pattern
 MAX_EXPANSION = 10_000      # pattern items after expanding counted repetitions
-BUDGET_SECONDS = 2.0        # all matching of one Matcher (an adapter config, or the --include/--exclude pair)
+MATCH_SECONDS = 1.0         # CPU time of one match
+BUDGET_SECONDS = 2.0        # CPU time of all matching of one Matcher (an adapter config, or --include/--exclude) ...
+MATCH_ALLOWANCE = 50e-6     # ... plus this much per match made
 
 
 _REPEATS = tuple(op for op in (_c.MAX_REPEAT, _c.MIN_REPEAT, getattr(_c, "POSSESSIVE_REPEAT", None)) if op)
@@ -81,7 +91,7 @@ class Matcher:
 
     def __init__(self, what: str, budget: float = BUDGET_SECONDS):
         self.what = what
-        self.deadline = time.monotonic() + budget
+        self.budget = budget            # CPU seconds left; grows by MATCH_ALLOWANCE with each match
         self._compiled: dict[str, regex.Pattern] = {}
 
     def compile(self, pattern: str, label: str) -> regex.Pattern:
@@ -112,14 +122,23 @@ class Matcher:
 
     def _run(self, method: str, pattern: str, text: str, label: str):
         compiled = self.compile(pattern, label)
-        left = self.deadline - time.monotonic()
-        try:
+        self.budget += MATCH_ALLOWANCE
+        spent = 0.0
+        while True:
+            left = min(self.budget, MATCH_SECONDS - spent)
             if left <= 0:
-                raise TimeoutError
-            return getattr(compiled, method)(text, timeout=left)
-        except TimeoutError:
-            raise ShadowMergeError(f"{self.what} {label}".strip() + f" {pattern[:80]!r} takes too long to match (catastrophic "
-                                   f"backtracking, e.g. on {text[:80]!r}); simplify it") from None
+                raise ShadowMergeError(f"{self.what} {label}".strip() + f" {pattern[:80]!r} takes too long to match "
+                                       f"(catastrophic backtracking, e.g. on {text[:80]!r}); simplify it, e.g. "
+                                       f"replace '.*' by '[^.]*' or anchor it to a module name") from None
+            start = time.thread_time()
+            try:
+                return getattr(compiled, method)(text, timeout=left)
+            except TimeoutError:
+                pass                    # out of time, or descheduled: what it used decides
+            finally:
+                used = time.thread_time() - start
+                spent += used
+                self.budget -= used
 
     def search(self, pattern: str, text: str, label: str):
         return self._run("search", pattern, text, label)

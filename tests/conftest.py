@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -19,6 +20,11 @@ import tinymodels  # noqa: E402
 # start with the default, as under a terminal.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# torch's thread count for the exactness tests under other kernels and thread counts (test_kernels.py)
+if os.environ.get("SHADOWMERGE_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["SHADOWMERGE_TEST_THREADS"]))
 
 
 # Where the arithmetic runs: every exactness test takes `device` from here. The cuda cases are skipped on a

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapters import assert_close_to_merge, make_adapter, peft_merged, shadow_reference, ulp_distance
+from adapters import assert_close_to_merge, make_adapter, peft_merged, shadow_reference
 from conftest import CUDA, DEVICES, run_bad, tree_digest
 from tinymodels import state
 
@@ -53,7 +53,7 @@ def test_lora_graft_equals_peft_merge(case, make_triple, cli, tmp_path, device):
     for name, got in out.items():
         assert_close_to_merge(got, peft_i[name].to(dtype), device, name)
         if dtype != torch.float32:   # in float32, the reference's own rounding of B + dW - B is that large
-            assert ulp_distance(got, shadow[name]) <= 1, name
+            assert_close_to_merge(got, shadow[name], device, name, order_differs=True)   # it rounds B + dW
         if name in targeted:
             assert not torch.equal(got, I[name]), f"{name} was targeted but did not change"
         else:
@@ -100,8 +100,8 @@ def test_base_dependent_adapters_need_base_and_graft_the_base_update(case, make_
     out, I, B = state(tmp_path / "out"), state(inst), state(base)
     shadow = shadow_reference(I, B, peft_merged(base, adapter), torch.bfloat16)
     changed = 0
-    for name, got in out.items():
-        assert ulp_distance(got, shadow[name]) <= 1, name
+    for name, got in out.items():      # DoRA: peft's norms are float32 sums, ours float64
+        assert_close_to_merge(got, shadow[name], device, name, order_differs=True, norm_terms=max(got.shape, default=0))
         changed += not torch.equal(got, I[name])
     assert changed >= 2
 
@@ -116,7 +116,7 @@ def test_embedding_copy_saved_by_peft_is_not_grafted(make_triple, cli, tmp_path)
     I, B = state(inst), state(base)
     shadow = shadow_reference(I, B, peft_merged(base, adapter), torch.bfloat16)
     got = state(tmp_path / "out")["model.embed_tokens.weight"]
-    assert ulp_distance(got, shadow["model.embed_tokens.weight"]) <= 1
+    assert_close_to_merge(got, shadow["model.embed_tokens.weight"], "cpu", "embed_tokens", order_differs=True)
     record = json.loads((tmp_path / "out" / "shadowmerge.json").read_text())
     assert record["adapter"]["base_copies_not_used"] == ["model.embed_tokens.weight"]
 
@@ -136,7 +136,7 @@ def test_alpha_exclude_and_dry_run(make_triple, cli, tmp_path):
             assert torch.equal(got, I[name]), name
         else:
             want = (I[name].float() + 0.5 * (merged[name] - B[name].float())).to(torch.bfloat16)
-            assert ulp_distance(got, want) <= 1, name
+            assert_close_to_merge(got, want, "cpu", name, order_differs=True)      # the reference rounds B + dW
 
 
 def test_quantized_base_is_warned_about(make_triple, cli, tmp_path):

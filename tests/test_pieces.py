@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import shadowmerge
-from adapters import assert_close_to_merge, make_adapter, peft_merged, shadow_reference, ulp_distance
+from adapters import assert_close_to_merge, make_adapter, peft_merged, shadow_reference
 from conftest import DEVICES
 from test_lora import BASE_CASES, PLAIN_CASES
 from tinymodels import state
@@ -119,8 +119,8 @@ def test_lora_pieces_equal_peft(case, pieces, make_triple, cli, tmp_path, small_
     res = cli("graft", "--instruct", inst, "--lora", adapter, "--out", tmp_path / "out", "-q", "--device", device)
     assert res.exit_code == 0, res.output
     out, peft_i = state(tmp_path / "out"), peft_merged(inst, adapter)
-    for name, got in out.items():
-        assert_close_to_merge(got, peft_i[name].to(dtype), device, name)
+    for name, got in out.items():     # pieces smaller than a matrix: B @ A summed in another order than peft's
+        assert_close_to_merge(got, peft_i[name].to(dtype), device, name, order_differs=True)
 
 
 @pytest.mark.parametrize("pieces", PIECES, ids=lambda p: f"chunk{p[0]}-tile{p[1]}")
@@ -138,7 +138,7 @@ def test_dora_and_full_copies_in_pieces_equal_peft(case, pieces, make_triple, cl
     out, I, B = state(tmp_path / "out"), state(inst), state(base)
     shadow = shadow_reference(I, B, peft_merged(base, adapter), torch.bfloat16)
     for name, got in out.items():
-        assert ulp_distance(got, shadow[name]) <= 1, name
+        assert_close_to_merge(got, shadow[name], device, name, order_differs=True, norm_terms=max(got.shape, default=0))
 
 
 def test_ranges_cover_every_element_once_within_the_bounds():

@@ -1,0 +1,45 @@
+"""The exactness tests again under other float32 kernels and thread counts, in fresh processes.
+
+A fresh clone on an AVX-512 machine was red while CI elsewhere was green: MKL and ATen pick their float32
+kernels (AVX2, AVX-512, AMX) and thread splits at start-up, and those round sums differently. Each case
+below starts pytest anew with the kernels pinned by MKL_ENABLE_INSTRUCTIONS and ATEN_CPU_CAPABILITY and
+torch's thread count set (conftest reads SHADOWMERGE_TEST_THREADS), and runs the graft, LoRA, DoRA,
+pieces and similarity exactness tests there. The three cases cover every value of each setting;
+`make test-kernels` runs all twelve combinations. A kernel the CPU lacks falls back to a narrower one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXACTNESS = ["tests/test_graft.py::test_bit_exact_against_reference_expression",
+             "tests/test_graft.py::test_small_chunks_give_the_same_bytes",
+             "tests/test_graft.py::test_mixed_input_dtypes_are_exact",
+             "tests/test_lora.py::test_lora_graft_equals_peft_merge",
+             "tests/test_lora.py::test_base_dependent_adapters_need_base_and_graft_the_base_update",
+             "tests/test_pieces.py::test_dora_and_full_copies_in_pieces_equal_peft",
+             "tests/test_pieces.py::test_full_graft_of_huge_rows_is_bit_exact",
+             "tests/test_similarity.py::test_sigma_is_exact_on_hand_made_tensors",
+             "tests/test_similarity.py::test_chunks_do_not_change_the_sums",
+             "tests/test_similarity.py::test_both_aggregations_match_independent_code"]
+MKL, ATEN, THREADS = ("AVX2", "AVX512"), ("default", "avx2", "avx512"), (1, 2)
+CASES = [("AVX2", "default", 1), ("AVX512", "avx2", 2), ("AVX512", "avx512", 1)]
+if os.environ.get("SHADOWMERGE_KERNELS") == "all":
+    CASES = list(itertools.product(MKL, ATEN, THREADS))
+
+
+@pytest.mark.parametrize("mkl, aten, threads", CASES, ids=[f"mkl-{m}-aten-{a}-threads{t}" for m, a, t in CASES])
+def test_exactness_holds_on_other_kernels_and_thread_counts(mkl, aten, threads, tmp_path):
+    env = dict(os.environ, MKL_ENABLE_INSTRUCTIONS=mkl, ATEN_CPU_CAPABILITY=aten, SHADOWMERGE_TEST_THREADS=str(threads))
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu",
+                          "--basetemp", str(tmp_path / "t"), *EXACTNESS], cwd=ROOT, env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and " failed" not in res.stdout
