@@ -257,7 +257,11 @@ class Checkpoint(TensorStore):
     def _read_config(self) -> dict:
         path = self.folder / "config.json"
         if not os.path.lexists(path):
-            raise ShadowMergeError(f"{self.label} {self.folder}: no config.json; pass a Hugging Face model folder")
+            if os.path.lexists(self.folder / "adapter_config.json"):
+                raise ShadowMergeError(f"{self.label} {self.folder}: this looks like a LoRA adapter (adapter_config.json, "
+                                       f"no config.json): pass it as --lora, with the Instruct as --instruct")
+            raise ShadowMergeError(f"{self.label} {self.folder}: no config.json; pass a Hugging Face model folder "
+                                   f"(one saved with save_pretrained, or a Hub id)")
         cfg = jsonfile.load(path, f"{self.label} config", hint="re-download the model or fix its config.json")
         where = f"{self.label} {path}:"
         hint = "fix the config.json"

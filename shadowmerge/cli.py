@@ -63,6 +63,15 @@ class _Group(click.Group):
             sys.exit(1)
 
 
+def _warn_adapter_loading() -> None:
+    """After writing an adapter: one line where the installed transformers cannot load it its own way."""
+    from .versions import adapter_loading_warning
+
+    warning = adapter_loading_warning()
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
+
+
 def _command() -> str:
     """The command line this run was started with ("shadowmerge graft ..."), for the output's model card."""
     from .card import command_line
@@ -105,9 +114,11 @@ def main():
 @click.option("--dry-run", is_flag=True, help="Print the plan from the headers; read no tensor data, write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
 @click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf results with a warning instead of failing.")
+@click.option("--no-role-check", is_flag=True, help="Graft even when --instruct, --base and --tuned look exchanged "
+              "(they are checked on a sample of tensors; for deliberate experiments).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def graft(instruct, base, tuned, lora, out, alpha, include, exclude, dtype, shard_size, device, vocab, force,
-          dry_run, allow_pickle, allow_nonfinite, quiet):
+          dry_run, allow_pickle, allow_nonfinite, no_role_check, quiet):
     """Graft a Base fine-tune onto the Instruct: OUT = I + ALPHA * (TUNED - BASE).
 
     With --lora, the update is the adapter's: scale * B @ A per adapted weight (DoRA and
@@ -129,6 +140,7 @@ def graft(instruct, base, tuned, lora, out, alpha, include, exclude, dtype, shar
     summary = run_graft(instruct, base, tuned, out, lora=lora, alpha=alpha, include=include, exclude=exclude, dtype=dtype,
                         shard_size=shard_size, device=device, vocab=vocab, force=force, dry_run=dry_run,
                         allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, progress=not quiet,
+                        check_roles=not no_role_check,
                         command=_command())
     click.echo(str(summary))
 
@@ -324,6 +336,7 @@ def extract(base, tuned, out, rank, energy, max_rank, for_instruct, others, dtyp
                                for_instruct=for_instruct, others=others, dtype=dtype, device=device, force=force,
                                allow_pickle=allow_pickle,
                                progress=not quiet, command=_command())))
+    _warn_adapter_loading()
 
 
 @main.command(context_settings={"max_content_width": 100})
@@ -386,6 +399,7 @@ def retarget(adapter, instruct, out, force, allow_pickle, quiet):
 
     click.echo(str(run_retarget(adapter, instruct, out, force=force, allow_pickle=allow_pickle, progress=not quiet,
                                 command=_command())))
+    _warn_adapter_loading()
 
 
 if __name__ == "__main__":

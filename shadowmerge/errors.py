@@ -7,3 +7,12 @@ else that escapes is a bug and keeps its traceback.
 
 class ShadowMergeError(Exception):
     """An expected failure; the message says what is wrong and what to do."""
+
+
+class NoUpdate(ShadowMergeError):
+    """A graft whose update is zero, or below the output precision, in every grafted tensor: the output would be
+    the Instruct again. Carries the counts, for train's own message."""
+
+    def __init__(self, message: str, unchanged: int, identical: int):
+        super().__init__(message)
+        self.unchanged, self.identical = unchanged, identical

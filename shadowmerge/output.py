@@ -42,7 +42,7 @@ from pathlib import Path
 
 from .errors import ShadowMergeError
 from .plan import human_bytes
-from .sidefiles import RECORD, side_files
+from .sidefiles import DESCRIBE_THE_INPUT, RECORD, side_files
 
 TMP_TAG = ".shadowmerge-"
 _WRITE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only filesystem",
@@ -243,14 +243,16 @@ class OutputFolder:
             probe = probe.parent
         if not probe.is_dir():
             raise ShadowMergeError(f"{flag} {target}: {probe} is a file, not a folder; choose another {flag}")
+        if os.statvfs(probe).f_blocks == 0:      # proc, sysfs: no storage, files cannot be made there
+            raise ShadowMergeError(f"{flag} {target}: {probe} is on a virtual filesystem (like /proc or /sys) that "
+                                   f"cannot hold files; choose a folder on a disk")
         if not os.access(probe, os.W_OK | os.X_OK):
             raise ShadowMergeError(f"{flag} {target}: cannot write in {probe} (read-only or no permission); "
                                    f"choose a writable {flag}")
         if os.path.lexists(self.target):
             if not force:
                 raise ShadowMergeError(f"{target} already exists; choose another {flag} or pass --force to replace it")
-            if not self.target.is_dir():
-                raise ShadowMergeError(f"{target} exists and is not a folder; choose another {flag}")
+            self._check_replaceable()
         free = shutil.disk_usage(probe).free
         if need_bytes > free:
             raise ShadowMergeError(f"not enough disk space in {probe}: the output needs {human_bytes(need_bytes)}, "
@@ -261,6 +263,16 @@ class OutputFolder:
         self.tmp: Path | None = None
         self.timings: dict[str, float] = {}      # seconds of the final step's parts, for summaries and benchmarks
         self.digests: dict[str, str] = {}        # sha256 of files already hashed while written (relative names)
+
+    def _check_replaceable(self) -> None:
+        """--force replaces only what shadowmerge wrote: a folder with one of its run records, or an empty one."""
+        target = self.target
+        if target.is_symlink() or not target.is_dir():
+            raise ShadowMergeError(f"{target} exists and is not a folder; --force replaces only an output shadowmerge "
+                                   f"wrote: move it away or choose another {self.flag}")
+        if not is_shadowmerge_output(target) and any(target.iterdir()):
+            raise ShadowMergeError(f"{target} was not written by shadowmerge (it has no shadowmerge record); --force "
+                                   f"replaces only shadowmerge's outputs: move it away or choose another {self.flag}")
 
     # --- entering: parents, lock, stale leftovers, the temporary folder --------------------------
     def __enter__(self) -> Path:
@@ -328,6 +340,7 @@ class OutputFolder:
                 except FileExistsError:
                     if not self.force:
                         raise self._appeared() from None
+                    self._check_replaceable()       # what appeared meanwhile must be ours too
                 try:
                     rename(tmp, target, exchange=True)
                     self._old = tmp          # the old output now lives at the temporary name
@@ -351,6 +364,7 @@ class OutputFolder:
         if os.path.lexists(target):
             if not self.force:
                 raise self._appeared()
+            self._check_replaceable()
             old = Path(f"{tmp}old")      # still named like this run's temporary folders, so a later run can clean it
             os.rename(target, old)
             self._old = old
@@ -393,13 +407,35 @@ class OutputFolder:
                                 f"choose a writable {self.flag}")
 
 
+#: the run records shadowmerge's commands write at the top of an output folder ("tool": "shadowmerge ...")
+RECORDS = (RECORD, "run.json", "extract.json", "report.json")
+
+
+def is_shadowmerge_output(folder: Path) -> bool:
+    """Does folder hold a run record that shadowmerge wrote (a JSON object whose "tool" is "shadowmerge ...")?"""
+    from . import jsonfile
+
+    for name in RECORDS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            tool = jsonfile.load(path, "record").get("tool")
+        except ShadowMergeError:
+            continue
+        if isinstance(tool, str) and tool.startswith("shadowmerge "):
+            return True
+    return False
+
+
 def copy_side_files(src: Path, dst: Path, dtype_name: str | None, skip: tuple[str, ...] = ()) -> list[str]:
-    """Copy the Instruct's side files (but those named in skip); record a changed output dtype in config.json."""
+    """Copy the Instruct's side files (but those named in skip, and those that describe the Instruct itself: its
+    card, provenance, training run); record a changed output dtype in config.json."""
     from . import jsonfile
 
     names = []
     for path in side_files(src):
-        if path.name in skip:
+        if path.name in skip or path.name in DESCRIBE_THE_INPUT:
             continue
         shutil.copyfile(path, dst / path.name)
         names.append(path.name)

@@ -18,7 +18,7 @@ from . import __version__, engine, hub
 from .checkpoint import Checkpoint
 from .deltas import FullDelta
 from .devices import parse_device
-from .errors import ShadowMergeError
+from .errors import NoUpdate, ShadowMergeError
 from .output import OutputFolder, copy_side_files, write_record
 from .plan import Plan, build_plan, human_bytes
 from .progress import bar as progress_bar
@@ -94,13 +94,14 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
           exclude: str | None = None, dtype: str | torch.dtype | None = None, shard_size: str | int = "5GB",
           device: str = "cpu", vocab: str = "error", force: bool = False, dry_run: bool = False,
           allow_pickle: bool = False, allow_nonfinite: bool = False, progress: bool = True,
-          command: str | None = None) -> GraftSummary:
+          command: str | None = None, check_roles: bool = True) -> GraftSummary:
     """Graft a Base model's fine-tuning update onto its Instruct sibling: out = I + alpha * delta.
 
     The delta is tuned - base (a full fine-tune: `base`, `tuned`) or a PEFT LoRA adapter trained on
     the Base (`lora`; `base` too for DoRA and modules_to_save). Arithmetic is float32, cast once to
     the output dtype (the Instruct tensor's, unless `dtype`). With `dry_run=True` only headers are
-    read and the plan is returned, nothing is written.
+    read and the plan is returned, nothing is written. Inputs whose roles look exchanged (roles.py) are
+    refused unless `check_roles=False`.
     """
     start = time.perf_counter()
     if lora is not None and tuned is not None:
@@ -122,6 +123,11 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
         plan = open_and_plan(ckpts, instruct, base, tuned, lora, alpha=alpha, include=include, exclude=exclude,
                              dtype=out_dtype, vocab=vocab, allow_pickle=allow_pickle)
         inst, source = plan.instruct, plan.source
+        _refuse_repeated_inputs(ckpts, lora)
+        if check_roles and lora is not None and ckpts[-1].trained_on_model(inst):
+            raise ShadowMergeError(f"--instruct {instruct} is the model the adapter was trained on (its "
+                                   f"base_model_name_or_path): grafting there is a plain merge, not Shadow-FT; pass "
+                                   f"the Instruct sibling of that Base, or --no-role-check to merge it into its own model")
         shards = layout([(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in plan.tensors], shard_bytes)
         shard_of = {e[0]: i for i, s in enumerate(shards, 1) for e in s.entries}
         if dry_run:
@@ -132,6 +138,10 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
         with target as tmp:
             for c in ckpts:          # Hub inputs: download what the graft reads, now that everything was checked
                 c.fetch(progress, side=c is inst)
+            if check_roles and lora is None:
+                from . import roles
+
+                roles.check(plan, ckpts)
             with progress_bar(plan.total_bytes, progress, "graft") as bar:
                 writer = ShardWriter(tmp, shards, on_bytes=bar.update)
                 try:
@@ -145,10 +155,17 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
                 warnings.append(f"{len(stats.nonfinite)} tensor(s) written with NaN/Inf values: "
                                 f"{', '.join(stats.nonfinite[:5])}")
             grafted = sum(1 for t in plan.tensors if t.graft_rows)
+            flag = "--tuned" if lora is None else "--lora"
             if grafted and len(stats.unchanged) == grafted:
-                warnings.append(f"the {source.kind} delta is zero in every grafted tensor: the output equals the "
-                                f"instruct; is --{'tuned' if lora is None else 'lora'} the right folder?")
-            elif stats.unchanged:
+                raise NoUpdate(f"the {source.kind} update is zero in every grafted tensor ({flag} holds the same "
+                               f"weights as the base), so the output would be a copy of the instruct; nothing was "
+                               f"written; pass the fine-tuned model as {flag}", len(stats.unchanged), 0)
+            if grafted and len(stats.unchanged) + len(stats.identical) == grafted:
+                raise NoUpdate(f"the {source.kind} update is below the output dtype's precision in every grafted "
+                               f"tensor, so the output would equal the instruct bit for bit; nothing was written; "
+                               f"check that {flag} is the trained model, or keep the update with --dtype float32",
+                               len(stats.unchanged), len(stats.identical))
+            if stats.unchanged:
                 warnings.append(f"{len(stats.unchanged)} grafted tensor(s) had a zero update, "
                                 f"e.g. {stats.unchanged[0]}")
             if stats.identical:
@@ -166,6 +183,17 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
     finally:
         for c in ckpts:
             c.close()
+
+
+def _refuse_repeated_inputs(ckpts, lora) -> None:
+    """One folder (or Hub snapshot) passed in two roles: the update, or the instruction tuning, would be zero."""
+    flags = ["--instruct", "--base", "--tuned"][: len(ckpts) - (lora is not None)]
+    folders = [c.folder.resolve() for c in ckpts[: len(flags)]]
+    for a in range(len(flags)):
+        for b in range(a + 1, len(flags)):
+            if folders[a] == folders[b]:
+                raise ShadowMergeError(f"{flags[a]} and {flags[b]} are the same model ({ckpts[a].ref}); a graft needs "
+                                       f"the Instruct, its Base and the Base's fine-tune: pass each in its role")
 
 
 def dtype_name(dtype: str | torch.dtype | None) -> str | None:

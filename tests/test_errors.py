@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_bad, tree_digest
+from conftest import one_line_error, run_bad, tree_digest
 
 
 @pytest.fixture
@@ -121,15 +121,46 @@ def test_fp16_overflow_is_caught(cli, tmp_path, make_triple):
 
 
 def test_target_exists_then_force(cli, tmp_path, triple):
+    """--force replaces only an output shadowmerge wrote (it has a record): a user's own folder is refused."""
     i, b, t = triple
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("x")
     run_bad(cli, tmp_path, triple, *args(i, b, t), expect="already exists")
     assert (tmp_path / "out" / "old.txt").exists()
     res = cli("graft", *args(i, b, t), "--out", tmp_path / "out", "-q", "--force")
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    one_line_error(res.stderr, "was not written by shadowmerge (it has no shadowmerge record); --force replaces only")
+    assert (tmp_path / "out" / "old.txt").read_text() == "x" and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["old.txt"]
+    (tmp_path / "out" / "old.txt").unlink()
+    assert cli("graft", *args(i, b, t), "--out", tmp_path / "out", "-q", "--force").exit_code == 0   # empty: nothing lost
+    res = cli("graft", *args(i, b, t), "--out", tmp_path / "out", "-q", "--force", "--alpha", "0.5")   # ours
     assert res.exit_code == 0, res.output
-    assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "out" / "shadowmerge.json").read_text())["alpha"] == 0.5
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([i.parent.name, "out"])
+
+
+@pytest.mark.parametrize("what", ["a user's folder", "a foreign record", "a damaged record", "a file", "a link"])
+def test_force_never_replaces_what_shadowmerge_did_not_write(cli, tmp_path, triple, what):
+    i, b, t = triple
+    out = tmp_path / "mywork"
+    if what == "a file":
+        out.write_text("notes")
+    elif what == "a link":
+        (tmp_path / "elsewhere").mkdir()
+        out.symlink_to(tmp_path / "elsewhere")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("precious")
+        if what == "a foreign record":
+            (out / "shadowmerge.json").write_text(json.dumps({"tool": "mergekit"}))
+        elif what == "a damaged record":
+            (out / "run.json").write_bytes(b"\xff{")
+    before = tree_digest(tmp_path)
+    res = cli("graft", *args(i, b, t), "--out", out, "-q", "--force")
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    err = one_line_error(res.stderr, "--force replaces only")
+    assert str(out) in err
+    assert tree_digest(tmp_path) == before, "the user's folder or an input changed"
 
 
 def test_target_inside_an_input(cli, tmp_path, triple):

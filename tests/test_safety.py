@@ -115,12 +115,14 @@ def test_a_folder_that_appears_at_the_target_is_never_replaced(cli, tmp_path, tr
     assert beside(tmp_path) == sorted(set(listing) | {"out"}), "a temporary folder or lock was left behind"
     assert tree_digest(*triple) == before
 
-    # with --force, the folder that appeared is replaced (that is what --force is for), in one step
+    # with --force too: --force replaces only an output shadowmerge wrote, and this folder is someone else's
     (out / "theirs.txt").unlink()
     out.rmdir()
     res = cli(*args(out), "--force")
-    assert res.exit_code == 0, res.output
-    assert not (out / "theirs.txt").exists() and beside(tmp_path) == sorted(set(listing) | {"out"})
+    assert res.exit_code == 1, res.output
+    one_line_error(res.stderr, "was not written by shadowmerge (it has no shadowmerge record); --force replaces only")
+    assert beside(out) == ["theirs.txt"] and (out / "theirs.txt").read_text() == "precious"
+    assert beside(tmp_path) == sorted(set(listing) | {"out"}), "a temporary folder or lock was left behind"
 
 
 def test_without_renameat2_the_fallback_keeps_the_same_promises(cli, tmp_path, triple, monkeypatch):
@@ -262,6 +264,15 @@ def test_parent_of_out_is_a_file(cli, tmp_path, triple):
     assert res.exit_code == 1
     one_line_error(res.stderr, "is a file, not a folder")
     assert (tmp_path / "afile").read_text() == "x"
+
+
+@pytest.mark.parametrize("where", ["/proc/shadowmerge-out", "/sys/shadowmerge-out", "/proc/self/x/out"])
+def test_out_on_a_virtual_filesystem_says_so(cli, tmp_path, triple, where):
+    """/proc and /sys hold no files: the error says that, not 'not enough disk space'."""
+    res = cli(*graft_args(triple, where))
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    err = one_line_error(res.stderr, "is on a virtual filesystem (like /proc or /sys) that cannot hold files")
+    assert "disk space" not in err and not os.path.lexists(where)
 
 
 @pytest.fixture

@@ -150,6 +150,32 @@ class Adapter(TensorStore):
     def base_model(self) -> str | None:
         return self.config.get("base_model_name_or_path")
 
+    @property
+    def trained_on(self) -> str | None:
+        """The model the adapter was trained on: a retargeted adapter's record keeps it (its config names the
+        Instruct now); otherwise base_model_name_or_path."""
+        from ..sidefiles import RECORD
+
+        record = self.folder / RECORD
+        if record.is_file():
+            try:
+                data = jsonfile.load(record, "record")
+            except ShadowMergeError:
+                data = {}
+            if data.get("tool") == "shadowmerge lora retarget":
+                return data.get("trained_on") if isinstance(data.get("trained_on"), str) else None
+        return self.base_model
+
+    def trained_on_model(self, store) -> bool:
+        """Does the adapter name `store` (an opened model) as the model it was trained on?"""
+        name = self.trained_on
+        if not name:
+            return False
+        if name in (str(store.ref), hub.reference(store)[0]):
+            return True
+        path = Path(name).expanduser()
+        return store.remote is None and path.is_dir() and path.resolve() == Path(store.folder).resolve()
+
     def needs_base(self) -> list[str]:
         """Why this adapter cannot be merged without the Base weights (empty: it can)."""
         why = []

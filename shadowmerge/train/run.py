@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import __version__, hub, jsonfile
 from ..checkpoint import Checkpoint
-from ..errors import ShadowMergeError
+from ..errors import NoUpdate, ShadowMergeError
 from ..output import OutputFolder, rewrite_text
 from ..pipeline import graft, versions
 from . import checkpoints, checks, data, llamafactory, schedule, trl_backend
@@ -251,18 +251,19 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
             record.setdefault("losses", {})["base"] = losses
             t = _stage(log, "train", t, times)
 
-            if kind == "lora":
-                done = graft(inst.folder, out=tmp / "shadow", lora=tuned, progress=False)
-            else:
-                done = graft(inst.folder, base.folder, tuned, tmp / "shadow", progress=False)
-            _more_warnings(log, warnings, "graft", done.warnings)
-            if done.grafted and len(done.unchanged) + len(done.identical) >= done.grafted:
+            try:               # the roles are known here: this run trained the Base into `tuned`
+                if kind == "lora":
+                    done = graft(inst.folder, out=tmp / "shadow", lora=tuned, progress=False, check_roles=False)
+                else:
+                    done = graft(inst.folder, base.folder, tuned, tmp / "shadow", progress=False, check_roles=False)
+            except NoUpdate as exc:
                 kept = _keep_rejected(tuned, target.target, dict(record, status="rejected", warnings=warnings))
                 raise ShadowMergeError(
                     f"training changed nothing the graft carries: every grafted tensor of the Instruct came out "
-                    f"unchanged ({len(done.unchanged)} with a zero update, {len(done.identical)} with an update below "
+                    f"unchanged ({exc.unchanged} with a zero update, {exc.identical} with an update below "
                     f"the output precision); {plan.describe()}; raise --lr or --max-steps, or check the data. The "
-                    f"trained {kind} is kept in {kept} for inspection")
+                    f"trained {kind} is kept in {kept} for inspection") from None
+            _more_warnings(log, warnings, "graft", done.warnings)
             t = _stage(log, "graft", t, times)
 
             if baseline:
@@ -273,7 +274,8 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
                         r, inst.folder, inst.folder, rows, inst_tuned, work / "instruct",
                         checkpoints.last(work / "instruct", prune=True) if resume else None)["losses"]
                 if kind == "lora":
-                    done = graft(inst.folder, out=tmp / "instruct-ft", lora=inst_tuned, progress=False)
+                    done = graft(inst.folder, out=tmp / "instruct-ft", lora=inst_tuned, progress=False,
+                                 check_roles=False)      # the baseline: an adapter of the Instruct, merged into it
                     _more_warnings(log, warnings, "baseline graft", done.warnings)
                 else:
                     inst_tuned.rename(tmp / "instruct-ft")
@@ -464,10 +466,10 @@ def _finalise_record(folder: Path, tmp: Path, final: Path) -> None:
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
-    from ..sidefiles import side_files
+    from ..sidefiles import DESCRIBE_THE_INPUT, side_files
 
     for p in side_files(src):
-        if p.name != "config.json" and not (dst / p.name).exists():
+        if p.name != "config.json" and p.name not in DESCRIBE_THE_INPUT and not (dst / p.name).exists():
             shutil.copyfile(p, dst / p.name)
 
 

@@ -1,0 +1,135 @@
+"""Are --instruct, --base and --tuned in the roles they were given? A cheap check before any output is written.
+
+Swapped inputs give a wrong model with exit 0 (with --base and --tuned exchanged the update is silently
+negated), so the roles are checked from a sample of tensors (up to SAMPLE_TENSORS grafted tensors of
+equal shape in all three, SAMPLE_ELEMENTS elements each, float64 sums) by the geometry of Shadow-FT:
+
+- the update is the shortest side of the triangle Instruct / Base / tuned: the tuned model is closer to
+  the Base than to the Instruct, and the update no larger than the Base-Instruct gap (a clear swap
+  with the Instruct breaks one of these by a wide margin);
+- at the Base, the update and the instruction tuning (I - B) are near orthogonal (two unrelated
+  trainings; cos about 0). With Base and tuned exchanged, the "update" points back along the real one and
+  cos(update, I - B) becomes |update| / |I - B| - cos: refused when it passes COS_SWAPPED. Where the
+  update is small against the Base-Instruct gap that difference is small too, so the folders are asked
+  as well: a --base (or --instruct) that carries a training run's files (training_args.bin,
+  trainer_state.json, ..., a shadowmerge record, or a place inside a `shadowmerge train` output) while
+  --tuned carries none looks exchanged with it.
+
+A refusal names the two flags that look exchanged (or says all three look rotated) and the override,
+--no-role-check, for a deliberate experiment. Nothing here is a library's job, hence written here.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import permutations
+
+import torch
+
+from .errors import ShadowMergeError
+from .stformat import itemsize
+
+SAMPLE_TENSORS = 8
+SAMPLE_ELEMENTS = 1 << 20
+COS_SWAPPED = 0.3           # cos(update, I - B) above which Base and tuned look exchanged
+MARGIN = 1.5                # a side that should be the shortest, found this much longer than another: a clear swap
+TRAINING_FILES = ("trainer_state.json", "train_results.json", "all_results.json", "training_args.bin")
+OVERRIDE = "if this is a deliberate experiment, pass --no-role-check"
+
+
+def _sample(plan, ckpts) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(I, B, T) float64 samples of up to SAMPLE_TENSORS grafted tensors, spread over the model."""
+    inst, base, tuned = ckpts
+    same = [t for t in plan.tensors if t.graft_rows and len(t.info.shape) >= 2
+            and all(c.tensors.get(t.name) is not None and tuple(c.tensors[t.name].shape) == tuple(t.info.shape)
+                    for c in (base, tuned))]
+    if not same:
+        return []
+    step = max(1, len(same) // SAMPLE_TENSORS)
+    out = []
+    for t in same[::step][:SAMPLE_TENSORS]:
+        n = min(t.info.numel, SAMPLE_ELEMENTS)
+        values = []
+        for c in ckpts:
+            info = c.tensors[t.name]
+            raw = c.read_into(info, 0, n, torch.empty(n * itemsize(info.dtype), dtype=torch.uint8))
+            values.append(raw.view(info.dtype).double())
+        out.append(tuple(values))
+    return out
+
+
+def distances(samples) -> tuple[float, float, float]:
+    """(|B - I|, |T - B|, |T - I|): root of the summed squares over the samples."""
+    s = [0.0, 0.0, 0.0]
+    for i, b, t in samples:
+        s[0] += float((b - i).square().sum())
+        s[1] += float((t - b).square().sum())
+        s[2] += float((t - i).square().sum())
+    return tuple(math.sqrt(x) for x in s)
+
+
+def _looks_trained(folder) -> bool:
+    """A training run's files, a shadowmerge record, or a model inside a `shadowmerge train` output folder."""
+    from .output import is_shadowmerge_output
+
+    return (any((folder / n).is_file() for n in TRAINING_FILES) or is_shadowmerge_output(folder)
+            or (folder.parent / "run.json").is_file() and is_shadowmerge_output(folder.parent))
+
+
+def plausible_roles(d_bi: float, d_tb: float, d_ti: float, trained: dict[str, bool]) -> tuple[str, str, str]:
+    """Which given input plays which role: (the given label that is the Instruct, the Base, the tuned model).
+    The update is the shortest side; of its two ends the tuned one is the one with a training run's files,
+    else the one farther from the Instruct."""
+    side = {frozenset(("base", "instruct")): d_bi, frozenset(("tuned", "base")): d_tb,
+            frozenset(("tuned", "instruct")): d_ti}
+    best = None
+    for inst, base, tuned in permutations(("instruct", "base", "tuned")):
+        update, gap, other = side[frozenset((tuned, base))], side[frozenset((base, inst))], side[frozenset((tuned, inst))]
+        score = (update > min(gap, other), trained[base] and not trained[tuned], gap > other)
+        if best is None or score < best[0]:
+            best = (score, (inst, base, tuned))
+    return best[1]
+
+
+def check(plan, ckpts) -> None:
+    """Refuse, in one line, inputs whose roles look exchanged (see the module docstring)."""
+    samples = _sample(plan, ckpts)
+    if not samples:
+        return
+    d_bi, d_tb, d_ti = distances(samples)
+    if d_tb == 0 or d_bi == 0:
+        return                      # a zero update, or Base = Instruct: refused elsewhere with their own errors
+    flags = {"instruct": "--instruct", "base": "--base", "tuned": "--tuned"}
+    why, real = None, None
+    cos = (d_tb ** 2 + d_bi ** 2 - d_ti ** 2) / (2 * d_tb * d_bi)
+    trained = [_looks_trained(c.folder) for c in ckpts]
+    if d_tb > MARGIN * d_ti:
+        why = (f"--tuned is {d_tb / d_ti:.1f}x farther from --base than from --instruct (a fine-tune of the Base stays "
+               f"near the Base)")
+    elif d_tb > MARGIN * d_bi:
+        why = (f"the update --tuned - --base is {d_tb / d_bi:.1f}x the distance between --base and --instruct (a "
+               f"fine-tune's update is smaller than the Base-Instruct gap)")
+    elif MARGIN * d_tb < min(d_bi, d_ti) and cos > COS_SWAPPED:      # a clear Shadow-FT triangle, pointing back
+        why = (f"the update --tuned - --base points back toward --instruct (cos {cos:.2f}; a fine-tune's update is "
+               f"near orthogonal to the instruction tuning)")
+        real = ("instruct", "tuned", "base")
+    elif trained[1] and not trained[2]:
+        why = "--base holds a training run's files or record (e.g. training_args.bin) and --tuned holds none"
+        real = ("instruct", "tuned", "base")
+    elif trained[0] and not trained[2]:
+        why = "--instruct holds a training run's files or record (e.g. training_args.bin) and --tuned holds none"
+        real = ("tuned", "base", "instruct")
+    if why is None:
+        return
+    real = real or plausible_roles(d_bi, d_tb, d_ti, dict(zip(("instruct", "base", "tuned"), trained)))
+    given = ("instruct", "base", "tuned")
+    moved = [g for g, r in zip(given, real) if g != r]
+    if len(moved) == 2:
+        what = f"{flags[moved[0]]} and {flags[moved[1]]} look exchanged"
+    elif len(moved) == 3:
+        role_of = {label: role for label, role in zip(real, given)}
+        what = ("the three inputs look rotated (" + ", ".join(f"{flags[g]} looks like the {role_of[g]} model"
+                                                             for g in given) + ")")
+    else:
+        what = "the roles of the inputs look exchanged"
+    raise ShadowMergeError(f"{what}: {why}; nothing was written; pass them in their roles, or {OVERRIDE}")
