@@ -9,6 +9,7 @@ it, with `torch.load(weights_only=True)`. A Hub id is read the same way from its
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -68,6 +69,13 @@ class TensorStore:
         self._weight_map: dict | None = None
         self._fds: dict[Path, int] = {}
 
+    def evicting_metadata(self):
+        """Reading a Hub model's JSON files and headers: a check that fails removes its cached JSON files, so that
+        a damaged download is fetched again next time (a local folder: nothing to do)."""
+        if self.remote is None:
+            return contextlib.nullcontext()
+        return self.remote.evicting([n for n in hub.METADATA if n in self.remote.downloaded])
+
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
@@ -85,11 +93,13 @@ class TensorStore:
         return sorted(p.name for p in self.folder.iterdir())
 
     def _header(self, path: Path) -> tuple[int, dict]:
+        name = path.relative_to(self.folder).as_posix() if self.remote is not None else None
+        if name is not None and path.is_file() and self.remote.files.get(name) not in (None, path.stat().st_size):
+            self.remote.evict([name])       # a damaged download left in the cache: read it from the Hub again
         if self.remote is None or path.is_file():
             start, header, _ = read_header(path, path.stat().st_size)
             return start, header
-        name = path.relative_to(self.folder).as_posix()      # an index may name shards in a subfolder
-        with self.remote.header_file(name) as (stand_in, size):
+        with self.remote.header_file(name) as (stand_in, size):   # name: an index may name shards in a subfolder
             start, header, _ = read_header(stand_in, size, label=f"{self.label} {self.remote.name}: {name}")
         self._remote_headers[name] = (start, header)
         return start, header
@@ -105,7 +115,8 @@ class TensorStore:
         for info in found:
             if info.name in tensors:
                 raise ShadowMergeError(f"{self.label} {self.folder}: tensor {info.name!r} is stored twice "
-                                       f"({tensors[info.name].file.name}, {info.file.name})")
+                                       f"({tensors[info.name].file.name}, {info.file.name}); re-save the model with "
+                                       f"save_pretrained, or re-download it")
             tensors[info.name] = info
         weight_map = self._weight_map
         if weight_map is not None:
@@ -160,11 +171,20 @@ class TensorStore:
         extra = ([n for n in self._names() if is_side_file(n)] if side is True else
                  [n for n in side or () if self._has(n)])
         remote.download(weights + extra, progress, f"download {self.label} {remote.name}")
+        bad = []
         for name in weights:         # the bytes downloaded must be those whose header was checked
             checked = self._remote_headers.pop(name, None)
-            if checked is not None and self._header(self.folder / name) != checked:
-                raise ShadowMergeError(f"{self.label} {remote.name}: the downloaded {name} differs from the header "
-                                       f"read before; the repo changed or the download is damaged; run again")
+            try:
+                if checked is not None and self._header(self.folder / name) != checked:
+                    bad.append(name)
+            except ShadowMergeError:
+                bad.append(name)
+        if bad:                      # out of the cache, every one, so that the next run fetches them again
+            remote.evict(bad)
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise ShadowMergeError(f"{self.label} {remote.name}: the downloaded {bad[0]}{more} differs from the "
+                                   f"header read before, so the repo changed or the download is damaged; it was "
+                                   f"removed from the cache: run again")
 
     def fd(self, path: Path) -> int:
         """An open read-only descriptor of one of this checkpoint's files (kept until close())."""
@@ -225,8 +245,9 @@ class Checkpoint(TensorStore):
 
     def __init__(self, where: "Path | hub.Remote", label: str, ref: str, allow_pickle: bool = False):
         super().__init__(where, label, ref)
-        self.config = self._read_config()
-        self.tensors = self._scan(allow_pickle)
+        with self.evicting_metadata():
+            self.config = self._read_config()
+            self.tensors = self._scan(allow_pickle)
         self._refuse_quantized()
 
     def _refuse_quantized(self) -> None:
@@ -300,6 +321,11 @@ class Checkpoint(TensorStore):
         if files:
             return self._scan_safetensors(files)
         pickles = [folder / n for n in self._names() if n.endswith(".bin")]
+        if not pickles and not allow_pickle and self.remote is not None and self.remote.pickles:
+            raise ShadowMergeError(
+                f"{self.label} {self.remote.name}: the Hub repo has only pickle weights ({self.remote.pickles[0]}); "
+                f"pass --allow-pickle to download them and load them with torch.load(weights_only=True), or pass a "
+                f"revision or repo with safetensors weights")
         if pickles:
             if not allow_pickle:
                 raise ShadowMergeError(

@@ -6,6 +6,7 @@ import contextlib
 import signal
 import sys
 import threading
+import warnings
 
 import click
 
@@ -48,14 +49,19 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            with _signals_interrupt():
+            with _signals_interrupt(), warnings.catch_warnings():
+                # libraries' FutureWarnings (transformers, trl, mergekit) speak to their developers, not to our users
+                warnings.simplefilter("ignore", FutureWarning)
                 return super().invoke(ctx)
         except ShadowMergeError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
-            click.echo(f"interrupted ({signal.Signals(signum).name}); unfinished output was removed", err=True)
+            kept = f"; {exc.kept}" if getattr(exc, "kept", None) else ""
+            fresh_line = "\n" if sys.stderr.isatty() else ""       # a progress bar may hold the current line
+            click.echo(f"{fresh_line}interrupted ({signal.Signals(signum).name}); the unfinished output was "
+                       f"removed{kept}", err=True)
             sys.exit(128 + signum)
         except OSError as exc:     # the machine, not the input: a full disk, a vanished file, no permission
             where = f": {exc.filename}" if exc.filename else ""
@@ -115,7 +121,8 @@ def main():
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
 @click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf results with a warning instead of failing.")
 @click.option("--no-role-check", is_flag=True, help="Graft even when --instruct, --base and --tuned look exchanged "
-              "(they are checked on a sample of tensors; for deliberate experiments).")
+              "(checked on a sample of tensors), or one model is given in two roles, or --instruct is the model a "
+              "--lora adapter was trained on; for deliberate experiments.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def graft(instruct, base, tuned, lora, out, alpha, include, exclude, dtype, shard_size, device, vocab, force,
           dry_run, allow_pickle, allow_nonfinite, no_role_check, quiet):

@@ -77,7 +77,7 @@ class FullDelta:
             return None
         if b.shape != t.shape:
             raise ShadowMergeError(f"shape differs for {name}: base {list(b.shape)}, tuned {list(t.shape)}; "
-                                   f"the tuned model must be a fine-tune of this base")
+                                   f"the tuned model must be a fine-tune of this base: pass the Base it was tuned from")
         for info, ckpt in ((b, self.base), (t, self.tuned)):
             if not info.dtype.is_floating_point:
                 raise ShadowMergeError(f"{ckpt.label} tensor {name} is {info.dtype}, not floating point; "

@@ -23,7 +23,7 @@ def parse_device(name: str | torch.device) -> torch.device:
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             raise ShadowMergeError(f"--device {name}: this machine has {count} CUDA device(s), "
-                                   f"cuda:0 to cuda:{count - 1}")
+                                   f"cuda:0 to cuda:{count - 1}; pass one of them")
     return device
 
 

@@ -103,13 +103,13 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
     if (rank is None) == (energy is None):
         raise ShadowMergeError("give one of --rank R or --energy E (e.g. --energy 0.99)")
     if rank is not None and rank < 1:
-        raise ShadowMergeError(f"--rank must be at least 1, not {rank}")
+        raise ShadowMergeError(f"--rank must be at least 1, not {rank}; pass e.g. --rank 64")
     if energy is not None and not 0 < energy <= 1:
         raise ShadowMergeError(f"--energy is a share of the update's squared singular values in (0, 1], not {energy}")
     if max_rank < 1:
-        raise ShadowMergeError(f"--max-rank must be at least 1, not {max_rank}")
+        raise ShadowMergeError(f"--max-rank must be at least 1, not {max_rank}; pass e.g. --max-rank 256")
     if others not in OTHERS:
-        raise ShadowMergeError(f"--others is one of {', '.join(OTHERS)}, not {others!r}")
+        raise ShadowMergeError(f"--others is one of {', '.join(OTHERS)}, not {others!r}; pass one of them")
     out_dtype, dev = parse_dtype(dtype), parse_device(device)
     if out_dtype is not None and not out_dtype.is_floating_point:
         raise ShadowMergeError(f"--dtype {dtype}: an adapter's tensors are floating point; use bfloat16, float16 or "
@@ -475,9 +475,9 @@ def _report(tmp: Path, summary: ExtractSummary, opened: list[Checkpoint], settin
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.2))
     xs = range(len(summary.modules))
-    ax.bar(xs, [m["rel_error"] for m in summary.modules], color="tab:blue", label="‖ΔW − BA‖ / ‖ΔW‖")
+    ax.bar(xs, [m["rel_error"] for m in summary.modules], color="tab:blue", label="relative error ‖ΔW − BA‖ / ‖ΔW‖")
     ax.plot(xs, [m["energy"] for m in summary.modules], color="tab:orange", marker=".", linestyle="none",
-            label="energy kept Σ_{i≤r} s² / Σ s²")
+            label="energy kept: share of Σ s² in the top r\nsingular values")
     ax.set_xlabel("module (in checkpoint order)")
     ax.set_ylabel("share (unitless)")
     ax.set_ylim(0, 1.05)

@@ -47,6 +47,51 @@ def timeout() -> float:
     return 60.0
 
 
+def download_timeout() -> float:
+    """Seconds without data before huggingface_hub's own download request gives up: HF_HUB_DOWNLOAD_TIMEOUT when
+    the user set it, else the same limit as every other Hub request (timeout())."""
+    import os
+
+    try:
+        return float(os.environ["HF_HUB_DOWNLOAD_TIMEOUT"])
+    except (KeyError, ValueError):
+        return timeout()
+
+
+class _Retries:
+    """While installed: huggingface_hub's per-retry warnings ("Error while downloading ... Trying to resume") are
+    counted instead of printed (dozens of lines on a stalling link), and its download timeout is ours."""
+
+    def __init__(self):
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def filter(self, record) -> bool:
+        if "Error while downloading" in record.getMessage():
+            with self._lock:
+                self.count += 1
+            return False
+        return True
+
+    def __enter__(self):
+        import logging
+
+        from huggingface_hub import constants
+
+        self._logger = logging.getLogger("huggingface_hub.file_download")
+        self._logger.addFilter(self)
+        self._old = constants.HF_HUB_DOWNLOAD_TIMEOUT
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = download_timeout()
+        return self
+
+    def __exit__(self, *exc):
+        from huggingface_hub import constants
+
+        self._logger.removeFilter(self)
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = self._old
+        return False
+
+
 def split_ref(text: str) -> tuple[str, str | None]:
     """'org/name@revision' -> ('org/name', 'revision'); no '@' -> (text, None)."""
     repo, at, revision = text.partition("@")
@@ -62,17 +107,19 @@ def resolve(ref: str | Path, allow_pickle: bool = False) -> "Path | Remote":
         path = Path(ref).expanduser()
         exists = path.exists()
     except (OSError, ValueError, RuntimeError):      # a NUL byte, a name too long, ~unknown-user
-        raise ShadowMergeError(f"{text[:200]!r} is not a usable path or Hub id") from None
+        raise ShadowMergeError(f"{text[:200]!r} is not a usable path or Hub id; pass a model folder or an "
+                               f"id like org/name") from None
     if exists:
         if not path.is_dir():
             raise ShadowMergeError(f"{ref} is a file; pass the model folder that contains it")
         return path
     repo, revision = split_ref(text)
     if not _REPO_ID.match(repo) or ".." in repo:
-        raise ShadowMergeError(f"model folder not found: {ref}")
+        raise ShadowMergeError(f"model folder not found: {ref}; check the path, or pass a Hub id like "
+                               f"org/name")
     if revision is not None and (not _REVISION.match(revision) or ".." in revision):
         raise ShadowMergeError(f"{text[:200]!r}: {revision[:80]!r} is not a revision (a branch, tag or commit "
-                               f"sha after '@', e.g. {repo}@main)")
+                               f"sha after '@'); write it as e.g. {repo}@main")
     return Remote.open(repo, revision, allow_pickle)
 
 
@@ -100,9 +147,9 @@ def explain(exc: BaseException, repo: str, revision: str | None) -> ShadowMergeE
         errors.EntryNotFoundError: f"{name}: a file listed by the Hub could not be fetched ({_one_line(exc)}); run "
                                    f"again, or download the model (`hf download {repo}`) and pass its folder",
     }
-    for kind, text in said.items():
+    for kind, hint in said.items():
         if isinstance(exc, kind):
-            return ShadowMergeError(text)
+            return ShadowMergeError(hint)
     return ShadowMergeError(
         f"{name!r} is not a local folder and could not be fetched from the Hugging Face Hub "
         f"({type(exc).__name__}: {_one_line(exc)}); check the id and your connection, or download it first "
@@ -162,10 +209,32 @@ class Remote:
     def __init__(self, repo: str, revision: str | None, sha: str, files: dict[str, int | None], folder: Path):
         self.repo, self.revision, self.sha, self.files, self.folder = repo, revision, sha, files, folder
         self.downloaded: set[str] = set()
+        self.pickles: list[str] = []      # the repo's top-level .bin files, fetched only with --allow-pickle
 
     @property
     def name(self) -> str:
         return f"{self.repo}@{self.revision}" if self.revision else self.repo
+
+    def evict(self, names) -> None:
+        """Remove files of this commit from the cache (the snapshot's link and the blob it points to): a file
+        that failed a check after download must not be taken from the cache again by the next run."""
+        for name in names:
+            path = self.folder / name
+            with contextlib.suppress(OSError):
+                blob = path.resolve() if path.is_symlink() else None
+                path.unlink()
+                if blob is not None:
+                    blob.unlink()
+            self.downloaded.discard(name)
+
+    @contextlib.contextmanager
+    def evicting(self, names):
+        """Within: a failed check (ShadowMergeError) removes these cached files before it is raised."""
+        try:
+            yield
+        except ShadowMergeError:
+            self.evict(names)
+            raise
 
     def describe(self) -> dict:
         """For run records: the id, the revision asked for, and the commit it resolved to."""
@@ -182,10 +251,13 @@ class Remote:
             if not sha or not re.fullmatch(r"[0-9a-f]{40}", sha):
                 raise ShadowMergeError(f"{repo}: the Hub's answer names no commit; run again later")
             files = {s.rfilename: s.size for s in info.siblings or () if _wanted(s.rfilename, allow_pickle)}
+            pickles = sorted(s.rfilename for s in info.siblings or ()
+                             if s.rfilename.endswith(".bin") and "/" not in s.rfilename)
             for name in METADATA:       # read whole by jsonfile, which refuses more than MAX_BYTES: never fetch more
                 if (files.get(name) or 0) > jsonfile.MAX_BYTES:
                     raise ShadowMergeError(f"{repo}: {name} is {files[name]} bytes on the Hub, more than a model's "
-                                           f"JSON can be ({jsonfile.MAX_BYTES}); this is not a usable model repo")
+                                           f"JSON can be ({jsonfile.MAX_BYTES}); this is not a usable model repo: check "
+                                           f"the id, or pass a local folder")
             first = next((f for f in METADATA if f in files), None)
             if first is None:
                 raise ShadowMergeError(f"{repo}{'@' + revision if revision else ''}: the Hub repo has no config.json "
@@ -202,6 +274,7 @@ class Remote:
                 return _from_cache(repo, revision, exc)
             raise explain(exc, repo, revision) from None
         remote = cls(repo, revision, sha, files, path.parent)
+        remote.pickles = pickles            # listed even when not wanted: to say why no weights were found
         remote.downloaded.add(first)
         remote.download([f for f in METADATA if f in files], progress=False)
         return remote
@@ -224,17 +297,26 @@ class Remote:
             def one(name: str) -> None:
                 got = hf_hub_download(self.repo, name, revision=self.sha, etag_timeout=timeout(), tqdm_class=forward)
                 if Path(got) != self.folder / name:
-                    raise ShadowMergeError(f"{self.repo}: {name} was stored at {got}, not in {self.folder}")
+                    raise ShadowMergeError(f"{self.repo}: {name} was stored at {got}, not in {self.folder}; check "
+                                           f"HF_HOME / HF_HUB_CACHE, or download the model with `hf download` and "
+                                           f"pass its folder")
                 with lock:
                     self.downloaded.add(name)
 
+            retries = _Retries()
             try:
-                with ThreadPoolExecutor(max_workers=min(4, len(todo))) as pool:
+                with retries, ThreadPoolExecutor(max_workers=min(4, len(todo))) as pool:
                     for future in [pool.submit(one, n) for n in todo]:
                         future.result()
             except ShadowMergeError:
                 raise
             except Exception as exc:
+                if "Timeout" in type(exc).__name__ or retries.count:
+                    raise ShadowMergeError(
+                        f"{self.name}: the download stalled: no data for {download_timeout():g} s, "
+                        f"{max(retries.count, 1)} tries (huggingface_hub resumes a stalled download up to 5 times in a "
+                        f"row); a slow link may need a longer limit: HF_HUB_ETAG_TIMEOUT=SECONDS, or download the "
+                        f"model with `hf download {self.repo}` and pass its folder") from None
                 raise explain(exc, self.repo, self.revision) from None
 
     def header(self, name: str) -> tuple[bytes, int]:
@@ -242,11 +324,14 @@ class Remote:
         try:
             head, size = self._range(name, 0, 7)
             if len(head) != 8:
-                raise ShadowMergeError(f"{self.name}: {name} is not a safetensors file (only {len(head)} bytes)")
+                raise ShadowMergeError(f"{self.name}: {name} is not a safetensors file (only {len(head)} bytes); the "
+                                       f"repo's file is damaged: check the id and revision, or ask its owner to "
+                                       f"re-upload it")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
                 raise ShadowMergeError(f"{self.name}: {name}: corrupt or truncated safetensors header "
-                                       f"({n} bytes of {size}); the repo's file is damaged")
+                                       f"({n} bytes of {size}); the repo's file is damaged: check the id and "
+                                       f"revision, or ask the repo's owner to re-upload it")
             body, _ = self._range(name, 8, 8 + n - 1) if n else (b"", size)
         except ShadowMergeError:
             raise
@@ -289,14 +374,18 @@ class Remote:
             encoding = r.headers.get("Content-Encoding", "identity").strip().lower()
             if r.status_code not in (200, 206) or encoding != "identity":
                 raise ShadowMergeError(f"{self.name}: the server answered a range request for {name} with HTTP "
-                                       f"{r.status_code} ({encoding}); it cannot be read header first")
+                                       f"{r.status_code} ({encoding}); it cannot be read header first: bypass the "
+                                       f"proxy that rewrites it (e.g. unset HTTPS_PROXY), or download the model with "
+                                       f"`hf download` and pass its folder")
             if r.status_code == 206:
                 total, skip = r.headers.get("Content-Range", "").rpartition("/")[2], 0
             else:                                       # the whole file: read up to `end`, then leave
                 total, skip = r.headers.get("Content-Length", ""), start
             size = int(total) if total.isdigit() else listed
             if size is None:
-                raise ShadowMergeError(f"{self.name}: the server's answer for {name} has no file size")
+                raise ShadowMergeError(f"{self.name}: the server's answer for {name} has no file size; bypass the "
+                                       f"proxy in between, or download the model with `hf download` and pass its "
+                                       f"folder")
             data = bytearray()
             for chunk in r.iter_raw():
                 if skip:

@@ -29,7 +29,8 @@ _KEEP = ("mergekit_config.yml",)     # mergekit's own account of the merge (its 
 def load_config(path: str | Path) -> dict:
     cfg = yamlfile.load(path, "merge config")
     if not isinstance(cfg, dict):
-        raise ShadowMergeError(f"{path} is not a mergekit config (expected a mapping with merge_method, models, ...)")
+        raise ShadowMergeError(f"{path} is not a mergekit config: write a mapping with merge_method, models, ... (see "
+                               f"merge_configs/ for examples)")
     return cfg
 
 
@@ -44,7 +45,7 @@ def check_shadow_graft(cfg: dict, path: str | Path) -> dict[str, str]:
     """The roles of a shadow_graft config ({"base", "instruct", "tuned"} -> model), or a clear error."""
     where = f"{path}:"
     if "slices" in cfg:
-        raise ShadowMergeError(f"{where} shadow_graft takes `models:`, not `slices:`; list the Instruct and the tuned "
+        raise ShadowMergeError(f"{where} shadow_graft takes `models:`, not `slices:`; put the Instruct and the tuned "
                                f"Base under `models:`")
     for key in ("tokenizer_source", "tokenizer"):
         if cfg.get(key) is not None:
@@ -57,14 +58,14 @@ def check_shadow_graft(cfg: dict, path: str | Path) -> dict[str, str]:
     base = str(base)
     models = cfg.get("models")
     if not isinstance(models, list):
-        raise ShadowMergeError(f"{where} no `models:` list; list the Instruct (parameters: {{role: instruct}}) and "
-                               f"the tuned Base (parameters: {{role: tuned}})")
+        raise ShadowMergeError(f"{where} no `models:` list; add the Instruct (parameters: {{role: instruct}}) and "
+                               f"the tuned Base (parameters: {{role: tuned}}) under `models:`")
     others = [m for m in models if _model_ref(m) != base]
     if len(others) != 2:
         names = ", ".join(str(_model_ref(m)) for m in others) or "none"
         raise ShadowMergeError(f"{where} shadow_graft takes exactly two models besides base_model, one with "
                                f"`parameters: {{role: instruct}}` and one with `{{role: tuned}}`; found "
-                               f"{len(others)} ({names})")
+                               f"{len(others)} ({names}); give each of the two its role")
     roles: dict[str, str] = {"base": base}
     for m in others:
         ref = _model_ref(m)
@@ -287,7 +288,8 @@ def _mergekit_yaml(cfg: dict, out: Path, args: tuple[str, ...]) -> None:
             yaml.safe_dump(cfg, f, sort_keys=False)
         mergekit_yaml.main(args=[cfg_path, str(out), *args], standalone_mode=False)
     except click.ClickException as exc:
-        raise ShadowMergeError(f"mergekit-yaml option error: {exc.format_message()}") from None
+        raise ShadowMergeError(f"mergekit-yaml option error: {exc.format_message()}; see `mergekit-yaml --help` "
+                               f"for the options it takes") from None
     except (ShadowMergeError, KeyboardInterrupt):
         raise
     except Exception as exc:

@@ -100,13 +100,15 @@ class Matcher:
             return found
         where = f"{self.what} {label}".strip()
         if not isinstance(pattern, str):
-            raise ShadowMergeError(f"{where} is {type(pattern).__name__}, not a regular expression (a string)")
+            raise ShadowMergeError(f"{where} is {type(pattern).__name__}, not a regular expression; write it as "
+                                   f"a string")
         if len(pattern) > MAX_LENGTH:
             raise ShadowMergeError(f"{where} is {len(pattern)} characters long (at most {MAX_LENGTH}); shorten it")
         try:
             parsed = _p.parse(pattern)
         except (re.error, OverflowError, RecursionError) as exc:
-            raise ShadowMergeError(f"{where} {pattern[:80]!r} is not a valid regular expression ({exc})") from None
+            raise ShadowMergeError(f"{where} {pattern[:80]!r} is not a valid regular expression ({exc}); fix the "
+                                   f"key (Python re syntax, with literal dots and brackets escaped by \\)") from None
         if _nested_unbounded(parsed):
             raise ShadowMergeError(f"{where} {pattern[:80]!r} nests one unbounded repetition in another (like "
                                    f"(.*)*), which can backtrack for minutes; simplify it")
@@ -116,7 +118,8 @@ class Matcher:
         try:
             compiled = regex.compile(pattern, flags=regex.VERSION0)
         except (regex.error, OverflowError, RecursionError) as exc:
-            raise ShadowMergeError(f"{where} {pattern[:80]!r} is not a valid regular expression ({exc})") from None
+            raise ShadowMergeError(f"{where} {pattern[:80]!r} is not a valid regular expression ({exc}); fix the "
+                                   f"key (Python re syntax, with literal dots and brackets escaped by \\)") from None
         self._compiled[pattern] = compiled
         return compiled
 

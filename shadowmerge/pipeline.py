@@ -109,11 +109,11 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
                                "on it), not both")
     if lora is None and (base is None or tuned is None):
         raise ShadowMergeError("a graft needs --base (the model that was tuned) and --tuned (its fine-tuned copy), "
-                               "or --lora (an adapter trained on the Base)")
+                               "or --lora (an adapter trained on the Base); pass one of them")
     if out is None and not dry_run:
         raise ShadowMergeError("--out is required (the folder to write the grafted model into)")
     if not math.isfinite(alpha):
-        raise ShadowMergeError(f"--alpha must be a finite number, not {alpha}")
+        raise ShadowMergeError(f"--alpha must be a finite number, not {alpha}; pass e.g. --alpha 1")
     out_dtype = parse_dtype(dtype)
     dev = parse_device(device)
     shard_bytes = parse_size(shard_size)
@@ -123,7 +123,8 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
         plan = open_and_plan(ckpts, instruct, base, tuned, lora, alpha=alpha, include=include, exclude=exclude,
                              dtype=out_dtype, vocab=vocab, allow_pickle=allow_pickle)
         inst, source = plan.instruct, plan.source
-        _refuse_repeated_inputs(ckpts, lora)
+        if check_roles:
+            _refuse_repeated_inputs(ckpts, lora)
         if check_roles and lora is not None and ckpts[-1].trained_on_model(inst):
             raise ShadowMergeError(f"--instruct {instruct} is the model the adapter was trained on (its "
                                    f"base_model_name_or_path): grafting there is a plain merge, not Shadow-FT; pass "
@@ -186,12 +187,14 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
 
 
 def _refuse_repeated_inputs(ckpts, lora) -> None:
-    """One folder (or Hub snapshot) passed in two roles: the update, or the instruction tuning, would be zero."""
+    """One folder (or Hub snapshot) passed in two roles: the update, or the instruction tuning, would be zero.
+    An adapter written for the Instruct (extract --for-instruct: its full copies are the Instruct's plus the
+    update) takes the Instruct as --base too."""
     flags = ["--instruct", "--base", "--tuned"][: len(ckpts) - (lora is not None)]
     folders = [c.folder.resolve() for c in ckpts[: len(flags)]]
     for a in range(len(flags)):
         for b in range(a + 1, len(flags)):
-            if folders[a] == folders[b]:
+            if folders[a] == folders[b] and not (lora is not None and ckpts[-1].made_for(ckpts[0])):
                 raise ShadowMergeError(f"{flags[a]} and {flags[b]} are the same model ({ckpts[a].ref}); a graft needs "
                                        f"the Instruct, its Base and the Base's fine-tune: pass each in its role")
 

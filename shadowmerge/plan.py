@@ -130,7 +130,8 @@ def check_architecture(instruct: Checkpoint, others: tuple[Checkpoint, ...]) -> 
                 return f"{'/'.join(arch[1]) or '?'} ({arch[0]})"
             raise ShadowMergeError(
                 f"architectures differ: instruct is {show(want)}, {ckpt.label} is {show(ckpt.architecture)}; "
-                f"a graft needs the Base and Instruct of one model family")
+                f"a graft needs the Base and Instruct of one model family: pass the Base of this "
+                f"Instruct and a fine-tune of that Base")
 
 
 def build_plan(instruct: Checkpoint, source, *, alpha: float = 1.0, include: str | None = None,
@@ -216,7 +217,7 @@ def build_plan(instruct: Checkpoint, source, *, alpha: float = 1.0, include: str
         raise ShadowMergeError("tensor names differ: " + "; ".join(parts) + "; " + source.mismatch_hint)
     if shape_errors:
         raise ShadowMergeError(f"shapes differ for {len(shape_errors)} tensor(s): {_listing(shape_errors, 4)}; "
-                               f"the models must share one architecture and size")
+                               f"the models must share one architecture and size: {source.mismatch_hint}")
     if vocab_errors:
         name, mine, theirs = vocab_errors[0]
         raise ShadowMergeError(

@@ -1,8 +1,10 @@
-"""A tqdm progress bar in bytes/s on stderr, or a silent stand-in when progress is off (--quiet)."""
+"""Progress on stderr: a tqdm bar in bytes/s on a terminal, one plain line per stage when stderr is a file or a
+pipe (a bar there becomes hundreds of carriage-return updates), nothing with --quiet."""
 
 from __future__ import annotations
 
 import sys
+import time
 
 
 class _NoBar:
@@ -16,9 +18,36 @@ class _NoBar:
         return False
 
 
+class _LineBar(_NoBar):
+    """For a log file: counts the bytes, and says once, at the end of the stage, how many and how fast."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.done, self.start = total, desc, 0, time.perf_counter()
+
+    def update(self, n):
+        self.done += n
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            seconds = time.perf_counter() - self.start
+            rate = f"{_size(self.done / seconds)}/s" if seconds > 0 else "-"
+            print(f"{self.desc}: {_size(self.done)} in {seconds:.1f} s ({rate})", file=sys.stderr, flush=True)
+        return False
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def bar(total: int, enabled: bool, desc: str):
     if not enabled:
         return _NoBar()
+    if not sys.stderr.isatty():
+        return _LineBar(total, desc)
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,

@@ -78,14 +78,16 @@ def _looks_trained(folder) -> bool:
 
 def plausible_roles(d_bi: float, d_tb: float, d_ti: float, trained: dict[str, bool]) -> tuple[str, str, str]:
     """Which given input plays which role: (the given label that is the Instruct, the Base, the tuned model).
-    The update is the shortest side; of its two ends the tuned one is the one with a training run's files,
-    else the one farther from the Instruct."""
+    A training run's files decide which input is the tuned model, where one has them; then the update is
+    the shortest side; of its two ends the tuned one is the one with a training run's files, else the one
+    farther from the Instruct."""
     side = {frozenset(("base", "instruct")): d_bi, frozenset(("tuned", "base")): d_tb,
             frozenset(("tuned", "instruct")): d_ti}
     best = None
     for inst, base, tuned in permutations(("instruct", "base", "tuned")):
         update, gap, other = side[frozenset((tuned, base))], side[frozenset((base, inst))], side[frozenset((tuned, inst))]
-        score = (update > min(gap, other), trained[base] and not trained[tuned], gap > other)
+        score = (any(trained.values()) and not trained[tuned], update > min(gap, other),
+                 trained[base] and not trained[tuned], gap > other)
         if best is None or score < best[0]:
             best = (score, (inst, base, tuned))
     return best[1]
@@ -109,7 +111,8 @@ def check(plan, ckpts) -> None:
     elif d_tb > MARGIN * d_bi:
         why = (f"the update --tuned - --base is {d_tb / d_bi:.1f}x the distance between --base and --instruct (a "
                f"fine-tune's update is smaller than the Base-Instruct gap)")
-    elif MARGIN * d_tb < min(d_bi, d_ti) and cos > COS_SWAPPED:      # a clear Shadow-FT triangle, pointing back
+    elif MARGIN * d_tb < min(d_bi, d_ti) and cos > COS_SWAPPED and not (trained[2] and not trained[1]):
+        # a clear Shadow-FT triangle, pointing back (unless the folders say --tuned is the trained one)
         why = (f"the update --tuned - --base points back toward --instruct (cos {cos:.2f}; a fine-tune's update is "
                f"near orthogonal to the instruction tuning)")
         real = ("instruct", "tuned", "base")
@@ -124,12 +127,12 @@ def check(plan, ckpts) -> None:
     real = real or plausible_roles(d_bi, d_tb, d_ti, dict(zip(("instruct", "base", "tuned"), trained)))
     given = ("instruct", "base", "tuned")
     moved = [g for g, r in zip(given, real) if g != r]
+    if not moved:
+        return                      # odd distances, but the most plausible roles are the ones given
     if len(moved) == 2:
         what = f"{flags[moved[0]]} and {flags[moved[1]]} look exchanged"
-    elif len(moved) == 3:
+    else:
         role_of = {label: role for label, role in zip(real, given)}
         what = ("the three inputs look rotated (" + ", ".join(f"{flags[g]} looks like the {role_of[g]} model"
                                                              for g in given) + ")")
-    else:
-        what = "the roles of the inputs look exchanged"
     raise ShadowMergeError(f"{what}: {why}; nothing was written; pass them in their roles, or {OVERRIDE}")

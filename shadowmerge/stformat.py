@@ -57,7 +57,8 @@ def read_header(path, file_size: int, label: str | None = None) -> tuple[int, di
             _validate(path, hint, shown)
             header = json.loads(f.read(n))
     except OSError as exc:
-        raise ShadowMergeError(f"{shown}: cannot be read ({exc.strerror or exc})") from None
+        raise ShadowMergeError(f"{shown}: cannot be read ({exc.strerror or exc}); a weights file must be a "
+                               f"regular, readable file: {hint}") from None
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + n
     tensors = {}

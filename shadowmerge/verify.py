@@ -45,9 +45,9 @@ class VerifySummary:
 def _load_record(folder: Path) -> tuple[str, dict]:
     for name in RECORDS:
         if (folder / name).is_file():
-            return name, jsonfile.load(folder / name, "run record", hint="it is not a shadowmerge output")
+            return name, jsonfile.load(folder / name, "run record", hint="pass a folder shadowmerge wrote (its record must be intact)")
     raise ShadowMergeError(f"{folder} has no {' or '.join(RECORDS)}: it is not a shadowmerge output folder "
-                           f"(or the record was removed)")
+                           f"(or the record was removed); pass the folder shadowmerge wrote")
 
 
 HINT = "re-run the command that made it, or re-download it"
@@ -139,7 +139,7 @@ def _recompute(folder: Path, rec: dict, sample: int | None, device, progress: bo
     paths = rec.get("input_paths")
     if not isinstance(paths, dict) or "instruct" not in paths:
         raise ShadowMergeError(f"{where} names no input folders (written by an older shadowmerge); only the "
-                               f"sha256 and headers can be checked, without --recompute")
+                               f"sha256 and headers can be checked: run verify without --recompute")
     for label, path in paths.items():
         if not isinstance(path, str) or not Path(path).is_dir():
             raise ShadowMergeError(f"--recompute needs the {label} input {path}, which is not there; run verify where "
@@ -162,7 +162,8 @@ def _recompute(folder: Path, rec: dict, sample: int | None, device, progress: bo
             o = out.tensors[t.name]
             if (o.dtype, o.shape) != (t.out_dtype, t.info.shape):
                 raise ShadowMergeError(f"{folder}: tensor {t.name} is {o.dtype} {list(o.shape)}, the recomputed plan "
-                                       f"says {t.out_dtype} {list(t.info.shape)}")
+                                       f"says {t.out_dtype} {list(t.info.shape)}; the output or its inputs changed since it "
+                                       f"was written: write it again")
         if sample is not None and sample < len(plan.tensors):
             keep = set(random.Random(0).sample(sorted(planned), sample))
             plan.tensors = [t for t in plan.tensors if t.name in keep]
@@ -181,9 +182,10 @@ def verify(out: str | Path, *, recompute: bool = False, sample: int | None = Non
     if not folder.is_dir():
         raise ShadowMergeError(f"{out} is not a folder; pass the output folder of a shadowmerge command")
     if sample is not None and sample < 1:
-        raise ShadowMergeError("--sample must be at least 1")
+        raise ShadowMergeError("--sample must be at least 1; pass e.g. --sample 20")
     if sample is not None and not recompute:
-        raise ShadowMergeError("--sample goes with --recompute (it picks the tensors to recompute)")
+        raise ShadowMergeError("--sample goes with --recompute (it picks the tensors to recompute); add "
+                               "--recompute, or leave --sample out")
     dev = parse_device(device)
     name, record = _load_record(folder)
     manifest = _manifest(folder, name, record)
@@ -203,7 +205,8 @@ def verify(out: str | Path, *, recompute: bool = False, sample: int | None = Non
                     targets.append((sub, rec))
         if not targets:
             raise ShadowMergeError(f"{folder}: nothing to recompute ({record.get('tool', 'this output')} names no "
-                                   f"graft inputs); its sha256 and headers match the record")
+                                   f"graft inputs), and its sha256 and headers match the record; run verify "
+                                   f"without --recompute")
         for sub, rec in targets:
             recomputed += _recompute(sub, rec, sample, dev, progress)
     return VerifySummary(folder, files, tensors, recomputed)

@@ -14,7 +14,7 @@ def load(path: str | Path, what: str):
     try:
         return yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
-        raise ShadowMergeError(f"{what} not found: {path}") from None
+        raise ShadowMergeError(f"{what} not found: {path}; check the path") from None
     except (OSError, yaml.YAMLError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ShadowMergeError(f"{path} is not valid YAML ({reason})") from None
+        raise ShadowMergeError(f"{path} is not valid YAML ({reason}); fix the file") from None

@@ -10,6 +10,7 @@ of each file it sent, so tests can assert what was downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -57,6 +58,7 @@ class FakeHub:
         self.unsized = False               # model info without file sizes
         self.encoding: str | None = None   # a Content-Encoding on every range answer (a compressing proxy)
         self.stall: tuple[str, float] | None = None    # (path regex, seconds): wait that long before answering
+        self.stall_after: tuple[str, float] | None = None   # ... or send a file's first KiB, then wait that long
         self.info_sha: str | None = None   # model info naming this commit ("" for none) instead of the real one
         self.listed: dict[str, int] = {}   # file name -> the size model info claims for it
 
@@ -189,6 +191,9 @@ class FakeHub:
 
     def _file(self, h, data: bytes, headers: dict, head: bool, entry: Sent) -> None:
         rng = None if self.ignore_range else h.headers.get("Range")
+        if self.stall_after and not head and re.search(self.stall_after[0], entry.file or "") and \
+                (not rng or rng.strip().endswith("-")):        # a download (a fresh one, or a resume), not a header
+            return self._stall(h, data, rng, entry)
         if self.tamper and not rng and entry.file.endswith(".safetensors"):
             data = data[:8] + data[8:].replace(b'"F32"', b'"I32"').replace(b'"BF16"', b'"F16" ')
         if rng and (m := re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())):
@@ -201,6 +206,19 @@ class FakeHub:
                                              {"Content-Range": f"bytes {start}-{end}/{len(data)}"}),
                                **({"Content-Encoding": self.encoding} if self.encoding else {})}, head, entry)
         return self._send(h, 200, data, headers, head, entry)
+
+    def _stall(self, h, data: bytes, rng: str | None, entry: Sent) -> None:
+        """A fresh download gets the file's first KiB, a resume nothing; then no more data for a while."""
+        sent = b"" if rng else data[:1024]
+        h.send_response(206 if rng else 200)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            h.wfile.write(sent)
+            h.wfile.flush()
+        entry.nbytes += len(sent)
+        time.sleep(self.stall_after[1])
+        h.close_connection = True
 
     @staticmethod
     def _error(h, status: int, code: str | None, message: str) -> None:

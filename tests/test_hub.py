@@ -251,6 +251,41 @@ def test_a_server_that_breaks_its_word(hub, tmp_path, fault, value, expect):
     assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
+def test_a_damaged_download_leaves_the_cache_and_a_rerun_fetches_it_again(hub, models, tmp_path):
+    """A weight file whose downloaded header differs from the one read by range requests is removed from the
+    huggingface_hub cache (link and blob) before the error; the next run downloads it again and succeeds,
+    instead of blaming the user's models forever."""
+    home = tmp_path / "hf"
+    with faults(hub, {"tamper": True}):
+        res = run(hub, home, *GRAFT, "--out", tmp_path / "out", "-q")
+    assert res.returncode == 1
+    one_line_error(res.stderr, "it was removed from the cache: run again")
+    for repo in ("inst", "base", "tuned"):
+        assert not files(snapshot(home, f"org/{repo}", hub.shas[repo])) & set(SHARDS), "a damaged file stayed cached"
+    blobs = home / "hub" / "models--org--base" / "blobs"
+    assert all(p.stat().st_size < 4096 for p in blobs.iterdir()), "a damaged blob stayed cached"
+    res = run(hub, home, *GRAFT, "--out", tmp_path / "out", "-q")
+    assert res.returncode == 0, res.stderr
+    assert hub.weight_bytes() > 0, "the files were not fetched again"
+    shadowmerge.graft(models["instruct"], models["base"], models["tuned"], tmp_path / "local", progress=False)
+    got, want = tinymodels.state(tmp_path / "out"), tinymodels.state(tmp_path / "local")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_cached_file_of_the_wrong_size_is_fetched_again(hub, models, tmp_path):
+    """A cached weight file whose size is not the one the Hub lists (a download cut short and left by another
+    tool) is not trusted: it is removed and read from the Hub again."""
+    home = tmp_path / "hf"
+    assert run(hub, home, *GRAFT, "--out", tmp_path / "first", "-q").returncode == 0
+    cached = snapshot(home, "org/tuned", hub.shas["tuned"]) / SHARDS[1]
+    blob = cached.resolve()
+    blob.write_bytes(blob.read_bytes()[:-100])
+    res = run(hub, home, *GRAFT, "--out", tmp_path / "out", "-q")
+    assert res.returncode == 0, res.stderr
+    got, want = tinymodels.state(tmp_path / "out"), tinymodels.state(tmp_path / "first")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 @contextlib.contextmanager
 def faults(hub, settings: dict):
     before = {k: getattr(hub, k) for k in settings}
@@ -286,7 +321,7 @@ def test_a_server_ignoring_range_is_left_after_the_header(hub, tmp_path):
     hub.add("org/big", folder)
     with faults(hub, {"ignore_range": True}):
         res = run(hub, tmp_path / "hf", "graft", "--instruct", "org/big", "--base", "org/big", "--tuned", "org/big",
-                  "--dry-run")
+                  "--dry-run", "--no-role-check")      # one model in three roles: only its header matters here
     size = (folder / "model.safetensors").stat().st_size
     sent = hub.sent(repo="org/big")
     assert sent < size // 2, f"{sent} of {size} bytes sent for a header"
@@ -302,6 +337,54 @@ def test_a_stalled_server_times_out(hub, tmp_path, where, expect):
         res = run(hub, tmp_path / "hf", *GRAFT, "--dry-run", env={"HF_HUB_ETAG_TIMEOUT": "1"})
     assert res.returncode == 1
     one_line_error(res.stderr, expect)
+
+
+def test_a_download_that_stalls_after_its_first_bytes(hub, tmp_path):
+    """huggingface_hub's own download waits as long as every other request (HF_HUB_ETAG_TIMEOUT), its retries
+    print nothing, and the one error line says what happened: no data for that long, how many tries."""
+    import time
+
+    start = time.monotonic()
+    with faults(hub, {"stall_after": (r"00002-of-00003\.safetensors$", 3.0)}):
+        res = run(hub, tmp_path / "hf", *GRAFT, "--out", tmp_path / "out", env={"HF_HUB_ETAG_TIMEOUT": "1"})
+    assert res.returncode == 1, res.stderr
+    err = one_line_error(res.stderr, "the download stalled: no data for 1 s, 6 tries")
+    assert "HF_HUB_ETAG_TIMEOUT=SECONDS" in err and "hf download org/" in err
+    assert "Trying to resume" not in res.stderr and "Error while downloading" not in res.stderr
+    assert res.stderr.count("\n") <= 8, res.stderr        # a line per download stage, then the error
+    assert time.monotonic() - start < 60, "each try waited longer than HF_HUB_ETAG_TIMEOUT"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pickle_only_hub_repo_names_the_id_and_the_flag(hub, models, tmp_path):
+    """As for a local folder: the error names the repo (not a cache path) and --allow-pickle."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, buffer)
+    hub.add("org/pickled", {"config.json": (models["base"] / "config.json").read_bytes(),
+                            "pytorch_model.bin": buffer.getvalue()})
+    res = run(hub, tmp_path / "hf", "graft", "--instruct", "org/inst", "--base", "org/pickled", "--tuned",
+              "org/tuned", "--out", tmp_path / "out", "-q")
+    assert res.returncode == 1
+    err = one_line_error(res.stderr, "base org/pickled: the Hub repo has only pickle weights (pytorch_model.bin); "
+                                     "pass --allow-pickle")
+    assert "snapshots" not in err and hub.sent(".bin") == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_cached_config_is_fetched_again(hub, models, tmp_path):
+    """A config.json that fails its check after download is removed from the cache, so a re-run fetches it."""
+    home = tmp_path / "hf"
+    assert run(hub, home, *GRAFT, "--dry-run").returncode == 0
+    cached = snapshot(home, "org/base", hub.shas["base"]) / "config.json"
+    cached.resolve().write_bytes(b"{not json")
+    res = run(hub, home, *GRAFT, "--dry-run")
+    assert res.returncode == 1
+    one_line_error(res.stderr, "is not valid JSON")
+    assert not cached.exists()
+    res = run(hub, home, *GRAFT, "--dry-run")
+    assert res.returncode == 0, res.stderr
 
 
 def test_a_repo_without_a_config(hub, tmp_path):

@@ -308,7 +308,8 @@ def test_adapter_files_missing_unreadable_or_pickled(make_triple, cli, tmp_path)
     model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
     run_bad(cli, tmp_path, [inst, tmp_path / "pickled"], "--instruct", inst, "--lora", tmp_path / "pickled",
             expect="only pickle weights (adapter_model.bin); pass --allow-pickle")
-    graft_lora(cli, inst, tmp_path / "pickled", tmp_path / "out", "--allow-pickle")
+    run_bad(cli, tmp_path, [inst, tmp_path / "pickled"], "--instruct", inst, "--lora", tmp_path / "pickled",
+            "--allow-pickle", expect="the lora update is zero in every grafted tensor")   # read: untrained (B = 0)
     adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
     _edit_config(adapter, r=0)
     run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter,
@@ -381,28 +382,29 @@ def test_adapter_name_in_keys_is_accepted(make_triple, cli, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
 
 
-def test_untrained_adapter_is_reported(make_triple, cli, tmp_path):
-    """A freshly initialised adapter (lora_B = 0) changes nothing: the summary and the record say so."""
+def test_untrained_adapter_is_refused(make_triple, cli, tmp_path):
+    """A freshly initialised adapter (lora_B = 0) changes nothing: an error, never a copy of the Instruct."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     inst, base, _ = make_triple("llama")
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"]))
     model.save_pretrained(tmp_path / "adapter")
-    res = graft_lora(cli, inst, tmp_path / "adapter", tmp_path / "out")
-    assert "the lora delta is zero in every grafted tensor: the output equals the instruct; is --lora the right" \
-        in res.output
-    record = json.loads((tmp_path / "out" / "shadowmerge.json").read_text())
-    assert len(record["unchanged"]) == 2 and record["grafted"] == record["unchanged"]
-    assert state(tmp_path / "out").keys() == state(inst).keys()
-    for name, t in state(tmp_path / "out").items():
-        assert torch.equal(t, state(inst)[name])
+    run_bad(cli, tmp_path, [inst, tmp_path / "adapter"], "--instruct", inst, "--lora", tmp_path / "adapter",
+            expect="the lora update is zero in every grafted tensor (--lora holds the same weights as the base), so "
+                   "the output would be a copy of the instruct; nothing was written")
 
 
-def test_update_below_output_precision_is_reported(make_triple, cli, tmp_path):
+def test_update_below_output_precision_is_refused_or_reported(make_triple, cli, tmp_path):
+    """Below the output precision in every grafted tensor: an error (the output would be the Instruct again);
+    in some of them: a warning and the record's list."""
     inst, base, _ = make_triple("llama")
     adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
     _edit_tensors(adapter, lambda t: t.update({k: v * 1e-9 for k, v in t.items() if "lora_B" in k}))
+    run_bad(cli, tmp_path, [inst, adapter], "--instruct", inst, "--lora", adapter,
+            expect="the lora update is below the output dtype's precision in every grafted tensor")
+    adapter = make_adapter(base, tmp_path / "adapter2", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    _edit_tensors(adapter, lambda t: t.update({k: v * 1e-9 for k, v in t.items() if "q_proj.lora_B" in k}))
     res = graft_lora(cli, inst, adapter, tmp_path / "out")
     assert "2 grafted tensor(s) came out identical to the instruct's (the update is below the output dtype's " \
            "precision)" in res.output

@@ -196,8 +196,13 @@ def test_existing_output_needs_force(triple, cli, tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("mine")
     run_bad(cli, tmp_path, [inst, base, tuned, tmp_path / "out"], path, command=("mergekit",),
             expect="already exists; choose another OUT or pass --force")
+    # --force replaces only an output shadowmerge wrote: the user's folder stays, an empty one or ours is replaced
+    run_bad(cli, tmp_path, [inst, base, tuned, tmp_path / "out"], path, "--force", command=("mergekit",),
+            expect="was not written by shadowmerge (it has no shadowmerge record); --force replaces only")
+    (tmp_path / "out" / "keep.txt").unlink()
     assert cli("mergekit", path, tmp_path / "out", "--force").exit_code == 0
-    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert cli("mergekit", path, tmp_path / "out", "--force").exit_code == 0
 
 
 def test_a_failure_inside_mergekit_is_one_line_and_leaves_nothing(triple, cli, tmp_path, make_triple):

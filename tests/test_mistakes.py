@@ -164,3 +164,19 @@ def test_force_keeps_a_users_own_folder(make_triple, tmp_path):
     expect_refusal(res, tmp_path, listing, (inst, base, tuned, mywork), before,
                    f"{mywork} was not written by shadowmerge")
     assert (mywork / "notes.txt").read_text() == "three weeks of notes"
+
+
+def test_output_for_people_in_a_log_file(make_triple, tmp_path):
+    """stderr to a file or a pipe: one plain line per stage, no carriage-return bar updates."""
+    import re
+
+    inst, base, tuned = make_triple("llama")
+    res = shadowmerge("graft", "--instruct", inst, "--base", base, "--tuned", tuned, "--out", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    assert "\r" not in res.stderr and re.search(r"^graft: [\d.]+ [KMGT]?i?B in [\d.]+ s \(", res.stderr, re.M), res.stderr
+    res = shadowmerge("similarity", "--base", base, "--instruct", inst, "--out", tmp_path / "sim",
+                      "--matrix", "model.layers.0.mlp.up_proj.weight")
+    assert res.returncode == 0, res.stderr
+    assert "\r" not in res.stderr and re.search(r"^similarity: ", res.stderr, re.M), res.stderr
+    svg = next((tmp_path / "sim").glob("*matrix.svg")).read_text()
+    assert "max |I − B| = " in svg, "the zoomed difference panel must say how large the difference is"

@@ -686,7 +686,10 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(pair, cli, tmp_path
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert not out.exists() and list(ckpts.glob("base/checkpoint-*"))
-    assert "add --resume to go on from" in err
+    assert "FutureWarning" not in err and "\r" not in err, "library warnings or a progress bar in a log"
+    last = err.strip().splitlines()[-1]      # one closing line: what was removed, and what was kept for --resume
+    assert last.startswith("interrupted (SIGINT); the unfinished output was removed; ") and \
+        f"{ckpts} keeps checkpoint-" in last and last.endswith("add --resume to go on from there"), last
 
     run_bad(cli, tmp_path, [inst, base], *common, command=("train",), out_name="run",
             expect="holds the checkpoints of an interrupted run of this recipe")

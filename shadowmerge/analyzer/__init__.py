@@ -86,9 +86,10 @@ def similarity(base: str | Path | None = None, instruct: str | Path | None = Non
     if len({n for n, _, _ in todo}) != len(todo):
         raise ShadowMergeError("two pairs have the same name; name each --pair differently")
     if tuned is not None and len(todo) != 1:
-        raise ShadowMergeError("--tuned goes with one pair (--base/--instruct), not with several --pair")
+        raise ShadowMergeError("--tuned goes with one pair (--base/--instruct), not with several --pair; "
+                               "run one similarity per tuned model")
     if matrix_size < 2:
-        raise ShadowMergeError("--matrix-size must be at least 2")
+        raise ShadowMergeError("--matrix-size must be at least 2; pass e.g. --matrix-size 48")
     dev = parse_device(device)
 
     opened: list[Checkpoint] = []
@@ -109,8 +110,8 @@ def similarity(base: str | Path | None = None, instruct: str | Path | None = Non
             items, result = _compare_names(name, cb, ci, ct)
             result.hub = hub.provenance([c for c in (cb, ci, ct) if c is not None])
             if not items:
-                raise ShadowMergeError(f"{name}: the base and instruct share no tensor of equal shape; are they one "
-                                       f"model family?")
+                raise ShadowMergeError(f"{name}: the base and instruct share no tensor of equal shape; pass a Base "
+                                       f"and Instruct of one model family and size")
             if matrix is not None:
                 _check_matrix(matrix, items, name)
             plans.append((items, result, cb, ci, ct))

@@ -128,11 +128,16 @@ def matrix(name: str, a, b, pair: PairResult, folder: Path, stem: str, size: int
     yy, xx = np.mgrid[0: a.shape[0], 0: a.shape[1]]
     fig = plt.figure(figsize=(15, 4.8))
     lim = float(max(abs(a).max(), abs(b).max(), 1e-12))
-    panels = ((a, f"B (Base): {short_label(pair.base)}", lim), (b, f"I (Instruct): {short_label(pair.instruct)}", lim),
-              (d, f"I − B (z zoomed {zoom:g}x)", lim / zoom))
-    for i, (z, title, zl) in enumerate(panels, 1):
+    dmax = float(abs(d).max())
+    # the difference keeps the paper's 10x z axis (small against the weights), but its colours span its own
+    # range, so that small is told from absent; the title gives its largest value
+    panels = ((a, f"B (Base): {short_label(pair.base)}", lim, lim),
+              (b, f"I (Instruct): {short_label(pair.instruct)}", lim, lim),
+              (d, f"I − B (z zoomed {zoom:g}x; colours on its own scale)\nmax |I − B| = {dmax:.3g}  "
+                  f"(max |weight| = {lim:.3g})", lim / zoom, max(dmax, 1e-12)))
+    for i, (z, title, zl, cl) in enumerate(panels, 1):
         ax = fig.add_subplot(1, 3, i, projection="3d")
-        ax.plot_surface(xx, yy, z, cmap="coolwarm", vmin=-zl, vmax=zl, linewidth=0, antialiased=False)
+        ax.plot_surface(xx, yy, z, cmap="coolwarm", vmin=-cl, vmax=cl, linewidth=0, antialiased=False)
         ax.set_zlim(-zl, zl)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("input column")

@@ -21,6 +21,7 @@ from ..errors import ShadowMergeError
 from ..patterns import Matcher
 
 CONFIG = "adapter_config.json"
+SAVE = "re-save the adapter with peft's save_pretrained"      # the next step for an adapter that is not what peft saves
 WEIGHTS = "adapter_model.safetensors"
 PICKLE = "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -86,9 +87,10 @@ class Adapter(TensorStore):
     def __init__(self, where: "Path | hub.Remote", ref: str, allow_pickle: bool = False):
         super().__init__(where, "adapter", ref)
         self._patterns = Matcher(f"--lora {ref}: {CONFIG}")
-        self.config = self._read_config()
-        self._check_config()
-        self.tensors = self._scan(allow_pickle)
+        with self.evicting_metadata():
+            self.config = self._read_config()
+            self._check_config()
+            self.tensors = self._scan(allow_pickle)
         self.modules: dict[str, LoraModule] = {}
         self.saved: dict[str, TensorInfo] = {}          # full tensors trained on the Base (modules_to_save, bias)
         self.base_copies: dict[str, TensorInfo] = {}    # the Base's own weights saved alongside (not an update)
@@ -152,29 +154,32 @@ class Adapter(TensorStore):
 
     @property
     def trained_on(self) -> str | None:
-        """The model the adapter was trained on: a retargeted adapter's record keeps it (its config names the
-        Instruct now); otherwise base_model_name_or_path."""
+        """The model the adapter was trained on. A retargeted adapter's record keeps it, an extracted one's
+        record names the Base it came from (their configs name the Instruct they are meant for); otherwise
+        base_model_name_or_path."""
         from ..sidefiles import RECORD
 
-        record = self.folder / RECORD
-        if record.is_file():
+        for name, tool, key in ((RECORD, "shadowmerge lora retarget", ("trained_on",)),
+                                ("extract.json", "shadowmerge extract", ("inputs", "base"))):
+            if not (self.folder / name).is_file():
+                continue
             try:
-                data = jsonfile.load(record, "record")
+                data = jsonfile.load(self.folder / name, "record")
             except ShadowMergeError:
-                data = {}
-            if data.get("tool") == "shadowmerge lora retarget":
-                return data.get("trained_on") if isinstance(data.get("trained_on"), str) else None
+                continue
+            if data.get("tool") == tool:
+                for k in key:
+                    data = data.get(k) if isinstance(data, dict) else None
+                return data if isinstance(data, str) else None
         return self.base_model
 
     def trained_on_model(self, store) -> bool:
         """Does the adapter name `store` (an opened model) as the model it was trained on?"""
-        name = self.trained_on
-        if not name:
-            return False
-        if name in (str(store.ref), hub.reference(store)[0]):
-            return True
-        path = Path(name).expanduser()
-        return store.remote is None and path.is_dir() and path.resolve() == Path(store.folder).resolve()
+        return _names(self.trained_on, store)
+
+    def made_for(self, store) -> bool:
+        """Does the adapter's config name `store` as the model it applies to (base_model_name_or_path)?"""
+        return _names(self.base_model, store)
 
     def needs_base(self) -> list[str]:
         """Why this adapter cannot be merged without the Base weights (empty: it can)."""
@@ -232,7 +237,7 @@ class Adapter(TensorStore):
                 setattr(mod, part[-1], info)
             elif param == "bias":
                 if part != "lora_B":
-                    raise ShadowMergeError(f"--lora {self.ref}: unexpected key {key}; only lora_B has a bias")
+                    raise ShadowMergeError(f"--lora {self.ref}: unexpected key {key}; only lora_B has a bias: {SAVE}")
                 mod.bias = info
             else:
                 setattr(mod, part[-1], info)
@@ -247,7 +252,7 @@ class Adapter(TensorStore):
             if not self._trainable(name):
                 raise ShadowMergeError(
                     f"--lora {self.ref}: key {name!r} is neither a LoRA tensor nor in modules_to_save/bias; "
-                    f"the adapter was not saved by peft's LoRA, or its {CONFIG} does not match its weights")
+                    f"the adapter was not saved by peft's LoRA, or its {CONFIG} does not match its weights: {SAVE}")
             self.saved[name] = info
         for mod in self.modules.values():
             self._finish(mod, cfg)
@@ -263,17 +268,20 @@ class Adapter(TensorStore):
         where = f"--lora {self.ref}: module {mod.name}"
         if mod.A is None or mod.B is None:
             have = "lora_A" if mod.A is not None else "lora_B" if mod.B is not None else "only a magnitude/bias"
-            raise ShadowMergeError(f"{where} has {have} but not both lora_A and lora_B; the adapter is incomplete")
+            raise ShadowMergeError(f"{where} has {have} but not both lora_A and lora_B; the adapter is incomplete: "
+                                   f"{SAVE}, or download it again")
         if len(mod.A.shape) != 2 or len(mod.B.shape) != 2:
             raise ShadowMergeError(f"{where}: LoRA on a convolution or a {len(mod.A.shape)}-D weight is not "
-                                   f"supported; only linear and embedding layers")
+                                   f"supported (only linear and embedding layers); merge it with peft's "
+                                   f"merge_and_unload into the Base, then pass that as --tuned")
         for info in (mod.A, mod.B, mod.bias, mod.magnitude):
             if info is not None and not info.dtype.is_floating_point:
                 raise ShadowMergeError(f"{where}: {info.name} is {info.dtype}; a quantized adapter cannot be "
-                                       f"merged exactly")
+                                       f"merged exactly: save the adapter in float32/bfloat16")
         rank = mod.A.shape[0]
         if mod.B.shape[1] != rank:
-            raise ShadowMergeError(f"{where}: lora_A has rank {rank} but lora_B has {mod.B.shape[1]} columns")
+            raise ShadowMergeError(f"{where}: lora_A has rank {rank} but lora_B has {mod.B.shape[1]} columns; "
+                                   f"the factors do not belong together: {SAVE}, or download it again")
         if cfg.get("target_parameters") and (".base_layer" in mod.name or mod.embedding is False and
                                              rank != self._pattern("rank_pattern", mod.name, cfg["r"])):
             mod.on_parameter = True      # rank x experts rows: checked with the parameter (source.py)
@@ -282,16 +290,17 @@ class Adapter(TensorStore):
         alpha = self._pattern("alpha_pattern", mod.name, cfg["lora_alpha"])
         if r != rank:
             raise ShadowMergeError(f"{where}: {CONFIG} says r={r} but lora_A has rank {rank}; the config does not "
-                                   f"belong to these weights")
+                                   f"belong to these weights: fix r (or rank_pattern), or {SAVE}")
         mod.rank = rank
         mod.scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         mod.fan_in_fan_out = bool(cfg.get("fan_in_fan_out")) and not mod.embedding
         out_dim = mod.shape[1] if mod.transposed else mod.shape[0]
         for info, what in ((mod.bias, "lora_B bias"), (mod.magnitude, "DoRA magnitude")):
             if info is not None and tuple(info.shape) != (out_dim,):
-                raise ShadowMergeError(f"{where}: {what} has shape {list(info.shape)}, expected [{out_dim}]")
+                raise ShadowMergeError(f"{where}: {what} has shape {list(info.shape)}, expected [{out_dim}]; {SAVE}")
         if cfg.get("use_dora") and mod.magnitude is None:
-            raise ShadowMergeError(f"{where}: {CONFIG} says use_dora but there is no lora_magnitude_vector")
+            raise ShadowMergeError(f"{where}: {CONFIG} says use_dora but there is no lora_magnitude_vector; {SAVE}, "
+                                   f"or set use_dora to false if it was trained without DoRA")
 
 
     def parameter_scale(self, mod: LoraModule, param: str, experts: int) -> None:
@@ -299,13 +308,13 @@ class Adapter(TensorStore):
         cfg, where = self.config, f"--lora {self.ref}: parameter {param}"
         if mod.bias is not None or mod.magnitude is not None or mod.embedding:
             raise ShadowMergeError(f"{where} has a lora_B bias, DoRA magnitude or embedding factors, which peft "
-                                   f"does not make for a parameter; the adapter is not peft's")
+                                   f"does not make for a parameter; the adapter is not peft's: {SAVE}")
         r = self._pattern("rank_pattern", param, cfg["r"])
         alpha = self._pattern("alpha_pattern", param, cfg["lora_alpha"])
         if mod.A.shape[0] != r * experts or mod.B.shape[1] != r * experts:
             raise ShadowMergeError(f"{where}: {CONFIG} says r={r} for {experts} expert(s), so lora_A should have "
                                    f"{r * experts} rows, but it has {mod.A.shape[0]}; the config does not belong to "
-                                   f"these weights")
+                                   f"these weights: fix r (or rank_pattern), or {SAVE}")
         mod.rank = r
         mod.scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
@@ -317,6 +326,16 @@ class Adapter(TensorStore):
         return default
 
 
+def _names(name: str | None, store) -> bool:
+    """Does a config's model name (a Hub id or a path) name `store`, an opened model?"""
+    if not name:
+        return False
+    if name in (str(store.ref), hub.reference(store)[0]):
+        return True
+    path = Path(name).expanduser()
+    return store.remote is None and path.is_dir() and path.resolve() == Path(store.folder).resolve()
+
+
 def _positive(value, what: str, integer: bool = False) -> None:
     """A finite positive number (an integer where integer=True), else a one-line error."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
@@ -324,4 +343,4 @@ def _positive(value, what: str, integer: bool = False) -> None:
         ok = isinstance(value, int) or float(value).is_integer()
     if not ok:
         kind = "a positive integer" if integer else "a finite positive number"
-        raise ShadowMergeError(f"{what} is {str(value)[:40]}; it must be {kind}")
+        raise ShadowMergeError(f"{what} is {str(value)[:40]}; it must be {kind}: fix it there")

@@ -32,6 +32,7 @@ from ..names import converted_error, disk_to_memory, parameters_of, stacked_expe
 from ..stformat import itemsize
 from .adapter import Adapter, LoraModule
 
+OTHER = "pass the Instruct of the model the adapter was trained on"      # the next step for a foreign adapter
 TILE_ELEMENTS = 1 << 24     # of lora_A or lora_B per piece: 64 MiB of float32
 FORMULA = ("out = float32(I) + alpha * scale * (float32(lora_B) @ float32(lora_A)), cast once to the output dtype; "
            "DoRA: alpha * (m * (W_B + dW) / ||W_B + dW|| - W_B); full copies: alpha * (copy - W_B)")
@@ -111,7 +112,7 @@ class LoraDelta:
         for name, info in adapter.saved.items():
             if name in self._targets:
                 raise ShadowMergeError(f"--lora {adapter.ref}: {name} is both LoRA-adapted and saved in full; "
-                                       f"the adapter is inconsistent")
+                                       f"the adapter is inconsistent: re-save it with peft's save_pretrained")
             self._targets[name] = ("saved", info)
         self.renamed: dict[str, str] = {}
         self._mapping_known = True
@@ -189,14 +190,14 @@ class LoraDelta:
         where = f"--lora {ad.ref}: module {mod.name} (LoRA on parameters, target_parameters)"
         if found is None:
             raise ShadowMergeError(f"{where}: the instruct's model has no module {module}; the adapter was made for "
-                                   f"another model")
+                                   f"another model: {OTHER}")
         params, transposed = found
         wanted = ad.config.get("target_parameters") or []
         matched = [(p, shape) for p, shape in params
                    if any(f"{module}.{p}" == t or f"{module}.{p}".endswith("." + t) for t in wanted)]
         if depth >= len(matched):
             raise ShadowMergeError(f"{where}: {module} has {len(matched)} targeted parameter(s), too few for this "
-                                   f"nesting; the adapter does not match the instruct's model")
+                                   f"nesting; the adapter does not match the instruct's model: {OTHER}")
         param, shape = matched[len(matched) - 1 - depth]
         name = f"{module}.{param}"
         if len(shape) == 2:          # a 2-D parameter (a router's weight): peft merges it like a linear layer
@@ -205,13 +206,13 @@ class LoraDelta:
             return {name: ("weight", replace(mod, name=module))}
         if len(shape) != 3:
             raise ShadowMergeError(f"{where}: {name} has {len(shape)} dimensions; only 2-D and 3-D (experts) "
-                                   f"parameters are merged")
+                                   f"parameters are merged: leave it out of target_parameters")
         experts, d1, d2 = shape
         ad.parameter_scale(mod, name, experts)
         in_dim, out_dim = (d1, d2) if transposed else (d2, d1)
         if tuple(mod.A.shape) != (mod.rank * experts, in_dim) or tuple(mod.B.shape) != (out_dim, mod.rank * experts):
             raise ShadowMergeError(f"{where}: lora_A {list(mod.A.shape)} / lora_B {list(mod.B.shape)} do not fit "
-                                   f"{name} {list(shape)}; the adapter was made for another model")
+                                   f"{name} {list(shape)}; the adapter was made for another model: {OTHER}")
         return {name: ("parameter", (mod, shape, transposed))}
 
     def _expert_targets(self, target, found: list, instruct: Checkpoint) -> dict:
@@ -227,7 +228,7 @@ class LoraDelta:
         sources = 1 + max(j for j, _ in slots)
         if set(slots) != {(j, e) for j in range(sources) for e in range(experts)}:
             raise ShadowMergeError(f"{where}: the instruct stores {len(slots)} expert tensors for it, not "
-                                   f"{sources * experts}; it does not match the adapter's model")
+                                   f"{sources * experts}; it does not match the adapter's model: {OTHER}")
         out = {}
         for e in range(experts):
             row0 = 0
@@ -240,7 +241,7 @@ class LoraDelta:
                 row0 += info.shape[0]
             if row0 != d1:
                 raise ShadowMergeError(f"{where}: expert {e}'s tensors have {row0} rows together, the fused "
-                                       f"parameter {d1}")
+                                       f"parameter {d1}; {OTHER}")
         return out
 
     def describe(self) -> dict:
@@ -297,7 +298,8 @@ class LoraDelta:
         inst = self.instruct.tensors.get(name)
         if obj.magnitude is not None and obj.transposed and inst is not None and tuple(inst.shape) != tuple(shape):
             raise ShadowMergeError(f"{name}: a DoRA update normalises over all {shape[0]} rows, but the instruct has "
-                                   f"{inst.shape[0]}; it cannot be grafted onto a resized tensor")
+                                   f"{inst.shape[0]}; it cannot be grafted onto a resized tensor: exclude it with "
+                                   f"--exclude, or pass an Instruct with the Base's vocabulary")
         return entry
 
     # --- reader thread --------------------------------------------------------------------

@@ -61,8 +61,8 @@ def check(work: Path, want: dict, resume: bool, force: bool, backend: str) -> No
     where = Path(newest).name if newest else "no checkpoint yet"
     if resume and differs:
         raise ShadowMergeError(f"--resume: the checkpoints at {work} were made by another recipe or data "
-                               f"({', '.join(differs[:6])}{' ...' if len(differs) > 6 else ''} differ); --force "
-                               f"without --resume starts over")
+                               f"({', '.join(differs[:6])}{' ...' if len(differs) > 6 else ''} differ); run the "
+                               f"same recipe and data to resume, or pass --force without --resume to start over")
     if resume or not work.exists():
         return
     if force:

@@ -38,7 +38,7 @@ def read_rows(ref: str) -> tuple[list[dict], str]:
                         try:
                             rows.append(json.loads(line))
                         except json.JSONDecodeError as exc:
-                            raise ShadowMergeError(f"{path} line {n}: not JSON ({exc.msg})") from None
+                            raise ShadowMergeError(f"{path} line {n}: not JSON ({exc.msg}); fix that line (one JSON object per line)") from None
             elif path.suffix == ".json":
                 rows = json.loads(path.read_text())
             elif path.suffix == ".parquet":
@@ -48,12 +48,12 @@ def read_rows(ref: str) -> tuple[list[dict], str]:
             else:
                 raise ShadowMergeError(f"{path}: use a .json, .jsonl or .parquet file")
         except json.JSONDecodeError as exc:
-            raise ShadowMergeError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+            raise ShadowMergeError(f"{path}: not JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
         if not isinstance(rows, list):
-            raise ShadowMergeError(f"{path}: expected a list of rows (a JSON array, or one JSON object per line)")
+            raise ShadowMergeError(f"{path}: not a list of rows; write a JSON array, or one JSON object per line (.jsonl)")
         return rows, digest
     if path.exists() or "/" not in str(ref) or str(ref).startswith((".", "/", "~")):
-        raise ShadowMergeError(f"data file not found: {ref}")
+        raise ShadowMergeError(f"data file not found: {ref}; check the path (or pass a Hub dataset id, org/name)")
     try:
         import datasets
 
@@ -67,7 +67,7 @@ def read_rows(ref: str) -> tuple[list[dict], str]:
 
 def detect(row: dict, where: str) -> str:
     if not isinstance(row, dict):
-        raise ShadowMergeError(f"{where}: a row must be a JSON object, not {type(row).__name__}")
+        raise ShadowMergeError(f"{where}: a row must be a JSON object, not {type(row).__name__}; fix the row")
     if "chosen" in row or "rejected" in row:
         return "preference"
     if "messages" in row:
@@ -84,7 +84,7 @@ def detect(row: dict, where: str) -> str:
 def _text(row: dict, key: str, where: str, fmt: str) -> str:
     value = row.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise ShadowMergeError(f"{where}: missing field {key!r} ({fmt} rows need it as non-empty text)")
+        raise ShadowMergeError(f"{where}: missing field {key!r} ({fmt} rows need it as non-empty text); add it")
     return value
 
 
@@ -96,7 +96,8 @@ def _content(content, where: str, k: int, images: list[str], folder: Path):
     if isinstance(content, str):
         return content
     if not isinstance(content, list) or not content:
-        raise ShadowMergeError(f"{where}: message {k} content must be text or a list of {{type: text|image}} parts")
+        raise ShadowMergeError(f"{where}: message {k} content must be text or a list of parts; write it as text "
+                               f"or as [{{type: text|image, ...}}]")
     parts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -111,7 +112,7 @@ def _content(content, where: str, k: int, images: list[str], folder: Path):
             parts.append({"type": "image"})
         else:
             raise ShadowMergeError(f"{where}: message {k} has a content part that is neither {{type: text, text}} nor "
-                                   f"{{type: image, image}}")
+                                   f"{{type: image, image}}; write each part as one of those")
     return parts
 
 
@@ -121,14 +122,16 @@ def _image_path(ref: str, folder: Path, where: str) -> str:
     path = Path(ref).expanduser()
     path = path if path.is_absolute() else folder / path
     if not path.is_file():
-        raise ShadowMergeError(f"{where}: image file not found: {path}")
+        raise ShadowMergeError(f"{where}: image file not found: {path}; check the path (relative paths are "
+                               f"taken from the data file's folder)")
     try:
         from PIL import Image
 
         with Image.open(path) as img:
             img.verify()
     except Exception as exc:           # noqa: BLE001 - any unreadable file is the same user error
-        raise ShadowMergeError(f"{where}: {path} is not a readable image ({type(exc).__name__})") from None
+        raise ShadowMergeError(f"{where}: {path} is not a readable image ({type(exc).__name__}); re-save it as "
+                               f"PNG or JPEG") from None
     return str(path.resolve())
 
 
@@ -145,22 +148,24 @@ def _messages(row: dict, fmt: str, where: str, images: list[str] | None = None,
     if fmt == "sharegpt":
         turns = row.get("conversations")
         if not isinstance(turns, list) or not turns:
-            raise ShadowMergeError(f"{where}: missing field 'conversations' (a list of {{from, value}} turns)")
+            raise ShadowMergeError(f"{where}: missing field 'conversations'; add it as a list of {{from, value}} turns")
         msgs = []
         for k, t in enumerate(turns):
             role = _ROLES.get(str(t.get("from")).lower()) if isinstance(t, dict) else None
             if role is None or not isinstance(t.get("value"), str):
-                raise ShadowMergeError(f"{where}: turn {k + 1} needs 'from' (human/gpt/system) and 'value'")
+                raise ShadowMergeError(f"{where}: turn {k + 1} lacks 'from' or 'value'; give it 'from' (human/gpt/system) "
+                                       f"and 'value'")
             msgs.append({"role": role, "content": t["value"]})
         return msgs
     msgs = row.get("messages")
     if not isinstance(msgs, list) or not msgs:
-        raise ShadowMergeError(f"{where}: missing field 'messages' (a list of {{role, content}})")
+        raise ShadowMergeError(f"{where}: missing field 'messages'; add it as a list of {{role, content}}")
     images = [] if images is None else images
     for k, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
                 not isinstance(m.get("content"), (str, list)):
-            raise ShadowMergeError(f"{where}: message {k + 1} needs role (system/user/assistant) and content")
+            raise ShadowMergeError(f"{where}: message {k + 1} lacks role or content; give it role (system/user/"
+                                   f"assistant) and content")
     return [{"role": m["role"], "content": _content(m["content"], where, k + 1, images, folder)} for m in msgs]
 
 
@@ -169,7 +174,8 @@ def _turns(value, role: str, where: str, key: str) -> list[dict]:
         return [{"role": role, "content": value}]
     if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
         return [{"role": m.get("role", role), "content": m["content"]} for m in value]
-    raise ShadowMergeError(f"{where}: missing field {key!r} (preference rows need prompt, chosen and rejected)")
+    raise ShadowMergeError(f"{where}: missing field {key!r}; add it (preference rows need prompt, chosen and "
+                           f"rejected)")
 
 
 def prepare(rows: list[dict], stage: str, source: str, max_samples: int | None = None) -> tuple[list[dict], str]:
@@ -178,13 +184,14 @@ def prepare(rows: list[dict], stage: str, source: str, max_samples: int | None =
     src = Path(str(source)).expanduser()
     folder = src.parent if src.is_file() else Path(".")
     if not rows:
-        raise ShadowMergeError(f"{source}: no rows")
+        raise ShadowMergeError(f"{source}: no rows; pass a file with at least one training example")
     rows = rows[:max_samples] if max_samples else rows
     fmt = detect(rows[0], f"{source} row 1")
     if stage == "dpo" and fmt != "preference":
-        raise ShadowMergeError(f"{source}: --stage dpo needs preference rows (prompt/chosen/rejected); these are {fmt}")
+        raise ShadowMergeError(f"{source}: --stage dpo needs preference rows (prompt/chosen/rejected); these are "
+                               f"{fmt}; pass preference data, or use --stage sft")
     if stage == "sft" and fmt == "preference":
-        raise ShadowMergeError(f"{source}: preference rows (prompt/chosen/rejected) are for --stage dpo")
+        raise ShadowMergeError(f"{source}: preference rows (prompt/chosen/rejected) are for DPO; pass --stage dpo")
     out = []
     for n, row in enumerate(rows, 1):
         where = f"{source} row {n}"
@@ -198,17 +205,18 @@ def prepare(rows: list[dict], stage: str, source: str, max_samples: int | None =
         images: list[str] = []
         msgs = _messages(row, fmt, where, images, folder)
         if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
-            raise ShadowMergeError(f"{where}: the conversation must end with an assistant turn to learn from")
+            raise ShadowMergeError(f"{where}: the conversation must end with an assistant turn to learn from; add "
+                               f"the assistant's answer as the last turn")
         last = msgs[-1]["content"]
         if not isinstance(last, str) and any(p["type"] == "image" for p in last):
-            raise ShadowMergeError(f"{where}: the assistant's last turn has an image; images go in the prompt")
+            raise ShadowMergeError(f"{where}: the assistant's last turn has an image; move images into the prompt")
         if not images:          # parts without an image: plain text, as every chat template takes it
             msgs = [dict(m, content=m["content"] if isinstance(m["content"], str) else
                          "".join(p["text"] for p in m["content"])) for m in msgs]
         out.append({"prompt": msgs[:-1], "completion": msgs[-1:], **({"images": images} if images else {})})
     with_images = [n for n, r in enumerate(out, 1) if "images" in r]
     if with_images and stage != "sft":
-        raise ShadowMergeError(f"{source}: rows with images are supported for --stage sft only")
+        raise ShadowMergeError(f"{source}: rows with images are supported for --stage sft only; use --stage sft")
     if with_images and len(with_images) != len(out):
         first = next(n for n, r in enumerate(out, 1) if "images" not in r)
         raise ShadowMergeError(f"{source} row {first}: no image, while row {with_images[0]} has one; give every row "

@@ -144,7 +144,9 @@ def run(config: Path) -> None:
     found = cli()
     if found is None:
         raise ShadowMergeError(INSTALL)
-    proc = subprocess.run([found, "train", str(config)])
+    env = dict(os.environ, PYTHONWARNINGS=",".join(filter(None, (os.environ.get("PYTHONWARNINGS"),
+                                                                  "ignore::FutureWarning"))))
+    proc = subprocess.run([found, "train", str(config)], env=env)
     if proc.returncode != 0:
         raise ShadowMergeError(f"llamafactory-cli train {config} failed (exit {proc.returncode}); see its output above")
 

@@ -104,16 +104,19 @@ def load(path: str | Path | None, overrides: dict) -> Recipe:
     if path is not None:
         values = yamlfile.load(path, "recipe") or {}
         if not isinstance(values, dict):
-            raise ShadowMergeError(f"{path}: a recipe is a mapping of settings (base:, instruct:, data:, ...)")
+            raise ShadowMergeError(f"{path}: a recipe is a mapping of settings; write it as base:, instruct:, "
+                                   f"data:, ... (see docs/recipes/)")
         values = {str(k).replace("-", "_"): v for k, v in values.items()}
         unknown = sorted(set(values) - FIELDS)
         if unknown:
-            raise ShadowMergeError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
+            raise ShadowMergeError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: "
+                                   f"{', '.join(sorted(FIELDS))}; fix the spelling")
     extra = overrides.pop("trainer", None)
     values.update({k: v for k, v in overrides.items() if v is not None})
     if extra:
         if values.get("trainer") is not None and not isinstance(values["trainer"], dict):
-            raise ShadowMergeError(f"{path}: `trainer:` is a mapping of trainer settings (report_to: wandb, ...)")
+            raise ShadowMergeError(f"{path}: `trainer:` is a mapping of trainer settings; write it as e.g. "
+                                   f"`trainer: {{report_to: wandb}}`")
         values["trainer"] = {**(values.get("trainer") or {}), **extra}
     recipe = Recipe(**values)
     _check(recipe)
@@ -126,23 +129,26 @@ def _check(r: Recipe) -> None:
             raise ShadowMergeError(f"no {name}: pass --{name} or set `{name}:` in the recipe")
     for name, allowed in (("method", METHODS), ("stage", STAGES), ("backend", BACKENDS)):
         if getattr(r, name) not in allowed:
-            raise ShadowMergeError(f"{name} {getattr(r, name)!r} is not one of {', '.join(allowed)}")
+            raise ShadowMergeError(f"{name} {getattr(r, name)!r} is not one of {', '.join(allowed)}; pick one of them")
     for name in ("lora_rank", "cutoff", "batch_size", "grad_accum"):
         value = getattr(r, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ShadowMergeError(f"{name} must be a positive integer, not {value!r}")
+            raise ShadowMergeError(f"{name} must be a positive integer, not {value!r}; set it to one")
     for name in ("lr", "lora_alpha", "epochs", "dpo_beta"):
         value = getattr(r, name)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
-            raise ShadowMergeError(f"{name} must be a positive number, not {value!r}")
+            raise ShadowMergeError(f"{name} must be a positive number, not {value!r}; set it to one")
     if r.max_steps is not None and (not isinstance(r.max_steps, int) or r.max_steps < 1):
-        raise ShadowMergeError(f"max_steps must be a positive integer, not {r.max_steps!r}")
+        raise ShadowMergeError(f"max_steps must be a positive integer, not {r.max_steps!r}; set it to one, or leave "
+                               f"it out to train --epochs")
     if r.trainer is not None:
         if not isinstance(r.trainer, dict):
-            raise ShadowMergeError("`trainer:` is a mapping of trainer settings (report_to: wandb, ...)")
+            raise ShadowMergeError("`trainer:` is a mapping of trainer settings; write it as e.g. "
+                               "`trainer: {report_to: wandb}`")
         for key, value in r.trainer.items():
             if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,99}", key):
-                raise ShadowMergeError(f"trainer setting {str(key)[:60]!r} is not a setting name")
+                raise ShadowMergeError(f"trainer setting {str(key)[:60]!r} is not a setting name; use the trainer's own "
+                                       f"setting names (letters, digits, _)")
             if key in RESERVED and RESERVED[key].startswith("("):
                 raise ShadowMergeError(f"trainer setting {key} is set by shadowmerge {RESERVED[key]}; leave it out")
             if key in RESERVED:
@@ -151,9 +157,11 @@ def _check(r: Recipe) -> None:
             scalars = (str, int, float, bool, type(None))
             if not isinstance(value, scalars) and not (isinstance(value, list) and
                                                        all(isinstance(v, scalars) for v in value)):
-                raise ShadowMergeError(f"trainer setting {key}: a number, text, true/false or a list of those")
+                raise ShadowMergeError(f"trainer setting {key} is not a number, text, true/false or a list of "
+                                       f"those; give it one of these")
     if not isinstance(r.save_steps, int) or isinstance(r.save_steps, bool) or r.save_steps < 0:
         raise ShadowMergeError(f"save_steps must be a whole number of optimizer steps (0: no checkpoints), not "
-                               f"{r.save_steps!r}")
+                               f"{r.save_steps!r}; set it to one")
     if not 0 <= r.warmup < 1:
-        raise ShadowMergeError(f"warmup is a ratio of the training steps in [0, 1), not {r.warmup!r}")
+        raise ShadowMergeError(f"warmup is a ratio of the training steps in [0, 1), not {r.warmup!r}; set it to "
+                               f"e.g. 0.03")

@@ -132,8 +132,9 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
             rows, fmt = data.prepare(raw, r["stage"], str(r["data"]), r["max_samples"])
         plan, adapted = schedule.check(r, len(rows))
         warnings += adapted
-        if r["backend"] == "trl" and trl_backend.problem():
-            raise ShadowMergeError(trl_backend.problem())
+        hint = trl_backend.problem() if r["backend"] == "trl" else None     # says what to install
+        if hint:
+            raise ShadowMergeError(hint)
         if r["backend"] == "trl":
             trl_backend.check_settings(r)
         work = checkpoints.folder(r["out"])                 # OUT.checkpoints: kept when training is interrupted
@@ -148,7 +149,9 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
         tokenizer = AutoTokenizer.from_pretrained(inst.folder)
         if not tokenizer.chat_template:
             raise ShadowMergeError(f"the instruct {r['instruct']} has no chat template; the Base is trained on the "
-                                   f"Instruct's chat format, so the Instruct's tokenizer must carry one")
+                                   f"Instruct's chat format, so the Instruct's tokenizer must carry one: pass the "
+                                   f"Instruct release (with chat_template.jinja or a chat_template in "
+                                   f"tokenizer_config.json)")
         renderer = tokenizer
         if any("images" in row for row in rows):
             renderer = _processor(r, inst)
@@ -303,14 +306,13 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
     except ShadowMergeError:
         shutil.rmtree(work, ignore_errors=True)         # trained, then rejected: nothing to resume
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:       # the CLI's last line says what was removed and this, what was kept
         newest = checkpoints.last(work / "base")
         if newest:
-            log(f"[shadowmerge train] interrupted: {work} keeps {Path(newest).name}; add --resume to go on from "
-                f"there")
+            exc.kept = f"{work} keeps {Path(newest).name}: add --resume to go on from there"
         elif work.exists():
-            log(f"[shadowmerge train] interrupted before the first complete checkpoint (one every "
-                f"{r['save_steps']} steps); --resume starts from the beginning")
+            exc.kept = (f"no checkpoint was complete yet (one every {r['save_steps']} steps): --resume starts "
+                        f"from the beginning")
         raise
     shutil.rmtree(work, ignore_errors=True)
     log(f"[shadowmerge train] done in {time.perf_counter() - start:.1f} s: {target.target}")
@@ -374,7 +376,7 @@ def _processor(r: dict, inst: Checkpoint):
     except Exception as exc:           # noqa: BLE001 - any failure here means: no usable processor
         raise ShadowMergeError(f"the rows have images, but the processor of {r['instruct']} cannot be loaded "
                                f"({type(exc).__name__}); it needs preprocessor_config.json / processor_config.json "
-                               f"beside the tokenizer") from None
+                               f"beside the tokenizer: download the Instruct's processor files into its folder") from None
     if not hasattr(processor, "image_processor"):
         raise ShadowMergeError(f"the rows have images, but {r['instruct']} has no image processor "
                                f"(preprocessor_config.json); pass the vision-language Instruct's folder")

@@ -9,6 +9,7 @@ transformers do the distribution; only the main process saves.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -66,6 +67,7 @@ def build(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict]
                   lr_scheduler_type=recipe["scheduler"], warmup_steps=recipe["warmup"], seed=recipe["seed"],
                   data_seed=recipe["seed"], bf16=recipe["bf16"], use_cpu=not torch.cuda.is_available(),
                   logging_steps=1, report_to=[], max_length=recipe["cutoff"],
+                  disable_tqdm=not sys.stderr.isatty(),    # a bar in a log file is hundreds of \r updates
                   save_strategy="steps" if save else "no", save_steps=save or 500, save_total_limit=1)
     common.update(recipe.get("trainer") or {})
     dataset = Dataset.from_list(rows)
