@@ -14,6 +14,9 @@ from . import __version__
 from .errors import ShadowMergeError
 
 
+FORCE_HELP = "Replace --out if it exists and shadowmerge wrote it (a user's own folder is never replaced)."
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that the same cleanup runs."""
 
@@ -116,7 +119,7 @@ def main():
 @click.option("--device", default="cpu", show_default=True, help="Where the arithmetic runs: cpu, cuda, cuda:N.")
 @click.option("--vocab", type=click.Choice(["error", "common"]), default="error", show_default=True,
               help="If embedding row counts differ: refuse, or graft the common rows and keep the Instruct's rest.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--dry-run", is_flag=True, help="Print the plan from the headers; read no tensor data, write nothing.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
 @click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf results with a warning instead of failing.")
@@ -155,7 +158,7 @@ def graft(instruct, base, tuned, lora, out, alpha, include, exclude, dtype, shar
 @main.command(context_settings={"max_content_width": 100, "ignore_unknown_options": True})
 @click.argument("config", metavar="CONFIG")
 @click.argument("out", metavar="OUT")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help=FORCE_HELP.replace("--out", "OUT"))
 @click.argument("mergekit_args", nargs=-1, type=click.UNPROCESSED, metavar="[MERGEKIT-YAML OPTIONS]...")
 def mergekit(config, out, force, mergekit_args):
     """Run a mergekit YAML with `merge_method: shadow_graft` available.
@@ -202,7 +205,7 @@ def _parse_pairs(values: tuple[str, ...]) -> dict[str, tuple[str, str]]:
 @click.option("--matrix", metavar="TENSOR", help="Also plot this weight matrix of Base and Instruct and their "
               "difference (paper Fig. 2 style).")
 @click.option("--matrix-size", type=int, default=48, show_default=True, help="Rows/columns of --matrix to plot.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
 @click.option("--device", default="cpu", show_default=True, help="Where the sums run: cpu, cuda, cuda:N.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -265,7 +268,8 @@ def similarity(base, instruct, tuned, pairs, out, matrix, matrix_size, force, al
                                               "graft, σ, loss plot, card and run.json into OUT.")
 @click.option("--resume", is_flag=True, help="Go on from the last checkpoint of an interrupted run of the same "
                                              "recipe (in OUT.checkpoints/).")
-@click.option("--force", is_flag=True, help="Replace --out if it exists (and checkpoints of an interrupted run).")
+@click.option("--force", is_flag=True, help=FORCE_HELP + " Also: start over, deleting the checkpoints of an "
+              "interrupted run.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
 def train_command(recipe, baseline, emit_only, finish, resume, force, allow_pickle, **settings):
     """Tune the Base with an existing trainer, then graft the update onto the Instruct.
@@ -319,10 +323,13 @@ def train_command(recipe, baseline, emit_only, finish, resume, force, allow_pick
               help="dtype of the adapter's tensors; bfloat16 halves the file, and the recorded error is then that of "
                    "the stored factors [default: float32 factors, full copies in the tuned model's dtype].")
 @click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda, cuda:N.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
+@click.option("--no-role-check", is_flag=True, help="Extract even when --base and --tuned (and --for-instruct) look "
+              "exchanged, or are one model; for deliberate experiments.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def extract(base, tuned, out, rank, energy, max_rank, for_instruct, others, dtype, device, force, allow_pickle, quiet):
+def extract(base, tuned, out, rank, energy, max_rank, for_instruct, others, dtype, device, force, allow_pickle,
+            no_role_check, quiet):
     """Turn a full fine-tune's update (tuned - base) into a PEFT LoRA adapter.
 
     Per linear module (and per expert of a MoE's fused expert parameters): ΔW = T - B in float32,
@@ -341,7 +348,7 @@ def extract(base, tuned, out, rank, energy, max_rank, for_instruct, others, dtyp
 
     click.echo(str(run_extract(base, tuned, out, rank=rank, energy=energy, max_rank=max_rank,
                                for_instruct=for_instruct, others=others, dtype=dtype, device=device, force=force,
-                               allow_pickle=allow_pickle,
+                               allow_pickle=allow_pickle, check_roles=not no_role_check,
                                progress=not quiet, command=_command())))
     _warn_adapter_loading()
 
@@ -385,7 +392,7 @@ def lora():
 @click.argument("adapter", metavar="ADAPTER")
 @click.option("--instruct", required=True, metavar="MODEL", help="Instruct model to serve the adapter on.")
 @click.option("--out", required=True, metavar="DIR", help="Output adapter folder (written beside, then renamed).")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (downloading a Hub adapter).")
 def retarget(adapter, instruct, out, force, allow_pickle, quiet):

@@ -94,11 +94,12 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
             energy: float | None = None, max_rank: int = 256, for_instruct: str | Path | None = None,
             others: str = "drop", dtype: str | torch.dtype | None = None, device: str = "cpu",
             force: bool = False, allow_pickle: bool = False, progress: bool = True,
-            command: str | None = None) -> ExtractSummary:
+            command: str | None = None, check_roles: bool = True) -> ExtractSummary:
     """Write the update tuned - base as a LoRA adapter at `out` (for `for_instruct` when given).
 
     dtype: of every adapter tensor (default: float32 factors, full copies in the tuned model's dtype);
-    device: where the SVDs run. Returns what was written, per module.
+    device: where the SVDs run; check_roles: refuse inputs that look exchanged (roles.py). Returns what was
+    written, per module.
     """
     if (rank is None) == (energy is None):
         raise ShadowMergeError("give one of --rank R or --energy E (e.g. --energy 0.99)")
@@ -121,6 +122,9 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
             if ref is not None:
                 opened.append(Checkpoint.open(ref, label, allow_pickle))
         b, t, inst = (opened + [None])[:3]
+        if check_roles and b.folder.resolve() == t.folder.resolve():
+            raise ShadowMergeError(f"--base and --tuned are the same model ({base}); pass the fine-tune of the Base as "
+                                   f"--tuned")
         names = _check(b, t, inst)
         target = OutputFolder(out, force=force, inputs=[c.folder for c in opened], need_bytes=0,
                               record="extract.json")
@@ -131,6 +135,10 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
             applied_to = inst if inst is not None else b
             for c in opened:           # Hub inputs: download the weights, now that everything was checked
                 c.fetch(progress, side=["README.md"] if c is applied_to else False)
+            if check_roles:
+                from . import roles
+
+                roles.check(inst, b, t, names, instruct_flag="--for-instruct")
             with progress_bar(sum(t.tensors[n].nbytes + b.tensors[n].nbytes for n in names), progress,
                               "extract") as bar, exact_float32(dev):
                 _extract(names, b, t, inst, (rank, energy, max_rank, others, out_dtype, dev), summary, state, ranks,

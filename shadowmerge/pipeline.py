@@ -124,11 +124,7 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
                              dtype=out_dtype, vocab=vocab, allow_pickle=allow_pickle)
         inst, source = plan.instruct, plan.source
         if check_roles:
-            _refuse_repeated_inputs(ckpts, lora)
-        if check_roles and lora is not None and ckpts[-1].trained_on_model(inst):
-            raise ShadowMergeError(f"--instruct {instruct} is the model the adapter was trained on (its "
-                                   f"base_model_name_or_path): grafting there is a plain merge, not Shadow-FT; pass "
-                                   f"the Instruct sibling of that Base, or --no-role-check to merge it into its own model")
+            _refuse_misplaced_inputs(ckpts, lora)
         shards = layout([(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in plan.tensors], shard_bytes)
         shard_of = {e[0]: i for i, s in enumerate(shards, 1) for e in s.entries}
         if dry_run:
@@ -142,7 +138,7 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
             if check_roles and lora is None:
                 from . import roles
 
-                roles.check(plan, ckpts)
+                roles.check(*ckpts, [t.name for t in plan.tensors if t.graft_rows])
             with progress_bar(plan.total_bytes, progress, "graft") as bar:
                 writer = ShardWriter(tmp, shards, on_bytes=bar.update)
                 try:
@@ -158,9 +154,10 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
             grafted = sum(1 for t in plan.tensors if t.graft_rows)
             flag = "--tuned" if lora is None else "--lora"
             if grafted and len(stats.unchanged) == grafted:
-                raise NoUpdate(f"the {source.kind} update is zero in every grafted tensor ({flag} holds the same "
-                               f"weights as the base), so the output would be a copy of the instruct; nothing was "
-                               f"written; pass the fine-tuned model as {flag}", len(stats.unchanged), 0)
+                why = "--tuned holds the same weights as --base" if lora is None else "an untrained adapter"
+                raise NoUpdate(f"the {source.kind} update is zero in every grafted tensor ({why}), so the output "
+                               f"would be a copy of the instruct; nothing was written; pass the fine-tuned model as "
+                               f"{flag}", len(stats.unchanged), 0)
             if grafted and len(stats.unchanged) + len(stats.identical) == grafted:
                 raise NoUpdate(f"the {source.kind} update is below the output dtype's precision in every grafted "
                                f"tensor, so the output would equal the instruct bit for bit; nothing was written; "
@@ -186,10 +183,11 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
             c.close()
 
 
-def _refuse_repeated_inputs(ckpts, lora) -> None:
-    """One folder (or Hub snapshot) passed in two roles: the update, or the instruction tuning, would be zero.
-    An adapter written for the Instruct (extract --for-instruct: its full copies are the Instruct's plus the
-    update) takes the Instruct as --base too."""
+def _refuse_misplaced_inputs(ckpts, lora) -> None:
+    """From names alone: one folder (or Hub snapshot) passed in two roles, so the update or the instruction
+    tuning would be zero (an adapter written for the Instruct by extract --for-instruct, whose full copies are
+    the Instruct's plus the update, takes the Instruct as --base too); or an adapter grafted onto the model it
+    was trained on. (Roles exchanged between three distinct models are checked on their data: roles.py.)"""
     flags = ["--instruct", "--base", "--tuned"][: len(ckpts) - (lora is not None)]
     folders = [c.folder.resolve() for c in ckpts[: len(flags)]]
     for a in range(len(flags)):
@@ -197,6 +195,10 @@ def _refuse_repeated_inputs(ckpts, lora) -> None:
             if folders[a] == folders[b] and not (lora is not None and ckpts[-1].made_for(ckpts[0])):
                 raise ShadowMergeError(f"{flags[a]} and {flags[b]} are the same model ({ckpts[a].ref}); a graft needs "
                                        f"the Instruct, its Base and the Base's fine-tune: pass each in its role")
+    if lora is not None and ckpts[-1].trained_on_model(ckpts[0]):
+        raise ShadowMergeError(f"--instruct {ckpts[0].ref} is the model the adapter was trained on (its "
+                               f"base_model_name_or_path): grafting there is a plain merge, not Shadow-FT; pass "
+                               f"the Instruct sibling of that Base, or --no-role-check to merge it into its own model")
 
 
 def dtype_name(dtype: str | torch.dtype | None) -> str | None:

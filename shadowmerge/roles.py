@@ -11,9 +11,9 @@ equal shape in all three, SAMPLE_ELEMENTS elements each, float64 sums) by the ge
   trainings; cos about 0). With Base and tuned exchanged, the "update" points back along the real one and
   cos(update, I - B) becomes |update| / |I - B| - cos: refused when it passes COS_SWAPPED. Where the
   update is small against the Base-Instruct gap that difference is small too, so the folders are asked
-  as well: a --base (or --instruct) that carries a training run's files (training_args.bin,
-  trainer_state.json, ..., a shadowmerge record, or a place inside a `shadowmerge train` output) while
-  --tuned carries none looks exchanged with it.
+  as well: a --base that carries a training run's files (training_args.bin, which Trainer.save_model
+  writes; a shadowmerge record; a place inside a `shadowmerge train` output) while --tuned carries none
+  looks exchanged with it.
 
 A refusal names the two flags that look exchanged (or says all three look rotated) and the override,
 --no-role-check, for a deliberate experiment. Nothing here is a library's job, hence written here.
@@ -33,25 +33,24 @@ SAMPLE_TENSORS = 8
 SAMPLE_ELEMENTS = 1 << 20
 COS_SWAPPED = 0.3           # cos(update, I - B) above which Base and tuned look exchanged
 MARGIN = 1.5                # a side that should be the shortest, found this much longer than another: a clear swap
-TRAINING_FILES = ("trainer_state.json", "train_results.json", "all_results.json", "training_args.bin")
+# what transformers' Trainer.save_model writes beside a model it trained (Hub repos often ship trainer_state.json
+# and *_results.json of their own training, and never download .bin side files: those tell nothing here)
+TRAINING_FILES = ("training_args.bin",)
 OVERRIDE = "if this is a deliberate experiment, pass --no-role-check"
 
 
-def _sample(plan, ckpts) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(I, B, T) float64 samples of up to SAMPLE_TENSORS grafted tensors, spread over the model."""
-    inst, base, tuned = ckpts
-    same = [t for t in plan.tensors if t.graft_rows and len(t.info.shape) >= 2
-            and all(c.tensors.get(t.name) is not None and tuple(c.tensors[t.name].shape) == tuple(t.info.shape)
-                    for c in (base, tuned))]
-    if not same:
-        return []
-    step = max(1, len(same) // SAMPLE_TENSORS)
+def _sample(ckpts, names) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(I, B, T) float64 samples of up to SAMPLE_TENSORS of the named tensors, spread over the model (those of
+    two or more dimensions and one shape in all three)."""
+    inst = ckpts[0]
+    same = [n for n in names if n in inst.tensors and len(inst.tensors[n].shape) >= 2
+            and all(n in c.tensors and tuple(c.tensors[n].shape) == tuple(inst.tensors[n].shape) for c in ckpts[1:])]
     out = []
-    for t in same[::step][:SAMPLE_TENSORS]:
-        n = min(t.info.numel, SAMPLE_ELEMENTS)
+    for name in same[::max(1, len(same) // SAMPLE_TENSORS)][:SAMPLE_TENSORS]:
+        n = min(inst.tensors[name].numel, SAMPLE_ELEMENTS)
         values = []
         for c in ckpts:
-            info = c.tensors[t.name]
+            info = c.tensors[name]
             raw = c.read_into(info, 0, n, torch.empty(n * itemsize(info.dtype), dtype=torch.uint8))
             values.append(raw.view(info.dtype).double())
         out.append(tuple(values))
@@ -93,35 +92,40 @@ def plausible_roles(d_bi: float, d_tb: float, d_ti: float, trained: dict[str, bo
     return best[1]
 
 
-def check(plan, ckpts) -> None:
-    """Refuse, in one line, inputs whose roles look exchanged (see the module docstring)."""
-    samples = _sample(plan, ckpts)
+def check(instruct, base, tuned, names, instruct_flag: str = "--instruct") -> None:
+    """Refuse, in one line, inputs whose roles look exchanged (see the module docstring). `names`: the tensors
+    the command uses; without an Instruct (extract alone) only the folders can tell Base from tuned."""
+    flags = {"instruct": instruct_flag, "base": "--base", "tuned": "--tuned"}
+    if instruct is None:
+        if _looks_trained(base.folder) and not _looks_trained(tuned.folder):
+            raise ShadowMergeError(f"--base and --tuned look exchanged: --base holds a training run's files or "
+                                   f"record (training_args.bin) and --tuned holds none; nothing was written; pass "
+                                   f"them in their roles, or {OVERRIDE}")
+        return
+    ckpts = (instruct, base, tuned)
+    samples = _sample(ckpts, names)
     if not samples:
         return
     d_bi, d_tb, d_ti = distances(samples)
     if d_tb == 0 or d_bi == 0:
         return                      # a zero update, or Base = Instruct: refused elsewhere with their own errors
-    flags = {"instruct": "--instruct", "base": "--base", "tuned": "--tuned"}
     why, real = None, None
     cos = (d_tb ** 2 + d_bi ** 2 - d_ti ** 2) / (2 * d_tb * d_bi)
     trained = [_looks_trained(c.folder) for c in ckpts]
     if d_tb > MARGIN * d_ti:
-        why = (f"--tuned is {d_tb / d_ti:.1f}x farther from --base than from --instruct (a fine-tune of the Base stays "
+        why = (f"--tuned is {d_tb / d_ti:.1f}x farther from --base than from {instruct_flag} (a fine-tune of the Base stays "
                f"near the Base)")
     elif d_tb > MARGIN * d_bi:
-        why = (f"the update --tuned - --base is {d_tb / d_bi:.1f}x the distance between --base and --instruct (a "
+        why = (f"the update --tuned - --base is {d_tb / d_bi:.1f}x the distance between --base and {instruct_flag} (a "
                f"fine-tune's update is smaller than the Base-Instruct gap)")
     elif MARGIN * d_tb < min(d_bi, d_ti) and cos > COS_SWAPPED and not (trained[2] and not trained[1]):
         # a clear Shadow-FT triangle, pointing back (unless the folders say --tuned is the trained one)
-        why = (f"the update --tuned - --base points back toward --instruct (cos {cos:.2f}; a fine-tune's update is "
+        why = (f"the update --tuned - --base points back toward {instruct_flag} (cos {cos:.2f}; a fine-tune's update is "
                f"near orthogonal to the instruction tuning)")
         real = ("instruct", "tuned", "base")
     elif trained[1] and not trained[2]:
-        why = "--base holds a training run's files or record (e.g. training_args.bin) and --tuned holds none"
+        why = "--base holds a training run's files or record (training_args.bin) and --tuned holds none"
         real = ("instruct", "tuned", "base")
-    elif trained[0] and not trained[2]:
-        why = "--instruct holds a training run's files or record (e.g. training_args.bin) and --tuned holds none"
-        real = ("tuned", "base", "instruct")
     if why is None:
         return
     real = real or plausible_roles(d_bi, d_tb, d_ti, dict(zip(("instruct", "base", "tuned"), trained)))

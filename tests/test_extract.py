@@ -162,6 +162,11 @@ def test_inputs_that_do_not_belong_together(f32_triple, make_triple, cli, tmp_pa
     inst, base, tuned = f32_triple
     q_inst, _, _ = make_triple("qwen2", dtype=torch.float32)
     run_bad(cli, tmp_path, [inst, base], "--base", base, "--tuned", base, "--rank", "4", command=("extract",),
+            expect="--base and --tuned are the same model")
+    import shutil
+
+    copy = shutil.copytree(base, tmp_path.parent / f"{tmp_path.name}-copy-of-base")    # the same weights, elsewhere
+    run_bad(cli, tmp_path, [inst, base, copy], "--base", base, "--tuned", copy, "--rank", "4", command=("extract",),
             expect="no linear weight differs from --base")
     run_bad(cli, tmp_path, [base, q_inst], "--base", base, "--tuned", q_inst, "--rank", "4", command=("extract",),
             expect="--base and --tuned hold different tensors")

@@ -391,8 +391,8 @@ def test_untrained_adapter_is_refused(make_triple, cli, tmp_path):
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"]))
     model.save_pretrained(tmp_path / "adapter")
     run_bad(cli, tmp_path, [inst, tmp_path / "adapter"], "--instruct", inst, "--lora", tmp_path / "adapter",
-            expect="the lora update is zero in every grafted tensor (--lora holds the same weights as the base), so "
-                   "the output would be a copy of the instruct; nothing was written")
+            expect="the lora update is zero in every grafted tensor (an untrained adapter), so the output would "
+                   "be a copy of the instruct; nothing was written")
 
 
 def test_update_below_output_precision_is_refused_or_reported(make_triple, cli, tmp_path):

@@ -81,9 +81,10 @@ def test_every_permutation_of_real_inputs(real_triple, tmp_path, order):
     else:
         assert "look rotated" in err and all(f"--{r} looks like the {ROLES[order[k]]} model" in err
                                              for k, r in enumerate(ROLES)), err
-    res = shadowmerge("graft", "--instruct", given[0], "--base", given[1], "--tuned", given[2],
-                      "--out", tmp_path / "out", "-q", "--no-role-check")
-    assert res.returncode == 0, res.stderr
+    if order == (0, 2, 1):           # the override, once: --base and --tuned exchanged on purpose
+        res = shadowmerge("graft", "--instruct", given[0], "--base", given[1], "--tuned", given[2],
+                          "--out", tmp_path / "out", "-q", "--no-role-check")
+        assert res.returncode == 0, res.stderr
 
 
 @pytest.mark.parametrize("same", ["tuned=base", "base=instruct", "tuned=instruct"])
@@ -108,7 +109,7 @@ def test_an_update_that_is_zero_everywhere_is_an_error(make_triple, tmp_path):
     before, listing = tree_digest(inst, base, copy), sorted(p.name for p in tmp_path.iterdir())
     res = shadowmerge("graft", "--instruct", inst, "--base", base, "--tuned", copy, "--out", tmp_path / "out", "-q")
     expect_refusal(res, tmp_path, listing, (inst, base, copy), before,
-                   "update is zero in every grafted tensor (--tuned holds the same weights as the base)")
+                   "update is zero in every grafted tensor (--tuned holds the same weights as --base)")
 
 
 def test_an_update_below_the_output_precision_is_an_error(make_triple, tmp_path):
@@ -180,3 +181,27 @@ def test_output_for_people_in_a_log_file(make_triple, tmp_path):
     assert "\r" not in res.stderr and re.search(r"^similarity: ", res.stderr, re.M), res.stderr
     svg = next((tmp_path / "sim").glob("*matrix.svg")).read_text()
     assert "max |I − B| = " in svg, "the zoomed difference panel must say how large the difference is"
+
+
+def test_outputs_never_carry_the_instructs_own_description(make_triple, tmp_path):
+    """The Instruct's PROVENANCE.txt (or card, or training records) describe the Instruct, not the output."""
+    inst, base, tuned = make_triple("llama")
+    (inst / "PROVENANCE.txt").write_text("converted from GGUF by hand")
+    (inst / "trainer_state.json").write_text("{}")
+    res = shadowmerge("graft", "--instruct", inst, "--base", base, "--tuned", tuned, "--out", tmp_path / "out", "-q")
+    assert res.returncode == 0, res.stderr
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert not names & {"PROVENANCE.txt", "trainer_state.json"} and "tokenizer_config.json" in names
+
+
+@pytest.mark.parametrize("with_instruct", [False, True], ids=["alone", "for-instruct"])
+def test_extract_refuses_base_and_tuned_exchanged(real_triple, tmp_path, with_instruct):
+    inst, base, tuned = real_triple
+    extra = ["--for-instruct", inst] if with_instruct else []
+    before, listing = tree_digest(*real_triple), sorted(p.name for p in tmp_path.iterdir())
+    res = shadowmerge("extract", "--base", tuned, "--tuned", base, *extra, "--rank", "2", "--out", tmp_path / "lora",
+                      "-q")
+    expect_refusal(res, tmp_path, listing, real_triple, before, "--base and --tuned look exchanged")
+    res = shadowmerge("extract", "--base", base, "--tuned", tuned, *extra, "--rank", "2", "--out", tmp_path / "lora",
+                      "-q")
+    assert res.returncode == 0, res.stderr
