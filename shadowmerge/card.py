@@ -23,7 +23,12 @@ def hub_id(ref: str | Path | None) -> str | None:
     if ref is None:
         return None
     text = str(ref).split("@", 1)[0]
-    if Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if text.startswith((".", "/", "~")) or text.count("/") != 1 or len(text) > 200 or "\0" in text:
+        return None
+    try:
+        if Path(text).exists():             # a local folder named like org/name
+            return None
+    except (OSError, ValueError):
         return None
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 

@@ -320,7 +320,7 @@ class Checkpoint(TensorStore):
             files = [folder / n for n in self._names() if n.endswith(".safetensors") and not n.startswith("adapter_")]
         if files:
             return self._scan_safetensors(files)
-        pickles = [folder / n for n in self._names() if n.endswith(".bin")]
+        pickles = [folder / n for n in self._names() if n.endswith(".bin") and n != "training_args.bin"]
         if not pickles and not allow_pickle and self.remote is not None and self.remote.pickles:
             raise ShadowMergeError(
                 f"{self.label} {self.remote.name}: the Hub repo has only pickle weights ({self.remote.pickles[0]}); "

@@ -251,8 +251,8 @@ class Remote:
             if not sha or not re.fullmatch(r"[0-9a-f]{40}", sha):
                 raise ShadowMergeError(f"{repo}: the Hub's answer names no commit; run again later")
             files = {s.rfilename: s.size for s in info.siblings or () if _wanted(s.rfilename, allow_pickle)}
-            pickles = sorted(s.rfilename for s in info.siblings or ()
-                             if s.rfilename.endswith(".bin") and "/" not in s.rfilename)
+            pickles = sorted(s.rfilename for s in info.siblings or () if s.rfilename.endswith(".bin")
+                             and "/" not in s.rfilename and s.rfilename != "training_args.bin")
             for name in METADATA:       # read whole by jsonfile, which refuses more than MAX_BYTES: never fetch more
                 if (files.get(name) or 0) > jsonfile.MAX_BYTES:
                     raise ShadowMergeError(f"{repo}: {name} is {files[name]} bytes on the Hub, more than a model's "

@@ -243,9 +243,10 @@ class OutputFolder:
             probe = probe.parent
         if not probe.is_dir():
             raise ShadowMergeError(f"{flag} {target}: {probe} is a file, not a folder; choose another {flag}")
-        if os.statvfs(probe).f_blocks == 0:      # proc, sysfs: no storage, files cannot be made there
+        fs = _virtual_filesystem(probe)
+        if fs:
             raise ShadowMergeError(f"{flag} {target}: {probe} is on a virtual filesystem (like /proc or /sys) that "
-                                   f"cannot hold files; choose a folder on a disk")
+                                   f"cannot hold files ({fs}); choose a folder on a disk")
         if not os.access(probe, os.W_OK | os.X_OK):
             raise ShadowMergeError(f"{flag} {target}: cannot write in {probe} (read-only or no permission); "
                                    f"choose a writable {flag}")
@@ -405,6 +406,26 @@ class OutputFolder:
                                     f"{amount} there (or choose another {self.flag}) and run again")
         return ShadowMergeError(f"cannot write {self.target}: {what} ({exc.strerror}); nothing was left behind; "
                                 f"choose a writable {self.flag}")
+
+
+VIRTUAL_FILESYSTEMS = {"proc", "sysfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
+                       "configfs", "pstore", "bpf", "mqueue", "efivarfs", "binfmt_misc", "fusectl", "hugetlbfs"}
+
+
+def _virtual_filesystem(path: Path) -> str | None:
+    """The type of the kernel's virtual filesystem that holds path (proc, sysfs, ...), else None (Linux's
+    /proc/self/mounts; elsewhere nothing is known and nothing is refused)."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) > 2]
+    except OSError:
+        return None
+    where, best = str(Path(path).resolve()), ("", None)
+    for point, kind in mounts:
+        point = point.replace("\\040", " ")
+        if (where == point or where.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
+            best = (point, kind)
+    return best[1] if best[1] in VIRTUAL_FILESYSTEMS else None
 
 
 #: the run records shadowmerge's commands write at the top of an output folder ("tool": "shadowmerge ...")

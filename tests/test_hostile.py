@@ -238,6 +238,18 @@ def test_hostile_adapter_config(cli, tmp_path, triple, adapter, case):
     assert time.process_time() - start < 30, "a pattern from the adapter was not matched at a bounded cost"
 
 
+@pytest.mark.parametrize("name", ["a\0b", "x" * 5000, "~no-such-user/model", "../" * 40, ""])
+@pytest.mark.parametrize("command", ["graft", "retarget"])
+def test_a_hostile_base_model_name_is_only_a_name(cli, tmp_path, triple, adapter, name, command):
+    """base_model_name_or_path is compared with --instruct (an adapter onto its own Base is refused): a name
+    that is no usable path never becomes a traceback."""
+    edit_config(adapter, base_model_name_or_path=name)
+    args = (["graft", "--instruct", triple[0], "--lora", adapter, "-q"] if command == "graft" else
+            ["lora", "retarget", adapter, "--instruct", triple[0]])
+    res = cli(*args, "--out", tmp_path / "out")
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+
+
 def test_hostile_adapter_config_in_retarget_too(cli, tmp_path, triple, adapter):
     edit_config(adapter, rank_pattern={SLOW_PATTERN: 4})
     run_bad(cli, tmp_path, [triple[0], adapter], adapter, "--instruct", triple[0], command=("lora", "retarget"),

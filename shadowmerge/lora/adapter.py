@@ -332,8 +332,11 @@ def _names(name: str | None, store) -> bool:
         return False
     if name in (str(store.ref), hub.reference(store)[0]):
         return True
-    path = Path(name).expanduser()
-    return store.remote is None and path.is_dir() and path.resolve() == Path(store.folder).resolve()
+    try:                        # a stranger's config: a name with a NUL byte, or too long, names nothing here
+        path = Path(name).expanduser()
+        return store.remote is None and path.is_dir() and path.resolve() == Path(store.folder).resolve()
+    except (OSError, ValueError, RuntimeError):
+        return False
 
 
 def _positive(value, what: str, integer: bool = False) -> None:
