@@ -205,3 +205,12 @@ def test_extract_refuses_base_and_tuned_exchanged(real_triple, tmp_path, with_in
     res = shadowmerge("extract", "--base", base, "--tuned", tuned, *extra, "--rank", "2", "--out", tmp_path / "lora",
                       "-q")
     assert res.returncode == 0, res.stderr
+
+
+def test_out_on_proc_says_what_is_wrong(make_triple, tmp_path):
+    inst, base, tuned = make_triple("llama")
+    before, listing = tree_digest(inst, base, tuned), sorted(p.name for p in tmp_path.iterdir())
+    res = shadowmerge("graft", "--instruct", inst, "--base", base, "--tuned", tuned, "--out", "/proc/x", "-q")
+    err = expect_refusal(res, tmp_path, listing, (inst, base, tuned), before,
+                         "is on a virtual filesystem (like /proc or /sys) that cannot hold files")
+    assert "disk space" not in err
