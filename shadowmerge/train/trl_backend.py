@@ -43,6 +43,12 @@ def build(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict]
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, set_seed
 
     set_seed(recipe["seed"])
+    if not sys.stderr.isatty():     # a log file: the libraries' own bars (loading, tokenizing) as \r updates
+        import datasets
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     vision = any("images" in r for r in rows)
     processor = AutoProcessor.from_pretrained(tokenizer_path) if vision else None
     tokenizer = processor.tokenizer if vision else AutoTokenizer.from_pretrained(tokenizer_path)
