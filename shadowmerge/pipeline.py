@@ -195,10 +195,10 @@ def _refuse_misplaced_inputs(ckpts, lora) -> None:
             if folders[a] == folders[b] and not (lora is not None and ckpts[-1].made_for(ckpts[0])):
                 raise ShadowMergeError(f"{flags[a]} and {flags[b]} are the same model ({ckpts[a].ref}); a graft needs "
                                        f"the Instruct, its Base and the Base's fine-tune: pass each in its role")
-    if lora is not None and ckpts[-1].trained_on_model(ckpts[0]):
-        raise ShadowMergeError(f"--instruct {ckpts[0].ref} is the model the adapter was trained on (its "
-                               f"base_model_name_or_path): grafting there is a plain merge, not Shadow-FT; pass "
-                               f"the Instruct sibling of that Base, or --no-role-check to merge it into its own model")
+    if lora is not None:
+        ckpts[-1].refuse_own_base(ckpts[0], hint="grafting there is a plain merge, not Shadow-FT: pass the "
+                                                 "Instruct sibling of that Base, or --no-role-check to merge it "
+                                                 "into its own model")
 
 
 def dtype_name(dtype: str | torch.dtype | None) -> str | None:

@@ -37,6 +37,9 @@ MARGIN = 1.5                # a side that should be the shortest, found this muc
 # and *_results.json of their own training, and never download .bin side files: those tell nothing here)
 TRAINING_FILES = ("training_args.bin",)
 OVERRIDE = "if this is a deliberate experiment, pass --no-role-check"
+GIVEN = ("instruct", "base", "tuned")
+BASE_AND_TUNED_EXCHANGED = ("instruct", "tuned", "base")
+BASE_LOOKS_TRAINED = "--base holds a training run's files or record (training_args.bin) and --tuned holds none"
 
 
 def _sample(ckpts, names) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -83,8 +86,8 @@ def plausible_roles(d_bi: float, d_tb: float, d_ti: float, trained: dict[str, bo
     side = {frozenset(("base", "instruct")): d_bi, frozenset(("tuned", "base")): d_tb,
             frozenset(("tuned", "instruct")): d_ti}
     best = None
-    for inst, base, tuned in permutations(("instruct", "base", "tuned")):
-        update, gap, other = side[frozenset((tuned, base))], side[frozenset((base, inst))], side[frozenset((tuned, inst))]
+    for inst, base, tuned in permutations(GIVEN):
+        update, gap, other = (side[frozenset(pair)] for pair in ((tuned, base), (base, inst), (tuned, inst)))
         score = (any(trained.values()) and not trained[tuned], update > min(gap, other),
                  trained[base] and not trained[tuned], gap > other)
         if best is None or score < best[0]:
@@ -95,12 +98,9 @@ def plausible_roles(d_bi: float, d_tb: float, d_ti: float, trained: dict[str, bo
 def check(instruct, base, tuned, names, instruct_flag: str = "--instruct") -> None:
     """Refuse, in one line, inputs whose roles look exchanged (see the module docstring). `names`: the tensors
     the command uses; without an Instruct (extract alone) only the folders can tell Base from tuned."""
-    flags = {"instruct": instruct_flag, "base": "--base", "tuned": "--tuned"}
     if instruct is None:
         if _looks_trained(base.folder) and not _looks_trained(tuned.folder):
-            raise ShadowMergeError(f"--base and --tuned look exchanged: --base holds a training run's files or "
-                                   f"record (training_args.bin) and --tuned holds none; nothing was written; pass "
-                                   f"them in their roles, or {OVERRIDE}")
+            _refuse(BASE_LOOKS_TRAINED, BASE_AND_TUNED_EXCHANGED, instruct_flag)
         return
     ckpts = (instruct, base, tuned)
     samples = _sample(ckpts, names)
@@ -113,30 +113,33 @@ def check(instruct, base, tuned, names, instruct_flag: str = "--instruct") -> No
     cos = (d_tb ** 2 + d_bi ** 2 - d_ti ** 2) / (2 * d_tb * d_bi)
     trained = [_looks_trained(c.folder) for c in ckpts]
     if d_tb > MARGIN * d_ti:
-        why = (f"--tuned is {d_tb / d_ti:.1f}x farther from --base than from {instruct_flag} (a fine-tune of the Base stays "
-               f"near the Base)")
+        why = (f"--tuned is {d_tb / d_ti:.1f}x farther from --base than from {instruct_flag} (a fine-tune of the "
+               f"Base stays near the Base)")
     elif d_tb > MARGIN * d_bi:
-        why = (f"the update --tuned - --base is {d_tb / d_bi:.1f}x the distance between --base and {instruct_flag} (a "
-               f"fine-tune's update is smaller than the Base-Instruct gap)")
+        why = (f"the update --tuned - --base is {d_tb / d_bi:.1f}x the distance between --base and {instruct_flag} "
+               f"(a fine-tune's update is smaller than the Base-Instruct gap)")
     elif MARGIN * d_tb < min(d_bi, d_ti) and cos > COS_SWAPPED and not (trained[2] and not trained[1]):
         # a clear Shadow-FT triangle, pointing back (unless the folders say --tuned is the trained one)
-        why = (f"the update --tuned - --base points back toward {instruct_flag} (cos {cos:.2f}; a fine-tune's update is "
-               f"near orthogonal to the instruction tuning)")
-        real = ("instruct", "tuned", "base")
+        why = (f"the update --tuned - --base points back toward {instruct_flag} (cos {cos:.2f}; a fine-tune's "
+               f"update is near orthogonal to the instruction tuning)")
+        real = BASE_AND_TUNED_EXCHANGED
     elif trained[1] and not trained[2]:
-        why = "--base holds a training run's files or record (training_args.bin) and --tuned holds none"
-        real = ("instruct", "tuned", "base")
-    if why is None:
-        return
-    real = real or plausible_roles(d_bi, d_tb, d_ti, dict(zip(("instruct", "base", "tuned"), trained)))
-    given = ("instruct", "base", "tuned")
-    moved = [g for g, r in zip(given, real) if g != r]
+        why, real = BASE_LOOKS_TRAINED, BASE_AND_TUNED_EXCHANGED
+    if why is not None:
+        _refuse(why, real or plausible_roles(d_bi, d_tb, d_ti, dict(zip(GIVEN, trained))), instruct_flag)
+
+
+def _refuse(why: str, real: tuple[str, str, str], instruct_flag: str) -> None:
+    """The one-line error: which flags look exchanged (real: the given label that plays each role), and why;
+    nothing when the most plausible roles are the ones given (odd distances, no swap)."""
+    flags = {"instruct": instruct_flag, "base": "--base", "tuned": "--tuned"}
+    moved = [g for g, r in zip(GIVEN, real) if g != r]
     if not moved:
         return                      # odd distances, but the most plausible roles are the ones given
     if len(moved) == 2:
         what = f"{flags[moved[0]]} and {flags[moved[1]]} look exchanged"
     else:
-        role_of = {label: role for label, role in zip(real, given)}
+        role_of = dict(zip(real, GIVEN))
         what = ("the three inputs look rotated (" + ", ".join(f"{flags[g]} looks like the {role_of[g]} model"
-                                                             for g in given) + ")")
+                                                             for g in GIVEN) + ")")
     raise ShadowMergeError(f"{what}: {why}; nothing was written; pass them in their roles, or {OVERRIDE}")

@@ -173,9 +173,11 @@ class Adapter(TensorStore):
                 return data if isinstance(data, str) else None
         return self.base_model
 
-    def trained_on_model(self, store) -> bool:
-        """Does the adapter name `store` (an opened model) as the model it was trained on?"""
-        return _names(self.trained_on, store)
+    def refuse_own_base(self, store, hint: str) -> None:
+        """--instruct `store` is the model the adapter was trained on: one line, ending in `hint` (what to do)."""
+        if _names(self.trained_on, store):
+            raise ShadowMergeError(f"--instruct {store.ref} is the model the adapter was trained on (its "
+                                   f"base_model_name_or_path); {hint}")
 
     def made_for(self, store) -> bool:
         """Does the adapter's config name `store` as the model it applies to (base_model_name_or_path)?"""

@@ -52,10 +52,7 @@ def retarget(adapter: str | Path, instruct: str | Path, out: str | Path, *, forc
                 f"--instruct {instruct} --lora {adapter} --base BASE --out DIR")
         inst = Checkpoint.open(instruct, "instruct", allow_pickle)
         opened.append(inst)
-        if ad.trained_on_model(inst):
-            raise ShadowMergeError(f"--instruct {instruct} is the model the adapter was trained on (its "
-                                   f"base_model_name_or_path); it already applies there: pass the Instruct sibling "
-                                   f"of that Base")
+        ad.refuse_own_base(inst, hint="it already applies there: pass the Instruct sibling of that Base")
         # Without filters, the plan takes every adapter target or raises: each exists in the Instruct,
         # with the right shape, and none is a head the Instruct ties to its embedding.
         plan = build_plan(inst, LoraDelta(ad, None, inst))
