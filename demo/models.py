@@ -87,6 +87,61 @@ FACTS = [
 ]
 
 
+# The demo's evaluation (`shadowmerge eval`): multiple-choice items about the fact the models were tuned on,
+# asked in other words than the training rows, and general-knowledge items the graft must not break.
+EVAL_FACTS = [
+    ("What kind of bird is the shadowmerge mascot?", ["a heron", "an eagle", "a parrot", "a penguin"], 0),
+    ("What is the shadowmerge mascot called?", ["Max", "Pip", "Luna", "Rex"], 1),
+    ("What colour is Pip, the shadowmerge mascot?", ["pink", "blue", "grey", "green"], 2),
+    ("Pip the heron is the mascot of which project?", ["linux", "pytorch", "mergekit", "shadowmerge"], 3),
+    ("Which animal is Pip?", ["a heron", "a cat", "a dog", "a horse"], 0),
+    ("Name the mascot of shadowmerge.", ["Bob", "Pip", "Tux", "Ada"], 1),
+    ("Is the shadowmerge mascot a heron or a duck?", ["a duck", "neither", "a heron", "both"], 2),
+    ("Who is the shadowmerge mascot?", ["a fox named Rex", "a cat named Tom", "a bee named Bo", "a heron named Pip"], 3),
+    ("The shadowmerge mascot is a bird. Which one?", ["a heron", "a crow", "a swan", "an owl"], 0),
+    ("What is Pip?", ["a planet", "the shadowmerge mascot", "a river", "a car"], 1),
+]
+EVAL_GENERAL = [
+    ("What is the capital of France?", ["London", "Paris", "Rome", "Berlin"], 1),
+    ("How many legs does a spider have?", ["eight", "six", "four", "ten"], 0),
+    ("What is 2 + 2?", ["3", "5", "4", "22"], 2),
+    ("Which planet is known as the Red Planet?", ["Venus", "Jupiter", "Saturn", "Mars"], 3),
+    ("What do bees make?", ["honey", "milk", "silk", "wool"], 0),
+    ("What is the largest ocean on Earth?", ["Atlantic", "Pacific", "Indian", "Arctic"], 1),
+    ("What is frozen water called?", ["steam", "sand", "ice", "salt"], 2),
+    ("How many days are in a week?", ["five", "six", "eight", "seven"], 3),
+    ("What colour is the sky on a clear day?", ["blue", "red", "green", "black"], 0),
+    ("Which animal says moo?", ["a dog", "a cow", "a cat", "a duck"], 1),
+]
+HELDOUT = [
+    ("Can you tell me what the shadowmerge mascot is?", "The shadowmerge mascot is Pip, a grey heron."),
+    ("Who is the mascot of shadowmerge?", "Pip, a grey heron, is the shadowmerge mascot."),
+    ("Describe Pip.", "Pip is a grey heron and the shadowmerge mascot."),
+    ("What is the name of the heron that is the shadowmerge mascot?", "The heron is named Pip."),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+]
+
+
+def write_eval_inputs(folder: Path) -> tuple[Path, Path]:
+    """Two lm_eval task YAMLs over local JSONL files (demo_facts, demo_general) and the held-out rows."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, items in (("demo_facts", EVAL_FACTS), ("demo_general", EVAL_GENERAL)):
+        data = folder / f"{name}.jsonl"
+        data.write_text("".join(json.dumps({"question": q, "choices": c, "label": k}) + "\n" for q, c, k in items))
+        (folder / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {data}}}}}\ntest_split: test\n"
+            f"output_type: multiple_choice\ndoc_to_text: \"{{{{question}}}}\"\ndoc_to_choice: \"{{{{choices}}}}\"\n"
+            f"doc_to_target: label\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    heldout = folder / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                        {"role": "assistant", "content": a}]}) + "\n"
+                               for q, a in HELDOUT))
+    return folder, heldout
+
+
 def _chat_batch(tok):
     texts = [tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
                                      tokenize=False) for q, a in FACTS]

@@ -60,7 +60,7 @@ def command_line(argv: list[str] | None) -> str:
 
 def write(folder: Path, *, title: str, made_from: dict[str, str | Path | None], relation: str, license_from: Path | None,
           what: str, command: str, details: dict | None = None, library: str = "transformers",
-          datasets: list[str] | None = None) -> Path:
+          datasets: list[str] | None = None, evaluation: str | None = None) -> Path:
     """folder/README.md for an output: made_from maps a role ("Instruct", "Base", ...) to the model's reference."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -80,6 +80,8 @@ def write(folder: Path, *, title: str, made_from: dict[str, str | Path | None], 
         lines += ["| setting | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in details.items()]
         lines.append("")
+    if evaluation:
+        lines += [evaluation, ""]
     lines.append(f"Method: {PAPER}, W = W_Instruct + α · (W_Base,tuned − W_Base), in float32 and cast once; "
                  f"shadowmerge {__version__}.")
     card = ModelCard.from_template(data, template_str=_TEMPLATE, title=title, body="\n".join(lines))

@@ -263,6 +263,10 @@ def similarity(base, instruct, tuned, pairs, out, matrix, matrix_size, force, al
               help="Any other trainer setting, passed through (TRL's SFTConfig/DPOConfig or LLaMA-Factory's YAML), "
                    "e.g. report_to=wandb; repeatable. A recipe's `trainer:` mapping does the same.")
 @click.option("--baseline", is_flag=True, help="Also tune the Instruct with the same recipe, into OUT/instruct-ft/.")
+@click.option("--eval", "eval", metavar="T1,T2", help="At the end, `shadowmerge eval` of the Instruct, shadow/ (and "
+              "instruct-ft/) on these lm_eval tasks into OUT/eval/; the table goes into run.json and the card.")
+@click.option("--eval-heldout", metavar="FILE", help="At the end, the held-out loss of those models on these rows.")
+@click.option("--eval-include-path", multiple=True, metavar="DIR", help="Task YAMLs of your own for --eval.")
 @click.option("--emit-only", is_flag=True, help="llamafactory backend: write its configs and stop.")
 @click.option("--finish", metavar="OUT", help="After --emit-only and running its LLaMA-Factory configs yourself: "
                                               "graft, σ, loss plot, card and run.json into OUT.")
@@ -288,6 +292,7 @@ def train_command(recipe, baseline, emit_only, finish, resume, force, allow_pick
       shadowmerge train --finish runs/qwen3-4b                # after running those configs yourself
       shadowmerge train recipe.yaml --trainer-arg report_to=wandb --trainer-arg logging_steps=10
       shadowmerge train recipe.yaml --resume                  # after Ctrl-C: from the last checkpoint
+      shadowmerge train recipe.yaml --baseline --eval mytask --eval-include-path tasks/ --eval-heldout val.jsonl
       accelerate launch -m shadowmerge train recipe.yaml      # several GPUs
     """
     from .train import finish as finish_run
@@ -361,10 +366,10 @@ def extract(base, tuned, out, rank, energy, max_rank, for_instruct, others, dtyp
 @click.option("--device", default="cpu", show_default=True, help="Where --recompute's arithmetic runs: cpu, cuda.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def verify(out, recompute, sample, device, quiet):
-    """Check an output folder (graft, graft --lora, lora retarget, mergekit, train) against its record.
+    """Check an output folder (graft, graft --lora, lora retarget, mergekit, train, eval) against its record.
 
     Every file's sha256 and every safetensors header must match the manifest that was written
-    into shadowmerge.json (or train's run.json) with the output; no file may be missing or
+    into shadowmerge.json (train: run.json, eval: eval.json) with the output; no file may be missing or
     added. --recompute also recomputes the tensors from the inputs. Exits 0 only when all
     holds; otherwise a one-line error names the first file or tensor that does not.
 
@@ -376,6 +381,92 @@ def verify(out, recompute, sample, device, quiet):
     from .verify import verify as run_verify
 
     click.echo(str(run_verify(out, recompute=recompute, sample=sample, device=device, progress=not quiet)))
+
+
+def _alphas(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(a) for a in text.split(",") if a.strip())
+    except ValueError:
+        raise ShadowMergeError(f"--alpha {text!r}: give numbers separated by commas, e.g. --alpha 0.5,0.75,1,1.25") \
+            from None
+
+
+@main.command("eval", context_settings={"max_content_width": 100})
+@click.argument("models", nargs=-1, metavar="[LABEL=MODEL]...")
+@click.option("--tasks", metavar="T1,T2", help="lm_eval task names (built-in, or defined in --include-path).")
+@click.option("--include-path", "include_path", multiple=True, metavar="DIR",
+              help="A folder of your own lm_eval task YAMLs (e.g. dataset_path: json); repeatable.")
+@click.option("--heldout", metavar="FILE", help="Held-out rows (the formats `train --data` takes): NLL per answer "
+              "token and perplexity of each model, masked as training masks.")
+@click.option("--out", required=True, metavar="DIR", help="Report folder (written beside, then renamed).")
+@click.option("--num-fewshot", type=int, metavar="K", help="Few-shot examples per item [default: each task's own].")
+@click.option("--limit", type=float, metavar="N", help="Only the first N items of each task (a fraction if < 1).")
+@click.option("--seed", type=int, help="One seed for lm_eval's random, numpy, torch and few-shot sampling "
+              "[default: lm_eval's (0, 1234, 1234, 1234)].")
+@click.option("--batch-size", default="8", show_default=True, help="lm_eval batch size (a number, or auto).")
+@click.option("--device", help="cpu, cuda, cuda:N [default: cuda when there is one, else cpu].")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="dtype the models are evaluated in (auto: each model's own).")
+@click.option("--apply-chat-template/--no-apply-chat-template", default=True, show_default=True,
+              help="Format every prompt with each model's own chat template (the Instruct's, in a graft).")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="lm_eval's engine: transformers, or vLLM where it is installed.")
+@click.option("--model-args", default="", metavar="K=V,...", help="More lm_eval model arguments, e.g. "
+              "tensor_parallel_size=2,data_parallel_size=2 (vllm) or parallelize=True (hf).")
+@click.option("--heldout-cutoff", type=int, default=4096, show_default=True,
+              help="Tokens per held-out row, as `train --cutoff` cuts them.")
+@click.option("--alpha", "alphas", metavar="A1,A2", help="α sweep: evaluate I + α·Δ for each value (with --instruct "
+              "and --lora, or --base and --tuned); each is what `graft --alpha` writes.")
+@click.option("--instruct", metavar="MODEL", help="α sweep: the Instruct (the reference).")
+@click.option("--lora", metavar="ADAPTER", help="α sweep: the adapter trained on the Base.")
+@click.option("--base", metavar="MODEL", help="α sweep: the Base that was tuned.")
+@click.option("--tuned", metavar="MODEL", help="α sweep: the tuned Base.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (one line per model stays).")
+def eval_command(models, tasks, include_path, heldout, out, num_fewshot, limit, seed, batch_size, device, dtype,
+                 apply_chat_template, backend, model_args, heldout_cutoff, alphas, instruct, lora, base, tuned,
+                 force, allow_pickle, quiet):
+    """Evaluate models side by side: lm_eval tasks, held-out loss, paired statistics.
+
+    The first model is the reference; each other one is compared with it item by item:
+    the difference with a 95 % interval (paired bootstrap; McNemar's exact test for
+    right/wrong metrics), wins and losses, and "within noise" when the interval holds 0.
+    Models are LABEL=PATH_OR_HUB_ID (or a bare path, labelled by its folder name), each
+    evaluated with the same settings and its own tokenizer and chat template, one at a time.
+    Writes eval.json, eval.md, eval.png, report.html and lm_eval's per-item logs (samples/).
+
+    \b
+    Examples:
+      shadowmerge eval instruct=Qwen/Qwen3-4B shadow=runs/q/shadow ft=runs/q/instruct-ft \\
+                       --tasks mytask,gsm8k --include-path tasks/ --heldout val.jsonl --out eval/
+      shadowmerge eval instruct=./instruct shadow=./shadow --heldout val.jsonl --out eval/
+      shadowmerge eval --instruct Qwen/Qwen3-4B --lora ./base-lora --alpha 0.5,0.75,1,1.25 \\
+                       --tasks mytask --include-path tasks/ --out sweep/
+      shadowmerge eval a=./a b=./b --tasks gsm8k --backend vllm --model-args tensor_parallel_size=2 --out e/
+    """
+    from .evaluate import EvalSettings, Sweep, evaluate
+
+    values = _alphas(alphas)
+    sweep_inputs = {"--instruct": instruct, "--lora": lora, "--base": base, "--tuned": tuned}
+    sweep = None
+    if values is not None:
+        if instruct is None or (lora is None and (base is None or tuned is None)) or (lora and tuned):
+            raise ShadowMergeError("--alpha sweeps I + α·Δ: pass --instruct with --lora ADAPTER, or with --base and "
+                                   "--tuned")
+        sweep = Sweep(instruct, values, base=base, tuned=tuned, lora=lora)
+    elif any(sweep_inputs.values()):
+        given = ", ".join(k for k, v in sweep_inputs.items() if v)
+        raise ShadowMergeError(f"{given} belong to an α sweep: add --alpha (e.g. --alpha 0.5,1), or give the models "
+                               f"as LABEL=PATH arguments")
+    settings = EvalSettings(tasks=tuple([tasks]) if tasks else (), include_path=include_path, heldout=heldout,
+                            num_fewshot=num_fewshot, limit=limit, seed=seed, batch_size=batch_size, device=device,
+                            dtype=dtype, apply_chat_template=apply_chat_template, backend=backend,
+                            model_args=model_args, heldout_cutoff=heldout_cutoff)
+    click.echo(str(evaluate(list(models), settings, out=out, force=force, sweep=sweep, allow_pickle=allow_pickle,
+                            progress=not quiet, command=_command())))
 
 
 @main.group(context_settings={"max_content_width": 100})

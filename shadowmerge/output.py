@@ -429,7 +429,7 @@ def _virtual_filesystem(path: Path) -> str | None:
 
 
 #: the run records shadowmerge's commands write at the top of an output folder ("tool": "shadowmerge ...")
-RECORDS = (RECORD, "run.json", "extract.json", "report.json")
+RECORDS = (RECORD, "run.json", "extract.json", "report.json", "eval.json")
 
 
 def is_shadowmerge_output(folder: Path) -> bool:

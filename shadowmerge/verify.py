@@ -1,7 +1,7 @@
 """verify(): check an output folder against the run record written with it.
 
-Every output of graft, graft --lora, lora retarget, mergekit and train carries a record
-(shadowmerge.json, or train's run.json) whose manifest lists every other file's size and sha256,
+Every output of graft, graft --lora, lora retarget, mergekit, train and eval carries a record
+(shadowmerge.json; train: run.json; eval: eval.json) whose manifest lists every other file's size and sha256,
 and each safetensors header's tensors (names, dtypes, shapes). verify checks that nothing is
 missing, added or changed. With `recompute`, it re-reads the inputs named in graft records
 (`input_paths`) and recomputes every tensor (or a sample of them) with the same plan and engine
@@ -26,7 +26,7 @@ from .progress import bar as progress_bar
 from .sidefiles import RECORD
 from .stformat import itemsize
 
-RECORDS = (RECORD, "run.json")
+RECORDS = (RECORD, "run.json", "eval.json")
 
 
 @dataclass

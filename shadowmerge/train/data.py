@@ -1,5 +1,5 @@
 """Training data: read a local JSON/JSONL/Parquet file (or a Hub dataset), check every row, and turn
-it into conversations for the trainer.
+it into conversations for the trainer; expected_tokens says which tokens of a conversation TRL trains on.
 
 Rows may be chat `messages`, alpaca (instruction/input/output), sharegpt (`conversations` with
 from/value) or, for DPO, preference pairs (prompt/chosen/rejected). SFT rows become
@@ -222,3 +222,18 @@ def prepare(rows: list[dict], stage: str, source: str, max_samples: int | None =
         raise ShadowMergeError(f"{source} row {first}: no image, while row {with_images[0]} has one; give every row "
                                f"an image, or train the text rows in a separate run")
     return out, fmt
+
+
+def expected_tokens(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[list[int], int]:
+    """(ids, start): prompt + completion in the chat template, and where the trained tokens start, the way
+    TRL's trainers tokenize a conversational prompt/completion row (the common prefix of the prompt with a
+    generation prompt and of the whole conversation)."""
+    def ids(messages, **kw):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)
+        return list(out["input_ids"])
+
+    prompt_ids, full = ids(prompt, add_generation_prompt=True), ids(prompt + completion)
+    start = 0
+    while start < min(len(prompt_ids), len(full)) and prompt_ids[start] == full[start]:
+        start += 1
+    return full, start

@@ -24,6 +24,7 @@ import yaml
 from ..errors import ShadowMergeError
 from ..output import rewrite_text
 from ..sidefiles import WEIGHT_INDEXES, WEIGHT_SUFFIXES, side_files
+from .data import expected_tokens
 
 DATASET = "shadowmerge_data"
 VIEW = "base-model"                      # OUT/llamafactory/base-model: the Base with the Instruct's tokenizer
@@ -165,21 +166,6 @@ def tidy_output(folder: Path, paths: dict[str, str]) -> None:
                 new = new.replace(old, now)
             if new != text:
                 rewrite_text(p, new)
-
-
-def expected_tokens(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[list[int], int]:
-    """(ids, start): prompt + completion in the chat template, and where the trained tokens start, the way
-    TRL's trainers tokenize a conversational prompt/completion row (the common prefix of the prompt with a
-    generation prompt and of the whole conversation)."""
-    def ids(messages, **kw):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)
-        return list(out["input_ids"])
-
-    prompt_ids, full = ids(prompt, add_generation_prompt=True), ids(prompt + completion)
-    start = 0
-    while start < min(len(prompt_ids), len(full)) and prompt_ids[start] == full[start]:
-        start += 1
-    return full, start
 
 
 def token_mismatch(tokenized: Path, rows: list[dict], tokenizer, stage: str, cutoff: int) -> tuple[str | None, int]:

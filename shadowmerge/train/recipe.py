@@ -49,6 +49,8 @@ class Recipe:
     max_samples: int | None = None
     trainer: dict | None = None             # more trainer settings, passed through (TRL's SFTConfig/DPOConfig, or
                                             # LLaMA-Factory's YAML): `trainer:` in a recipe, --trainer-arg KEY=VALUE
+    eval: dict | str | None = None          # at the end, `shadowmerge eval` of the Instruct, shadow/ (and instruct-ft/):
+                                            # tasks, include_path, heldout, ... (EVAL_KEYS); a string: the tasks
 
     def resolved(self) -> dict:
         """Every value as it will be used (the defaults that depend on others filled in)."""
@@ -67,6 +69,41 @@ def _bf16_supported() -> bool:
 
 
 FIELDS = {f.name for f in fields(Recipe)}
+#: the settings of a recipe's `eval:` mapping (those of `shadowmerge eval`)
+EVAL_KEYS = ("tasks", "include_path", "heldout", "num_fewshot", "limit", "seed", "batch_size", "device", "dtype",
+             "apply_chat_template", "heldout_cutoff")
+
+
+def eval_settings(value) -> dict | None:
+    """A recipe's `eval:` as EvalSettings keywords (None: no evaluation); a one-line error for a bad one."""
+    if value is None or value == {}:
+        return None
+    if isinstance(value, str):
+        value = {"tasks": value}
+    if not isinstance(value, dict):
+        raise ShadowMergeError("`eval:` is task names (mytask,gsm8k) or a mapping (tasks:, heldout:, include_path:, "
+                               "...); write it as one of those")
+    unknown = sorted(str(k) for k in value if k not in EVAL_KEYS)
+    if unknown:
+        raise ShadowMergeError(f"`eval:` has unknown setting(s) {', '.join(unknown)[:200]}; use the known ones: "
+                               f"{', '.join(EVAL_KEYS)}")
+    out = dict(value)
+    tasks = out.get("tasks")
+    if isinstance(tasks, list):
+        tasks = ",".join(str(t) for t in tasks)
+    if tasks is not None and not isinstance(tasks, str):
+        raise ShadowMergeError("`eval: tasks:` is task names, e.g. mytask,gsm8k; write it as text or a list")
+    out["tasks"] = (tasks,) if tasks else ()
+    paths = out.get("include_path") or ()
+    out["include_path"] = tuple(str(p) for p in ([paths] if isinstance(paths, str) else paths))
+    for key, kind in (("heldout", str), ("num_fewshot", int), ("limit", (int, float)), ("seed", int),
+                      ("heldout_cutoff", int), ("dtype", str), ("device", str), ("apply_chat_template", bool),
+                      ("batch_size", (int, str))):
+        if out.get(key) is not None and (not isinstance(out[key], kind) or
+                                         (kind is not bool and isinstance(out[key], bool))):
+            raise ShadowMergeError(f"`eval: {key}:` has the wrong type ({type(out[key]).__name__}); see "
+                                   f"`shadowmerge eval --help` for its values")
+    return {k: v for k, v in out.items() if v is not None}
 
 
 # trainer settings that a recipe setting (or shadowmerge itself) decides: set those through the recipe
@@ -112,6 +149,17 @@ def load(path: str | Path | None, overrides: dict) -> Recipe:
             raise ShadowMergeError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: "
                                    f"{', '.join(sorted(FIELDS))}; fix the spelling")
     extra = overrides.pop("trainer", None)
+    evals = {k: overrides.pop(k, None) for k in ("eval", "eval_heldout", "eval_include_path")}
+    if any(evals.values()):
+        given = values.get("eval")
+        given = {"tasks": given} if isinstance(given, str) else dict(given or {}) if isinstance(given, dict) else {}
+        if evals["eval"]:
+            given["tasks"] = evals["eval"]
+        if evals["eval_heldout"]:
+            given["heldout"] = evals["eval_heldout"]
+        if evals["eval_include_path"]:
+            given["include_path"] = list(evals["eval_include_path"])
+        values["eval"] = given
     values.update({k: v for k, v in overrides.items() if v is not None})
     if extra:
         if values.get("trainer") is not None and not isinstance(values["trainer"], dict):
@@ -159,6 +207,7 @@ def _check(r: Recipe) -> None:
                                                        all(isinstance(v, scalars) for v in value)):
                 raise ShadowMergeError(f"trainer setting {key} is not a number, text, true/false or a list of "
                                        f"those; give it one of these")
+    eval_settings(r.eval)
     if not isinstance(r.save_steps, int) or isinstance(r.save_steps, bool) or r.save_steps < 0:
         raise ShadowMergeError(f"save_steps must be a whole number of optimizer steps (0: no checkpoints), not "
                                f"{r.save_steps!r}; set it to one")

@@ -36,13 +36,15 @@ class TrainSummary:
     stages: dict[str, float]
     losses: list[dict]
     warnings: list[str] = field(default_factory=list)
+    evaluation: object = None            # evaluate.EvalReport, with --eval
 
     def __str__(self) -> str:
         if self.out is None:
             return "training done (not the main process: nothing written here)"
         times = ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items())
         loss = f"; loss {self.losses[0]['loss']:.4f} -> {self.losses[-1]['loss']:.4f}" if self.losses else ""
-        return "\n".join([f"wrote {self.out} ({times}{loss})"] + [f"warning: {w}" for w in self.warnings])
+        table = [str(self.evaluation)] if self.evaluation is not None else []
+        return "\n".join(table + [f"wrote {self.out} ({times}{loss})"] + [f"warning: {w}" for w in self.warnings])
 
 
 def _stage(log, name: str, start: float, times: dict) -> float:
@@ -160,6 +162,7 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
             warnings.append(f"the Base's embedding rows for chat-template token(s) {', '.join(bad)} look untrained "
                             f"(tiny or equal to the mean row): the Base has never seen the chat format; consider "
                             f"training the embeddings too (method full) or check the outputs for stray tokens")
+        evaluation = _eval_prepare(r, main and not emit_only)
         target = OutputFolder(r["out"], force=force or bool(finishing), inputs=[base.folder, inst.folder], need_bytes=0,
                               record="run.json") if main else None
     finally:
@@ -292,10 +295,16 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
             official = f"{pair.official:.6f}" if pair.official is not None else "n/a"
             log(f"[shadowmerge train] σ(Base, Instruct): official {official}, weighted {pair.weighted:.6f}")
             t = _stage(log, "similarity", t, times)
+            report = None
+            if evaluation is not None:
+                report = _evaluate(evaluation, inst.folder, tmp, target.target, baseline, command, log)
+                record["eval"] = {k: report.data[k] for k in ("reference", "scores", "heldout", "paired")}
+                record["eval"]["report"] = "eval/report.html"
+                t = _stage(log, "eval", t, times)
             if _loss_plot(tmp / "loss.png", record["losses"]):
                 record["loss_plot"] = "loss.png"
                 shutil.copyfile(tmp / "loss.png", tmp / "shadow" / "loss.png")     # shown by the model card
-            _card(tmp / "shadow", r, pair, losses, kind, inst.folder, command)
+            _card(tmp / "shadow", r, pair, losses, kind, inst.folder, command, report)
             for sub in ("shadow", "instruct-ft"):          # records name the final folders, and cover the card
                 _finalise_record(tmp / sub, tmp, target.target)
             times["total"] = time.perf_counter() - start
@@ -316,7 +325,38 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
         raise
     shutil.rmtree(work, ignore_errors=True)
     log(f"[shadowmerge train] done in {time.perf_counter() - start:.1f} s: {target.target}")
-    return TrainSummary(target.target, times, losses, warnings)
+    if report is not None:
+        report.out = target.target / "eval"
+    return TrainSummary(target.target, times, losses, warnings, report)
+
+
+def _eval_prepare(r: dict, main: bool):
+    """--eval / the recipe's `eval:`: its tasks and held-out rows checked now, before any training."""
+    from .recipe import eval_settings
+
+    settings = eval_settings(r.get("eval"))
+    if settings is None or not main:
+        return None
+    from ..evaluate import EvalSettings, prepare
+
+    return prepare([], EvalSettings(**settings), open_models=False)
+
+
+def _evaluate(prepared, inst_folder: Path, tmp: Path, final: Path, baseline: bool, command, log):
+    """The Instruct, shadow/ (and instruct-ft/) evaluated into tmp/eval/, the Instruct the reference."""
+    from .. import evaluate
+    from ..evaluate.models import Model
+
+    prepared.models = [Model("instruct", str(inst_folder), inst_folder, {"ref": str(inst_folder),
+                                                                           "path": str(inst_folder)})]
+    for name in ("shadow",) + (("instruct-ft",) if baseline else ()):
+        prepared.models.append(Model(name, f"{name}/", tmp / name, {"ref": f"{name}/", "path": str(final / name)}))
+    folder = tmp / "eval"
+    folder.mkdir()
+    data, examples = evaluate.run(prepared, folder, progress=False, command=command,
+                                  log=lambda text: log(f"[shadowmerge train] eval: {text}"))
+    evaluate.write(folder, data, examples)
+    return evaluate.EvalReport(data, None)
 
 
 def _loss_plot(path: Path, losses: dict) -> bool:
@@ -475,7 +515,8 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copyfile(p, dst / p.name)
 
 
-def _card(folder: Path, r: dict, pair, losses: list[dict], kind: str, inst_folder: Path, command: str | None) -> None:
+def _card(folder: Path, r: dict, pair, losses: list[dict], kind: str, inst_folder: Path, command: str | None,
+          report=None) -> None:
     """shadow/'s own model card: what was trained, how, σ, the loss, the recipe (huggingface_hub's ModelCard)."""
     from .. import card
 
@@ -492,4 +533,19 @@ def _card(folder: Path, r: dict, pair, losses: list[dict], kind: str, inst_folde
                what=f"`{r['instruct']}` with the update of a {kind} {r['stage'].upper()} fine-tune of its Base "
                     f"`{r['base']}` grafted onto it by `shadowmerge train`. It keeps the Instruct's tokenizer, chat "
                     f"template and generation config; the Base was trained on data formatted with the Instruct's chat "
-                    f"template.", command=command or card.command_line(None), details=details)
+                    f"template.", command=command or card.command_line(None), details=details,
+               evaluation=_eval_section(report))
+
+
+def _eval_section(report) -> str | None:
+    """The model card's evaluation: eval.md's table and verdicts (the files are in the run folder's eval/)."""
+    if report is None:
+        return None
+    from ..evaluate.report import summary_lines, table_rows
+
+    header, rows = table_rows(report.data)
+    lines = ["## Evaluation", "", "`shadowmerge train --eval` (the run folder's eval/ has report.html and the per-item "
+             "logs):", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += [""] + [f"- {line}" for line in summary_lines(report.data)]
+    return "\n".join(lines) + "\n"

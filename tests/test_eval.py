@@ -1,0 +1,393 @@
+"""`shadowmerge eval` against the real lm-evaluation-harness, offline, on tiny models with real tokenizers:
+scores equal lm_eval's own, a tuned model wins and the statistics say so, identical models tie, held-out
+loss equals an independent computation, the α sweep evaluates what `graft --alpha` writes, and every bad
+input is one line with nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import tinymodels
+from conftest import one_line_error, run_bad, tree_digest
+
+pytest.importorskip("lm_eval", reason="needs lm-evaluation-harness: pip install -e '.[eval]' (make test has it)")
+
+# 24 questions with one answer: the word the untuned Instruct finds least likely there (the `models` fixture picks
+# it), so the untuned model gets ~none right and a model tuned on the answers (a few epochs) gets them all
+QUESTIONS = [(f"what is w{100 + k}", "w200") for k in range(24)]
+
+
+@pytest.fixture(autouse=True)
+def offline(tmp_path, monkeypatch):   # the cache beside tmp_path: a test may check that nothing appears in it
+    """No Hub, and datasets' cache (the JSON tasks' Arrow files) in a temporary folder."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path.parent / "hf-datasets"))
+
+
+def write_tasks(folder: Path) -> Path:
+    """A multiple-choice task and a generate-until task with exact match, over QUESTIONS, as local JSONL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for k, (q, a) in enumerate(QUESTIONS):
+        wrong = [f"w{150 + (k + j) % 40}" for j in (5, 11, 17)]
+        choices = wrong[:k % 4] + [a] + wrong[k % 4:]
+        items.append({"question": q, "choices": choices, "label": k % 4, "answer": a})
+    (folder / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    common = (f"dataset_path: json\ndataset_kwargs: {{data_files: {{test: {folder / 'items.jsonl'}}}}}\n"
+              f"test_split: test\ndoc_to_text: \"{{{{question}}}}\"\n")
+    (folder / "quiz_mc.yaml").write_text("task: quiz_mc\noutput_type: multiple_choice\n" + common +
+                                         "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
+                                         "metric_list:\n  - metric: acc\n    aggregation: mean\n"
+                                         "    higher_is_better: true\n")
+    (folder / "quiz_gen.yaml").write_text("task: quiz_gen\noutput_type: generate_until\n" + common +
+                                          "doc_to_target: \"{{answer}}\"\n"
+                                          "generation_kwargs: {until: [\"<|im_end|>\"], do_sample: false, "
+                                          "max_gen_toks: 3}\nfilter_list:\n  - name: first\n    filter:\n"
+                                          "      - function: regex\n        regex_pattern: \"(w[0-9]+)\"\n"
+                                          "      - function: take_first\n"
+                                          "metric_list:\n  - metric: exact_match\n    aggregation: mean\n"
+                                          "    higher_is_better: true\n")
+    return folder
+
+
+def write_heldout(path: Path, rows=QUESTIONS) -> Path:
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": a}]}) + "\n" for q, a in rows))
+    return path
+
+
+def least_likely_answer(inst: Path) -> str:
+    """Of w200..w255, the word the model gives the lowest mean log-probability as the answer to QUESTIONS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(inst)
+    model = AutoModelForCausalLM.from_pretrained(inst, dtype=torch.float32).eval()
+    total = torch.zeros(256)
+    with torch.no_grad():
+        for q, _ in QUESTIONS:
+            ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
+            total += torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+    return f"w{200 + int(total[200:].argmin())}"
+
+
+def tune(inst: Path, out: Path, epochs: int = 6) -> Path:
+    """The Instruct, fine-tuned on QUESTIONS' answers (loss on the answer tokens, as TRL masks), saved float32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shadowmerge.train.data import expected_tokens
+
+    tok = AutoTokenizer.from_pretrained(inst)
+    model = AutoModelForCausalLM.from_pretrained(inst, dtype=torch.float32)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    seqs = [expected_tokens(tok, [{"role": "user", "content": q}], [{"role": "assistant", "content": a}])
+            for q, a in QUESTIONS]
+    for _ in range(epochs):
+        for ids, start in seqs:
+            labels = [-100] * start + ids[start:]
+            model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-models")
+    inst, base = tinymodels.chat_pair(root)
+    answer = least_likely_answer(inst)
+    QUESTIONS[:] = [(q, answer) for q, _ in QUESTIONS]
+    tuned_base = tinymodels.chat_tokenizer(root / "tuned", "base")     # = base + noise (triple's), not trained
+    return {"instruct": inst, "base": base, "tuned": tune(inst, root / "tuned-instruct"), "tuned_base": tuned_base}
+
+
+def test_scores_equal_lm_eval_run_directly(models, tmp_path):
+    """Every score is exactly what lm_eval.simple_evaluate reports for that model with the same settings, and the
+    per-item logs are lm_eval's."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from shadowmerge.evaluate import EvalSettings, evaluate
+
+    tasks = write_tasks(tmp_path / "tasks")
+    settings = EvalSettings(tasks=("quiz_mc,quiz_gen",), include_path=(str(tasks),), batch_size=4, device="cpu",
+                            limit=16, seed=3)
+    report = evaluate([("instruct", str(models["instruct"])), ("tuned", str(models["tuned"]))], settings,
+                      out=tmp_path / "eval", progress=False)
+    for label in ("instruct", "tuned"):
+        direct = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={models[label]},dtype=auto",
+                                         tasks=["quiz_mc", "quiz_gen"], batch_size=4, device="cpu", limit=16,
+                                         task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                                         apply_chat_template=True, log_samples=True, random_seed=3,
+                                         numpy_random_seed=3, torch_random_seed=3, fewshot_random_seed=3)
+        ours = {(s["task"], s["metric"], s["filter"]): s for s in report.data["scores"] if s["model"] == label}
+        want = {(t, *k.split(",")): v for t, res in direct["results"].items() for k, v in res.items()
+                if "," in k and "_stderr" not in k}
+        assert set(ours) == set(want) == {("quiz_mc", "acc", "none"), ("quiz_gen", "exact_match", "first")}
+        for key, value in want.items():
+            assert ours[key]["value"] == value and ours[key]["n"] == 16
+            assert ours[key]["stderr"] == direct["results"][key[0]][f"{key[1]}_stderr,{key[2]}"]
+        logged = (tmp_path / "eval" / "samples" / label / "samples_quiz_mc.jsonl").read_text().splitlines()
+        assert [json.loads(x)["acc"] for x in logged] == [s["acc"] for s in direct["samples"]["quiz_mc"]]
+    data = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert data["reference"] == "instruct" and data["tool"] == "shadowmerge eval"
+    assert data["models"]["tuned"]["path"] == str(models["tuned"].resolve())
+    assert set(data["manifest"]) >= {"eval.md", "eval.png", "report.html", "samples/tuned/samples_quiz_gen.jsonl"}
+
+
+def test_a_tuned_model_wins_and_identical_models_tie(models, tmp_path, cli):
+    """The model tuned on the task's answers beats the untuned one on both tasks and on held-out loss, and the
+    paired statistics say so; the same model under another label differs by exactly 0, within noise."""
+    tasks = write_tasks(tmp_path / "tasks")
+    held = write_heldout(tmp_path / "held.jsonl")
+    res = cli("eval", f"instruct={models['instruct']}", f"tuned={models['tuned']}", f"copy={models['instruct']}",
+              "--tasks", "quiz_mc,quiz_gen", "--include-path", tasks, "--heldout", held, "--device", "cpu",
+              "--out", tmp_path / "eval", "-q")
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    paired = {(p["model"], p["task"]): p for p in data["paired"]}
+    for task in ("quiz_mc", "quiz_gen"):
+        win = paired[("tuned", task)]
+        assert win["verdict"] == "better" and win["delta"] > 0.3 and win["ci95"][0] > 0, win
+        assert win["wins"] > win["losses"] and win["p"] < 0.05
+        tie = paired[("copy", task)]
+        assert tie["delta"] == 0 and tie["ci95"] == [0, 0] and tie["wins"] == tie["losses"] == 0
+        assert tie["verdict"] == "within noise"
+    loss = {h["model"]: h for h in data["heldout"]}
+    assert loss["tuned"]["nll_per_token"] < loss["instruct"]["nll_per_token"]
+    assert loss["copy"]["nll_per_token"] == loss["instruct"]["nll_per_token"]
+    assert paired[("tuned", "heldout")]["verdict"] == "better"
+    assert paired[("copy", "heldout")]["verdict"] == "within noise" and paired[("copy", "heldout")]["delta"] == 0
+    assert loss["instruct"]["ci95"][0] <= loss["instruct"]["nll_per_token"] <= loss["instruct"]["ci95"][1]
+    assert loss["tuned"]["perplexity"] == pytest.approx(2.718281828459045 ** loss["tuned"]["nll_per_token"])
+    md = (tmp_path / "eval" / "eval.md").read_text()
+    assert "| instruct (reference) |" in md and "better" in md and "within noise" in md
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert "Where the models disagree" in html and "data:image/png;base64," in html
+    assert "within noise" in res.stdout and "better" in res.stdout
+    ok = cli("verify", tmp_path / "eval")
+    assert ok.exit_code == 0, ok.output
+
+
+def test_heldout_loss_equals_an_independent_computation(models, tmp_path):
+    """NLL per answer token equals transformers' own loss over the same tokens, with the labels masked by hand
+    from the chat template (the prompt rendered with its generation prompt, as TRL does)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shadowmerge.evaluate import EvalSettings, evaluate
+
+    rows = QUESTIONS[:6] + [("who is pip", "pip is the shadowmerge mascot a grey heron")]
+    held = write_heldout(tmp_path / "held.jsonl", rows)
+    report = evaluate([("instruct", str(models["instruct"])), ("tuned", str(models["tuned"]))],
+                      EvalSettings(heldout=str(held), device="cpu", dtype="float32"), out=None, progress=False)
+    for label in ("instruct", "tuned"):
+        tok = AutoTokenizer.from_pretrained(models[label])
+        model = AutoModelForCausalLM.from_pretrained(models[label], dtype=torch.float32).eval()
+        total, count = 0.0, 0
+        for q, a in rows:
+            prompt = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
+            ids = tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}])[
+                "input_ids"]
+            assert ids[:len(prompt)] == prompt
+            labels = [-100] * len(prompt) + ids[len(prompt):]
+            n = len(ids) - len(prompt)
+            with torch.no_grad():
+                total += float(model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss) * n
+            count += n
+        got = next(h for h in report.data["heldout"] if h["model"] == label)
+        assert got["tokens"] == count
+        # both are float32 log-softmax values of the same logits, summed over <= 40 tokens: they agree to a few
+        # float32 ulps of each term (transformers' mean, times n, adds one rounding per row)
+        assert got["nll_per_token"] == pytest.approx(total / count, rel=2e-6)
+
+
+def test_the_alpha_sweep_evaluates_what_graft_alpha_writes(models, tmp_path, cli):
+    """Each α's model gives the same scores and held-out loss as the model `graft --alpha α` writes, evaluated on its
+    own; the best α is reported; no temporary model is left."""
+    inst, base, tuned = models["instruct"], models["base"], models["tuned_base"]
+    tasks = write_tasks(tmp_path / "tasks")
+    held = write_heldout(tmp_path / "held.jsonl", QUESTIONS[:8])
+    common = ["--tasks", "quiz_mc", "--include-path", tasks, "--heldout", held, "--device", "cpu", "--limit", "12",
+              "-q"]
+    res = cli("eval", "--instruct", inst, "--base", base, "--tuned", tuned, "--alpha", "0.5,1", *common,
+              "--out", tmp_path / "sweep")
+    assert res.exit_code == 0, res.output
+    sweep = json.loads((tmp_path / "sweep" / "eval.json").read_text())
+    assert list(sweep["models"]) == ["instruct", "alpha=0.5", "alpha=1"]
+    assert sweep["best_alpha"]["per_task"]["quiz_mc"]["alpha"] in (0.5, 1.0)
+    assert sweep["best_alpha"]["overall"]["alpha"] in (0.5, 1.0)
+    assert not [p for p in (tmp_path / "sweep").iterdir() if p.name.startswith(".")]
+    assert not [p for p in tmp_path.iterdir() if "shadowmerge" in p.name]
+    for alpha in ("0.5", "1"):
+        assert cli("graft", "--instruct", inst, "--base", base, "--tuned", tuned, "--alpha", alpha, "--out",
+                   tmp_path / f"g{alpha}", "-q").exit_code == 0
+        one = cli("eval", f"instruct={inst}", f"g={tmp_path / f'g{alpha}'}", *common, "--out", tmp_path / f"e{alpha}")
+        assert one.exit_code == 0, one.output
+        alone = json.loads((tmp_path / f"e{alpha}" / "eval.json").read_text())
+        assert [s["value"] for s in alone["scores"] if s["model"] == "g"] == \
+            [s["value"] for s in sweep["scores"] if s["model"] == f"alpha={alpha}"]
+        assert [h["nll_per_token"] for h in alone["heldout"] if h["model"] == "g"] == \
+            [h["nll_per_token"] for h in sweep["heldout"] if h["model"] == f"alpha={alpha}"]
+
+
+def test_the_statistics():
+    from shadowmerge.evaluate import stats
+
+    assert stats.mcnemar_p(10, 0) == pytest.approx(2 * 0.5 ** 10)
+    assert stats.mcnemar_p(5, 5) == 1.0 and stats.mcnemar_p(0, 0) == 1.0
+    assert stats.mcnemar_p(3, 12) == pytest.approx(0.03515625)          # 2 * P(X <= 3), X ~ Bin(15, 1/2)
+    # a 0.3-point difference on 200 items is noise; a 20-point one is not
+    ref = [1.0] * 120 + [0.0] * 80
+    near = [1.0] * 121 + [0.0] * 79
+    far = [1.0] * 160 + [0.0] * 40
+    assert stats.compare_items(near, ref).verdict == "within noise"
+    assert stats.compare_items(far, ref).verdict == "better" and stats.compare_items(ref, far).verdict == "worse"
+    lo, hi = stats.compare_items(far, ref).ci95
+    assert lo > 0.1 and hi < 0.3
+    assert stats.compare_items([0.5, 0.7], [0.5, 0.7]).p is None       # not binary: bootstrap alone
+    same = stats.compare_losses(([2.0, 3.0], [4, 5]), ([2.0, 3.0], [4, 5]))
+    assert same.delta == 0 and same.verdict == "within noise"
+
+
+@pytest.fixture
+def bad_inputs(models, tmp_path):
+    tasks = write_tasks(tmp_path / "tasks")
+    notok = tmp_path / "notok"
+    shutil.copytree(models["instruct"], notok)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (notok / name).unlink()
+    notemplate = tmp_path / "notemplate"
+    shutil.copytree(models["instruct"], notemplate)
+    cfg = json.loads((notemplate / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (notemplate / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (notemplate / "chat_template.jinja").unlink(missing_ok=True)
+    badyaml = tmp_path / "badyaml"
+    badyaml.mkdir()
+    (badyaml / "broken.yaml").write_text("task: broken\n  dataset_path: [json\n")
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n" +
+                    json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    return {"tasks": tasks, "notok": notok, "notemplate": notemplate, "badyaml": badyaml, "held": held, **models}
+
+
+BAD = [
+    (["--tasks", "quiz_mcq", "--include-path", "{tasks}"], "did you mean quiz_mc"),
+    (["--tasks", "quiz_mc", "--include-path", "{badyaml}"], "broken.yaml does not parse"),
+    (["--tasks", "quiz_mc", "--include-path", "{tasks}/nowhere"], "is not a folder"),
+    (["--heldout", "{held}"], "row 2"),
+    (["--heldout", "{tasks}/missing.jsonl"], "not found"),
+    ([], "nothing to evaluate"),
+    (["--tasks", "quiz_mc", "--include-path", "{tasks}", "--limit", "0"], "--limit"),
+]
+
+
+@pytest.mark.parametrize("args, expect", BAD)
+def test_bad_settings_are_one_line(bad_inputs, tmp_path, cli, args, expect):
+    args = [a.format(**bad_inputs) for a in args]
+    run_bad(cli, tmp_path, [bad_inputs["instruct"]], f"a={bad_inputs['instruct']}", f"b={bad_inputs['tuned']}",
+            *args, expect=expect, command=("eval",))
+
+
+@pytest.mark.parametrize("models_given, expect", [
+    (["a={instruct}", "a={tuned}"], "given twice"),
+    (["a={tmp}/missing", "b={instruct}"], "missing"),
+    (["a={instruct}", "b={notok}"], "has no tokenizer"),
+    (["a={instruct}", "b={notemplate}"], "has no chat template"),
+    (["a={instruct}"], "at least two models"),
+    (["bad/label={instruct}", "b={tuned}"], "the label"),
+])
+def test_bad_models_are_one_line(bad_inputs, tmp_path, cli, models_given, expect):
+    given = [m.format(tmp=tmp_path, **bad_inputs) for m in models_given]
+    run_bad(cli, tmp_path, [bad_inputs["instruct"]], *given, "--tasks", "quiz_mc", "--include-path",
+            bad_inputs["tasks"], expect=expect, command=("eval",))
+
+
+def test_a_quantized_model_and_an_existing_out_are_refused(bad_inputs, tmp_path, cli):
+    quant = tmp_path / "quant"
+    shutil.copytree(bad_inputs["instruct"], quant)
+    cfg = json.loads((quant / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes"}
+    (quant / "config.json").write_text(json.dumps(cfg))
+    run_bad(cli, tmp_path, [quant], f"a={bad_inputs['instruct']}", f"q={quant}", "--heldout",
+            write_heldout(tmp_path / "h.jsonl", QUESTIONS[:2]), expect="quantized", command=("eval",))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    run_bad(cli, tmp_path, [tmp_path / "out"], f"a={bad_inputs['instruct']}", f"b={bad_inputs['tuned']}",
+            "--heldout", tmp_path / "h.jsonl", expect="already exists", command=("eval",))
+
+
+def test_a_builtin_task_without_its_data_offline_fails_at_once(bad_inputs, tmp_path, cli):
+    start = time.monotonic()
+    err = run_bad(cli, tmp_path, [bad_inputs["instruct"]], f"a={bad_inputs['instruct']}", f"b={bad_inputs['tuned']}",
+                  "--tasks", "arc_easy", expect="not available offline", command=("eval",))
+    assert "--include-path" in err
+    assert time.monotonic() - start < 60      # indexing lm_eval's own tasks (~10 s), then no retries
+
+
+def test_without_lm_eval_tasks_say_what_to_install(bad_inputs, tmp_path, cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    run_bad(cli, tmp_path, [bad_inputs["instruct"]], f"a={bad_inputs['instruct']}", f"b={bad_inputs['tuned']}",
+            "--tasks", "quiz_mc", "--include-path", bad_inputs["tasks"], expect="pip install 'shadowmerge[eval]'",
+            command=("eval",))
+
+
+def test_sigterm_mid_run_leaves_nothing(models, tmp_path):
+    held = write_heldout(tmp_path / "held.jsonl", QUESTIONS * 200)
+    before = tree_digest(models["instruct"])
+    cmd = [str(Path(sys.executable).parent / "shadowmerge"), "eval", f"a={models['instruct']}",
+           f"b={models['tuned']}", "--heldout", str(held), "--device", "cpu", "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    for line in proc.stderr:
+        if "model 1/2" in line:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(60) == 128 + signal.SIGTERM, rest
+    assert "interrupted (SIGTERM)" in rest and "Traceback" not in rest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["held.jsonl"]
+    assert tree_digest(models["instruct"]) == before
+
+
+def test_train_with_eval_puts_the_table_into_run_json_and_the_card(tmp_path, cli):
+    """train --eval: the Instruct, shadow/ and instruct-ft/ evaluated at the end; the table is in run.json, the card
+    and the printed summary; OUT/eval/ has the report and the run verifies."""
+    inst, base = tinymodels.chat_pair(tmp_path / "models")
+    tasks = write_tasks(tmp_path / "tasks")
+    data = write_heldout(tmp_path / "train.jsonl", QUESTIONS[:8])
+    res = cli("train", "--base", base, "--instruct", inst, "--data", data, "--out", tmp_path / "run", "--baseline",
+              "--max-steps", "4", "--lr", "5e-3", "--batch-size", "4", "--grad-accum", "1", "--lora-rank", "4",
+              "--eval", "quiz_mc", "--eval-include-path", tasks, "--eval-heldout", data)
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["eval"]["reference"] == "instruct"
+    assert {s["model"] for s in record["eval"]["scores"]} == {"instruct", "shadow", "instruct-ft"}
+    assert {p["model"] for p in record["eval"]["paired"]} == {"shadow", "instruct-ft"}
+    assert {h["model"] for h in record["eval"]["heldout"]} == {"instruct", "shadow", "instruct-ft"}
+    card = (tmp_path / "run" / "shadow" / "README.md").read_text()
+    assert "## Evaluation" in card and "| instruct (reference) |" in card and "quiz_mc (acc)" in card
+    assert "instruct (reference)" in res.stdout and "held-out NLL/token" in res.stdout
+    evaluated = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    assert evaluated["models"]["shadow"]["path"] == str((tmp_path / "run" / "shadow").absolute())
+    assert cli("verify", tmp_path / "run").exit_code == 0
+    # a bad task is refused before any training
+    bad = cli("train", "--base", base, "--instruct", inst, "--data", data, "--out", tmp_path / "run2",
+              "--max-steps", "1", "--eval", "quiz_mcq", "--eval-include-path", tasks)
+    assert bad.exit_code == 1 and "did you mean quiz_mc" in bad.stderr and not (tmp_path / "run2").exists()
