@@ -73,6 +73,7 @@ bench: $(VENV)/.ready
 	$(PY) benchmarks/bench_similarity.py --markdown benchmarks/last-run-similarity.md
 	$(PY) benchmarks/bench_memory.py --markdown benchmarks/last-run-memory.md
 	$(PY) benchmarks/bench_extract.py --markdown benchmarks/last-run-extract.md
+	$(PY) benchmarks/bench_eval.py --markdown benchmarks/last-run-eval.md
 
 clean:
 	rm -rf $(VENV) $(LF_VENV) $(LATEST_VENV) .venv-lock .demo demo-output benchmarks/work

@@ -183,6 +183,27 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
             c.close()
 
 
+def check_roles(instruct, base=None, tuned=None, *, lora=None, allow_pickle: bool = False,
+                progress: bool = True) -> None:
+    """graft's role checks alone, before a graft is run (eval's α sweep: before any model is evaluated): one model
+    in two roles, an adapter onto its own model, and (a full fine-tune) roles exchanged, from a sample of the
+    data (a Hub input's weights are downloaded for it, as the graft would)."""
+    ckpts: list = []
+    try:
+        plan = open_and_plan(ckpts, instruct, base, tuned, lora, alpha=1.0, include=None, exclude=None, dtype=None,
+                             vocab="common", allow_pickle=allow_pickle)
+        _refuse_misplaced_inputs(ckpts, lora)
+        if lora is None:
+            from . import roles
+
+            for c in ckpts:
+                c.fetch(progress)
+            roles.check(*ckpts, [t.name for t in plan.tensors if t.graft_rows])
+    finally:
+        for c in ckpts:
+            c.close()
+
+
 def _refuse_misplaced_inputs(ckpts, lora) -> None:
     """From names alone: one folder (or Hub snapshot) passed in two roles, so the update or the instruction
     tuning would be zero (an adapter written for the Instruct by extract --for-instruct, whose full copies are

@@ -5,6 +5,7 @@ input is one line with nothing left behind."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -294,6 +295,8 @@ BAD = [
     (["--heldout", "{held}"], "row 2"),
     (["--heldout", "{tasks}/missing.jsonl"], "not found"),
     ([], "nothing to evaluate"),
+    pytest.param(["--tasks", "quiz_mc", "--include-path", "{tasks}", "--backend", "vllm"], "needs vLLM",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")),
     (["--tasks", "quiz_mc", "--include-path", "{tasks}", "--limit", "0"], "--limit"),
 ]
 
@@ -391,3 +394,67 @@ def test_train_with_eval_puts_the_table_into_run_json_and_the_card(tmp_path, cli
     bad = cli("train", "--base", base, "--instruct", inst, "--data", data, "--out", tmp_path / "run2",
               "--max-steps", "1", "--eval", "quiz_mcq", "--eval-include-path", tasks)
     assert bad.exit_code == 1 and "did you mean quiz_mc" in bad.stderr and not (tmp_path / "run2").exists()
+
+
+def test_a_hub_id_is_resolved_header_first_and_its_commit_recorded(models, tmp_path):
+    """A model given as a Hub id (a local Hub-compatible server): checked from its headers and side files, its
+    weights downloaded when its turn comes, its commit in eval.json, and its loss that of the same local folder."""
+    from hubserver import FakeHub
+
+    held = write_heldout(tmp_path / "held.jsonl", QUESTIONS[:6])
+    with FakeHub() as hub:
+        sha = hub.add("org/chat-inst", models["instruct"])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and "proxy" not in k.lower()}
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+        res = subprocess.run([sys.executable, "-m", "shadowmerge", "eval", "hub=org/chat-inst",
+                              f"local={models['instruct']}", "--heldout", str(held), "--device", "cpu", "--out",
+                              str(tmp_path / "out"), "-q"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    data = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert data["models"]["hub"]["commit"] == sha and data["models"]["hub"]["repo"] == "org/chat-inst"
+    assert data["models"]["local"]["commit"] is None
+    loss = {h["model"]: h["nll_per_token"] for h in data["heldout"]}
+    assert loss["hub"] == loss["local"]
+
+
+def test_an_alpha_sweep_with_exchanged_inputs_is_refused_before_any_evaluation(models, tmp_path, cli):
+    held = write_heldout(tmp_path / "held.jsonl", QUESTIONS[:2])
+    run_bad(cli, tmp_path, [models["instruct"], models["tuned_base"]], "--instruct", models["tuned_base"],
+            "--base", models["base"], "--tuned", models["instruct"], "--alpha", "0.5,1", "--heldout", held,
+            expect="look exchanged", command=("eval",))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run there with: pytest -m gpu)")
+@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="needs vllm"))])
+def test_on_a_gpu_the_comparison_is_the_cpu_one(models, tmp_path, cli, backend):
+    tasks = write_tasks(tmp_path / "tasks")
+    held = write_heldout(tmp_path / "held.jsonl", QUESTIONS[:8])
+    data = {}
+    for device in ("cpu", "cuda"):
+        if device == "cpu" and backend == "vllm":
+            continue
+        res = cli("eval", f"instruct={models['instruct']}", f"tuned={models['tuned']}", "--tasks", "quiz_mc",
+                  "--include-path", tasks, "--heldout", held, "--device", device, "--backend",
+                  backend if device == "cuda" else "hf", "--dtype", "float32", "--out", tmp_path / device, "-q")
+        assert res.exit_code == 0, res.output
+        data[device] = json.loads((tmp_path / device / "eval.json").read_text())
+    gpu = data["cuda"]
+    assert {(s["model"], s["value"]) for s in gpu["scores"]} == {("instruct", 0.0), ("tuned", 1.0)}
+    if "cpu" in data:
+        for a, b in zip(data["cpu"]["heldout"], gpu["heldout"]):
+            assert b["nll_per_token"] == pytest.approx(a["nll_per_token"], rel=1e-4)
+
+
+def test_a_model_lm_eval_cannot_load_is_one_line(models, tmp_path, cli):
+    """A config that does not match its weights: lm_eval's (transformers') failure becomes one line naming the model
+    and the step; nothing is left."""
+    broken = tmp_path / "broken"
+    shutil.copytree(models["instruct"], broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["intermediate_size"] = 999
+    (broken / "config.json").write_text(json.dumps(cfg))
+    run_bad(cli, tmp_path, [broken], f"a={models['instruct']}", f"b={broken}", "--tasks", "quiz_mc",
+            "--include-path", write_tasks(tmp_path.parent / f"{tmp_path.name}-tasks"), "--device", "cpu",
+            expect="model b: loading it failed", command=("eval",))

@@ -21,7 +21,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import __version__
@@ -115,7 +115,6 @@ class Prepared:
     heldout: object = None                # heldout.Heldout
     sweep: Sweep | None = None
     sweep_bytes: int = 0
-    opened: list = field(default_factory=list)
 
     def close(self) -> None:
         for m in self.models:
@@ -169,6 +168,7 @@ def prepare(models: list[tuple[str, str]], settings: EvalSettings, *, sweep: Swe
         if settings.heldout:
             prepared.heldout = heldout.read(settings.heldout)
         if settings.tasks:
+            harness.check_backend(settings.backend)
             prepared.tasks = harness.resolve(list(settings.tasks), list(settings.include_path))
             harness.load(prepared.tasks)
         if not open_models:
@@ -186,10 +186,12 @@ def prepare(models: list[tuple[str, str]], settings: EvalSettings, *, sweep: Swe
                                                         why="--heldout rows are conversations" if
                                                         not settings.apply_chat_template else None))
         if sweep is not None:
-            from ..pipeline import graft
+            from ..pipeline import check_roles, graft
 
             plan = graft(sweep.instruct, sweep.base, sweep.tuned, lora=sweep.lora, alpha=sweep.alphas[0],
                          dry_run=True, allow_pickle=allow_pickle, progress=False)
+            check_roles(sweep.instruct, sweep.base, sweep.tuned, lora=sweep.lora, allow_pickle=allow_pickle,
+                        progress=progress)
             prepared.sweep_bytes = plan.bytes
             at = 1 if prepared.models else 0
             for k, alpha in enumerate(sweep.alphas):
@@ -256,10 +258,12 @@ def _evaluate_one(model, prepared: Prepared, folder: Path | None, progress: bool
 
     settings, out = prepared.settings, {"scores": [], "items": {}, "answers": {}, "losses": None, "samples": []}
     lm = None
+    step = "loading it"
     try:
         if prepared.tasks is not None:
             with harness.quiet_libraries(not progress):
                 lm = harness.build_model(model.folder, settings)
+                step = "running the tasks"
                 res = harness.evaluate(lm, prepared.tasks, settings)
             out["scores"] = harness.scores(model.label, res)
             out["items"] = harness.item_values(res)
@@ -268,6 +272,7 @@ def _evaluate_one(model, prepared: Prepared, folder: Path | None, progress: bool
                 out["samples"] = _write_samples(folder, model.label, res)
             del res
         if prepared.heldout is not None:
+            step = "computing the held-out loss"
             torch_model = getattr(lm, "model", None) if settings.backend == "hf" and lm is not None else None
             if torch_model is None:
                 lm = None
@@ -277,11 +282,26 @@ def _evaluate_one(model, prepared: Prepared, folder: Path | None, progress: bool
             rows = heldout.tokens(tokenizer, prepared.heldout, settings.heldout_cutoff)
             out["losses"] = heldout.score(torch_model, rows)
             del torch_model
+    except (ShadowMergeError, KeyboardInterrupt, MemoryError):
+        raise
+    except OSError as exc:
+        if exc.errno is not None:         # the machine (a full disk, no permission): the CLI says so in one line
+            raise
+        raise _failed(model, step, exc) from None
+    except Exception as exc:              # noqa: BLE001 - a stranger's task or model that lm_eval cannot run
+        raise _failed(model, step, exc) from None
     finally:
         del lm
         gc.collect()
         _free_gpu()
     return out
+
+
+def _failed(model, step: str, exc: BaseException) -> ShadowMergeError:
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return ShadowMergeError(f"model {model.label}: {step} failed ({type(exc).__name__}: {first}); check the task "
+                            f"files and the model (run `lm_eval run` on it alone to see lm_eval's own report), then "
+                            f"run again")
 
 
 def _free_gpu() -> None:
@@ -300,7 +320,6 @@ def run(prepared: Prepared, folder: Path | None, *, progress: bool = True, comma
     settings, results, described = prepared.settings, {}, {}
     start = time.perf_counter()
     seconds: dict[str, float] = {}
-    first_graft = True
     for k, model in enumerate(prepared.models, 1):
         t = time.perf_counter()
         made = None
@@ -312,8 +331,7 @@ def run(prepared: Prepared, folder: Path | None, *, progress: bool = True, comma
                 made = folder / f".model-{model.label}"
                 log(f"model {k}/{len(prepared.models)} {model.label}: grafting I + {model.alpha:g}·Δ")
                 graft(sweep.instruct, sweep.base, sweep.tuned, made, lora=sweep.lora, alpha=model.alpha,
-                      progress=progress, check_roles=first_graft)
-                first_graft = False
+                      progress=progress, check_roles=False)      # checked in prepare()
                 model.folder = made
                 model.described = {"ref": f"graft --alpha {model.alpha:g}", "path": None, "commit": None,
                                    "alpha": model.alpha, "instruct": sweep.instruct,

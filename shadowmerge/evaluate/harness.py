@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import ShadowMergeError
 
 INSTALL = "pip install 'shadowmerge[eval]'"
-_NOT_METRICS = ("alias", "name", "sample_len", " ")
+_NOT_METRICS = ("alias", "name", "sample_len")
 
 
 def lm_eval():
@@ -168,6 +168,16 @@ def load(tasks: Tasks) -> None:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def check_backend(backend: str) -> None:
+    """The engine --backend names is installed (lm_eval imports it only when a model is built)."""
+    import importlib.util
+
+    lm_eval()
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ShadowMergeError("--backend vllm needs vLLM, which is not installed here; install it (pip install "
+                               "vllm, on a machine with a GPU), or use --backend hf")
 
 
 def model_args(folder: Path, settings) -> str:

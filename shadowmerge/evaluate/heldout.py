@@ -6,8 +6,9 @@ and the tokens that count are exactly those TRL's SFT trainer puts into the loss
 (the last assistant turn, with the template's end-of-turn tokens), starting where the prompt with a
 generation prompt and the whole conversation stop agreeing (train.data.expected_tokens), each
 predicted from the tokens before it; a row is cut at `cutoff` tokens as training cuts it. One row
-per forward pass (no padding, so a row's loss never depends on its neighbours); log-softmax in
-float32, sums in float64.
+per forward pass (no padding, so a row's loss never depends on its neighbours), the head computed only
+at the positions that predict a counted token (`logits_to_keep`); log-softmax in float32, sums in
+float64.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def score(model, rows: list[tuple[list[int], int]], on_row=None) -> RowLosses:
                 counts.append(0)
                 continue
             x = torch.tensor([ids], device=device)
-            logits = model(input_ids=x).logits[0, start - 1:len(ids) - 1].float()
+            keep = len(ids) - start + 1        # the head only where a counted token is predicted (and the last)
+            logits = model(input_ids=x, logits_to_keep=keep).logits[0, :-1].float()
             target = x[0, start:]
             logp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
             nll.append(-float(logp.double().sum()))

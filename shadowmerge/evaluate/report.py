@@ -46,6 +46,10 @@ def _delta(p: dict | None, digits=3) -> str:
             f"{p['verdict']})")
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("s") else f"{n} {word}s"
+
+
 def _column(task, metric, filt) -> str:
     return f"{task} ({metric}{'' if filt == 'none' else ', ' + filt})"
 
@@ -81,13 +85,13 @@ def summary_lines(data: dict) -> list[str]:
         if p["verdict"] == "within noise":
             lines.append(f"{p['model']} vs {data['reference']} on {what}: Δ {_signed(p['delta'], digits)} is within "
                          f"noise (95 % interval [{_signed(p['ci95'][0], digits)}, {_signed(p['ci95'][1], digits)}]"
-                         f"{mcnemar}; {p['wins']} wins, "
-                         f"{p['losses']} losses): no evidence either way.")
+                         f"{mcnemar}; {_count(p['wins'], 'win')}, "
+                         f"{_count(p['losses'], 'loss')}): no evidence either way.")
         else:
             lines.append(f"{p['model']} vs {data['reference']} on {what}: {p['verdict']}, Δ "
                          f"{_signed(p['delta'], digits)} (95 % interval [{_signed(p['ci95'][0], digits)}, "
                          f"{_signed(p['ci95'][1], digits)}]{mcnemar}; "
-                         f"{p['wins']} wins, {p['losses']} losses).")
+                         f"{_count(p['wins'], 'win')}, {_count(p['losses'], 'loss')}).")
     return lines
 
 
@@ -109,8 +113,9 @@ def markdown(data: dict) -> str:
     if data["paired"]:
         out += ["", "## Paired comparisons", ""] + [f"- {line}" for line in summary_lines(data)]
     s = data["settings"]
-    out += ["", "## Settings", "", f"tasks: {', '.join(s['tasks']) or 'none'}; num_fewshot: {s['num_fewshot']}; "
-            f"limit: {s['limit']}; seed: {s['seed'] if s['seed'] is not None else 'lm_eval default'}; "
+    shots = s["num_fewshot"] if s["num_fewshot"] is not None else "each task's own"
+    out += ["", "## Settings", "", f"tasks: {', '.join(s['tasks']) or 'none'}; num_fewshot: {shots}; "
+            f"limit: {s['limit'] or 'all items'}; seed: {s['seed'] if s['seed'] is not None else 'lm_eval default'}; "
             f"apply_chat_template: {s['apply_chat_template']}; backend: {s['backend']}; dtype: {s['dtype']}; "
             f"batch size: {s['batch_size']}; device: {s['device']}.", "", f"Command: `{data['command']}`", ""]
     return "\n".join(out)

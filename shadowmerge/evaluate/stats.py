@@ -36,9 +36,9 @@ def _resampled_means(values: list[np.ndarray]) -> list[np.ndarray]:
     left = RESAMPLES
     while left:
         k = min(per, left)
-        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=k).astype(np.float64)     # k x n: how often each item
+        picks = rng.integers(0, n, size=(k, n))             # k resamples of n items, with replacement
         for j, v in enumerate(values):
-            out[j].append(counts @ v / n)
+            out[j].append(v[picks].mean(axis=1))
         left -= k
     return [np.concatenate(o) for o in out]
 
