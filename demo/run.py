@@ -5,10 +5,10 @@ Base     : a SYNTHETIC stand-in (Instruct + small noise): no SmolLM2 Base ships 
 Train    : `shadowmerge train` really tunes that Base on three chat examples about a made-up fact,
            formatted with the Instruct's chat template (TRL): once full (12 steps), once LoRA (10
            steps), and grafts each update onto the Instruct.
-Then the Instruct and both grafted models answer the same questions, `shadowmerge eval` compares them
-(lm_eval multiple-choice tasks about the fact and general knowledge, held-out loss, paired statistics),
-and `shadowmerge similarity` reports how close Base and Instruct are and whether the full update fights
-the instruction tuning.
+Then the Instruct and both grafted models answer the same questions, `shadowmerge similarity` reports
+how close Base and Instruct are and whether the full update fights the instruction tuning, and, last,
+`shadowmerge eval` compares the three (lm_eval multiple-choice tasks about the fact and general knowledge,
+held-out loss, paired statistics) and prints the table.
 """
 
 from __future__ import annotations
@@ -65,12 +65,12 @@ def main() -> None:
                           ("shadow-lora", OUT / "lora" / "shadow")):
         for q in questions:
             print(f"   {label} | {q}\n               -> {models.chat(folder, q)}")
+    run("similarity", "--base", str(base), "--instruct", str(inst), "--tuned", str(OUT / "full" / "base-full"),
+        "--out", str(OUT / "similarity"), "--matrix", "model.layers.0.mlp.up_proj.weight", "--force", "--quiet")
     tasks, heldout = models.write_eval_inputs(CACHE / "eval")
     run("eval", f"instruct={inst}", f"shadow-full={OUT / 'full' / 'shadow'}", f"shadow-lora={OUT / 'lora' / 'shadow'}",
         "--tasks", "demo_facts,demo_general", "--include-path", str(tasks), "--heldout", str(heldout),
         "--device", "cpu", "--out", str(OUT / "eval"), "--force", "--quiet")
-    run("similarity", "--base", str(base), "--instruct", str(inst), "--tuned", str(OUT / "full" / "base-full"),
-        "--out", str(OUT / "similarity"), "--matrix", "model.layers.0.mlp.up_proj.weight", "--force", "--quiet")
     step(f"Done in {time.time() - t0:.0f} s. Results:")
     print(f"   grafted models    : {OUT / 'full' / 'shadow'}, {OUT / 'lora' / 'shadow'}")
     print(f"   run records       : run.json in {OUT / 'full'} and {OUT / 'lora'}")

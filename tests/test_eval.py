@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -458,3 +459,35 @@ def test_a_model_lm_eval_cannot_load_is_one_line(models, tmp_path, cli):
     run_bad(cli, tmp_path, [broken], f"a={models['instruct']}", f"b={broken}", "--tasks", "quiz_mc",
             "--include-path", write_tasks(tmp_path.parent / f"{tmp_path.name}-tasks"), "--device", "cpu",
             expect="model b: loading it failed", command=("eval",))
+
+
+def test_force_replaces_an_earlier_evaluation(models, tmp_path, cli):
+    held = write_heldout(tmp_path / "held.jsonl", QUESTIONS[:2])
+    args = [f"a={models['instruct']}", f"b={models['tuned']}", "--heldout", held, "--device", "cpu", "-q", "--out",
+            tmp_path / "out"]
+    assert cli("eval", *args).exit_code == 0
+    again = cli("eval", *args)
+    assert again.exit_code == 1 and "already exists" in again.stderr
+    assert cli("eval", *args, "--force").exit_code == 0
+    assert cli("verify", tmp_path / "out").exit_code == 0
+
+
+@pytest.mark.parametrize("value, expect", [
+    ({"tasks": "x", "bogus": 1}, "unknown setting(s) bogus"),
+    (5, "task names"),
+    ({"tasks": "x", "limit": "many"}, "`eval: limit:` has the wrong type"),
+    ({"tasks": 3}, "`eval: tasks:` is task names"),
+])
+def test_a_recipes_eval_key_is_checked(tmp_path, value, expect):
+    import yaml
+
+    from shadowmerge.errors import ShadowMergeError
+    from shadowmerge.train.recipe import load
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"base": "b", "instruct": "i", "data": "d", "out": "o", "eval": value}))
+    with pytest.raises(ShadowMergeError, match=re.escape(expect)):
+        load(recipe, {})
+    assert load(None, {"base": "b", "instruct": "i", "data": "d", "out": "o", "eval": "t1,t2",
+                       "eval_heldout": "h.jsonl", "eval_include_path": ("tasks",)}).eval == \
+        {"tasks": "t1,t2", "heldout": "h.jsonl", "include_path": ["tasks"]}

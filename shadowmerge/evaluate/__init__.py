@@ -130,11 +130,11 @@ class EvalReport:
     def __str__(self) -> str:
         from .report import summary_lines, table_rows
 
-        header, rows = table_rows(self.data)
+        header, rows = table_rows(self.data, compact=True)
         width = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(header)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header, width))]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
-        lines += summary_lines(self.data)
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, width)).rstrip()]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
+        lines += [""] + summary_lines(self.data) if self.data["paired"] else []
         if self.data.get("best_alpha", {}).get("overall"):
             b = self.data["best_alpha"]["overall"]
             lines.append(f"best α overall ({b['by']}): {b['alpha']}")

@@ -39,9 +39,11 @@ def _signed(x, digits=3) -> str:
     return "n/a" if x is None else f"{x:+.{digits}f}"
 
 
-def _delta(p: dict | None, digits=3) -> str:
+def _delta(p: dict | None, digits=3, compact: bool = False) -> str:
     if p is None:
         return ""
+    if compact:                  # a terminal: the interval is in the sentences below the table
+        return f" (Δ {_signed(p['delta'], digits)}, {p['verdict']})"
     return (f" (Δ {_signed(p['delta'], digits)} [{_signed(p['ci95'][0], digits)}, {_signed(p['ci95'][1], digits)}], "
             f"{p['verdict']})")
 
@@ -54,8 +56,9 @@ def _column(task, metric, filt) -> str:
     return f"{task} ({metric}{'' if filt == 'none' else ', ' + filt})"
 
 
-def table_rows(data: dict) -> tuple[list[str], list[list[str]]]:
-    """The main table's header and rows (strings), shared by eval.md and report.html."""
+def table_rows(data: dict, compact: bool = False) -> tuple[list[str], list[list[str]]]:
+    """The main table's header and rows (strings), shared by eval.md, report.html and (compact: no intervals)
+    the printed summary."""
     keys = primary(data)
     header = ["model"] + [_column(*k) for k in keys] + (["held-out NLL/token"] if data["heldout"] else [])
     rows = []
@@ -65,12 +68,13 @@ def table_rows(data: dict) -> tuple[list[str], list[list[str]]]:
         for key in keys:
             s = _score(data, label, key)
             cell = "n/a" if s is None else f"{_num(s['value'])} ± {_num(s['stderr'])}"
-            row.append(cell + ("" if ref else _delta(_paired(data, label, *key))))
+            row.append(cell + ("" if ref else _delta(_paired(data, label, *key), compact=compact)))
         h = next((h for h in data["heldout"] if h["model"] == label), None)
         if data["heldout"]:
-            cell = "n/a" if h is None else f"{_num(h['nll_per_token'], 4)} [{_num(h['ci95'][0], 4)}, " \
-                                           f"{_num(h['ci95'][1], 4)}]"
-            row.append(cell + ("" if ref else _delta(_paired(data, label, "heldout", "nll_per_token"), 4)))
+            cell = "n/a" if h is None else f"{_num(h['nll_per_token'], 4)}" + ("" if compact else
+                                                                             f" [{_num(h['ci95'][0], 4)}, "
+                                                                             f"{_num(h['ci95'][1], 4)}]")
+            row.append(cell + ("" if ref else _delta(_paired(data, label, "heldout", "nll_per_token"), 4, compact)))
         rows.append(row)
     return header, rows
 
