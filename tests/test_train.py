@@ -489,6 +489,20 @@ def test_paths_given_relative_are_recorded_absolute_and_no_record_names_the_temp
     assert shadowmerge_verify(out, recompute=True, progress=False).recomputed > 0
 
 
+def test_no_file_of_a_baseline_run_names_the_temporary_folder(pair, cli, tmp_path):
+    """instruct-ft/ is a graft made inside the temporary run folder: its card, like every record, names the final
+    folders (it named .OUT.shadowmerge-HOST-PID-XXXX/instruct-lora before)."""
+    inst, base = pair
+    out = tmp_path / "run"
+    run_train(cli, "--base", base, "--instruct", inst, "--data", sft_data(tmp_path), "--out", out, "--baseline",
+              *FAST)
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".md", ".txt", ".yaml", ".jinja"):
+            assert ".shadowmerge-" not in path.read_text(), path
+    assert str(out / "instruct-lora") in (out / "instruct-ft" / "README.md").read_text()
+    assert shadowmerge_verify(out, progress=False).files > 0
+
+
 # --- the LLaMA-Factory backend's token check, and the TRL it needs (the round trip itself: make test-llamafactory)
 
 def saved_tokens(folder, rows):

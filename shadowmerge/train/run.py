@@ -494,13 +494,16 @@ def _final_paths(value, tmp: str, final: str):
 
 
 def _finalise_record(folder: Path, tmp: Path, final: Path) -> None:
-    """A graft record written in the temporary run folder: name the final input folders, seal it again."""
-    from ..output import seal
+    """A graft record (and card) written in the temporary run folder: name the final input folders, seal it again."""
+    from ..output import rewrite_text, seal
     from ..sidefiles import RECORD
 
     path = folder / RECORD
     if not path.is_file():
         return
+    card = folder / "README.md"          # the baseline's card names the adapter it merged
+    if card.is_file() and str(tmp) in card.read_text():
+        rewrite_text(card, card.read_text().replace(str(tmp), str(final)))
     rec = _final_paths(json.loads(path.read_text()), str(tmp), str(final))
     known = {n: e["sha256"] for n, e in rec.pop("manifest", {}).items() if n != "README.md"}   # train wrote only the card
     path.write_text(json.dumps(rec, indent=2) + "\n")
