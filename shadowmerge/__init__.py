@@ -6,7 +6,7 @@
 its Instruct are; the `shadowmerge` command line wraps both.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["graft", "GraftSummary", "similarity", "ShadowMergeError", "__version__"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 
 TAGS = ["shadow-ft", "shadowmerge"]
 PAPER = "[Shadow-FT](https://arxiv.org/abs/2505.12716)"

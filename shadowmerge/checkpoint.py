@@ -19,11 +19,9 @@ import torch
 
 from . import hub, jsonfile
 from .errors import ShadowMergeError
-from .sidefiles import is_side_file
+from .sidefiles import INDEX, PICKLE_INDEX, is_side_file
 from .stformat import NAMES, itemsize, read_header
 
-INDEX = "model.safetensors.index.json"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-CHUNK_ELEMENTS = 1 << 22    # 4 Mi elements: 16 MiB of float32 per operand
+CHUNK_ELEMENTS = 1 << 22    # 4 Mi elements: 16 MiB of float32 per operand (graft, extract, train's checks)
+#: the analyzer's pieces: 4 MiB of float32 per operand stays in cache through its reductions. (Its float64 sums
+#: are taken per piece, so this size is part of the summation order: changing it changes σ's last bits.)
+SUM_CHUNK_ELEMENTS = 1 << 20
 
 
 def ranges(start: int, stop: int, row: int, chunk: int = CHUNK_ELEMENTS,

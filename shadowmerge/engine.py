@@ -20,6 +20,7 @@ from .devices import exact_float32
 from .errors import ShadowMergeError
 from .plan import Plan, TensorPlan
 from .stformat import itemsize
+from .tensors import Buffers, widen
 from .writer import ShardWriter
 
 SLOTS = 3                   # chunks in flight: one being read, one computed, one written
@@ -51,22 +52,6 @@ def jobs(plan: Plan, chunk_elements: int = CHUNK_ELEMENTS):
                 first = False
             if first:
                 yield Job(t, "copy", 0, 0, True)    # an empty tensor
-
-
-class Buffers:
-    """Named byte buffers, grown on demand and reused (pinned when a GPU does the arithmetic)."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype = torch.uint8):
-        self.device, self.dtype = device, dtype
-        self.pin = False
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def __call__(self, key: str, n: int) -> torch.Tensor:
-        buf = self._bufs.get(key)
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, 1), dtype=self.dtype, device=self.device, pin_memory=self.pin)
-            self._bufs[key] = buf
-        return buf[:n]
 
 
 class Slot:
@@ -183,7 +168,7 @@ def _run(plan: Plan, writer: ShardWriter, device: torch.device, allow_nonfinite:
             raw = staging(key, raw.numel()).copy_(raw, non_blocking=True)
         elif dtype == torch.float32:
             return raw.view(torch.float32)
-        return work(key, n).copy_(raw.view(dtype))
+        return widen(raw, dtype, work(key, n))
 
     def compute(job: Job, slot: Slot) -> None:
         t = job.tensor

@@ -39,7 +39,7 @@ from .devices import exact_float32, parse_device
 from .errors import ShadowMergeError
 from .names import disk_to_memory, meta_model, stacked_experts
 from .output import OutputFolder
-from .pipeline import dtype_name, parse_dtype
+from .tensors import dtype_name, parse_dtype
 from .progress import bar as progress_bar
 from .stformat import build_header
 
@@ -468,7 +468,7 @@ def _card(tmp: Path, summary: ExtractSummary, applied_to: Checkpoint, base, tune
 
 
 def _report(tmp: Path, summary: ExtractSummary, opened: list[Checkpoint], settings: dict) -> None:
-    from . import __version__
+    from ._version import __version__
     from .analyzer.plots import pyplot
 
     by_role = {c.label: c for c in opened}

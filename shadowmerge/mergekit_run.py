@@ -15,11 +15,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import __version__, yamlfile
+from . import yamlfile
+from ._version import __version__
 from .checkpoint import Checkpoint
 from .errors import ShadowMergeError
 from .output import OutputFolder, copy_side_files, make_readable, write_record
-from .pipeline import dtype_name
+from .tensors import dtype_name
 from .sidefiles import side_files
 
 ROLES = ("instruct", "tuned")
@@ -203,7 +204,7 @@ def check_complete(folder: Path, inst: Checkpoint, roles: dict, dtype) -> list[s
     output head that mergekit writes although the Instruct ties it (untied Base/Tuned) is removed, as
     graft leaves it out: the model loads with the Instruct's config, which ties it. Returns those names."""
     from .deltas import OUTPUT_EMBEDDINGS
-    from .pipeline import parse_dtype
+    from .tensors import parse_dtype
 
     tied = inst.tie_word_embeddings
     want = {n: i for n, i in inst.tensors.items() if not (tied and n.endswith(OUTPUT_EMBEDDINGS))}

@@ -7,14 +7,14 @@ Checkpoints -> Plan -> delta source -> Writer, into a temporary folder renamed a
 from __future__ import annotations
 
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import __version__, engine, hub
+from . import engine, hub
+from ._version import __version__, versions
 from .checkpoint import Checkpoint
 from .deltas import FullDelta
 from .devices import parse_device
@@ -22,11 +22,8 @@ from .errors import NoUpdate, ShadowMergeError
 from .output import OutputFolder, copy_side_files, write_record
 from .plan import Plan, build_plan, human_bytes
 from .progress import bar as progress_bar
+from .tensors import dtype_name, parse_dtype
 from .writer import ShardWriter, layout, parse_size
-
-DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-               "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32,
-               "float": torch.float32}
 
 
 @dataclass
@@ -77,15 +74,6 @@ def _card(folder: Path, plan: Plan, instruct, base, tuned, lora, inst_folder: Pa
                what=f"The Instruct model with the update learned by a {kind} of its Base grafted onto it "
                     f"(`shadowmerge graft`). It keeps the Instruct's config, tokenizer, chat template and generation "
                     f"config.", command=command or card.command_line(None), details=details)
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPE_NAMES[str(name).lower()]
-    except KeyError:
-        raise ShadowMergeError(f"unknown dtype {name!r}; use bfloat16, float16 or float32") from None
 
 
 def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Path | None = None,
@@ -222,13 +210,6 @@ def _refuse_misplaced_inputs(ckpts, lora) -> None:
                                                  "into its own model")
 
 
-def dtype_name(dtype: str | torch.dtype | None) -> str | None:
-    """The canonical name of a dtype or of one of its aliases (bf16, half, fp32, ...): bfloat16, float16, float32."""
-    if isinstance(dtype, str):
-        dtype = DTYPE_NAMES.get(dtype.lower())
-    return None if dtype is None else str(dtype).replace("torch.", "")
-
-
 def open_and_plan(ckpts: list, instruct, base, tuned, lora, *, alpha: float, include, exclude, dtype, vocab: str,
                   allow_pickle: bool) -> Plan:
     """Open the inputs (appended to ckpts, for the caller to close) and build the plan, from headers only."""
@@ -278,16 +259,3 @@ def _record(plan: Plan, source, ckpts, shards, side, out_dtype, shard_bytes, inc
         "seconds": round(seconds, 3),
         "versions": versions("torch", "safetensors", "transformers"),
     }
-
-
-def versions(*packages: str) -> dict[str, str | None]:
-    """shadowmerge's and Python's versions and those of the packages (None where not installed), for run records."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {"shadowmerge": __version__, "python": platform.python_version()}
-    for pkg in packages:
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out

@@ -10,7 +10,9 @@ from pathlib import Path
 
 RECORD = "shadowmerge.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_INDEXES = (INDEX, PICKLE_INDEX)
 #: side files that describe the input model itself (its card, its provenance, its training run): an output
 #: is another model, so it never carries them (it gets its own card and record)
 DESCRIBE_THE_INPUT = ("README.md", "PROVENANCE.txt", "trainer_state.json", "train_results.json",

@@ -21,7 +21,8 @@ from .checkpoint import Checkpoint, TensorStore
 from .errors import ShadowMergeError
 from .output import files_under, header_tensors, sha256_file
 from .devices import parse_device
-from .pipeline import open_and_plan, parse_dtype
+from .pipeline import open_and_plan
+from .tensors import parse_dtype
 from .progress import bar as progress_bar
 from .sidefiles import RECORD
 from .stformat import itemsize

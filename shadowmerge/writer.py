@@ -24,9 +24,9 @@ import torch
 
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import ShadowMergeError
+from .sidefiles import INDEX
 from .stformat import build_header, itemsize
 
-INDEX = "model.safetensors.index.json"
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
 

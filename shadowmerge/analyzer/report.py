@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from .. import __version__
+from .._version import __version__
 from .aggregate import OFFICIAL, SIGMA_RANGE, PairResult
 from .plots import short_label
 from .stats import Sums

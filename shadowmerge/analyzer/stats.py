@@ -15,11 +15,10 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..checkpoint import Checkpoint, TensorInfo
-from ..chunks import ranges
-from ..engine import Buffers
+from ..chunks import SUM_CHUNK_ELEMENTS, ranges
 from ..stformat import itemsize
+from ..tensors import Buffers, widen
 
-CHUNK_ELEMENTS = 1 << 20        # 4 MiB of float32 per operand: stays in cache through the reductions
 F64 = torch.float64
 
 
@@ -83,7 +82,7 @@ def _reduce(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None, scratch: t
 
 
 def scan(items: list[tuple[str, TensorInfo, TensorInfo, TensorInfo | None]], a: Checkpoint, b: Checkpoint,
-         t: Checkpoint | None = None, on_bytes=None, chunk_elements: int = CHUNK_ELEMENTS,
+         t: Checkpoint | None = None, on_bytes=None, chunk_elements: int = SUM_CHUNK_ELEMENTS,
          device: torch.device = torch.device("cpu")) -> dict[str, Sums]:
     """Sums per tensor name, for items (name, info in A, info in B, info in T or None) of equal shapes."""
     jobs = []
@@ -110,7 +109,7 @@ def scan(items: list[tuple[str, TensorInfo, TensorInfo, TensorInfo | None]], a: 
         if info.dtype == torch.float32 and not copy and not cuda:
             return raw.view(torch.float32)
         # to the device first (bytes as stored), then widened there; the reductions below synchronise
-        return work(key, n).copy_(raw.view(info.dtype).to(device, non_blocking=True) if cuda else raw.view(info.dtype))
+        return widen(raw.view(info.dtype).to(device, non_blocking=True) if cuda else raw, info.dtype, work(key, n))
 
     out: dict[str, Sums] = {}
     if not jobs:

@@ -15,9 +15,9 @@ import torch
 
 from .. import hub
 from ..checkpoint import Checkpoint, TensorInfo
-from ..engine import Buffers
 from ..errors import ShadowMergeError
 from ..stformat import itemsize
+from ..tensors import Buffers, widen
 
 
 def is_adapter(where: "Path | hub.Remote") -> bool:
@@ -69,7 +69,7 @@ class LoraTuned:
 
         def to_float(data: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
             n = data.numel() // itemsize(dtype)
-            return self._work(key, n).copy_(data.view(dtype))
+            return widen(data, dtype, self._work(key, n))
 
         delta = self.source.delta_into(entry, payload, self._work("delta", e1 - e0), to_float)
         t = out[: (e1 - e0) * 4].view(torch.float32)

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import __version__
+from .._version import __version__, versions
 from ..errors import ShadowMergeError
 from . import models as modelrefs
 from . import stats
@@ -315,7 +315,7 @@ def run(prepared: Prepared, folder: Path | None, *, progress: bool = True, comma
         log=_log) -> tuple[dict, dict]:
     """Evaluate every model (one in memory at a time); per-item logs go into folder/samples/. Returns eval.json's
     contents and the example items for report.html."""
-    from ..pipeline import graft, versions
+    from ..pipeline import graft
 
     settings, results, described = prepared.settings, {}, {}
     start = time.perf_counter()

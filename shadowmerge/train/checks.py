@@ -9,7 +9,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..chunks import CHUNK_ELEMENTS, ranges
-from ..engine import Buffers
+from ..tensors import Buffers
 from ..deltas import INPUT_EMBEDDINGS
 from ..errors import ShadowMergeError
 from ..plan import check_architecture

@@ -21,11 +21,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__, hub, jsonfile
+from .. import hub, jsonfile
+from .._version import __version__, versions
 from ..checkpoint import Checkpoint
 from ..errors import NoUpdate, ShadowMergeError
 from ..output import OutputFolder, rewrite_text
-from ..pipeline import graft, versions
+from ..pipeline import graft
 from . import checkpoints, checks, data, llamafactory, schedule, trl_backend
 from .recipe import Recipe
 
