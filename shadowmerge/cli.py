@@ -14,7 +14,7 @@ from ._version import __version__
 from .errors import ShadowMergeError
 
 
-FORCE_HELP = "Replace --out if it exists and shadowmerge wrote it (a user's own folder is never replaced)."
+from .spec import FORCE_HELP, GraftSpec, cli_options, from_cli
 
 
 class Interrupted(KeyboardInterrupt):
@@ -104,31 +104,8 @@ def main():
 
 
 @main.command(context_settings={"max_content_width": 100})
-@click.option("--instruct", required=True, metavar="MODEL", help="Instruct model: local folder or Hub id.")
-@click.option("--base", metavar="MODEL", help="Base model that was fine-tuned: local folder or Hub id.")
-@click.option("--tuned", metavar="MODEL", help="The fine-tuned Base (full fine-tune): local folder or Hub id.")
-@click.option("--lora", metavar="ADAPTER", help="A PEFT LoRA adapter trained on the Base, instead of --tuned "
-              "(DoRA and modules_to_save also need --base).")
-@click.option("--out", metavar="DIR", help="Output folder (written beside, then renamed into place).")
-@click.option("--alpha", type=float, default=1.0, show_default=True, help="Scale of the grafted update.")
-@click.option("--include", metavar="REGEX", help="Graft only tensors whose name matches (re.search).")
-@click.option("--exclude", metavar="REGEX", help="Never graft tensors whose name matches; copy them from Instruct.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
-              help="Output dtype of floating tensors [default: each Instruct tensor's dtype].")
-@click.option("--shard-size", default="5GB", show_default=True, help="Maximum shard size (5GB, 500MB, 2GiB).")
-@click.option("--device", default="cpu", show_default=True, help="Where the arithmetic runs: cpu, cuda, cuda:N.")
-@click.option("--vocab", type=click.Choice(["error", "common"]), default="error", show_default=True,
-              help="If embedding row counts differ: refuse, or graft the common rows and keep the Instruct's rest.")
-@click.option("--force", is_flag=True, help=FORCE_HELP)
-@click.option("--dry-run", is_flag=True, help="Print the plan from the headers; read no tensor data, write nothing.")
-@click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
-@click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf results with a warning instead of failing.")
-@click.option("--no-role-check", is_flag=True, help="Graft even when --instruct, --base and --tuned look exchanged "
-              "(checked on a sample of tensors), or one model is given in two roles, or --instruct is the model a "
-              "--lora adapter was trained on; for deliberate experiments.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def graft(instruct, base, tuned, lora, out, alpha, include, exclude, dtype, shard_size, device, vocab, force,
-          dry_run, allow_pickle, allow_nonfinite, no_role_check, quiet):
+@cli_options(GraftSpec)
+def graft(**options):
     """Graft a Base fine-tune onto the Instruct: OUT = I + ALPHA * (TUNED - BASE).
 
     With --lora, the update is the adapter's: scale * B @ A per adapted weight (DoRA and
@@ -147,11 +124,7 @@ def graft(instruct, base, tuned, lora, out, alpha, include, exclude, dtype, shar
     """
     from .pipeline import graft as run_graft
 
-    summary = run_graft(instruct, base, tuned, out, lora=lora, alpha=alpha, include=include, exclude=exclude, dtype=dtype,
-                        shard_size=shard_size, device=device, vocab=vocab, force=force, dry_run=dry_run,
-                        allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, progress=not quiet,
-                        check_roles=not no_role_check,
-                        command=_command())
+    summary = run_graft(from_cli(GraftSpec, options, command=_command()))
     click.echo(str(summary))
 
 

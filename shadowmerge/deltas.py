@@ -1,14 +1,5 @@
-"""Delta sources: where the learned update W_B' - W_B of each tensor comes from.
-
-A source maps Instruct tensor names to entries (`entry(name)`, None for none), reads the raw bytes
-an entry needs for a piece, a flat element range (`read`: I/O, on the reader thread), and turns
-them into a float32 delta (`delta_into`: arithmetic, on the compute device). It also says what it
-is for the plan and the record: `kind`, `strict` (is a name without an entry an error, or a
-copy?), `checkpoints` (to check architectures), `names()`, `rows(entry)`, `formula`,
-`mismatch_hint`, `warnings`, `describe()` and `record()`. An entry has a `shape`, and may have a
-`tile` (at most that many rows, or elements of one row, per piece: see chunks.ranges).
-`FullDelta` is the full fine-tune case: tuned minus base, tensor by tensor; `lora.LoraDelta` is
-the adapter case."""
+"""FullDelta, the delta source of a full fine-tune: tuned minus base, tensor by tensor (the interface all
+sources implement is sources.DeltaSource); and the tied-embedding names every source follows."""
 
 from __future__ import annotations
 
@@ -18,6 +9,7 @@ import torch
 
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import ShadowMergeError
+from .sources import register
 from .stformat import itemsize
 
 # Names of output / input embedding matrices, to follow tied embeddings across checkpoints.
@@ -54,6 +46,7 @@ class FullEntry:
         return self.base.shape
 
 
+@register
 class FullDelta:
     """delta = tuned - base for every same-named tensor (a full fine-tune of the Base)."""
 
@@ -68,8 +61,21 @@ class FullDelta:
         self.checkpoints = (base, tuned)
         self.warnings: list[str] = []
 
+    @classmethod
+    def wanted(cls, spec) -> bool:
+        return spec.lora is None
+
+    @classmethod
+    def open(cls, spec, instruct: Checkpoint, opened: list) -> "FullDelta":
+        for ref, label in ((spec.base, "base"), (spec.tuned, "tuned")):
+            opened.append(Checkpoint.open(ref, label, spec.allow_pickle))
+        return cls(opened[-2], opened[-1])
+
     def describe(self) -> dict:
         return {"base": self.base.ref, "tuned": self.tuned.ref}
+
+    def card_inputs(self) -> dict:
+        return {}
 
     def entry(self, name: str) -> FullEntry | None:
         b, t = tied_alias(self.base, name), tied_alias(self.tuned, name)

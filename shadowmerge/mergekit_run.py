@@ -20,6 +20,7 @@ from ._version import __version__
 from .checkpoint import Checkpoint
 from .errors import ShadowMergeError
 from .output import OutputFolder, copy_side_files, make_readable, write_record
+from .spec import GraftSpec
 from .tensors import dtype_name
 from .sidefiles import side_files
 
@@ -274,8 +275,9 @@ def _recompute_inputs(cfg: dict, ckpts: dict[str, Checkpoint], dtype) -> dict | 
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         return None       # per-tensor or filtered alpha: not one graft
     paths = {role: str(c.folder.absolute()) for role, c in ckpts.items()}
-    return {"tool": "shadowmerge graft", "input_paths": paths, "alpha": float(alpha),
-            "dtype": dtype_name(dtype) or "as the instruct", "vocab": "error", "include": None, "exclude": None}
+    spec = GraftSpec(instruct=paths["instruct"], base=paths.get("base"), tuned=paths.get("tuned"), alpha=float(alpha),
+                     dtype=dtype_name(dtype))
+    return {"tool": "shadowmerge graft", "input_paths": paths, "spec": spec.as_record()}
 
 
 def _mergekit_yaml(cfg: dict, out: Path, args: tuple[str, ...]) -> None:

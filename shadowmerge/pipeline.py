@@ -16,12 +16,13 @@ import torch
 from . import engine, hub
 from ._version import __version__, versions
 from .checkpoint import Checkpoint
-from .deltas import FullDelta
 from .devices import parse_device
 from .errors import NoUpdate, ShadowMergeError
 from .output import OutputFolder, copy_side_files, write_record
 from .plan import Plan, build_plan, human_bytes
 from .progress import bar as progress_bar
+from .sources import open_source
+from .spec import GraftSpec
 from .tensors import dtype_name, parse_dtype
 from .writer import ShardWriter, layout, parse_size
 
@@ -55,82 +56,90 @@ class GraftSummary:
         return "\n".join(lines)
 
 
-def _card(folder: Path, plan: Plan, instruct, base, tuned, lora, inst_folder: Path, alpha: float, out_dtype,
-          include, exclude, command: str | None) -> None:
+def _card(folder: Path, plan: Plan, spec: GraftSpec, inst_folder: Path) -> None:
     """The output's own model card (never the Instruct's: it would claim to be the official model)."""
     from . import card
 
-    adapter = getattr(plan.source, "adapter", None)
-    made_from = {"Instruct": instruct, "Base": base, "tuned Base": tuned, "LoRA adapter (trained on the Base)": lora}
-    if adapter is not None and base is None and adapter.base_model:
-        made_from["Base (the adapter's base_model_name_or_path)"] = adapter.base_model
-    kind = "LoRA adapter" if lora is not None else "fine-tune"
-    details = {"alpha": alpha, "output dtype": dtype_name(out_dtype) or "as the Instruct's tensors",
+    made_from = {"Instruct": spec.instruct, "Base": spec.base, "tuned Base": spec.tuned,
+                 "LoRA adapter (trained on the Base)": spec.lora, **plan.source.card_inputs()}
+    kind = "LoRA adapter" if spec.lora is not None else "fine-tune"
+    details = {"alpha": spec.alpha, "output dtype": spec.dtype or "as the Instruct's tensors",
                "tensors grafted": sum(1 for t in plan.tensors if t.graft_rows),
                "tensors copied from the Instruct": sum(1 for t in plan.tensors if not t.graft_rows)}
-    details.update({k: f"`{v}`" for k, v in (("--include", include), ("--exclude", exclude)) if v})
-    card.write(folder, title=f"{Path(str(instruct)).name} + the update of a {kind} of its Base (Shadow-FT)",
+    details.update({k: f"`{v}`" for k, v in (("--include", spec.include), ("--exclude", spec.exclude)) if v})
+    card.write(folder, title=f"{Path(spec.instruct).name} + the update of a {kind} of its Base (Shadow-FT)",
                made_from=made_from, relation="merge", license_from=inst_folder,
                what=f"The Instruct model with the update learned by a {kind} of its Base grafted onto it "
                     f"(`shadowmerge graft`). It keeps the Instruct's config, tokenizer, chat template and generation "
-                    f"config.", command=command or card.command_line(None), details=details)
+                    f"config.", command=spec.command or card.command_line(None), details=details)
 
 
-def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Path | None = None,
-          out: str | Path | None = None, *, lora: str | Path | None = None, alpha: float = 1.0,
-          include: str | None = None,
-          exclude: str | None = None, dtype: str | torch.dtype | None = None, shard_size: str | int = "5GB",
-          device: str = "cpu", vocab: str = "error", force: bool = False, dry_run: bool = False,
-          allow_pickle: bool = False, allow_nonfinite: bool = False, progress: bool = True,
-          command: str | None = None, check_roles: bool = True) -> GraftSummary:
+_POSITIONAL = ("instruct", "base", "tuned", "out")
+
+
+def graft(*args, **options) -> GraftSummary:
     """Graft a Base model's fine-tuning update onto its Instruct sibling: out = I + alpha * delta.
 
-    The delta is tuned - base (a full fine-tune: `base`, `tuned`) or a PEFT LoRA adapter trained on
-    the Base (`lora`; `base` too for DoRA and modules_to_save). Arithmetic is float32, cast once to
-    the output dtype (the Instruct tensor's, unless `dtype`). With `dry_run=True` only headers are
-    read and the plan is returned, nothing is written. Inputs whose roles look exchanged (roles.py) are
-    refused unless `check_roles=False`.
+    `graft(spec)` with a GraftSpec, or `graft(instruct, base=None, tuned=None, out=None, *, lora=..., alpha=...,
+    ...)` with GraftSpec's fields as keywords. The delta is tuned - base (a full fine-tune: `base`, `tuned`) or a
+    PEFT LoRA adapter trained on the Base (`lora`; `base` too for DoRA and modules_to_save). Arithmetic is
+    float32, cast once to the output dtype (the Instruct tensor's, unless `dtype`). With `dry_run=True` only
+    headers are read and the plan is returned, nothing is written. Inputs whose roles look exchanged
+    (roles.py) are refused unless `check_roles=False`.
     """
+    if len(args) == 1 and isinstance(args[0], GraftSpec) and not options:
+        return run(args[0])
+    if len(args) > len(_POSITIONAL):
+        raise TypeError(f"graft() takes at most {len(_POSITIONAL)} positional arguments ({', '.join(_POSITIONAL)})")
+    for name, value in zip(_POSITIONAL, args):
+        if name in options:
+            raise TypeError(f"graft() got multiple values for argument {name!r}")
+        options[name] = value
+    return run(GraftSpec(**options))
+
+
+def run(spec: GraftSpec) -> GraftSummary:
+    """The graft a GraftSpec describes."""
     start = time.perf_counter()
-    if lora is not None and tuned is not None:
+    lora = spec.lora
+    if lora is not None and spec.tuned is not None:
         raise ShadowMergeError("pass either --tuned (a full fine-tune of the Base) or --lora (an adapter trained "
                                "on it), not both")
-    if lora is None and (base is None or tuned is None):
+    if lora is None and (spec.base is None or spec.tuned is None):
         raise ShadowMergeError("a graft needs --base (the model that was tuned) and --tuned (its fine-tuned copy), "
                                "or --lora (an adapter trained on the Base); pass one of them")
-    if out is None and not dry_run:
+    if spec.out is None and not spec.dry_run:
         raise ShadowMergeError("--out is required (the folder to write the grafted model into)")
-    if not math.isfinite(alpha):
-        raise ShadowMergeError(f"--alpha must be a finite number, not {alpha}; pass e.g. --alpha 1")
-    out_dtype = parse_dtype(dtype)
-    dev = parse_device(device)
-    shard_bytes = parse_size(shard_size)
+    if not math.isfinite(spec.alpha):
+        raise ShadowMergeError(f"--alpha must be a finite number, not {spec.alpha}; pass e.g. --alpha 1")
+    out_dtype = parse_dtype(spec.dtype)
+    dev = parse_device(spec.device)
+    shard_bytes = parse_size(spec.shard_size)
 
     ckpts: list = []
     try:
-        plan = open_and_plan(ckpts, instruct, base, tuned, lora, alpha=alpha, include=include, exclude=exclude,
-                             dtype=out_dtype, vocab=vocab, allow_pickle=allow_pickle)
+        plan = open_and_plan(ckpts, spec)
         inst, source = plan.instruct, plan.source
-        if check_roles:
+        if spec.check_roles:
             _refuse_misplaced_inputs(ckpts, lora)
         shards = layout([(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in plan.tensors], shard_bytes)
         shard_of = {e[0]: i for i, s in enumerate(shards, 1) for e in s.entries}
-        if dry_run:
+        if spec.dry_run:
             return GraftSummary(None, plan.counts(), plan.total_bytes, len(shards), time.perf_counter() - start,
                                 True, plan.warnings, [], plan_text=plan.render(shard_of, len(shards)))
         need = sum(s.size for s in shards) + inst.side_bytes()
-        target = OutputFolder(out, force=force, inputs=[c.folder for c in ckpts], need_bytes=need)
+        target = OutputFolder(spec.out, force=spec.force, inputs=[c.folder for c in ckpts], need_bytes=need)
         with target as tmp:
             for c in ckpts:          # Hub inputs: download what the graft reads, now that everything was checked
-                c.fetch(progress, side=c is inst)
-            if check_roles and lora is None:
+                c.fetch(spec.progress, side=c is inst)
+            if spec.check_roles and lora is None:
                 from . import roles
 
                 roles.check(*ckpts, [t.name for t in plan.tensors if t.graft_rows])
-            with progress_bar(plan.total_bytes, progress, "graft") as bar:
+            with progress_bar(plan.total_bytes, spec.progress, "graft") as bar:
                 writer = ShardWriter(tmp, shards, on_bytes=bar.update)
                 try:
-                    stats = engine.run(plan, writer, dev, allow_nonfinite)
+                    stats = engine.run(plan, writer, dev, spec.allow_nonfinite)
                     writer.finish()
                 finally:
                     writer.abort()
@@ -158,10 +167,9 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
                 warnings.append(f"{len(stats.identical)} grafted tensor(s) came out identical to the instruct's "
                                 f"(the update is below the output dtype's precision), e.g. {stats.identical[0]}")
             side = copy_side_files(inst.folder, tmp, dtype_name(out_dtype), skip=("README.md",))
-            _card(tmp, plan, instruct, base, tuned, lora, inst.folder, alpha, out_dtype, include, exclude, command)
+            _card(tmp, plan, spec, inst.folder)
             seconds = time.perf_counter() - start
-            write_record(tmp, _record(plan, source, ckpts, shards, side, out_dtype, shard_bytes, include, exclude,
-                                      vocab, dev, stats, warnings, seconds, allow_pickle))
+            write_record(tmp, _record(plan, spec, ckpts, shards, side, shard_bytes, dev, stats, warnings, seconds))
             target.commit()
         return GraftSummary(target.target, plan.counts(), plan.total_bytes, len(shards),
                             time.perf_counter() - start, False, warnings, stats.unchanged, stats.identical,
@@ -171,21 +179,19 @@ def graft(instruct: str | Path, base: str | Path | None = None, tuned: str | Pat
             c.close()
 
 
-def check_roles(instruct, base=None, tuned=None, *, lora=None, allow_pickle: bool = False,
-                progress: bool = True) -> None:
+def check_roles(spec: GraftSpec) -> None:
     """graft's role checks alone, before a graft is run (eval's α sweep: before any model is evaluated): one model
     in two roles, an adapter onto its own model, and (a full fine-tune) roles exchanged, from a sample of the
     data (a Hub input's weights are downloaded for it, as the graft would)."""
     ckpts: list = []
     try:
-        plan = open_and_plan(ckpts, instruct, base, tuned, lora, alpha=1.0, include=None, exclude=None, dtype=None,
-                             vocab="common", allow_pickle=allow_pickle)
-        _refuse_misplaced_inputs(ckpts, lora)
-        if lora is None:
+        plan = open_and_plan(ckpts, spec)
+        _refuse_misplaced_inputs(ckpts, spec.lora)
+        if spec.lora is None:
             from . import roles
 
             for c in ckpts:
-                c.fetch(progress)
+                c.fetch(spec.progress)
             roles.check(*ckpts, [t.name for t in plan.tensors if t.graft_rows])
     finally:
         for c in ckpts:
@@ -210,25 +216,17 @@ def _refuse_misplaced_inputs(ckpts, lora) -> None:
                                                  "into its own model")
 
 
-def open_and_plan(ckpts: list, instruct, base, tuned, lora, *, alpha: float, include, exclude, dtype, vocab: str,
-                  allow_pickle: bool) -> Plan:
+def open_and_plan(ckpts: list, spec: GraftSpec) -> Plan:
     """Open the inputs (appended to ckpts, for the caller to close) and build the plan, from headers only."""
-    for ref, label in ((instruct, "instruct"), (base, "base"), (tuned, "tuned")):
-        if ref is not None:
-            ckpts.append(Checkpoint.open(ref, label, allow_pickle))
-    inst = ckpts[0]
-    if lora is None:
-        source = FullDelta(ckpts[1], ckpts[2])
-    else:
-        from .lora import Adapter, LoraDelta
-
-        ckpts.append(Adapter.open(lora, allow_pickle))
-        source = LoraDelta(ckpts[-1], ckpts[1] if base is not None else None, inst)
-    return build_plan(inst, source, alpha=alpha, include=include, exclude=exclude, dtype=dtype, vocab=vocab)
+    ckpts.append(Checkpoint.open(spec.instruct, "instruct", spec.allow_pickle))
+    source = open_source(spec, ckpts[0], ckpts)
+    return build_plan(ckpts[0], source, alpha=spec.alpha, include=spec.include, exclude=spec.exclude,
+                      dtype=parse_dtype(spec.dtype), vocab=spec.vocab)
 
 
-def _record(plan: Plan, source, ckpts, shards, side, out_dtype, shard_bytes, include, exclude, vocab, device, stats,
-            warnings, seconds, allow_pickle) -> dict:
+def _record(plan: Plan, spec: GraftSpec, ckpts, shards, side, shard_bytes, device, stats, warnings,
+            seconds) -> dict:
+    source = plan.source
     return {
         "tool": "shadowmerge graft",
         "version": __version__,
@@ -237,13 +235,13 @@ def _record(plan: Plan, source, ckpts, shards, side, out_dtype, shard_bytes, inc
         # absolute folders of the inputs, to re-read them from anywhere (shadowmerge verify --recompute)
         "input_paths": {c.label if c.label != "adapter" else "lora": str(c.folder.absolute()) for c in ckpts},
         "hub": hub.provenance(ckpts),   # Hub inputs: id, revision asked for, the commit sha it resolved to
-        "allow_pickle": allow_pickle,
+        "allow_pickle": spec.allow_pickle,
         "delta": source.kind,
         "alpha": plan.alpha,
-        "include": include,
-        "exclude": exclude,
-        "dtype": dtype_name(out_dtype) or "as the instruct",
-        "vocab": vocab,
+        "include": spec.include,
+        "exclude": spec.exclude,
+        "dtype": spec.dtype or "as the instruct",     # (verify rebuilds the graft from "spec"; kept for readers)
+        "vocab": spec.vocab,
         "shard_size": shard_bytes,
         "device": str(device),
         "counts": plan.counts(),
@@ -258,4 +256,5 @@ def _record(plan: Plan, source, ckpts, shards, side, out_dtype, shard_bytes, inc
         "side_files": side,
         "seconds": round(seconds, 3),
         "versions": versions("torch", "safetensors", "transformers"),
+        "spec": spec.as_record(),
     }

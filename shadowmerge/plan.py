@@ -17,6 +17,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .deltas import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, tied_away
 from .errors import ShadowMergeError
 from .patterns import Matcher
+from .sources import DeltaSource, Entry
 from .stformat import itemsize
 
 VOCAB_POLICIES = ("error", "common")
@@ -30,7 +31,7 @@ class TensorPlan:
 
     info: TensorInfo            # the Instruct's tensor
     out_dtype: torch.dtype
-    entry: object | None        # the delta source's entry, None when nothing is grafted
+    entry: Entry | None         # the delta source's entry, None when nothing is grafted
     graft_rows: int
     reason: str = ""            # why rows are not grafted
 
@@ -52,7 +53,7 @@ class TensorPlan:
 @dataclass
 class Plan:
     instruct: Checkpoint
-    source: object
+    source: DeltaSource
     alpha: float
     tensors: list[TensorPlan]
     dropped: list[tuple[str, str]] = field(default_factory=list)
@@ -134,11 +135,11 @@ def check_architecture(instruct: Checkpoint, others: tuple[Checkpoint, ...]) -> 
                 f"Instruct and a fine-tune of that Base")
 
 
-def build_plan(instruct: Checkpoint, source, *, alpha: float = 1.0, include: str | None = None,
+def build_plan(instruct: Checkpoint, source: DeltaSource, *, alpha: float = 1.0, include: str | None = None,
                exclude: str | None = None, dtype: torch.dtype | None = None, vocab: str = "error") -> Plan:
     if vocab not in VOCAB_POLICIES:
         raise ShadowMergeError(f"unknown vocabulary policy {vocab!r}; use one of {', '.join(VOCAB_POLICIES)}")
-    check_architecture(instruct, tuple(getattr(source, "checkpoints", ())))
+    check_architecture(instruct, tuple(source.checkpoints))
     filters = _Filters(include, exclude)
     plan = Plan(instruct, source, alpha, [], warnings=list(source.warnings))
     has_input_embedding = any(n.endswith(INPUT_EMBEDDINGS) for n in instruct.tensors)

@@ -22,7 +22,7 @@ from .errors import ShadowMergeError
 from .output import files_under, header_tensors, sha256_file
 from .devices import parse_device
 from .pipeline import open_and_plan
-from .tensors import parse_dtype
+from .spec import GraftSpec
 from .progress import bar as progress_bar
 from .sidefiles import RECORD
 from .stformat import itemsize
@@ -145,13 +145,14 @@ def _recompute(folder: Path, rec: dict, sample: int | None, device, progress: bo
         if not isinstance(path, str) or not Path(path).is_dir():
             raise ShadowMergeError(f"--recompute needs the {label} input {path}, which is not there; run verify where "
                                    f"the inputs are, or without --recompute")
-    dtype = rec.get("dtype")
+    inputs = {role: paths.get(role) for role in ("instruct", "base", "tuned", "lora")}
+    if isinstance(rec.get("spec"), dict):
+        spec = GraftSpec.from_record(rec["spec"], **inputs)
+    else:                                    # a record written before the spec was recorded
+        spec = GraftSpec.from_legacy_record(rec, **inputs)
     ckpts: list = []
     try:
-        plan = open_and_plan(ckpts, paths["instruct"], paths.get("base"), paths.get("tuned"), paths.get("lora"),
-                             alpha=float(rec.get("alpha", 1.0)), include=rec.get("include"),
-                             exclude=rec.get("exclude"), dtype=parse_dtype(None if dtype == "as the instruct" else dtype),
-                             vocab=rec.get("vocab", "error"), allow_pickle=bool(rec.get("allow_pickle")))
+        plan = open_and_plan(ckpts, spec)
         out = Checkpoint.open(folder, "output")
         ckpts.append(out)
         planned = {t.name: t for t in plan.tensors}

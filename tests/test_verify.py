@@ -52,6 +52,24 @@ def test_graft_output_verifies_and_recomputes(cli, tmp_path, triple):
     assert "3 tensor(s) recomputed" in ok(cli, out, "--recompute", "--sample", "3")
 
 
+def test_the_record_keeps_the_graft_spec_and_older_records_still_recompute(cli, tmp_path, triple):
+    """The record stores the GraftSpec the graft ran with, and verify --recompute rebuilds the graft from it; a record
+    written before specs were recorded (no "spec") still recomputes from its flat fields; a stranger's spec with a
+    wrong type is one line."""
+    out = graft(cli, triple, tmp_path / "out", "--alpha", "0.5", "--dtype", "float16", "--exclude", "embed")
+    path = out / "shadowmerge.json"
+    record = json.loads(path.read_text())
+    assert record["spec"]["alpha"] == 0.5 and record["spec"]["dtype"] == "float16"
+    assert record["spec"]["exclude"] == "embed" and record["spec"]["instruct"] == str(triple[0])
+    assert "recomputed from the inputs, bit-identical" in ok(cli, out, "--recompute")
+    path.write_text(json.dumps({k: v for k, v in record.items() if k != "spec"}))
+    assert "recomputed from the inputs, bit-identical" in ok(cli, out, "--recompute")
+    path.write_text(json.dumps(dict(record, spec=dict(record["spec"], alpha="half"))))
+    bad(cli, "the record's graft spec: alpha", out, "--recompute")
+    path.write_text(json.dumps(dict(record, spec=dict(record["spec"], shiny=1))))
+    bad(cli, "does not know", out, "--recompute")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_recompute_on_the_device_gives_the_same_bytes(cli, tmp_path, triple, device):
     """A full-FT graft made on the CPU is recomputed bit for bit on the device, and the other way round."""

@@ -187,11 +187,12 @@ def prepare(models: list[tuple[str, str]], settings: EvalSettings, *, sweep: Swe
                                                         not settings.apply_chat_template else None))
         if sweep is not None:
             from ..pipeline import check_roles, graft
+            from ..spec import GraftSpec
 
             plan = graft(sweep.instruct, sweep.base, sweep.tuned, lora=sweep.lora, alpha=sweep.alphas[0],
                          dry_run=True, allow_pickle=allow_pickle, progress=False)
-            check_roles(sweep.instruct, sweep.base, sweep.tuned, lora=sweep.lora, allow_pickle=allow_pickle,
-                        progress=progress)
+            check_roles(GraftSpec(sweep.instruct, sweep.base, sweep.tuned, sweep.lora, allow_pickle=allow_pickle,
+                                  progress=progress))
             prepared.sweep_bytes = plan.bytes
             at = 1 if prepared.models else 0
             for k, alpha in enumerate(sweep.alphas):

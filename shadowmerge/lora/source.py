@@ -29,6 +29,7 @@ from ..chunks import CHUNK_ELEMENTS, geometry, ranges
 from ..deltas import tied_alias, tied_away
 from ..errors import ShadowMergeError
 from ..names import converted_error, disk_to_memory, parameters_of, stacked_experts
+from ..sources import register
 from ..stformat import itemsize
 from .adapter import Adapter, LoraModule
 
@@ -54,6 +55,37 @@ class LoraWeight:
         """Rows (or row elements) per piece, so that the slice of A or B a piece reads stays bounded."""
         return max(1, TILE_ELEMENTS // max(self.module.rank, 1))
 
+    def read(self, src: "LoraDelta", e0: int, e1: int, buffers):
+        mod = self.module
+        a, b, geo = src.factors(mod, e0, e1, buffers)
+        m = norms = base = None
+        if mod.magnitude is not None:
+            r0, r1, c0, c1 = geo
+            u0, u1 = (c0, c1) if mod.transposed else (r0, r1)
+            m = src.adapter.read_into(mod.magnitude, u0, u1,
+                                      buffers("magnitude", (u1 - u0) * itemsize(mod.magnitude.dtype)))
+            if mod.transposed or c1 - c0 != mod.shape[1]:     # the piece does not hold whole normalisation units
+                norms = src.norms(self)[u0:u1].view(torch.uint8)
+            base = src.base.read_into(self.base, e0, e1, buffers("base", (e1 - e0) * itemsize(self.base.dtype)))
+        return a, b, m, norms, base, geo
+
+    def delta(self, payload, out: torch.Tensor, to_float) -> torch.Tensor:
+        mod = self.module
+        a_raw, b_raw, m_raw, norms_raw, base_raw, geo = payload
+        r0, r1, c0, c1 = geo
+        d = _product(mod, to_float(a_raw, mod.A.dtype, "lora_A"), to_float(b_raw, mod.B.dtype, "lora_B"), geo, out)
+        if mod.magnitude is None:
+            return out
+        # DoRA, as peft merges it into the Base: m / ||W_B + dW|| * (W_B + dW); the update is that - W_B.
+        w = to_float(base_raw, self.base.dtype, "base").view(r1 - r0, c1 - c0)
+        m = to_float(m_raw, mod.magnitude.dtype, "magnitude")
+        merged = w + d
+        if norms_raw is None:        # whole rows of an untransposed weight: each row's norm, here
+            factor = (m / torch.linalg.norm(merged, dim=1)).view(-1, 1)
+        else:
+            factor = (m / to_float(norms_raw, torch.float32, "norms")).view((1, -1) if mod.transposed else (-1, 1))
+        return torch.sub(merged.mul_(factor), w, out=d).view(-1)
+
 
 @dataclass(frozen=True, eq=False)
 class LoraBias:
@@ -64,6 +96,13 @@ class LoraBias:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.module.bias.shape
+
+    def read(self, src: "LoraDelta", e0: int, e1: int, buffers):
+        bias = self.module.bias
+        return src.adapter.read_into(bias, e0, e1, buffers("bias", (e1 - e0) * itemsize(bias.dtype)))
+
+    def delta(self, payload, out: torch.Tensor, to_float) -> torch.Tensor:
+        return torch.mul(to_float(payload, self.module.bias.dtype, "bias"), self.module.scale, out=out)
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,7 +116,66 @@ class SavedCopy:
     def shape(self) -> tuple[int, ...]:
         return self.saved.shape
 
+    def read(self, src: "LoraDelta", e0: int, e1: int, buffers):
+        n = e1 - e0
+        return (src.adapter.read_into(self.saved, e0, e1, buffers("saved", n * itemsize(self.saved.dtype))),
+                src.base.read_into(self.base, e0, e1, buffers("base", n * itemsize(self.base.dtype))))
 
+    def delta(self, payload, out: torch.Tensor, to_float) -> torch.Tensor:
+        saved_raw, base_raw = payload
+        return torch.sub(to_float(saved_raw, self.saved.dtype, "saved"), to_float(base_raw, self.base.dtype, "base"),
+                         out=out)
+
+
+# --- targets: what an adapter key changes, before the plan asks for entries -------------------------------
+@dataclass(frozen=True, eq=False)
+class WeightTarget:
+    """A module's weight (plain LoRA or DoRA)."""
+
+    module: LoraModule
+
+    def entry(self, src: "LoraDelta", name: str):
+        mod = self.module
+        base = src.base_for(name, mod.shape, needed=mod.magnitude is not None)
+        inst = src.instruct.tensors.get(name)
+        if mod.magnitude is not None and mod.transposed and inst is not None and tuple(inst.shape) != tuple(mod.shape):
+            raise ShadowMergeError(f"{name}: a DoRA update normalises over all {mod.shape[0]} rows, but the instruct "
+                                   f"has {inst.shape[0]}; it cannot be grafted onto a resized tensor: exclude it with "
+                                   f"--exclude, or pass an Instruct with the Base's vocabulary")
+        return LoraWeight(mod, base if mod.magnitude is not None else None)
+
+
+@dataclass(frozen=True, eq=False)
+class BiasTarget:
+    """A module's bias (lora_bias=True)."""
+
+    module: LoraModule
+
+    def entry(self, src: "LoraDelta", name: str):
+        return LoraBias(self.module)
+
+
+@dataclass(frozen=True, eq=False)
+class SavedTarget:
+    """A full copy saved by peft (modules_to_save, bias="all")."""
+
+    info: TensorInfo
+
+    def entry(self, src: "LoraDelta", name: str):
+        return SavedCopy(self.info, src.base_for(name, self.info.shape, needed=True))
+
+
+@dataclass(frozen=True, eq=False)
+class ParameterTarget:
+    """A 3-D expert parameter of peft's target_parameters, resolved to FusedExperts or per-expert WeightTargets
+    against the instruct's names before planning."""
+
+    module: LoraModule
+    shape: tuple[int, int, int]
+    transposed: bool
+
+
+@register
 class LoraDelta:
     """Deltas from a PEFT LoRA adapter; tensors the adapter does not touch are copied."""
 
@@ -101,19 +199,19 @@ class LoraDelta:
             self.warnings.append(f"the adapter was trained against quantized weights ({quantized}, QLoRA): it "
                                  f"learned to correct the quantized Base, and is grafted as is onto unquantized "
                                  f"Instruct weights")
-        self._targets: dict[str, tuple[str, object]] = {}
+        self._targets: dict[str, object] = {}        # name -> a target (above), or FusedExperts
         for mod in adapter.modules.values():
             if mod.on_parameter:
                 self._targets.update(self._parameter_target(mod, instruct))
                 continue
-            self._targets[f"{mod.name}.weight"] = ("weight", mod)
+            self._targets[f"{mod.name}.weight"] = WeightTarget(mod)
             if mod.bias is not None:
-                self._targets[f"{mod.name}.bias"] = ("bias", mod)
+                self._targets[f"{mod.name}.bias"] = BiasTarget(mod)
         for name, info in adapter.saved.items():
             if name in self._targets:
                 raise ShadowMergeError(f"--lora {adapter.ref}: {name} is both LoRA-adapted and saved in full; "
                                        f"the adapter is inconsistent: re-save it with peft's save_pretrained")
-            self._targets[name] = ("saved", info)
+            self._targets[name] = SavedTarget(info)
         self.renamed: dict[str, str] = {}
         self._mapping_known = True
         self._to_disk_names(instruct)
@@ -150,10 +248,10 @@ class LoraDelta:
             found = by_memory.get(name)
             if not found:
                 continue
-            kind, obj = self._targets[name]
-            if kind == "parameter" and found[0].converter is not None:
+            target = self._targets[name]
+            if isinstance(target, ParameterTarget) and found[0].converter is not None:
                 del self._targets[name]
-                self._targets.update(self._expert_targets(obj, found, instruct))
+                self._targets.update(self._expert_targets(target, found, instruct))
                 self.renamed[name] = f"{len(found)} tensors"
                 continue
             if found[0].converter is not None or len(found) > 1:
@@ -163,10 +261,10 @@ class LoraDelta:
 
     def _fused_on_disk(self, instruct: Checkpoint) -> None:
         """Fused expert parameters the instruct stores as they are loaded: one 3-D tensor, expert by expert."""
-        for name, (kind, obj) in list(self._targets.items()):
-            if kind != "parameter":
+        for name, target in list(self._targets.items()):
+            if not isinstance(target, ParameterTarget):
                 continue
-            mod, shape, transposed = obj
+            mod, shape, transposed = target.module, target.shape, target.transposed
             info = instruct.tensors.get(name)
             if info is None or tuple(info.shape) != tuple(shape):
                 raise ShadowMergeError(
@@ -177,7 +275,7 @@ class LoraDelta:
             experts, d1, d2 = shape
             per_expert = [_expert_module(mod, name, e, experts, 0, d2 if transposed else d1, transposed)
                           for e in range(experts)]
-            self._targets[name] = ("fused", FusedExperts(tuple(shape), per_expert))
+            self._targets[name] = FusedExperts(tuple(shape), per_expert)
 
     def _parameter_target(self, mod: LoraModule, instruct: Checkpoint) -> dict:
         """The parameter a LoRA of peft's target_parameters changes, found as peft finds it: the module's own
@@ -203,7 +301,7 @@ class LoraDelta:
         if len(shape) == 2:          # a 2-D parameter (a router's weight): peft merges it like a linear layer
             ad.parameter_scale(mod, name, 1)
             mod.on_parameter = False
-            return {name: ("weight", replace(mod, name=module))}
+            return {name: WeightTarget(replace(mod, name=module))}
         if len(shape) != 3:
             raise ShadowMergeError(f"{where}: {name} has {len(shape)} dimensions; only 2-D and 3-D (experts) "
                                    f"parameters are merged: leave it out of target_parameters")
@@ -213,11 +311,11 @@ class LoraDelta:
         if tuple(mod.A.shape) != (mod.rank * experts, in_dim) or tuple(mod.B.shape) != (out_dim, mod.rank * experts):
             raise ShadowMergeError(f"{where}: lora_A {list(mod.A.shape)} / lora_B {list(mod.B.shape)} do not fit "
                                    f"{name} {list(shape)}; the adapter was made for another model: {OTHER}")
-        return {name: ("parameter", (mod, shape, transposed))}
+        return {name: ParameterTarget(mod, tuple(shape), transposed)}
 
-    def _expert_targets(self, target, found: list, instruct: Checkpoint) -> dict:
+    def _expert_targets(self, target: ParameterTarget, found: list, instruct: Checkpoint) -> dict:
         """Per-expert on-disk tensors of a fused parameter, each a slice of one expert's update."""
-        mod, (experts, d1, d2), transposed = target
+        mod, (experts, d1, d2), transposed = target.module, target.shape, target.transposed
         where = f"--lora {self.adapter.ref}: the fused expert parameter of {mod.name}"
         slots = {}
         for loaded in found:
@@ -237,12 +335,30 @@ class LoraDelta:
                 info = instruct.tensors[disk]
                 if len(info.shape) != 2 or info.shape[1] != d2:
                     raise converted_error(self.adapter.ref, found[0].memory, found)
-                out[disk] = ("weight", _expert_module(mod, disk, e, experts, row0, info.shape[0]))
+                out[disk] = WeightTarget(_expert_module(mod, disk, e, experts, row0, info.shape[0]))
                 row0 += info.shape[0]
             if row0 != d1:
                 raise ShadowMergeError(f"{where}: expert {e}'s tensors have {row0} rows together, the fused "
                                        f"parameter {d1}; {OTHER}")
         return out
+
+    @classmethod
+    def wanted(cls, spec) -> bool:
+        return spec.lora is not None
+
+    @classmethod
+    def open(cls, spec, instruct: Checkpoint, opened: list) -> "LoraDelta":
+        base = None
+        if spec.base is not None:
+            base = Checkpoint.open(spec.base, "base", spec.allow_pickle)
+            opened.append(base)
+        opened.append(Adapter.open(spec.lora, spec.allow_pickle))
+        return cls(opened[-1], base, instruct)
+
+    def card_inputs(self) -> dict:
+        if self.base is None and self.adapter.base_model:
+            return {"Base (the adapter's base_model_name_or_path)": self.adapter.base_model}
+        return {}
 
     def describe(self) -> dict:
         out = {"lora": self.adapter.describe()}
@@ -274,58 +390,27 @@ class LoraDelta:
 
     def entry(self, name: str):
         target = self._targets.get(name)
-        if target is None:
-            return None
-        kind, obj = target
-        if kind == "bias":
-            return LoraBias(obj)
-        if kind == "fused":
-            return obj
-        shape = obj.shape
+        return None if target is None else target.entry(self, name)
+
+    def base_for(self, name: str, shape, needed: bool) -> TensorInfo | None:
+        """The Base's tensor for a target (None without --base), checked; `needed`: DoRA and full copies."""
         base = tied_alias(self.base, name) if self.base is not None else None
         if base is not None and tuple(base.shape) != tuple(shape):
             raise ShadowMergeError(f"shape differs for {name}: base {list(base.shape)}, adapter {list(shape)}; "
                                    f"pass the Base the adapter was trained on")
-        if kind == "saved" or obj.magnitude is not None:
+        if needed:
             if base is None:
                 raise ShadowMergeError(f"--base {self.base.ref} has no tensor {name}, which the adapter needs; pass "
                                        f"the Base the adapter was trained on")
             if not base.dtype.is_floating_point:
                 raise ShadowMergeError(f"base tensor {name} is {base.dtype}; exclude it with --exclude")
-        if kind == "saved":
-            return SavedCopy(obj, base)
-        entry = LoraWeight(obj, base if obj.magnitude is not None else None)
-        inst = self.instruct.tensors.get(name)
-        if obj.magnitude is not None and obj.transposed and inst is not None and tuple(inst.shape) != tuple(shape):
-            raise ShadowMergeError(f"{name}: a DoRA update normalises over all {shape[0]} rows, but the instruct has "
-                                   f"{inst.shape[0]}; it cannot be grafted onto a resized tensor: exclude it with "
-                                   f"--exclude, or pass an Instruct with the Base's vocabulary")
-        return entry
+        return base
 
-    # --- reader thread --------------------------------------------------------------------
+    # --- reader thread: each entry reads its own bytes ----------------------------------------
     def read(self, entry, e0: int, e1: int, buffers):
-        n = e1 - e0
-        if isinstance(entry, SavedCopy):
-            return (self.adapter.read_into(entry.saved, e0, e1, buffers("saved", n * itemsize(entry.saved.dtype))),
-                    self.base.read_into(entry.base, e0, e1, buffers("base", n * itemsize(entry.base.dtype))))
-        if isinstance(entry, FusedExperts):
-            return [(mod, f0 - e0, self._factors(mod, g0, g1, buffers, f"{k}"))
-                    for k, (mod, f0, g0, g1) in enumerate(entry.subpieces(e0, e1))]
-        mod = entry.module
-        if isinstance(entry, LoraBias):
-            return self.adapter.read_into(mod.bias, e0, e1, buffers("bias", n * itemsize(mod.bias.dtype)))
-        a, b, geo = self._factors(mod, e0, e1, buffers)
-        m = norms = base = None
-        if mod.magnitude is not None:
-            r0, r1, c0, c1 = geo
-            u0, u1 = (c0, c1) if mod.transposed else (r0, r1)
-            m = self.adapter.read_into(mod.magnitude, u0, u1, buffers("magnitude", (u1 - u0) * itemsize(mod.magnitude.dtype)))
-            if mod.transposed or c1 - c0 != mod.shape[1]:     # the piece does not hold whole normalisation units
-                norms = self._norms(entry)[u0:u1].view(torch.uint8)
-            base = self.base.read_into(entry.base, e0, e1, buffers("base", n * itemsize(entry.base.dtype)))
-        return a, b, m, norms, base, geo
+        return entry.read(self, e0, e1, buffers)
 
-    def _factors(self, mod: LoraModule, e0: int, e1: int, buffers, key: str = "") -> tuple:
+    def factors(self, mod: LoraModule, e0: int, e1: int, buffers, key: str = "") -> tuple:
         """Raw bytes of the rows of B and the columns of A that the piece [e0, e1) of the update needs."""
         geo = geometry(e0, e1, mod.shape[1])
         r0, r1, c0, c1 = geo
@@ -353,7 +438,7 @@ class LoraDelta:
             dst[k - b0: k - b0 + n].copy_(rows.view(mod.B.dtype).view(n, width)[:, e::experts])
         return out[: (b1 - b0) * mod.rank * size]
 
-    def _norms(self, entry: LoraWeight) -> torch.Tensor:
+    def norms(self, entry: LoraWeight) -> torch.Tensor:
         """DoRA's ||W_B + dW|| per output unit, streamed over the tensor (float64 sums), for one entry at a time."""
         if self._norms_of[0] is entry:
             return self._norms_of[1]
@@ -365,7 +450,7 @@ class LoraDelta:
             return torch.empty(n, dtype=torch.uint8)
 
         for e0, e1 in ranges(0, rows * cols, cols, CHUNK_ELEMENTS, entry.tile):
-            a, b, geo = self._factors(mod, e0, e1, alloc)
+            a, b, geo = self.factors(mod, e0, e1, alloc)
             r0, r1, c0, c1 = geo
             d = torch.empty((r1 - r0) * (c1 - c0), dtype=torch.float32)
             _product(mod, a.view(mod.A.dtype).float(), b.view(mod.B.dtype).float(), geo, d)
@@ -379,35 +464,9 @@ class LoraDelta:
         self._norms_of = (entry, norms)
         return norms
 
-    # --- compute (main thread, on the arithmetic device) ----------------------------------
+    # --- compute (main thread, on the arithmetic device): each entry computes its own delta ---------
     def delta_into(self, entry, payload, out: torch.Tensor, to_float) -> torch.Tensor:
-        if isinstance(entry, SavedCopy):
-            saved_raw, base_raw = payload
-            return torch.sub(to_float(saved_raw, entry.saved.dtype, "saved"),
-                             to_float(base_raw, entry.base.dtype, "base"), out=out)
-        if isinstance(entry, FusedExperts):
-            for mod, at, (a_raw, b_raw, geo) in payload:
-                r0, r1, c0, c1 = geo
-                _product(mod, to_float(a_raw, mod.A.dtype, "lora_A"), to_float(b_raw, mod.B.dtype, "lora_B"), geo,
-                         out[at: at + (r1 - r0) * (c1 - c0)])
-            return out
-        mod = entry.module
-        if isinstance(entry, LoraBias):
-            return torch.mul(to_float(payload, mod.bias.dtype, "bias"), mod.scale, out=out)
-        a_raw, b_raw, m_raw, norms_raw, base_raw, geo = payload
-        r0, r1, c0, c1 = geo
-        d = _product(mod, to_float(a_raw, mod.A.dtype, "lora_A"), to_float(b_raw, mod.B.dtype, "lora_B"), geo, out)
-        if mod.magnitude is None:
-            return out
-        # DoRA, as peft merges it into the Base: m / ||W_B + dW|| * (W_B + dW); the update is that - W_B.
-        w = to_float(base_raw, entry.base.dtype, "base").view(r1 - r0, c1 - c0)
-        m = to_float(m_raw, mod.magnitude.dtype, "magnitude")
-        merged = w + d
-        if norms_raw is None:        # whole rows of an untransposed weight: each row's norm, here
-            factor = (m / torch.linalg.norm(merged, dim=1)).view(-1, 1)
-        else:
-            factor = (m / to_float(norms_raw, torch.float32, "norms")).view((1, -1) if mod.transposed else (-1, 1))
-        return torch.sub(merged.mul_(factor), w, out=d).view(-1)
+        return entry.delta(payload, out, to_float)
 
 
 def _product(mod: LoraModule, a: torch.Tensor, b: torch.Tensor, geo: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -428,6 +487,20 @@ class FusedExperts:
 
     shape: tuple[int, int, int]
     experts: list
+
+    def entry(self, src: "LoraDelta", name: str) -> "FusedExperts":
+        return self                  # its own entry: the per-expert modules hold everything a piece needs
+
+    def read(self, src: "LoraDelta", e0: int, e1: int, buffers):
+        return [(mod, f0 - e0, src.factors(mod, g0, g1, buffers, f"{k}"))
+                for k, (mod, f0, g0, g1) in enumerate(self.subpieces(e0, e1))]
+
+    def delta(self, payload, out: torch.Tensor, to_float) -> torch.Tensor:
+        for mod, at, (a_raw, b_raw, geo) in payload:
+            r0, r1, c0, c1 = geo
+            _product(mod, to_float(a_raw, mod.A.dtype, "lora_A"), to_float(b_raw, mod.B.dtype, "lora_B"), geo,
+                     out[at: at + (r1 - r0) * (c1 - c0)])
+        return out
 
     def subpieces(self, e0: int, e1: int):
         """The flat piece [e0, e1) as (expert's module, flat start, g0, g1): [g0, g1) within that expert's
