@@ -19,7 +19,7 @@ import torch
 
 from . import hub, jsonfile
 from .errors import ShadowMergeError
-from .sidefiles import INDEX, PICKLE_INDEX, is_side_file
+from .sidefiles import INDEX, is_side_file
 from .stformat import NAMES, itemsize, read_header
 
 

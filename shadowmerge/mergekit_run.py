@@ -19,10 +19,11 @@ from . import yamlfile
 from ._version import __version__
 from .checkpoint import Checkpoint
 from .errors import ShadowMergeError
-from .output import OutputFolder, copy_side_files, make_readable, write_record
+from .output import OutputFolder, make_readable
+from .record import write as write_record
+from .sidefiles import copy_side_files, side_files
 from .spec import GraftSpec
 from .tensors import dtype_name
-from .sidefiles import side_files
 
 ROLES = ("instruct", "tuned")
 _KEEP = ("mergekit_config.yml",)     # mergekit's own account of the merge (its README is replaced by our card)

@@ -1,7 +1,7 @@
 """The output folder: checked, written in a temporary folder beside the target, put in place atomically.
 
-Also copies the Instruct's side files (config, generation config, tokenizer, chat template, ...),
-never the Base's, and writes the run record. The promises, and how they are kept:
+(What goes in it is the caller's: side files are copied by sidefiles.copy_side_files, the run record and its
+manifest are record.py's.) The promises, and how they are kept:
 
 - Nothing this run did not create is removed or replaced, unless --force. One run at a time
   writes a target: it holds an exclusive lock (flock) on `.NAME.shadowmerge.lock` beside it, so a
@@ -28,7 +28,6 @@ import ctypes
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -42,7 +41,7 @@ from pathlib import Path
 
 from .errors import ShadowMergeError
 from .plan import human_bytes
-from .sidefiles import DESCRIBE_THE_INPUT, RECORD, side_files
+from .record import RECORD, is_shadowmerge_output, seal
 
 TMP_TAG = ".shadowmerge-"
 _WRITE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only filesystem",
@@ -426,108 +425,3 @@ def _virtual_filesystem(path: Path) -> str | None:
         if (where == point or where.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
             best = (point, kind)
     return best[1] if best[1] in VIRTUAL_FILESYSTEMS else None
-
-
-#: the run records shadowmerge's commands write at the top of an output folder ("tool": "shadowmerge ...")
-RECORDS = (RECORD, "run.json", "extract.json", "report.json", "eval.json")
-
-
-def is_shadowmerge_output(folder: Path) -> bool:
-    """Does folder hold a run record that shadowmerge wrote (a JSON object whose "tool" is "shadowmerge ...")?"""
-    from . import jsonfile
-
-    for name in RECORDS:
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            tool = jsonfile.load(path, "record").get("tool")
-        except ShadowMergeError:
-            continue
-        if isinstance(tool, str) and tool.startswith("shadowmerge "):
-            return True
-    return False
-
-
-def copy_side_files(src: Path, dst: Path, dtype_name: str | None, skip: tuple[str, ...] = ()) -> list[str]:
-    """Copy the Instruct's side files (but those named in skip, and those that describe the Instruct itself: its
-    card, provenance, training run); record a changed output dtype in config.json."""
-    from . import jsonfile
-
-    names = []
-    for path in side_files(src):
-        if path.name in skip or path.name in DESCRIBE_THE_INPUT:
-            continue
-        shutil.copyfile(path, dst / path.name)
-        names.append(path.name)
-    if dtype_name and (dst / "config.json").is_file():
-        cfg = jsonfile.load(dst / "config.json", "the instruct's config.json")
-        for key in ("dtype", "torch_dtype"):
-            if key in cfg:
-                cfg[key] = dtype_name
-        if "dtype" not in cfg and "torch_dtype" not in cfg:
-            cfg["dtype"] = dtype_name
-        (dst / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return names
-
-
-def write_record(folder: Path, record: dict) -> None:
-    (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
-def files_under(folder: Path) -> list[str]:
-    """Relative POSIX paths of every file under folder (links not followed)."""
-    out = []
-    for root, _, names in os.walk(folder):
-        for name in names:
-            out.append(Path(root, name).relative_to(folder).as_posix())
-    return sorted(out)
-
-
-def header_tensors(path: Path, size: int) -> dict[str, list]:
-    """{tensor name: [dtype name, shape]} of one safetensors file, from its (validated) header."""
-    from .stformat import NAMES, read_header
-
-    _, tensors, _ = read_header(path, size)
-    return {t: [NAMES[d], list(shape)] for t, (d, shape, _, _) in tensors.items()}
-
-
-def manifest(folder: Path, skip: str, known: dict[str, str] | None = None) -> dict:
-    """{relative path: {size, sha256[, tensors: {name: [dtype, shape]}]}} for every file but `skip`.
-
-    `known` holds the sha256 of files hashed while they were written, and the manifests of records in
-    subfolders (train's shadow/, written and sealed in this same run) give theirs; the rest is read here."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    known = dict(known or {})
-    for sub in folder.glob(f"*/{RECORD}"):
-        for name, entry in (json.loads(sub.read_text()).get("manifest") or {}).items():
-            known.setdefault(f"{sub.parent.name}/{name}", entry["sha256"])
-    names = [n for n in files_under(folder) if n != skip]
-    with ThreadPoolExecutor(2, thread_name_prefix="shadowmerge-sha256") as pool:
-        digests = list(pool.map(lambda n: known.get(n) or sha256_file(folder / n), names))
-    out = {}
-    for name, digest in zip(names, digests):
-        path = folder / name
-        entry: dict = {"size": path.stat().st_size, "sha256": digest}
-        if name.endswith(".safetensors"):
-            entry["tensors"] = header_tensors(path, entry["size"])
-        out[name] = entry
-    return out
-
-
-def seal(folder: Path, record: str = RECORD, known: dict[str, str] | None = None) -> None:
-    """Add the manifest of folder to its run record, if it has one."""
-    path = folder / record
-    if path.is_file():
-        data = json.loads(path.read_text())
-        data["manifest"] = manifest(folder, record, known)
-        path.write_text(json.dumps(data, indent=2) + "\n")

@@ -11,14 +11,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from . import engine, hub
 from ._version import __version__, versions
 from .checkpoint import Checkpoint
 from .devices import parse_device
 from .errors import NoUpdate, ShadowMergeError
-from .output import OutputFolder, copy_side_files, write_record
+from .output import OutputFolder
+from .record import write as write_record
+from .sidefiles import copy_side_files
 from .plan import Plan, build_plan, human_bytes
 from .progress import bar as progress_bar
 from .sources import open_source

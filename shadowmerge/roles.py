@@ -72,7 +72,7 @@ def distances(samples) -> tuple[float, float, float]:
 
 def _looks_trained(folder) -> bool:
     """A training run's files, a shadowmerge record, or a model inside a `shadowmerge train` output folder."""
-    from .output import is_shadowmerge_output
+    from .record import is_shadowmerge_output
 
     return (any((folder / n).is_file() for n in TRAINING_FILES) or is_shadowmerge_output(folder)
             or (folder.parent / "run.json").is_file() and is_shadowmerge_output(folder.parent))

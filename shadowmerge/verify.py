@@ -19,12 +19,12 @@ import torch
 from . import engine, jsonfile
 from .checkpoint import Checkpoint, TensorStore
 from .errors import ShadowMergeError
-from .output import files_under, header_tensors, sha256_file
+from .record import files_under, header_tensors, sha256_file
 from .devices import parse_device
 from .pipeline import open_and_plan
 from .spec import GraftSpec
 from .progress import bar as progress_bar
-from .sidefiles import RECORD
+from .record import RECORD
 from .stformat import itemsize
 
 RECORDS = (RECORD, "run.json", "eval.json")

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import tinymodels
-from conftest import one_line_error, run_bad, tree_digest
+from conftest import run_bad, tree_digest
 
 pytest.importorskip("lm_eval", reason="needs lm-evaluation-harness: pip install -e '.[eval]' (make test has it)")
 

@@ -329,7 +329,7 @@ def test_disk_full_on_a_real_small_filesystem(cli, tmp_path, triple, mount, monk
     fs = mount("tmpfs", size=str((size // 4096 + 1) * 4096))
     _lie_about_free_space(monkeypatch)
     if where == "run record":
-        from shadowmerge import output
+        from shadowmerge import record as output     # the record is written by record.py
 
         real = output.json.dumps
 

@@ -480,7 +480,8 @@ def evaluate(models: list[str] | list[tuple[str, str]], settings: EvalSettings, 
              command: str | None = None, log=_log) -> EvalReport:
     """Evaluate the models (LABEL=PATH strings or (label, path) pairs; the first is the reference) on the same
     tasks and held-out rows; with `out`, write the report folder."""
-    from ..output import OutputFolder, seal
+    from ..output import OutputFolder
+    from ..record import seal
 
     pairs = modelrefs.parse(models) if models and isinstance(models[0], str) else list(models)
     prepared = prepare(pairs, settings, sweep=sweep, allow_pickle=allow_pickle, progress=progress)

@@ -157,7 +157,7 @@ class Adapter(TensorStore):
         """The model the adapter was trained on. A retargeted adapter's record keeps it, an extracted one's
         record names the Base it came from (their configs name the Instruct they are meant for); otherwise
         base_model_name_or_path."""
-        from ..sidefiles import RECORD
+        from ..record import RECORD
 
         for name, tool, key in ((RECORD, "shadowmerge lora retarget", ("trained_on",)),
                                 ("extract.json", "shadowmerge extract", ("inputs", "base"))):

@@ -19,7 +19,7 @@ from ..checkpoint import Checkpoint
 from ..errors import ShadowMergeError
 from ..output import OutputFolder
 from ..plan import build_plan
-from ..sidefiles import RECORD
+from ..record import RECORD
 from .adapter import CONFIG, Adapter
 from .source import LoraDelta
 

@@ -26,6 +26,7 @@ from .._version import __version__, versions
 from ..checkpoint import Checkpoint
 from ..errors import NoUpdate, ShadowMergeError
 from ..output import OutputFolder, rewrite_text
+from ..record import final_paths, relocate
 from ..pipeline import graft
 from . import checkpoints, checks, data, llamafactory, schedule, trl_backend
 from .recipe import Recipe
@@ -307,7 +308,7 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
                 shutil.copyfile(tmp / "loss.png", tmp / "shadow" / "loss.png")     # shown by the model card
             _card(tmp / "shadow", r, pair, losses, kind, inst.folder, command, report)
             for sub in ("shadow", "instruct-ft"):          # records name the final folders, and cover the card
-                _finalise_record(tmp / sub, tmp, target.target)
+                relocate(tmp / sub, tmp, target.target)
             times["total"] = time.perf_counter() - start
             record["seconds"] = {k: round(v, 3) for k, v in times.items()}
             record["warnings"] = warnings
@@ -445,7 +446,7 @@ def _run_llamafactory(config: Path, tmp: Path, final: Path) -> None:
     import yaml
 
     kept = config.read_text()
-    cfg = _final_paths(yaml.safe_load(kept), str(final), str(tmp))
+    cfg = final_paths(yaml.safe_load(kept), str(final), str(tmp))
     cfg["tokenized_path"] = str(tmp / f".tokens-{Path(cfg['output_dir']).name.split('-')[0]}")
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     try:
@@ -481,34 +482,6 @@ def _name_base(adapter: Path, base: Path) -> None:
     local = Path(str(base)).expanduser()
     cfg["base_model_name_or_path"] = str(local.absolute()) if local.exists() else str(base)
     rewrite_text(path, json.dumps(cfg, indent=2) + "\n")
-
-
-def _final_paths(value, tmp: str, final: str):
-    """Every string of a record that names the temporary run folder, naming the final one instead."""
-    if isinstance(value, dict):
-        return {k: _final_paths(v, tmp, final) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_final_paths(v, tmp, final) for v in value]
-    if isinstance(value, str) and (value == tmp or value.startswith(tmp + "/")):
-        return final + value[len(tmp):]
-    return value
-
-
-def _finalise_record(folder: Path, tmp: Path, final: Path) -> None:
-    """A graft record (and card) written in the temporary run folder: name the final input folders, seal it again."""
-    from ..output import rewrite_text, seal
-    from ..sidefiles import RECORD
-
-    path = folder / RECORD
-    if not path.is_file():
-        return
-    card = folder / "README.md"          # the baseline's card names the adapter it merged
-    if card.is_file() and str(tmp) in card.read_text():
-        rewrite_text(card, card.read_text().replace(str(tmp), str(final)))
-    rec = _final_paths(json.loads(path.read_text()), str(tmp), str(final))
-    known = {n: e["sha256"] for n, e in rec.pop("manifest", {}).items() if n != "README.md"}   # train wrote only the card
-    path.write_text(json.dumps(rec, indent=2) + "\n")
-    seal(folder, known=known)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

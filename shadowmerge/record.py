@@ -1,0 +1,128 @@
+"""Run records: the JSON file every output carries (shadowmerge.json; train: run.json; eval: eval.json), with
+the manifest of every other file (size, sha256, safetensors tensors) that `shadowmerge verify` checks.
+
+Written, sealed, recognised and relocated only here; what each command puts in its record is built by
+the command (the graft's from its GraftSpec, stored as it is).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import ShadowMergeError
+
+RECORD = "shadowmerge.json"
+
+
+#: the run records shadowmerge's commands write at the top of an output folder ("tool": "shadowmerge ...")
+RECORDS = (RECORD, "run.json", "extract.json", "report.json", "eval.json")
+
+
+def is_shadowmerge_output(folder: Path) -> bool:
+    """Does folder hold a run record that shadowmerge wrote (a JSON object whose "tool" is "shadowmerge ...")?"""
+    from . import jsonfile
+
+    for name in RECORDS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            tool = jsonfile.load(path, "record").get("tool")
+        except ShadowMergeError:
+            continue
+        if isinstance(tool, str) and tool.startswith("shadowmerge "):
+            return True
+    return False
+
+
+def write(folder: Path, record: dict) -> None:
+    (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def files_under(folder: Path) -> list[str]:
+    """Relative POSIX paths of every file under folder (links not followed)."""
+    out = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            out.append(Path(root, name).relative_to(folder).as_posix())
+    return sorted(out)
+
+
+def header_tensors(path: Path, size: int) -> dict[str, list]:
+    """{tensor name: [dtype name, shape]} of one safetensors file, from its (validated) header."""
+    from .stformat import NAMES, read_header
+
+    _, tensors, _ = read_header(path, size)
+    return {t: [NAMES[d], list(shape)] for t, (d, shape, _, _) in tensors.items()}
+
+
+def manifest(folder: Path, skip: str, known: dict[str, str] | None = None) -> dict:
+    """{relative path: {size, sha256[, tensors: {name: [dtype, shape]}]}} for every file but `skip`.
+
+    `known` holds the sha256 of files hashed while they were written, and the manifests of records in
+    subfolders (train's shadow/, written and sealed in this same run) give theirs; the rest is read here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    known = dict(known or {})
+    for sub in folder.glob(f"*/{RECORD}"):
+        for name, entry in (json.loads(sub.read_text()).get("manifest") or {}).items():
+            known.setdefault(f"{sub.parent.name}/{name}", entry["sha256"])
+    names = [n for n in files_under(folder) if n != skip]
+    with ThreadPoolExecutor(2, thread_name_prefix="shadowmerge-sha256") as pool:
+        digests = list(pool.map(lambda n: known.get(n) or sha256_file(folder / n), names))
+    out = {}
+    for name, digest in zip(names, digests):
+        path = folder / name
+        entry: dict = {"size": path.stat().st_size, "sha256": digest}
+        if name.endswith(".safetensors"):
+            entry["tensors"] = header_tensors(path, entry["size"])
+        out[name] = entry
+    return out
+
+
+def seal(folder: Path, record: str = RECORD, known: dict[str, str] | None = None) -> None:
+    """Add the manifest of folder to its run record, if it has one."""
+    path = folder / record
+    if path.is_file():
+        data = json.loads(path.read_text())
+        data["manifest"] = manifest(folder, record, known)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def final_paths(value, tmp: str, final: str):
+    """Every string of a record that names a temporary folder, naming the final one instead."""
+    if isinstance(value, dict):
+        return {k: final_paths(v, tmp, final) for k, v in value.items()}
+    if isinstance(value, list):
+        return [final_paths(v, tmp, final) for v in value]
+    if isinstance(value, str) and (value == tmp or value.startswith(tmp + "/")):
+        return final + value[len(tmp):]
+    return value
+
+
+def relocate(folder: Path, tmp: Path, final: Path) -> None:
+    """A record (and model card) written inside a temporary folder that will be renamed to `final` (train's
+    run folder, with shadow/ and instruct-ft/ in it): name the final folders, seal the record again."""
+    from .output import rewrite_text
+
+    path = folder / RECORD
+    if not path.is_file():
+        return
+    card = folder / "README.md"          # the baseline's card names the adapter it merged
+    if card.is_file() and str(tmp) in card.read_text():
+        rewrite_text(card, card.read_text().replace(str(tmp), str(final)))
+    rec = final_paths(json.loads(path.read_text()), str(tmp), str(final))
+    known = {n: e["sha256"] for n, e in rec.pop("manifest", {}).items() if n != "README.md"}   # train wrote only the card
+    path.write_text(json.dumps(rec, indent=2) + "\n")
+    seal(folder, known=known)
