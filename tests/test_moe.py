@@ -119,11 +119,11 @@ def test_lora_on_experts_fused_on_disk_equals_peft_merge(case, pieces, make_trip
 
     if pieces:
         from shadowmerge import engine
-        from shadowmerge.lora import source
+        from shadowmerge.lora import entries
 
         run = engine.run
         monkeypatch.setattr(engine, "run", lambda *a, **k: run(*a, **k, chunk_elements=pieces[0]))
-        monkeypatch.setattr(source, "TILE_ELEMENTS", pieces[1])
+        monkeypatch.setattr(entries, "TILE_ELEMENTS", pieces[1])
     family = case.split("-")[0]
     inst, base, _ = make_triple(family)
     if case.endswith("fused"):

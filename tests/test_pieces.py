@@ -25,7 +25,7 @@ from tinymodels import state
 def small_pieces(monkeypatch):
     """set(chunk, tile_elements): every graft in the test cuts tensors that finely."""
     from shadowmerge import engine
-    from shadowmerge.lora import source
+    from shadowmerge.lora import entries, source
 
     def set_(chunk: int, tile: int):
         run = engine.run.__wrapped__ if hasattr(engine.run, "__wrapped__") else engine.run
@@ -35,7 +35,7 @@ def small_pieces(monkeypatch):
             return run(*a, **k)
         small.__wrapped__ = run
         monkeypatch.setattr(engine, "run", small)
-        monkeypatch.setattr(source, "TILE_ELEMENTS", tile)
+        monkeypatch.setattr(entries, "TILE_ELEMENTS", tile)
         monkeypatch.setattr(source, "CHUNK_ELEMENTS", chunk)
     return set_
 
