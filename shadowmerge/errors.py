@@ -16,3 +16,12 @@ class NoUpdate(ShadowMergeError):
     def __init__(self, message: str, unchanged: int, identical: int):
         super().__init__(message)
         self.unchanged, self.identical = unchanged, identical
+
+
+def first_line(exc: BaseException, limit: int | None = 200, empty: str | None = None) -> str:
+    """The first line of an exception's message (at most `limit` characters), for a one-line error; for an empty
+    message, `empty` (default: the exception's type name)."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__ if empty is None else empty
+    return lines[0][:limit] if limit is not None else lines[0]

@@ -6,7 +6,6 @@ Checkpoints -> Plan -> delta source -> Writer, into a temporary folder renamed a
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,17 +100,9 @@ def graft(*args, **options) -> GraftSummary:
 def run(spec: GraftSpec) -> GraftSummary:
     """The graft a GraftSpec describes."""
     start = time.perf_counter()
-    lora = spec.lora
-    if lora is not None and spec.tuned is not None:
-        raise ShadowMergeError("pass either --tuned (a full fine-tune of the Base) or --lora (an adapter trained "
-                               "on it), not both")
-    if lora is None and (spec.base is None or spec.tuned is None):
-        raise ShadowMergeError("a graft needs --base (the model that was tuned) and --tuned (its fine-tuned copy), "
-                               "or --lora (an adapter trained on the Base); pass one of them")
+    lora = spec.lora                  # (the inputs and alpha were checked when the spec was made)
     if spec.out is None and not spec.dry_run:
         raise ShadowMergeError("--out is required (the folder to write the grafted model into)")
-    if not math.isfinite(spec.alpha):
-        raise ShadowMergeError(f"--alpha must be a finite number, not {spec.alpha}; pass e.g. --alpha 1")
     out_dtype = parse_dtype(spec.dtype)
     dev = parse_device(spec.device)
     shard_bytes = parse_size(spec.shard_size)
@@ -179,10 +170,10 @@ def run(spec: GraftSpec) -> GraftSummary:
             c.close()
 
 
-def check_roles(spec: GraftSpec) -> None:
+def check_roles(spec: GraftSpec) -> Plan:
     """graft's role checks alone, before a graft is run (eval's α sweep: before any model is evaluated): one model
     in two roles, an adapter onto its own model, and (a full fine-tune) roles exchanged, from a sample of the
-    data (a Hub input's weights are downloaded for it, as the graft would)."""
+    data (a Hub input's weights are downloaded for it, as the graft would). Returns the plan it checked."""
     ckpts: list = []
     try:
         plan = open_and_plan(ckpts, spec)
@@ -193,6 +184,7 @@ def check_roles(spec: GraftSpec) -> None:
             for c in ckpts:
                 c.fetch(spec.progress)
             roles.check(*ckpts, [t.name for t in plan.tensors if t.graft_rows])
+        return plan
     finally:
         for c in ckpts:
             c.close()

@@ -226,7 +226,7 @@ def build_plan(instruct: Checkpoint, source: DeltaSource, *, alpha: float = 1.0,
             f"{source.kind} delta {theirs} (tokens added or vocab padded); pass --vocab common to graft the "
             f"{min(mine, theirs)} common rows and keep the instruct's other rows")
     if any(info.dtype != instruct.tensors[info.name].dtype
-           for ck in getattr(source, "checkpoints", ()) for info in ck.tensors.values() if info.name in instruct.tensors):
+           for ck in source.checkpoints for info in ck.tensors.values() if info.name in instruct.tensors):
         plan.warnings.append("input dtypes differ between checkpoints; all arithmetic is float32, so this is exact")
     if not any(t.graft_rows for t in plan.tensors):
         why = "--include/--exclude leave out every tensor with a delta" if include or exclude else \

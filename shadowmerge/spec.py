@@ -66,8 +66,20 @@ class GraftSpec:
     command: str | None = None        # the command line, for the model card (the CLI fills it in)
 
     def __post_init__(self):
+        """Paths as text and the dtype by its canonical name; the inputs must make one delta."""
+        import math
+
+        from .errors import ShadowMergeError
         from .tensors import dtype_name, parse_dtype
 
+        if self.lora is not None and self.tuned is not None:
+            raise ShadowMergeError("pass either --tuned (a full fine-tune of the Base) or --lora (an adapter trained "
+                                   "on it), not both")
+        if self.lora is None and (self.base is None or self.tuned is None):
+            raise ShadowMergeError("a graft needs --base (the model that was tuned) and --tuned (its fine-tuned "
+                                   "copy), or --lora (an adapter trained on the Base); pass one of them")
+        if isinstance(self.alpha, (int, float)) and not math.isfinite(self.alpha):
+            raise ShadowMergeError(f"--alpha must be a finite number, not {self.alpha}; pass e.g. --alpha 1")
         for name in ("instruct", "base", "tuned", "lora", "out"):
             value = getattr(self, name)
             if isinstance(value, Path):
@@ -92,7 +104,8 @@ class GraftSpec:
             raise ShadowMergeError(f"the record's graft spec has setting(s) {', '.join(unknown)[:120]} that this "
                                    f"shadowmerge does not know (a newer version wrote it); upgrade shadowmerge")
         for name, value in values.items():          # a record may come from a stranger: its types are checked
-            jsonfile.expect(value, _JSON_TYPES[str(known[name])], f"the record's graft spec: {name}", "re-run the graft that made it")
+            jsonfile.expect(value, _JSON_TYPES[str(known[name])], f"the record's graft spec: {name}",
+                            "re-run the graft that made it")
         if "instruct" not in values and "instruct" not in overrides:
             raise ShadowMergeError("the record's graft spec names no instruct; re-run the graft that made it")
         return replace(cls(**{"instruct": overrides.get("instruct"), **values}), **overrides)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ShadowMergeError
+from .errors import ShadowMergeError, first_line
 
 
 def load(path: str | Path, what: str):
@@ -16,5 +16,5 @@ def load(path: str | Path, what: str):
     except FileNotFoundError:
         raise ShadowMergeError(f"{what} not found: {path}; check the path") from None
     except (OSError, yaml.YAMLError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc, None)
         raise ShadowMergeError(f"{path} is not valid YAML ({reason}); fix the file") from None

@@ -28,7 +28,6 @@ from .settings import EvalSettings, Sweep
 __all__ = ["EvalSettings", "Sweep", "EvalReport", "Prepared", "evaluate", "prepare", "run", "write"]
 
 RECORD = "eval.json"
-FILES = ("eval.json", "eval.md", "eval.png", "report.html", "samples/")
 
 
 @dataclass
@@ -68,14 +67,14 @@ def evaluate(models: list[str] | list[tuple[str, str]], settings: EvalSettings, 
     """Evaluate the models (LABEL=PATH strings or (label, path) pairs; the first is the reference) on the same
     tasks and held-out rows; with `out`, write the report folder."""
     from ..output import OutputFolder
-    from ..record import seal
 
+    if out is None and sweep is not None:
+        raise ShadowMergeError("an α sweep needs an output folder (its models are grafted there, one at a time); "
+                               "pass --out DIR")
     pairs = modelrefs.parse(models) if models and isinstance(models[0], str) else list(models)
     prepared = prepare(pairs, settings, sweep=sweep, allow_pickle=allow_pickle, progress=progress)
     try:
         if out is None:
-            if sweep is not None:
-                raise ShadowMergeError("an α sweep needs an output folder (its models are grafted there, one at a time); pass --out DIR")
             data, _ = run(prepared, None, progress=progress, command=command, log=log)
             return EvalReport(data, None)
         inputs = [m.folder for m in prepared.models if m.folder is not None]
@@ -83,8 +82,7 @@ def evaluate(models: list[str] | list[tuple[str, str]], settings: EvalSettings, 
         with target as tmp:
             data, examples = run(prepared, tmp, progress=progress, command=command, log=log)
             write(tmp, data, examples)
-            seal(tmp, RECORD)
-            target.commit()
+            target.commit()                    # seals eval.json with the manifest of every other file
         return EvalReport(data, target.target)
     finally:
         prepared.close()

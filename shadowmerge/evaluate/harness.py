@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ShadowMergeError
+from ..errors import ShadowMergeError, first_line
 
 INSTALL = "pip install 'shadowmerge[eval]'"
 _NOT_METRICS = ("alias", "name", "sample_len")
@@ -27,8 +27,8 @@ def lm_eval():
         import lm_eval as module
         from lm_eval.tasks import TaskManager  # noqa: F401 - the API this module needs
     except ImportError as exc:
-        raise ShadowMergeError(f"shadowmerge eval needs lm-evaluation-harness for --tasks (missing: {exc.name or exc}); "
-                               f"install it: {INSTALL}") from None
+        raise ShadowMergeError(f"shadowmerge eval needs lm-evaluation-harness for --tasks (missing: "
+                               f"{exc.name or exc}); install it: {INSTALL}") from None
     return module
 
 
@@ -70,9 +70,8 @@ def _check_yaml(folder: Path) -> None:
         try:
             load_yaml(path, resolve_func=False)
         except Exception as exc:       # noqa: BLE001 - yaml's and lm_eval's errors alike: the file is bad
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-            raise ShadowMergeError(f"task file {path} does not parse ({first}); fix the YAML or move it out of "
-                                   f"--include-path") from None
+            raise ShadowMergeError(f"task file {path} does not parse ({first_line(exc, 160)}); fix the YAML or move "
+                                   f"it out of --include-path") from None
 
 
 @dataclass
@@ -158,16 +157,12 @@ def load(tasks: Tasks) -> None:
         raise
     except ConnectionError as exc:
         raise ShadowMergeError(f"the data of task(s) {', '.join(tasks.builtin) or ', '.join(tasks.names)} is not "
-                               f"available offline ({_first_line(exc)}); run once with the Hub in reach so that "
+                               f"available offline ({first_line(exc)}); run once with the Hub in reach so that "
                                f"the dataset lands in the Hugging Face cache, or write a local task YAML "
                                f"(dataset_path: json) and pass --include-path") from None
     except Exception as exc:          # noqa: BLE001 - a task file of the user's that lm_eval cannot build
         raise ShadowMergeError(f"lm_eval cannot load task(s) {', '.join(tasks.names)}: {type(exc).__name__}: "
-                               f"{_first_line(exc)}; fix the task YAML or its data file") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                               f"{first_line(exc)}; fix the task YAML or its data file") from None
 
 
 def check_backend(backend: str) -> None:
@@ -195,7 +190,7 @@ def build_model(folder: Path, settings):
     try:
         cls = get_model(settings.backend)
     except Exception as exc:          # noqa: BLE001
-        raise ShadowMergeError(f"--backend {settings.backend}: lm_eval does not offer it ({_first_line(exc)}); use "
+        raise ShadowMergeError(f"--backend {settings.backend}: lm_eval does not offer it ({first_line(exc)}); use "
                                f"hf, or install vllm for --backend vllm") from None
     extra = {"batch_size": settings.batch_size, "max_batch_size": None, "device": settings.device}
     try:

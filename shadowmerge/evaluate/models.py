@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ShadowMergeError
+from ..errors import ShadowMergeError, first_line
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,63}$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
@@ -84,7 +84,7 @@ def check_tokenizer(label: str, ref: str, folder: Path, chat_template: bool, why
         tok = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:            # noqa: BLE001 - a damaged tokenizer of a stranger: one line
         raise ShadowMergeError(f"model {label} ({ref}): its tokenizer does not load ({type(exc).__name__}: "
-                               f"{str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}); re-save "
+                               f"{first_line(exc, 120, empty='')}); re-save "
                                f"it with the model's tokenizer") from None
     if chat_template and not tok.chat_template:
         if why:

@@ -102,9 +102,9 @@ def summary_lines(data: dict) -> list[str]:
 def markdown(data: dict) -> str:
     header, rows = table_rows(data)
     out = [f"# Evaluation: {', '.join(data['models'])}", "",
-           f"Reference: **{data['reference']}**. Value ± lm_eval's stderr; Δ = model − reference with its paired 95 % "
-           f"interval and verdict (see docs/eval.md). Held-out: mean NLL per answer token [95 % interval], lower is "
-           f"better.", "",
+           f"Reference: **{data['reference']}**. Value ± lm_eval's stderr; Δ = model − reference with its paired "
+           f"95 % interval and verdict (see docs/eval.md). Held-out: mean NLL per answer token [95 % interval], "
+           f"lower is better.", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     if data.get("best_alpha"):

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .._version import __version__, versions
-from ..errors import ShadowMergeError
+from ..errors import ShadowMergeError, first_line
 from . import models as modelrefs
 from . import stats
 from .settings import EvalSettings, Sweep
@@ -51,7 +51,8 @@ def prepare(models: list[tuple[str, str]], settings: EvalSettings, *, sweep: Swe
         if not sweep.alphas:
             raise ShadowMergeError("--alpha needs at least one value; pass e.g. --alpha 0.5,1")
         if any(not math.isfinite(a) for a in sweep.alphas) or len(set(sweep.alphas)) != len(sweep.alphas):
-            raise ShadowMergeError("--alpha values must be finite numbers, each given once; pass e.g. --alpha 0.5,0.75,1")
+            raise ShadowMergeError("--alpha values must be finite numbers, each given once; pass e.g. "
+                                   "--alpha 0.5,0.75,1")
         taken = {label for label, _ in models}
         clash = next((sweep.label(a) for a in sweep.alphas if sweep.label(a) in taken), None) or \
             ("instruct" if "instruct" in taken else None)
@@ -80,14 +81,12 @@ def prepare(models: list[tuple[str, str]], settings: EvalSettings, *, sweep: Swe
                                                         why="--heldout rows are conversations" if
                                                         not settings.apply_chat_template else None))
         if sweep is not None:
-            from ..pipeline import check_roles, graft
+            from ..pipeline import check_roles
             from ..spec import GraftSpec
 
-            plan = graft(sweep.instruct, sweep.base, sweep.tuned, lora=sweep.lora, alpha=sweep.alphas[0],
-                         dry_run=True, allow_pickle=allow_pickle, progress=False)
-            check_roles(GraftSpec(sweep.instruct, sweep.base, sweep.tuned, sweep.lora, allow_pickle=allow_pickle,
-                                  progress=progress))
-            prepared.sweep_bytes = plan.bytes
+            plan = check_roles(GraftSpec(sweep.instruct, sweep.base, sweep.tuned, sweep.lora,
+                                         allow_pickle=allow_pickle, progress=progress))   # from headers, + a sample
+            prepared.sweep_bytes = plan.total_bytes
             at = 1 if prepared.models else 0
             for k, alpha in enumerate(sweep.alphas):
                 prepared.models.insert(at + k, modelrefs.Model(sweep.label(alpha), f"I + {alpha:g}·Δ", alpha=alpha))
@@ -193,8 +192,8 @@ def _evaluate_one(model, prepared: Prepared, folder: Path | None, progress: bool
 
 
 def _failed(model, step: str, exc: BaseException) -> ShadowMergeError:
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
-    return ShadowMergeError(f"model {model.label}: {step} failed ({type(exc).__name__}: {first}); check the task "
+    why = f"{type(exc).__name__}: {first_line(exc, empty='')}"
+    return ShadowMergeError(f"model {model.label}: {step} failed ({why}); check the task "
                             f"files and the model (run `lm_eval run` on it alone to see lm_eval's own report), then "
                             f"run again")
 

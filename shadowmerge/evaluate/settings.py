@@ -35,7 +35,8 @@ class EvalSettings:
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise ShadowMergeError("--num-fewshot must be 0 or more; pass e.g. --num-fewshot 5")
         if self.limit is not None and (not math.isfinite(self.limit) or self.limit <= 0):
-            raise ShadowMergeError("--limit must be a positive number of items (or a fraction below 1); pass e.g. --limit 200")
+            raise ShadowMergeError("--limit must be a positive number of items (or a fraction below 1); pass e.g. "
+                                   "--limit 200")
         if self.limit is not None and self.limit > 1 and self.limit != int(self.limit):
             raise ShadowMergeError(f"--limit {self.limit}: give a whole number of items, or a fraction below 1")
         if self.heldout_cutoff < 2:
@@ -69,7 +70,8 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class Sweep:
-    """Evaluate I + α·Δ for each α (Δ: --lora, or --tuned minus --base), each exactly what `graft --alpha` writes."""
+    """Evaluate I + α·Δ for each α (Δ: --lora, or --tuned minus --base), each exactly what `graft --alpha`
+    writes."""
     instruct: str
     alphas: tuple[float, ...]
     base: str | None = None

@@ -18,7 +18,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..errors import ShadowMergeError
+from ..errors import ShadowMergeError, first_line
 
 FORMATS = ("messages", "alpaca", "sharegpt", "preference")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
@@ -59,7 +59,7 @@ def read_rows(ref: str) -> tuple[list[dict], str]:
 
         ds = datasets.load_dataset(str(ref), split="train")
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc, None)
         raise ShadowMergeError(f"{ref!r} is not a local file and could not be loaded from the Hugging Face Hub "
                                f"({reason}); check the id and your connection, or pass a local file") from None
     return [dict(r) for r in ds], f"hub:{ref}@{getattr(ds, '_fingerprint', '?')}"

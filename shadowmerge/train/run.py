@@ -26,8 +26,8 @@ from .._version import __version__, versions
 from ..checkpoint import Checkpoint
 from ..errors import NoUpdate, ShadowMergeError
 from ..output import OutputFolder, rewrite_text
-from ..record import final_paths, relocate
 from ..pipeline import graft
+from ..record import final_paths, relocate
 from . import checkpoints, checks, data, llamafactory, schedule, trl_backend
 from .recipe import Recipe
 

@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from ..errors import ShadowMergeError
+from ..errors import ShadowMergeError, first_line
 
 MAX_STEPS_CHECKED = 100_000     # the schedule is walked step by step up to here (a cheap loop)
 
@@ -57,7 +57,7 @@ def work_out(r: dict, rows: int, world: int | None = None) -> Schedule:
     try:
         scheduler = get_scheduler(r["scheduler"], optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     except Exception as exc:    # noqa: BLE001 - an unknown name, or one that needs settings a recipe has not
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        reason = first_line(exc)
         raise ShadowMergeError(f"scheduler {r['scheduler']!r}: {reason}; use cosine, linear or constant") from None
     trained, peak = 0, 0.0
     for _ in range(min(steps, MAX_STEPS_CHECKED)):
