@@ -286,7 +286,9 @@ def bad_inputs(models, tmp_path):
     held.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                              {"role": "assistant", "content": "hello"}]}) + "\n" +
                     json.dumps({"messages": [{"role": "user"}]}) + "\n")
-    return {"tasks": tasks, "notok": notok, "notemplate": notemplate, "badyaml": badyaml, "held": held, **models}
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b"\xff\xfe" + json.dumps({"instruction": "caf\u00e9", "output": "x"}).encode())
+    return {"tasks": tasks, "latin1": latin1, "notok": notok, "notemplate": notemplate, "badyaml": badyaml, "held": held, **models}
 
 
 BAD = [
@@ -295,6 +297,8 @@ BAD = [
     (["--tasks", "quiz_mc", "--include-path", "{tasks}/nowhere"], "is not a folder"),
     (["--heldout", "{held}"], "row 2"),
     (["--heldout", "{tasks}/missing.jsonl"], "not found"),
+    (["--heldout", "{latin1}"], "not UTF-8 text (byte 0)"),
+    (["--heldout", "{tasks}/items.jsonl"], "unknown row format"),
     ([], "nothing to evaluate"),
     pytest.param(["--tasks", "quiz_mc", "--include-path", "{tasks}", "--backend", "vllm"], "needs vLLM",
                  marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")),

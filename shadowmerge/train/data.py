@@ -49,6 +49,8 @@ def read_rows(ref: str) -> tuple[list[dict], str]:
                 raise ShadowMergeError(f"{path}: use a .json, .jsonl or .parquet file")
         except json.JSONDecodeError as exc:
             raise ShadowMergeError(f"{path}: not JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
+        except UnicodeDecodeError as exc:
+            raise ShadowMergeError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 JSON") from None
         if not isinstance(rows, list):
             raise ShadowMergeError(f"{path}: not a list of rows; write a JSON array, or one JSON object per line (.jsonl)")
         return rows, digest
