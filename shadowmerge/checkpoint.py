@@ -4,12 +4,11 @@ Names, shapes and dtypes come from the safetensors headers (or the index) withou
 data; bytes are read on demand with pread, so no input file is memory-mapped and nothing is
 held beyond the caller's buffer. Pickle (`.bin`) weights are read only when the caller allows
 it, with `torch.load(weights_only=True)`. A Hub id is read the same way from its remote headers
-(hub.Remote); its weight files are downloaded by `fetch()`, or at the first read of data.
+(transport.py, hub.HubFiles); its weight files are downloaded by `fetch()`, or at the first read of data.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -17,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from . import hub, jsonfile
+from . import jsonfile
 from .errors import ShadowMergeError
 from .sidefiles import INDEX, is_side_file
-from .stformat import NAMES, itemsize, read_header
+from .stformat import NAMES, itemsize
+from .transport import LocalFiles, Transport, resolve
 
 
 
@@ -54,58 +54,40 @@ class TensorInfo:
 
 
 class TensorStore:
-    """Lazily read tensors of one folder: `tensors` from headers, bytes on demand (`read_into`)."""
+    """Lazily read tensors of one folder: `tensors` from headers, bytes on demand (`read_into`), all through
+    its transport (transport.py: a folder here, a Hub revision, ...)."""
 
-    def __init__(self, where: "Path | hub.Remote", label: str, ref: str):
-        self.remote = where if isinstance(where, hub.Remote) else None
-        self.folder = where.folder if self.remote else where
+    def __init__(self, where: "Path | Transport", label: str, ref: str):
+        self.transport = LocalFiles(where) if isinstance(where, (str, Path)) else where
+        self.transport.label = label
+        self.folder = self.transport.folder
         self.label = label
         self.ref = ref
-        self._remote_headers: dict[str, tuple[int, dict]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._pickled: dict[str, torch.Tensor] = {}
         self._weight_map: dict | None = None
-        self._fds: dict[Path, int] = {}
 
     def evicting_metadata(self):
-        """Reading a Hub model's JSON files and headers: a check that fails removes its cached JSON files, so that
-        a damaged download is fetched again next time (a local folder: nothing to do)."""
-        if self.remote is None:
-            return contextlib.nullcontext()
-        return self.remote.evicting([n for n in hub.METADATA if n in self.remote.downloaded])
+        """Reading a model's JSON files and headers: a check that fails discards cached copies of the JSON files
+        (a Hub model: the next run fetches them again; a local folder: nothing to do)."""
+        return self.transport.evicting_metadata()
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
     def _has(self, name: str) -> bool:
-        """Whether the model has this top-level file (on the Hub: in the commit's file list)."""
-        if self.remote is not None:
-            return name in self.remote.files
-        return (self.folder / name).is_file()
+        """Whether the model has this file (on the Hub: in the commit's file list)."""
+        return self.transport.has(name)
 
     def _names(self) -> list[str]:
         """The model's top-level entries (a folder where a file belongs is named too: reading it is the error)."""
-        if self.remote is not None:
-            return sorted(n for n in self.remote.files if "/" not in n)
-        return sorted(p.name for p in self.folder.iterdir())
-
-    def _header(self, path: Path) -> tuple[int, dict]:
-        name = path.relative_to(self.folder).as_posix() if self.remote is not None else None
-        if name is not None and path.is_file() and self.remote.files.get(name) not in (None, path.stat().st_size):
-            self.remote.evict([name])       # a damaged download left in the cache: read it from the Hub again
-        if self.remote is None or path.is_file():
-            start, header, _ = read_header(path, path.stat().st_size)
-            return start, header
-        with self.remote.header_file(name) as (stand_in, size):   # name: an index may name shards in a subfolder
-            start, header, _ = read_header(stand_in, size, label=f"{self.label} {self.remote.name}: {name}")
-        self._remote_headers[name] = (start, header)
-        return start, header
+        return self.transport.names()
 
     def _scan_safetensors(self, files: list[Path]) -> dict[str, TensorInfo]:
         found: list[TensorInfo] = []
         for path in files:
-            start, header = self._header(path)
+            start, header = self.transport.header(path)
             for name, (dtype, shape, begin, end) in header.items():
                 found.append(TensorInfo(name, dtype, shape, path, start + begin, end - begin))
         found.sort(key=lambda t: (files.index(t.file), t.offset))
@@ -127,8 +109,7 @@ class TensorStore:
 
     def _scan_pickles(self, files: list[Path]) -> dict[str, TensorInfo]:
         tensors: dict[str, TensorInfo] = {}
-        if self.remote is not None:      # a pickle has no header: it is read whole (only with --allow-pickle)
-            self.remote.download([p.name for p in files], progress=False)
+        self.transport.fetch([p.name for p in files], progress=False)     # no header: read whole (--allow-pickle)
         for path in files:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -152,46 +133,17 @@ class TensorStore:
 
     def side_bytes(self) -> int:
         """The size of the side files (config, tokenizer, ...), on the Hub or on disk."""
-        names = [n for n in self._names() if is_side_file(n)]
-        if self.remote is not None:
-            return sum(self.remote.files.get(n) or 0 for n in names)
-        return sum((self.folder / n).stat().st_size for n in names if (self.folder / n).is_file())
+        return sum(self.transport.size(n) for n in self._names() if is_side_file(n))
 
     # --- data -----------------------------------------------------------------------------
     def fetch(self, progress: bool = False, side: bool | list[str] = False, weights: bool = True) -> None:
-        """Download what reading needs of a Hub model: its weight files (unless weights=False), and its side
-        files (all of them with side=True, or those named). Nothing for a local folder."""
-        remote = self.remote
-        if remote is None:
-            return
+        """Make what reading needs readable from `folder` (a Hub model: download it): the weight files (unless
+        weights=False), and the side files (all of them with side=True, or those named)."""
         weights = sorted({t.file.relative_to(self.folder).as_posix() for t in self.tensors.values()
                           if t.offset is not None}) if weights else []
         extra = ([n for n in self._names() if is_side_file(n)] if side is True else
                  [n for n in side or () if self._has(n)])
-        remote.download(weights + extra, progress, f"download {self.label} {remote.name}")
-        bad = []
-        for name in weights:         # the bytes downloaded must be those whose header was checked
-            checked = self._remote_headers.pop(name, None)
-            try:
-                if checked is not None and self._header(self.folder / name) != checked:
-                    bad.append(name)
-            except ShadowMergeError:
-                bad.append(name)
-        if bad:                      # out of the cache, every one, so that the next run fetches them again
-            remote.evict(bad)
-            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            raise ShadowMergeError(f"{self.label} {remote.name}: the downloaded {bad[0]}{more} differs from the "
-                                   f"header read before, so the repo changed or the download is damaged; it was "
-                                   f"removed from the cache: run again")
-
-    def fd(self, path: Path) -> int:
-        """An open read-only descriptor of one of this checkpoint's files (kept until close())."""
-        fd = self._fds.get(path)
-        if fd is None:
-            if self.remote is not None and not path.is_file():
-                self.fetch()
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        return fd
+        self.transport.fetch(weights + extra, progress, f"download {self.label} {self.transport.name}")
 
     def read_into(self, info: TensorInfo, e0: int, e1: int, out: torch.Tensor) -> torch.Tensor:
         """Read the raw bytes of elements [e0, e1) of a tensor (flat, row-major) into the uint8 tensor `out`."""
@@ -205,9 +157,9 @@ class TensorStore:
             dst.copy_(src[e0 * size: e1 * size])
             return dst
         view = memoryview(dst.numpy())
-        fd, pos, done = self.fd(info.file), info.offset + e0 * size, 0
+        pos, done = info.offset + e0 * size, 0
         while done < n:
-            got = os.preadv(fd, [view[done:]], pos + done)
+            got = self.transport.pread(info.file, view[done:], pos + done)
             if got <= 0:
                 raise ShadowMergeError(f"{self.label} {info.file}: file ended while reading {info.name!r}; "
                                        f"it was truncated or changed during the run")
@@ -225,9 +177,7 @@ class TensorStore:
         return out[:rows * width]
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self.transport.close()
 
 
 # Tensors that only quantized checkpoints have: FP8 scales, MXFP4 blocks/scales, GPTQ/AWQ packs, bitsandbytes state.
@@ -241,7 +191,7 @@ _QUANT_SUFFIX = re.compile(r"(?i)[-_.](fp8(-dynamic)?|fp4|mxfp4|nvfp4|awq|gptq|i
 class Checkpoint(TensorStore):
     """A model folder opened for lazy reading. Use `Checkpoint.open(ref, label)`."""
 
-    def __init__(self, where: "Path | hub.Remote", label: str, ref: str, allow_pickle: bool = False):
+    def __init__(self, where: "Path | Transport", label: str, ref: str, allow_pickle: bool = False):
         super().__init__(where, label, ref)
         with self.evicting_metadata():
             self.config = self._read_config()
@@ -270,7 +220,7 @@ class Checkpoint(TensorStore):
 
     @classmethod
     def open(cls, ref: str | Path, label: str, allow_pickle: bool = False) -> "Checkpoint":
-        return cls(hub.resolve(ref, allow_pickle), label, str(ref), allow_pickle)
+        return cls(resolve(ref, allow_pickle), label, str(ref), allow_pickle)
 
     # --- metadata -------------------------------------------------------------------------
     def _read_config(self) -> dict:
@@ -319,9 +269,9 @@ class Checkpoint(TensorStore):
         if files:
             return self._scan_safetensors(files)
         pickles = [folder / n for n in self._names() if n.endswith(".bin") and n != "training_args.bin"]
-        if not pickles and not allow_pickle and self.remote is not None and self.remote.pickles:
+        if not pickles and not allow_pickle and self.transport.pickles:
             raise ShadowMergeError(
-                f"{self.label} {self.remote.name}: the Hub repo has only pickle weights ({self.remote.pickles[0]}); "
+                f"{self.label} {self.transport.name}: the Hub repo has only pickle weights ({self.transport.pickles[0]}); "
                 f"pass --allow-pickle to download them and load them with torch.load(weights_only=True), or pass a "
                 f"revision or repo with safetensors weights")
         if pickles:

@@ -1,4 +1,4 @@
-"""Model references: a local folder as is, or a Hugging Face Hub id (`org/name[@revision]`) read header first.
+"""The Hub transport (HubFiles): a Hugging Face Hub id (`org/name[@revision]`) read header first.
 
 A Hub id is resolved once, with huggingface_hub, to one commit (model_info: its sha and file list);
 its small JSON files (config, index, adapter config) are downloaded, and each safetensors header is
@@ -28,7 +28,8 @@ from pathlib import Path
 
 from . import jsonfile
 from .errors import ShadowMergeError
-from .stformat import MAX_HEADER
+from .stformat import MAX_HEADER, read_header
+from .transport import LocalFiles, register
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REVISION = re.compile(r"^[\w.][\w./-]{0,254}$")
@@ -96,31 +97,6 @@ def split_ref(text: str) -> tuple[str, str | None]:
     """'org/name@revision' -> ('org/name', 'revision'); no '@' -> (text, None)."""
     repo, at, revision = text.partition("@")
     return repo, (revision if at else None)
-
-
-def resolve(ref: str | Path, allow_pickle: bool = False) -> "Path | Remote":
-    """A local folder as is; otherwise a Hub repo id, opened header first (or, offline, found in the cache)."""
-    text = str(ref)
-    try:
-        if "\0" in text:
-            raise ValueError
-        path = Path(ref).expanduser()
-        exists = path.exists()
-    except (OSError, ValueError, RuntimeError):      # a NUL byte, a name too long, ~unknown-user
-        raise ShadowMergeError(f"{text[:200]!r} is not a usable path or Hub id; pass a model folder or an "
-                               f"id like org/name") from None
-    if exists:
-        if not path.is_dir():
-            raise ShadowMergeError(f"{ref} is a file; pass the model folder that contains it")
-        return path
-    repo, revision = split_ref(text)
-    if not _REPO_ID.match(repo) or ".." in repo:
-        raise ShadowMergeError(f"model folder not found: {ref}; check the path, or pass a Hub id like "
-                               f"org/name")
-    if revision is not None and (not _REVISION.match(revision) or ".." in revision):
-        raise ShadowMergeError(f"{text[:200]!r}: {revision[:80]!r} is not a revision (a branch, tag or commit "
-                               f"sha after '@'); write it as e.g. {repo}@main")
-    return Remote.open(repo, revision, allow_pickle)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -399,6 +375,85 @@ class Remote:
         return bytes(data), size
 
 
+@register
+class HubFiles(LocalFiles):
+    """A Hub revision as a transport: its file list and headers from the Hub (range reads), its files read from the
+    cache once downloaded (all the weights at the first read of data, or by fetch())."""
+
+    def __init__(self, remote: Remote):
+        super().__init__(remote.folder)
+        self.remote, self.name, self.commit, self.pickles = remote, remote.name, remote.sha, remote.pickles
+        self._checked: dict[str, tuple[int, dict]] = {}      # headers read from the Hub, by file name
+
+    @classmethod
+    def claims(cls, ref: str) -> bool:
+        return not Path(ref).expanduser().exists()          # not a folder here: a Hub id, or nothing
+
+    @classmethod
+    def open(cls, ref: str | Path, allow_pickle: bool = False) -> LocalFiles:
+        """A Hub repo id opened header first; offline, its cached snapshot as a local folder."""
+        text = str(ref)
+        repo, revision = split_ref(text)
+        if not _REPO_ID.match(repo) or ".." in repo:
+            raise ShadowMergeError(f"model folder not found: {ref}; check the path, or pass a Hub id like "
+                                   f"org/name")
+        if revision is not None and (not _REVISION.match(revision) or ".." in revision):
+            raise ShadowMergeError(f"{text[:200]!r}: {revision[:80]!r} is not a revision (a branch, tag or commit "
+                                   f"sha after '@'); write it as e.g. {repo}@main")
+        found = Remote.open(repo, revision, allow_pickle)
+        return LocalFiles(found) if isinstance(found, Path) else cls(found)
+
+    def has(self, name: str) -> bool:
+        return name in self.remote.files
+
+    def names(self) -> list[str]:
+        return sorted(n for n in self.remote.files if "/" not in n)
+
+    def size(self, name: str) -> int:
+        return self.remote.files.get(name) or 0
+
+    def header(self, path: Path) -> tuple[int, dict]:
+        name = path.relative_to(self.folder).as_posix()      # an index may name shards in a subfolder
+        if path.is_file() and self.remote.files.get(name) not in (None, path.stat().st_size):
+            self.remote.evict([name])       # a damaged download left in the cache: read it from the Hub again
+        if path.is_file():
+            return super().header(path)
+        with self.remote.header_file(name) as (stand_in, size):
+            start, header, _ = read_header(stand_in, size, label=f"{self.label} {self.remote.name}: {name}")
+        self._checked[name] = (start, header)
+        return start, header
+
+    def fetch(self, names: list[str], progress: bool = False, desc: str | None = None) -> None:
+        """Download these files; the weights must have the headers read from the Hub before (else they are
+        evicted from the cache and the run stops)."""
+        self.remote.download(names, progress, desc)
+        bad = []
+        for name in names:
+            checked = self._checked.pop(name, None)
+            try:
+                if checked is not None and self.header(self.folder / name) != checked:
+                    bad.append(name)
+            except ShadowMergeError:
+                bad.append(name)
+        if bad:                      # out of the cache, every one, so that the next run fetches them again
+            self.remote.evict(bad)
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise ShadowMergeError(f"{self.label} {self.remote.name}: the downloaded {bad[0]}{more} differs from the "
+                                   f"header read before, so the repo changed or the download is damaged; it was "
+                                   f"removed from the cache: run again")
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds and not path.is_file():         # the first read of data: every weight file
+            self.fetch(sorted(self._checked))
+        return super()._fd(path)
+
+    def evicting_metadata(self) -> contextlib.AbstractContextManager:
+        return self.remote.evicting([n for n in METADATA if n in self.remote.downloaded])
+
+    def describe(self) -> dict | None:
+        return self.remote.describe()
+
+
 def _wanted(name: str, allow_pickle: bool) -> bool:
     from fnmatch import fnmatch
 
@@ -432,7 +487,7 @@ def reference(store) -> tuple[str, str | None]:
     """How an adapter config names an input (base_model_name_or_path, revision): its Hub id, with the commit
     sha when a revision was asked for; or, for a local folder, its absolute path."""
     repo, revision = split_ref(store.ref)
-    sha = store.remote.sha if store.remote is not None else _hub_id_in_cache(store)
+    sha = store.transport.commit or _hub_id_in_cache(store)
     if sha is None:
         return str(Path(store.folder).absolute()), None
     return repo, (sha if revision else None)
@@ -443,8 +498,8 @@ def provenance(stores) -> dict:
     out = {}
     for store in stores:
         role = "lora" if store.label == "adapter" else store.label
-        if store.remote is not None:
-            out[role] = store.remote.describe()
+        if store.transport.describe() is not None:
+            out[role] = store.transport.describe()
         elif (sha := _hub_id_in_cache(store)) is not None:
             out[role] = _described(*split_ref(store.ref), sha)
     return out

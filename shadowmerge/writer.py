@@ -171,8 +171,9 @@ class ShardWriter:
             self._start(info.name)
         size = itemsize(info.dtype)
         n = (e1 - e0) * size
-        if info.offset is not None and n:
-            src, pos, done = ckpt.fd(info.file), info.offset + e0 * size, 0
+        src = ckpt.transport.zero_copy_fd(info.file) if info.offset is not None and n else None
+        if src is not None:
+            pos, done = info.offset + e0 * size, 0
             try:
                 while done < n:
                     got = os.copy_file_range(src, self._fd, n - done, pos + done)

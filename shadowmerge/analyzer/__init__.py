@@ -16,6 +16,7 @@ from ..devices import parse_device
 from ..errors import ShadowMergeError
 from ..output import OutputFolder
 from ..progress import bar as progress_bar
+from ..transport import resolve
 from .aggregate import PairResult, TensorRow
 from .stats import Sums, scan
 from .tuned import LoraTuned, is_adapter
@@ -102,7 +103,7 @@ def similarity(base: str | Path | None = None, instruct: str | Path | None = Non
             opened.append(ci)
             ct = None
             if tuned is not None:
-                where = hub.resolve(tuned, allow_pickle)
+                where = resolve(tuned, allow_pickle)
                 ct = LoraTuned(cb, tuned, allow_pickle, where) if is_adapter(where) else \
                     Checkpoint(where, "tuned", str(tuned), allow_pickle)
             if ct is not None:

@@ -13,18 +13,18 @@ from pathlib import Path
 
 import torch
 
-from .. import hub
 from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import ShadowMergeError
 from ..stformat import itemsize
 from ..tensors import Buffers, widen
+from ..transport import Transport
 
 
-def is_adapter(where: "Path | hub.Remote") -> bool:
+def is_adapter(where: Transport) -> bool:
     """Whether a resolved --tuned (a folder, or a Hub model) is a PEFT adapter rather than a model."""
-    if isinstance(where, hub.Remote):
-        return "adapter_config.json" in where.files and "config.json" not in where.files
-    return (where / "adapter_config.json").is_file()
+    if where.commit is not None:        # on the Hub: an adapter's repo has no config.json
+        return where.has("adapter_config.json") and not where.has("config.json")
+    return where.has("adapter_config.json")
 
 
 class LoraTuned:
@@ -35,7 +35,7 @@ class LoraTuned:
 
         self.base, self.label = base, "tuned"
         self.adapter = Adapter(where, str(ref), allow_pickle) if where is not None else Adapter.open(ref, allow_pickle)
-        self.ref, self.folder, self.remote = f"{base.ref} + LoRA {ref}", self.adapter.folder, self.adapter.remote
+        self.ref, self.folder, self.transport = f"{base.ref} + LoRA {ref}", self.adapter.folder, self.adapter.transport
         try:
             self.source = LoraDelta(self.adapter, base, base, flag="--tuned")
         except ShadowMergeError:

@@ -19,6 +19,7 @@ from .. import hub, jsonfile
 from ..checkpoint import TensorInfo, TensorStore
 from ..errors import ShadowMergeError
 from ..patterns import Matcher
+from ..transport import Transport, resolve
 
 CONFIG = "adapter_config.json"
 SAVE = "re-save the adapter with peft's save_pretrained"      # the next step for an adapter that is not what peft saves
@@ -84,7 +85,7 @@ class LoraModule:
 class Adapter(TensorStore):
     """A PEFT LoRA adapter folder. Use `Adapter.open(ref)`."""
 
-    def __init__(self, where: "Path | hub.Remote", ref: str, allow_pickle: bool = False):
+    def __init__(self, where: "Path | Transport", ref: str, allow_pickle: bool = False):
         super().__init__(where, "adapter", ref)
         self._patterns = Matcher(f"--lora {ref}: {CONFIG}")
         with self.evicting_metadata():
@@ -98,7 +99,7 @@ class Adapter(TensorStore):
 
     @classmethod
     def open(cls, ref: str | Path, allow_pickle: bool = False) -> "Adapter":
-        return cls(hub.resolve(ref, allow_pickle), str(ref), allow_pickle)
+        return cls(resolve(ref, allow_pickle), str(ref), allow_pickle)
 
     # --- config ---------------------------------------------------------------------------
     def _read_config(self) -> dict:
@@ -336,7 +337,7 @@ def _names(name: str | None, store) -> bool:
         return True
     try:                        # a stranger's config: a name with a NUL byte, or too long, names nothing here
         path = Path(name).expanduser()
-        return store.remote is None and path.is_dir() and path.resolve() == Path(store.folder).resolve()
+        return store.transport.commit is None and path.is_dir() and path.resolve() == Path(store.folder).resolve()
     except (OSError, ValueError, RuntimeError):
         return False
 
