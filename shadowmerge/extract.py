@@ -38,6 +38,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .devices import exact_float32, parse_device
 from .errors import ShadowMergeError
 from .names import disk_to_memory, meta_model, stacked_experts
+from .record import FILES
 from .output import OutputFolder
 from .tensors import dtype_name, parse_dtype
 from .progress import bar as progress_bar
@@ -127,7 +128,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
                                    f"--tuned")
         names = _check(b, t, inst)
         target = OutputFolder(out, force=force, inputs=[c.folder for c in opened], need_bytes=0,
-                              record="extract.json")
+                              record=FILES["extract"])
         summary = ExtractSummary(target.target)
         ranks: dict[str, int] = {}         # LoRA target -> rank: modules, and (experts) parameters
         keep: set[str] = set()
@@ -468,18 +469,19 @@ def _card(tmp: Path, summary: ExtractSummary, applied_to: Checkpoint, base, tune
 
 
 def _report(tmp: Path, summary: ExtractSummary, opened: list[Checkpoint], settings: dict) -> None:
-    from ._version import __version__
     from .analyzer.plots import pyplot
+    from .record import new as new_record
+    from .record import write as write_record
 
     by_role = {c.label: c for c in opened}
-    record = {"tool": "shadowmerge extract", "version": __version__,
+    record = new_record("extract", {
               "inputs": {"base": by_role["base"].ref, "tuned": by_role["tuned"].ref,
                          "for_instruct": by_role["instruct"].ref if "instruct" in by_role else None},
               "input_paths": {role: str(c.folder.absolute()) for role, c in by_role.items()},
               "hub": hub.provenance(opened),
               "settings": settings,
-              "seconds": round(summary.seconds, 3), "modules": summary.modules, "others": summary.others}
-    (tmp / "extract.json").write_text(json.dumps(record, indent=2) + "\n")
+              "seconds": round(summary.seconds, 3), "modules": summary.modules, "others": summary.others})
+    write_record(tmp, record)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.2))
     xs = range(len(summary.modules))

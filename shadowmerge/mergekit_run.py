@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 
 from . import yamlfile
-from ._version import __version__
 from .checkpoint import Checkpoint
 from .errors import ShadowMergeError
 from .output import OutputFolder, make_readable
+from .record import new as new_record
 from .record import write as write_record
 from .sidefiles import copy_side_files, side_files
 from .spec import GraftSpec
@@ -135,8 +135,8 @@ def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = ()
     with target as tmp:
         _mergekit_yaml(cfg, tmp, mergekit_args)
         make_readable(tmp)
-        record = {"tool": "shadowmerge mergekit", "version": __version__, "config": str(Path(config).absolute()),
-                  "merge_method": method, "mergekit_args": list(mergekit_args)}
+        record = new_record("mergekit", {"config": str(Path(config).absolute()), "merge_method": method,
+                                         "mergekit_args": list(mergekit_args)})
         if instruct is not None:
             for p in side_files(tmp):
                 if p.name not in _KEEP:
@@ -278,7 +278,7 @@ def _recompute_inputs(cfg: dict, ckpts: dict[str, Checkpoint], dtype) -> dict | 
     paths = {role: str(c.folder.absolute()) for role, c in ckpts.items()}
     spec = GraftSpec(instruct=paths["instruct"], base=paths.get("base"), tuned=paths.get("tuned"), alpha=float(alpha),
                      dtype=dtype_name(dtype))
-    return {"tool": "shadowmerge graft", "input_paths": paths, "spec": spec.as_record()}
+    return new_record("graft", {"input_paths": paths, "spec": spec.as_record()})
 
 
 def _mergekit_yaml(cfg: dict, out: Path, args: tuple[str, ...]) -> None:

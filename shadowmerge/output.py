@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from .errors import ShadowMergeError
-from .plan import human_bytes
+from .progress import human_bytes
 from .record import RECORD, is_shadowmerge_output, seal
 
 TMP_TAG = ".shadowmerge-"

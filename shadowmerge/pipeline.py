@@ -11,15 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import engine, hub
-from ._version import __version__, versions
+from ._version import versions
 from .checkpoint import Checkpoint
 from .devices import parse_device
 from .errors import NoUpdate, ShadowMergeError
 from .output import OutputFolder
+from .record import new as new_record
 from .record import write as write_record
 from .sidefiles import copy_side_files
-from .plan import Plan, build_plan, human_bytes
+from .plan import Plan, build_plan
 from .progress import bar as progress_bar
+from .progress import human_bytes
 from .sources import open_source
 from .spec import GraftSpec
 from .tensors import dtype_name, parse_dtype
@@ -219,9 +221,7 @@ def open_and_plan(ckpts: list, spec: GraftSpec) -> Plan:
 def _record(plan: Plan, spec: GraftSpec, ckpts, shards, side, shard_bytes, device, stats, warnings,
             seconds) -> dict:
     source = plan.source
-    return {
-        "tool": "shadowmerge graft",
-        "version": __version__,
+    return new_record("graft", {
         "formula": source.formula,
         "inputs": {"instruct": plan.instruct.ref, **source.describe()},
         # absolute folders of the inputs, to re-read them from anywhere (shadowmerge verify --recompute)
@@ -249,4 +249,4 @@ def _record(plan: Plan, spec: GraftSpec, ckpts, shards, side, shard_bytes, devic
         "seconds": round(seconds, 3),
         "versions": versions("torch", "safetensors", "transformers"),
         "spec": spec.as_record(),
-    }
+    })

@@ -17,6 +17,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .deltas import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, tied_away
 from .errors import ShadowMergeError
 from .patterns import Matcher
+from .progress import human_bytes
 from .sources import DeltaSource, Entry
 from .stformat import itemsize
 
@@ -91,14 +92,6 @@ class Plan:
                          f"{t.name}{note}")
         lines += [f"{'drop':<8} {'-':>5}  {'':<12} {'':<18} {name}  ({why})" for name, why in self.dropped]
         return "\n".join(lines)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 class _Filters:

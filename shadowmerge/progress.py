@@ -7,6 +7,15 @@ import sys
 import time
 
 
+def human_bytes(n: float) -> str:
+    """A byte count as people read it (decimal units: 1.50 GB)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
 class _NoBar:
     def update(self, n):
         pass

@@ -1,8 +1,10 @@
-"""Run records: the JSON file every output carries (shadowmerge.json; train: run.json; eval: eval.json), with
-the manifest of every other file (size, sha256, safetensors tensors) that `shadowmerge verify` checks.
+"""Run records: the JSON file every output carries (shadowmerge.json; train: run.json; eval: eval.json;
+extract: extract.json; similarity: report.json), with the manifest of every other file (size, sha256,
+safetensors tensors) that `shadowmerge verify` checks.
 
-Written, sealed, recognised and relocated only here; what each command puts in its record is built by
-the command (the graft's from its GraftSpec, stored as it is).
+Made (`new`: the command, shadowmerge's version and the record format's version), written, read back
+(`read`, as a Record), sealed, recognised and relocated only here; what each command puts in its record is
+built by the command (the graft's from its GraftSpec, stored as it is).
 """
 
 from __future__ import annotations
@@ -10,36 +12,82 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from ._version import __version__
 from .errors import ShadowMergeError
 
 RECORD = "shadowmerge.json"
+#: the record format's version (records written before it was versioned read as 0); raised when a key's meaning
+#: changes, not when a key is added
+RECORD_VERSION = 1
+#: the record file of each command (its "tool" is "shadowmerge COMMAND")
+FILES = {"graft": RECORD, "mergekit": RECORD, "lora retarget": RECORD, "train": "run.json", "eval": "eval.json",
+         "extract": "extract.json", "similarity": "report.json"}
+#: the run records shadowmerge's commands write at the top of an output folder
+RECORDS = tuple(dict.fromkeys(FILES.values()))
+#: the records whose output `shadowmerge verify` checks, in the order it looks for them
+VERIFIABLE = (RECORD, "run.json", "eval.json")
 
 
-#: the run records shadowmerge's commands write at the top of an output folder ("tool": "shadowmerge ...")
-RECORDS = (RECORD, "run.json", "extract.json", "report.json", "eval.json")
+@dataclass(frozen=True)
+class Record:
+    """A run record as read back: its file, the command that wrote it, that shadowmerge's version, the record
+    format's version, and the whole record as written (`data`)."""
+    file: str
+    command: str
+    version: str
+    record_version: int
+    data: dict
+
+
+def new(command: str, fields: dict) -> dict:
+    """A command's record: who wrote it, then the command's own fields in their order (which cannot replace
+    those three)."""
+    if command not in FILES:
+        raise ValueError(f"no record file for command {command!r}")
+    head = {"tool": f"shadowmerge {command}", "version": __version__, "record_version": RECORD_VERSION}
+    return {**head, **{k: v for k, v in fields.items() if k not in head}}
+
+
+def write(folder: Path, record: dict, **dump) -> Path:
+    """Write a record made by `new` into its command's file in folder (`dump`: json.dumps options)."""
+    path = folder / FILES[record["tool"].removeprefix("shadowmerge ")]
+    path.write_text(json.dumps(record, **{"indent": 2, **dump}) + "\n")
+    return path
+
+
+def read(folder: Path, names: tuple[str, ...] = VERIFIABLE, what: str = "run record",
+         hint: str = "pass a folder shadowmerge wrote (its record must be intact)") -> Record:
+    """The first of `names` that folder holds, checked to be a shadowmerge record; else a one-line error."""
+    from . import jsonfile
+
+    name = next((n for n in names if (folder / n).is_file()), None)
+    if name is None:
+        raise ShadowMergeError(f"{folder} has no {' or '.join(names)}: it is not a shadowmerge output folder "
+                               f"(or the record was removed); pass the folder shadowmerge wrote")
+    data = jsonfile.load(folder / name, what, hint=hint)
+    tool = data.get("tool")
+    if not isinstance(tool, str) or not tool.startswith("shadowmerge "):
+        raise ShadowMergeError(f"{folder / name} was not written by shadowmerge (its \"tool\" is "
+                               f"{str(tool)[:60]!r}); {hint}")
+    version, record_version = data.get("version"), data.get("record_version", 0)
+    if not isinstance(record_version, int) or isinstance(record_version, bool) or record_version > RECORD_VERSION:
+        raise ShadowMergeError(f"{folder / name} has record_version {str(record_version)[:20]}, which this shadowmerge "
+                               f"({__version__}) does not know; upgrade shadowmerge to read it")
+    return Record(name, tool.removeprefix("shadowmerge "), str(version), record_version, data)
 
 
 def is_shadowmerge_output(folder: Path) -> bool:
     """Does folder hold a run record that shadowmerge wrote (a JSON object whose "tool" is "shadowmerge ...")?"""
-    from . import jsonfile
-
     for name in RECORDS:
-        path = folder / name
-        if not path.is_file():
-            continue
         try:
-            tool = jsonfile.load(path, "record").get("tool")
+            read(folder, (name,))
+            return True
         except ShadowMergeError:
             continue
-        if isinstance(tool, str) and tool.startswith("shadowmerge "):
-            return True
     return False
-
-
-def write(folder: Path, record: dict) -> None:
-    (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def sha256_file(path: Path) -> str:

@@ -24,10 +24,8 @@ from .devices import parse_device
 from .pipeline import open_and_plan
 from .spec import GraftSpec
 from .progress import bar as progress_bar
-from .record import RECORD
+from .record import RECORD, read
 from .stformat import itemsize
-
-RECORDS = (RECORD, "run.json", "eval.json")
 
 
 @dataclass
@@ -41,14 +39,6 @@ class VerifySummary:
         extra = f"; {self.recomputed} tensor(s) recomputed from the inputs, bit-identical" if self.recomputed else ""
         return (f"verified {self.out}: {self.files} file(s) match their sha256, {self.tensors} tensor header(s) "
                 f"match the record{extra}")
-
-
-def _load_record(folder: Path) -> tuple[str, dict]:
-    for name in RECORDS:
-        if (folder / name).is_file():
-            return name, jsonfile.load(folder / name, "run record", hint="pass a folder shadowmerge wrote (its record must be intact)")
-    raise ShadowMergeError(f"{folder} has no {' or '.join(RECORDS)}: it is not a shadowmerge output folder "
-                           f"(or the record was removed); pass the folder shadowmerge wrote")
 
 
 HINT = "re-run the command that made it, or re-download it"
@@ -189,22 +179,23 @@ def verify(out: str | Path, *, recompute: bool = False, sample: int | None = Non
         raise ShadowMergeError("--sample goes with --recompute (it picks the tensors to recompute); add "
                                "--recompute, or leave --sample out")
     dev = parse_device(device)
-    name, record = _load_record(folder)
+    found = read(folder)
+    name, record = found.file, found.data
     manifest = _manifest(folder, name, record)
     with progress_bar(sum(e["size"] for e in manifest.values()), progress, "verify") as bar:
         files, tensors = check_files(folder, name, manifest, bar.update)
     recomputed = 0
     if recompute:
         targets = []
-        if record.get("tool") == "shadowmerge graft":
+        if found.command == "graft":
             targets.append((folder, record))
         elif isinstance(record.get("recompute"), dict):           # mergekit's shadow_graft
             targets.append((folder, record["recompute"]))
         else:                                                      # train: its graft outputs
             for sub in sorted(p for p in folder.iterdir() if (p / RECORD).is_file()):
-                rec = jsonfile.load(sub / RECORD, "run record")
-                if rec.get("tool") == "shadowmerge graft":
-                    targets.append((sub, rec))
+                rec = read(sub, (RECORD,))
+                if rec.command == "graft":
+                    targets.append((sub, rec.data))
         if not targets:
             raise ShadowMergeError(f"{folder}: nothing to recompute ({record.get('tool', 'this output')} names no "
                                    f"graft inputs), and its sha256 and headers match the record; run verify "

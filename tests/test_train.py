@@ -147,8 +147,8 @@ def test_recipe_file_and_flags(tmp_path):
     r = load(path, {"lora_rank": 16, "lr": None})
     assert r.lora_rank == 16 and r.max_steps == 3 and r.method == "full"
     resolved = r.resolved()
-    assert resolved["lr"] == 1e-5 and resolved["lora_alpha"] == 32 and resolved["epochs"] == 1.0
-    assert resolved["cutoff"] == 4096 and resolved["batch_size"] == 2 and resolved["grad_accum"] == 16
+    assert resolved.lr == 1e-5 and resolved.lora_alpha == 32 and resolved.epochs == 1.0
+    assert resolved.cutoff == 4096 and resolved.batch_size == 2 and resolved.grad_accum == 16
 
 
 @pytest.mark.parametrize("rows, extra, expect", [
@@ -359,7 +359,7 @@ def test_ready_recipes_load_with_the_papers_settings(path):
     from shadowmerge.train import load
 
     r = load(path, {}).resolved()
-    assert r["method"] == "lora" and r["lora_rank"] == 128 and r["lr"] == 2e-4 and r["lora_target"] == "all-linear"
+    assert r.method == "lora" and r.lora_rank == 128 and r.lr == 2e-4 and r.lora_target == "all-linear"
 
 
 def test_image_rows_with_llamafactory_are_refused(cli, tmp_path):
@@ -386,11 +386,14 @@ def test_the_papers_batch_on_a_small_data_set_is_adapted_not_a_silent_no_op(pair
 def test_schedule_matches_what_the_trainer_did(pair, cli, tmp_path):
     from shadowmerge.train import schedule
 
-    r = {"batch_size": 3, "grad_accum": 2, "epochs": 2.0, "max_steps": None, "warmup": 0.25, "lr": 1e-3,
-         "scheduler": "cosine"}
+    from dataclasses import replace
+
+    from shadowmerge.train.recipe import Recipe
+
+    r = Recipe(batch_size=3, grad_accum=2, epochs=2.0, max_steps=None, warmup=0.25, lr=1e-3, scheduler="cosine")
     s = schedule.work_out(r, rows=20, world=1)        # 7 batches, 4 steps per epoch, 8 steps, warmup 2
     assert (s.batches_per_epoch, s.steps, s.warmup_steps, s.trained_steps) == (7, 8, 2, 7)
-    assert schedule.work_out(dict(r, max_steps=5), rows=20, world=2).steps == 5
+    assert schedule.work_out(replace(r, max_steps=5), rows=20, world=2).steps == 5
     inst, base = pair
     out = tmp_path / "run"
     run_train(cli, "--base", base, "--instruct", inst, "--data", sft_data(tmp_path), "--out", out, "--lr", "5e-3",
@@ -636,11 +639,11 @@ def test_token_check_notices_rows_llamafactory_dropped(pair, tmp_path):
                                        "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
                                       ["torchrun", "--nproc_per_node", "2"]], ids=["accelerate", "torchrun"])
 def test_two_processes_write_one_output_that_matches_one_process(pair, cli, tmp_path, launcher):
-    """Two CPU processes (gloo) under accelerate or torchrun: rank 0 alone writes OUT, once; each step's global
-    batch is the whole data set in both runs, so with gradients averaged across the processes the losses and
-    the adapter equal the one-process run's (rounding aside); unsynchronised processes would each train on
-    half of it. (`accelerate launch --cpu --num_processes 2` starts one process: accelerate's CPU launcher
-    starts several only through MPI.)"""
+    """Two CPU processes (gloo) under accelerate or torchrun, with --baseline: rank 0 alone writes OUT, once;
+    each step's global batch is the whole data set in both runs, so with gradients averaged across the processes
+    the losses and the adapter equal the one-process run's (rounding aside); unsynchronised processes would each
+    train on half of it. Every process trains the baseline too. (`accelerate launch --cpu --num_processes 2`
+    starts one process: accelerate's CPU launcher starts several only through MPI.)"""
     import subprocess
     import sys
     from pathlib import Path
@@ -654,7 +657,7 @@ def test_two_processes_write_one_output_that_matches_one_process(pair, cli, tmp_
     run_train(cli, *common, "--out", tmp_path / "one", "--batch-size", "4")
     bindir = Path(sys.executable).parent
     proc = subprocess.run([str(bindir / launcher[0]), *launcher[1:], "-m", "shadowmerge", "train",
-                           *map(str, common), "--out", str(tmp_path / "two"), "--batch-size", "2"],
+                           *map(str, common), "--out", str(tmp_path / "two"), "--batch-size", "2", "--baseline"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = proc.stdout + proc.stderr
@@ -664,6 +667,8 @@ def test_two_processes_write_one_output_that_matches_one_process(pair, cli, tmp_
     one, two = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("one", "two"))
     assert two["schedule"]["processes"] == 2 and two["schedule"]["batches_per_epoch"] == 1
     assert [x["step"] for x in two["losses"]["base"]] == [1, 2, 3, 4]
+    # --baseline: every process trains the Instruct too (a main process alone would wait for the others forever)
+    assert [x["step"] for x in two["losses"]["instruct"]] == [1, 2, 3, 4] and (tmp_path / "two" / "instruct-ft").is_dir()
     for a, b in zip(one["losses"]["base"], two["losses"]["base"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     A, B = (load_file(tmp_path / d / "base-lora" / "adapter_model.safetensors") for d in ("one", "two"))

@@ -173,6 +173,9 @@ def test_lora_graft_retarget_and_mergekit_outputs_verify(cli, tmp_path, triple):
     ("an entry's size a string", "the size of 'config.json' is a string"),
     ("an entry leaving the folder", "manifest entry '../escape.txt' leaves the folder"),
     ("no input paths", "names no input folders (written by an older shadowmerge)"),
+    ("a newer record version", "has record_version 99, which this shadowmerge"),
+    ("a record version that is text", "has record_version 1, which this shadowmerge"),
+    ("not shadowmerge's record", "was not written by shadowmerge (its \"tool\" is 'mergekit')"),
 ])
 def test_bad_verify_input(cli, tmp_path, triple, case, expect):
     out = graft(cli, triple, tmp_path / "out")
@@ -192,9 +195,16 @@ def test_bad_verify_input(cli, tmp_path, triple, case, expect):
         record.write_text(json.dumps(rec))
     elif case == "not a folder":
         out = out / "config.json"
-    elif case in ("an entry's size a string", "an entry leaving the folder", "no input paths"):
+    elif case in ("an entry's size a string", "an entry leaving the folder", "no input paths", "a newer record version",
+                  "a record version that is text", "not shadowmerge's record"):
         rec = json.loads(record.read_text())
-        if case == "an entry's size a string":
+        if case == "a newer record version":
+            rec["record_version"] = 99
+        elif case == "a record version that is text":
+            rec["record_version"] = "1"
+        elif case == "not shadowmerge's record":
+            rec["tool"] = "mergekit"
+        elif case == "an entry's size a string":
             rec["manifest"]["config.json"]["size"] = "12"
         elif case == "an entry leaving the folder":
             rec["manifest"]["../escape.txt"] = {"size": 1, "sha256": "0" * 64}

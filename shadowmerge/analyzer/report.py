@@ -9,11 +9,11 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import json
 import math
 from pathlib import Path
 
-from .._version import __version__
+from ..record import new as new_record
+from ..record import write as write_record
 from .aggregate import OFFICIAL, SIGMA_RANGE, PairResult
 from .plots import short_label
 from .stats import Sums
@@ -67,12 +67,12 @@ def pair_dict(p: PairResult, figures: list[str]) -> dict:
 def write_all(folder: Path, pairs: list[PairResult], figures: dict[str, list[str]], command: str | None = None) -> dict:
     from datetime import datetime, timezone
 
-    report = {"schema_version": SCHEMA_VERSION, "tool": "shadowmerge similarity", "version": __version__,
-              "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "command": command or "shadowmerge.analyzer.similarity() from Python",
-              "definitions": DEFINITIONS, "figures": figures.get("", []),
-              "pairs": [pair_dict(p, figures.get(p.name, [])) for p in pairs]}
-    (folder / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    report = new_record("similarity", {
+        "schema_version": SCHEMA_VERSION, "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command or "shadowmerge.analyzer.similarity() from Python",
+        "definitions": DEFINITIONS, "figures": figures.get("", []),
+        "pairs": [pair_dict(p, figures.get(p.name, [])) for p in pairs]})
+    write_record(folder, report, indent=1, allow_nan=False)
     _csv(folder / "tensors.csv", report)
     (folder / "summary.md").write_text(_markdown(report))
     (folder / "report.html").write_text(_html(report, folder))

@@ -13,8 +13,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .._version import __version__, versions
+from .._version import versions
 from ..errors import ShadowMergeError, first_line
+from ..record import new as new_record
 from . import models as modelrefs
 from . import stats
 from .settings import EvalSettings, Sweep
@@ -259,11 +260,11 @@ def run(prepared: Prepared, folder: Path | None, *, progress: bool = True, comma
 def _record(prepared: Prepared, results: dict, described: dict, command: str | None) -> dict:
     """eval.json's contents but the paired comparisons and the best α: settings, models, scores, held-out loss."""
     settings = prepared.settings
-    data = {"tool": "shadowmerge eval", "version": __version__, "command": command or "the Python API of shadowmerge",
+    data = new_record("eval", {"command": command or "the Python API of shadowmerge",
             "reference": prepared.models[0].label, "models": described,
             "settings": asdict(settings), "scores": [], "heldout": [], "paired": [], "unpaired": [],
             "versions": versions("torch", "transformers", "lm_eval", "datasets", "peft"),
-            "samples": {label: r["samples"] for label, r in results.items() if r["samples"]}}
+            "samples": {label: r["samples"] for label, r in results.items() if r["samples"]}})
     for r in results.values():
         data["scores"] += r["scores"]
     if prepared.heldout is not None:

@@ -158,17 +158,15 @@ class Adapter(TensorStore):
         """The model the adapter was trained on. A retargeted adapter's record keeps it, an extracted one's
         record names the Base it came from (their configs name the Instruct they are meant for); otherwise
         base_model_name_or_path."""
-        from ..record import RECORD
+        from ..record import FILES, read
 
-        for name, tool, key in ((RECORD, "shadowmerge lora retarget", ("trained_on",)),
-                                ("extract.json", "shadowmerge extract", ("inputs", "base"))):
-            if not (self.folder / name).is_file():
-                continue
+        for command, key in (("lora retarget", ("trained_on",)), ("extract", ("inputs", "base"))):
             try:
-                data = jsonfile.load(self.folder / name, "record")
+                found = read(self.folder, (FILES[command],))
             except ShadowMergeError:
                 continue
-            if data.get("tool") == tool:
+            if found.command == command:
+                data = found.data
                 for k in key:
                     data = data.get(k) if isinstance(data, dict) else None
                 return data if isinstance(data, str) else None

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import hub
-from .._version import __version__
 from ..checkpoint import Checkpoint
 from ..errors import ShadowMergeError
 from ..output import OutputFolder
 from ..plan import build_plan
-from ..record import RECORD
+from .. import record
 from .adapter import CONFIG, Adapter
 from .source import LoraDelta
 
@@ -68,12 +67,10 @@ def retarget(adapter: str | Path, instruct: str | Path, out: str | Path, *, forc
                 shutil.copyfile(p, tmp / p.name)
             cfg = dict(ad.config, base_model_name_or_path=target_ref, revision=pinned)   # not the Base's revision
             (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-            provenance = {"tool": "shadowmerge lora retarget", "version": __version__, "adapter": str(adapter),
-                          "trained_on": ad.base_model, "retargeted_to": target_ref, "revision": pinned,
-                          "hub": hub.provenance(opened),
-                          "weights": "byte-identical copy of the adapter's",
-                          "method": "Shadow-FT: the adapter was trained on the Base and is applied to the Instruct"}
-            (tmp / RECORD).write_text(json.dumps(provenance, indent=2) + "\n")
+            record.write(tmp, record.new("lora retarget", {
+                "adapter": str(adapter), "trained_on": ad.base_model, "retargeted_to": target_ref, "revision": pinned,
+                "hub": hub.provenance(opened), "weights": "byte-identical copy of the adapter's",
+                "method": "Shadow-FT: the adapter was trained on the Base and is applied to the Instruct"}))
             _write_card(tmp, target_ref, ad.base_model, adapter, inst.folder, command)
             folder.commit()
         return RetargetSummary(folder.target, len(ad.modules), ad.base_model, target_ref, plan.warnings)

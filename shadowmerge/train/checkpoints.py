@@ -24,9 +24,9 @@ def folder(out) -> Path:
     return final.parent / f"{final.name}.checkpoints"
 
 
-def key(r: dict, base: Path, instruct: Path, data_hash: str) -> dict:
+def key(r, base: Path, instruct: Path, data_hash: str) -> dict:
     """What a checkpoint belongs to: the recipe (inputs as resolved folders) and the data's hash."""
-    out = {k: v for k, v in r.items() if k not in VOLATILE}
+    out = {k: v for k, v in r.as_dict().items() if k not in VOLATILE}
     out.update(base=str(Path(base).resolve()), instruct=str(Path(instruct).resolve()), data=data_hash)
     return json.loads(json.dumps(out, default=str))
 
@@ -46,11 +46,11 @@ def last(work: Path, prune: bool = False) -> str | None:
     return None
 
 
-def check(work: Path, want: dict, resume: bool, force: bool, backend: str) -> None:
+def check(work: Path, want: dict, resume: bool, force: bool, resumable: bool) -> None:
     """Before training (main process): --resume needs checkpoints of this recipe; without it, checkpoints of an
     interrupted run are not thrown away silently (--force does)."""
     record = work / "recipe.json"
-    if resume and backend != "trl":
+    if resume and not resumable:
         raise ShadowMergeError("--resume works with the trl backend; with llamafactory, run the kept config with "
                                "its own resume_from_checkpoint (see --emit-only)")
     if resume and not record.is_file():

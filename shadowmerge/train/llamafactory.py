@@ -23,7 +23,9 @@ import yaml
 
 from ..errors import ShadowMergeError
 from ..output import rewrite_text
+from ..record import final_paths
 from ..sidefiles import WEIGHT_INDEXES, WEIGHT_SUFFIXES, side_files
+from .backends import name_base, register
 from .data import expected_tokens
 
 DATASET = "shadowmerge_data"
@@ -53,7 +55,7 @@ def model_view(base: Path, instruct: Path, folder: Path) -> Path:
     return folder
 
 
-def write(recipe: dict, rows: list[dict], folders: tuple[Path, Path], model: str, output_dir: Path,
+def write(recipe, rows: list[dict], folders: tuple[Path, Path], model: str, output_dir: Path,
           tokens: bool = False) -> Path:
     """Write dataset, dataset_info.json and the training YAML into folders[0] (to be read from folders[1]);
     with tokens, the YAML has LLaMA-Factory save the token ids it trains on beside it (for --finish's check)."""
@@ -62,7 +64,7 @@ def write(recipe: dict, rows: list[dict], folders: tuple[Path, Path], model: str
     (folder / f"{DATASET}.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
     tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
             "system_tag": "system"}
-    if recipe["stage"] == "dpo":
+    if recipe.stage == "dpo":
         info = {"file_name": f"{DATASET}.json", "formatting": "sharegpt", "ranking": True,
                 "columns": {"messages": "prompt", "chosen": "chosen", "rejected": "rejected"}, "tags": tags}
     else:
@@ -72,45 +74,45 @@ def write(recipe: dict, rows: list[dict], folders: tuple[Path, Path], model: str
     cfg = {
         "model_name_or_path": str(model),
         "trust_remote_code": False,
-        "stage": recipe["stage"],
+        "stage": recipe.stage,
         "do_train": True,
-        "finetuning_type": recipe["method"],
+        "finetuning_type": recipe.method,
         "dataset": DATASET,
         "dataset_dir": str(final),
     }
     if tokens:
         cfg["tokenized_path"] = str(final / TOKENS)
-    if recipe["template"]:                 # else: parsed from the tokenizer's (the Instruct's) chat template
-        cfg["template"] = recipe["template"]
-    if recipe["stage"] == "sft":
+    if recipe.template:                 # else: parsed from the tokenizer's (the Instruct's) chat template
+        cfg["template"] = recipe.template
+    if recipe.stage == "sft":
         cfg["mask_history"] = True         # the loss on the last assistant turn only, as TRL's prompt/completion
     cfg.update({
-        "cutoff_len": recipe["cutoff"],
+        "cutoff_len": recipe.cutoff,
         "output_dir": str(output_dir),
-        "per_device_train_batch_size": recipe["batch_size"],
-        "gradient_accumulation_steps": recipe["grad_accum"],
-        "learning_rate": recipe["lr"],
-        "num_train_epochs": recipe["epochs"],
-        "lr_scheduler_type": recipe["scheduler"],
-        "warmup_ratio": recipe["warmup"],
-        "bf16": recipe["bf16"],
-        "seed": recipe["seed"],
+        "per_device_train_batch_size": recipe.batch_size,
+        "gradient_accumulation_steps": recipe.grad_accum,
+        "learning_rate": recipe.lr,
+        "num_train_epochs": recipe.epochs,
+        "lr_scheduler_type": recipe.scheduler,
+        "warmup_ratio": recipe.warmup,
+        "bf16": recipe.bf16,
+        "seed": recipe.seed,
         "logging_steps": 1,
         "save_strategy": "no",
         "plot_loss": True,
         "overwrite_output_dir": True,
         "report_to": "none",
     })
-    if recipe["max_steps"]:
-        cfg["max_steps"] = recipe["max_steps"]
-    if recipe["max_samples"]:
-        cfg["max_samples"] = recipe["max_samples"]
-    if recipe["method"] == "lora":
-        cfg.update(lora_rank=recipe["lora_rank"], lora_alpha=recipe["lora_alpha"], lora_dropout=recipe["lora_dropout"],
-                   lora_target="all" if recipe["lora_target"] == "all-linear" else recipe["lora_target"])
-    if recipe["stage"] == "dpo":
-        cfg.update(pref_beta=recipe["dpo_beta"], pref_loss="sigmoid")
-    cfg.update(recipe.get("trainer") or {})      # --trainer-arg / `trainer:`, passed through as given
+    if recipe.max_steps:
+        cfg["max_steps"] = recipe.max_steps
+    if recipe.max_samples:
+        cfg["max_samples"] = recipe.max_samples
+    if recipe.method == "lora":
+        cfg.update(lora_rank=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                   lora_target="all" if recipe.lora_target == "all-linear" else recipe.lora_target)
+    if recipe.stage == "dpo":
+        cfg.update(pref_beta=recipe.dpo_beta, pref_loss="sigmoid")
+    cfg.update(recipe.trainer or {})      # --trainer-arg / `trainer:`, passed through as given
     path = folder / f"train_{Path(str(output_dir)).name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -227,3 +229,121 @@ def losses(output_dir: Path) -> list[dict]:
         if "loss" in entry:
             out.append({"step": entry.get("current_steps"), "loss": entry["loss"]})
     return out
+
+
+@register
+class LlamaFactory:
+    """`llamafactory-cli train` on the configs this module writes: both models' configs are written when the
+    Base's training starts (and are all --emit-only writes); with --finish, LLaMA-Factory ran by hand into OUT
+    and its outputs are adopted. Its token ids are compared with the Instruct's chat template (tidy)."""
+
+    name = "llamafactory"
+    resumes = False
+
+    def __init__(self):
+        self.configs: list[Path] = []
+
+    def check(self, run) -> None:
+        if not run.emit_only and not run.finishing and cli() is None:
+            raise ShadowMergeError(INSTALL)
+
+    def train(self, run, role: str, out: Path) -> str | None:
+        tmp, final = out.parent, run.final
+        if role == "base":
+            run.record["llamafactory_template"] = (run.recipe.template or
+                                                   "the Instruct's chat template, parsed from its tokenizer")
+            if run.finishing:           # LLaMA-Factory ran by hand into OUT: its files, linked into the new OUT
+                _adopt(final, tmp)
+                run.record["llamafactory"] = run.finishing["llamafactory"]
+                run.record["finished_by"] = run.command or "finish()"
+                return None
+            self.configs = self._write(run, tmp, final)
+            run.record["llamafactory"] = [str(final / "llamafactory" / c.name) for c in self.configs]
+            if run.emit_only:
+                return (f"wrote the LLaMA-Factory configs: {', '.join(run.record['llamafactory'])}; after running "
+                        f"them, `shadowmerge train --finish {final}` grafts")
+        if not run.finishing:
+            _run_config(self.configs[0 if role == "base" else 1], tmp, final)
+        return None
+
+    def tidy(self, run, role: str, out: Path) -> None:
+        tmp, final = out.parent, run.final
+        finished = run.finishing is not None
+        view = final / "llamafactory" / VIEW if finished else tmp / "llamafactory" / VIEW
+        trained_on = run.base.folder if role == "base" else run.inst.folder
+        tidy_output(out, {str(view): str(trained_on), str(tmp): str(final)})
+        if run.recipe.method == "lora":
+            name_base(out, trained_on)
+        tokens = tmp / "llamafactory" / TOKENS if finished else tmp / f".tokens-{role}"
+        if role == "base":
+            self._compare_tokens(run, tokens, out)
+        shutil.rmtree(tmp / f".tokens-{role}", ignore_errors=True)
+        shutil.rmtree(tokens, ignore_errors=True)
+
+    def losses(self, run, role: str, out: Path) -> list[dict]:
+        return losses(out)
+
+    @staticmethod
+    def _write(run, tmp: Path, final: Path) -> list[Path]:
+        """The model view, the data and each model's config into tmp/llamafactory/ (naming OUT's folders)."""
+        r, kind = run.recipe, run.kind
+        lf = (tmp / "llamafactory", final / "llamafactory")      # written here, read from there
+        rows = as_sharegpt(run.rows, r.stage)
+        model_view(run.base.folder, run.inst.folder, lf[0] / VIEW)
+        configs = [write(r, rows, lf, str(lf[1] / VIEW), final / f"base-{kind}", tokens=run.emit_only)]
+        if run.baseline:
+            configs.append(write(r, rows, lf, str(run.inst.folder), final / f"instruct-{kind}"))
+        return configs
+
+    @staticmethod
+    def _compare_tokens(run, tokens: Path, out: Path) -> None:
+        """The token ids LLaMA-Factory trained the Base on against the Instruct's chat template: a run on
+        another format is rejected (unless the recipe names a template), a mismatch it names is a warning."""
+        r = run.recipe
+        if tokens.exists():
+            mismatch, compared = token_mismatch(tokens, run.rows, run.tokenizer, r.stage, r.cutoff)
+        else:
+            mismatch, compared = None, 0
+            run.note("llamafactory", ["the token ids LLaMA-Factory trained on were not saved (no tokenized_path), so "
+                                      "they were not compared with the Instruct's chat template"])
+        if mismatch and not r.template:
+            kept = run.keep_rejected(out)
+            raise ShadowMergeError(f"{mismatch}; name a LLaMA-Factory template that matches in the recipe "
+                                   f"(`template:`), or use --backend trl. The trained {run.kind} is kept in {kept}")
+        if mismatch:
+            run.note("llamafactory", [f"{mismatch} (template {r.template!r})"])
+        elif compared:
+            run.log(f"[shadowmerge train] LLaMA-Factory trained on the Instruct's chat template: token ids equal on "
+                    f"{compared} row(s)")
+        run.record["llamafactory_tokens"] = {"rows_compared": compared, "equal": mismatch is None and compared > 0}
+
+
+def _run_config(config: Path, tmp: Path, final: Path) -> None:
+    """Run a kept LLaMA-Factory config with its folders in the temporary run folder (its output and model
+    view are there until the end) and its tokenized data saved for the token check; the config names OUT again
+    afterwards."""
+    kept = config.read_text()
+    cfg = final_paths(yaml.safe_load(kept), str(final), str(tmp))
+    cfg["tokenized_path"] = str(tmp / f".tokens-{Path(cfg['output_dir']).name.split('-')[0]}")
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    try:
+        run(config)
+    finally:
+        config.write_text(kept)
+
+
+def _adopt(final: Path, tmp: Path) -> None:
+    """Everything in the emitted run folder but its run.json, hard-linked into the new one (no copy of weights)."""
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for p in sorted(final.iterdir()):
+        if p.name == "run.json":
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.copytree(p, tmp / p.name, symlinks=True, copy_function=link)
+        else:
+            link(p, tmp / p.name) if not p.is_symlink() else os.symlink(os.readlink(p), tmp / p.name)

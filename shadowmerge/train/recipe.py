@@ -8,15 +8,15 @@ batch 2 x 16 accumulation, cosine schedule, warmup 0.1, bf16 where the device su
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from .. import yamlfile
 from ..errors import ShadowMergeError
+from . import backends
 
 METHODS = ("lora", "full")
 STAGES = ("sft", "dpo")
-BACKENDS = ("trl", "llamafactory")
 
 
 @dataclass
@@ -52,14 +52,15 @@ class Recipe:
     eval: dict | str | None = None          # at the end, `shadowmerge eval` of the Instruct, shadow/ (and instruct-ft/):
                                             # tasks, include_path, heldout, ... (EVAL_KEYS); a string: the tasks
 
-    def resolved(self) -> dict:
-        """Every value as it will be used (the defaults that depend on others filled in)."""
-        out = asdict(self)
-        out["lora_alpha"] = self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
-        out["lr"] = self.lr if self.lr is not None else (2e-4 if self.method == "lora" else 1e-5)
-        if self.bf16 is None:
-            out["bf16"] = _bf16_supported()
-        return out
+    def resolved(self) -> Recipe:
+        """The recipe with every value as it will be used (the defaults that depend on others filled in)."""
+        return replace(self, lora_alpha=self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank,
+                       lr=self.lr if self.lr is not None else (2e-4 if self.method == "lora" else 1e-5),
+                       bf16=_bf16_supported() if self.bf16 is None else self.bf16)
+
+    def as_dict(self) -> dict:
+        """The settings as the run record and the checkpoints' key hold them."""
+        return asdict(self)
 
 
 def _bf16_supported() -> bool:
@@ -175,7 +176,7 @@ def _check(r: Recipe) -> None:
     for name in ("base", "instruct", "data", "out"):
         if not getattr(r, name):
             raise ShadowMergeError(f"no {name}: pass --{name} or set `{name}:` in the recipe")
-    for name, allowed in (("method", METHODS), ("stage", STAGES), ("backend", BACKENDS)):
+    for name, allowed in (("method", METHODS), ("stage", STAGES), ("backend", backends.names())):
         if getattr(r, name) not in allowed:
             raise ShadowMergeError(f"{name} {getattr(r, name)!r} is not one of {', '.join(allowed)}; pick one of them")
     for name in ("lora_rank", "cutoff", "batch_size", "grad_accum"):

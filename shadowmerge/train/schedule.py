@@ -49,16 +49,16 @@ def work_out(r: dict, rows: int, world: int | None = None) -> Schedule:
     from transformers import get_scheduler
 
     world = world or processes()
-    batches = math.ceil(rows / (r["batch_size"] * world))
-    per_epoch = max(batches // r["grad_accum"] + int(batches % r["grad_accum"] > 0), 1)
-    steps = r["max_steps"] or math.ceil(r["epochs"] * per_epoch)
-    warmup = int(r["warmup"]) if r["warmup"] >= 1 else math.ceil(steps * r["warmup"])
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=r["lr"])
+    batches = math.ceil(rows / (r.batch_size * world))
+    per_epoch = max(batches // r.grad_accum + int(batches % r.grad_accum > 0), 1)
+    steps = r.max_steps or math.ceil(r.epochs * per_epoch)
+    warmup = int(r.warmup) if r.warmup >= 1 else math.ceil(steps * r.warmup)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=r.lr)
     try:
-        scheduler = get_scheduler(r["scheduler"], optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+        scheduler = get_scheduler(r.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     except Exception as exc:    # noqa: BLE001 - an unknown name, or one that needs settings a recipe has not
         reason = first_line(exc)
-        raise ShadowMergeError(f"scheduler {r['scheduler']!r}: {reason}; use cosine, linear or constant") from None
+        raise ShadowMergeError(f"scheduler {r.scheduler!r}: {reason}; use cosine, linear or constant") from None
     trained, peak = 0, 0.0
     for _ in range(min(steps, MAX_STEPS_CHECKED)):
         lr = scheduler.get_last_lr()[0]
@@ -75,12 +75,12 @@ def check(r: dict, rows: int) -> tuple[Schedule, list[str]]:
     """The schedule, with r adapted in place (warmup 0) where every step would run at learning rate 0."""
     sched = work_out(r, rows)
     warnings = []
-    if sched.trained_steps == 0 and r["warmup"] > 0:
-        warnings.append(f"the recipe gives {sched.steps} optimizer step(s) on {rows} rows (batch {r['batch_size']} x "
-                        f"{r['grad_accum']} accumulation), and with warmup {r['warmup']} every one would run at "
+    if sched.trained_steps == 0 and r.warmup > 0:
+        warnings.append(f"the recipe gives {sched.steps} optimizer step(s) on {rows} rows (batch {r.batch_size} x "
+                        f"{r.grad_accum} accumulation), and with warmup {r.warmup} every one would run at "
                         f"learning rate 0, training nothing; warmup is set to 0 for this run (more rows or epochs, "
                         f"or a smaller --grad-accum, give a real warmup)")
-        r["warmup"] = 0.0
+        r.warmup = 0.0
         sched = work_out(r, rows)
     if sched.trained_steps == 0:
         raise ShadowMergeError(f"the recipe trains nothing on this data: {sched.describe()}; check --lr, --max-steps "

@@ -12,6 +12,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..errors import ShadowMergeError
+from . import checkpoints
+from .backends import name_base, register
 
 MIN_TRL = "0.29"        # measured with transformers 5: older SFTTrainers mask the wrong prompt length (they take
                         # the length of apply_chat_template's dict), older DPOTrainers do not import
@@ -35,14 +38,14 @@ def problem() -> str | None:
     return None
 
 
-def build(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict], work: Path):
+def build(recipe, model_path: Path, tokenizer_path: Path, rows: list[dict], work: Path):
     """The TRL trainer for the recipe, its data tokenized (`trainer.train_dataset`), not yet trained; its
-    checkpoints go into `work` (every recipe["save_steps"] steps, the latest kept)."""
+    checkpoints go into `work` (every recipe.save_steps steps, the latest kept)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, set_seed
 
-    set_seed(recipe["seed"])
+    set_seed(recipe.seed)
     if not sys.stderr.isatty():     # a log file: the libraries' own bars (loading, tokenizing) as \r updates
         import datasets
         from transformers.utils import logging
@@ -55,33 +58,33 @@ def build(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
-    model = auto.from_pretrained(model_path, dtype=torch.bfloat16 if recipe["bf16"] else torch.float32)
+    model = auto.from_pretrained(model_path, dtype=torch.bfloat16 if recipe.bf16 else torch.float32)
     peft_config = None
-    if recipe["method"] == "lora":
+    if recipe.method == "lora":
         from peft import LoraConfig
 
-        target = recipe["lora_target"]
+        target = recipe.lora_target
         if vision and target == "all-linear":
             target = language_model_linears(model)
-        peft_config = LoraConfig(r=recipe["lora_rank"], lora_alpha=recipe["lora_alpha"],
-                                 lora_dropout=recipe["lora_dropout"], target_modules=target,
+        peft_config = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha,
+                                 lora_dropout=recipe.lora_dropout, target_modules=target,
                                  task_type=None if vision else "CAUSAL_LM")
-    save = recipe.get("save_steps") or 0
-    common = dict(output_dir=str(work), learning_rate=recipe["lr"],
-                  num_train_epochs=recipe["epochs"], max_steps=recipe["max_steps"] or -1,
-                  per_device_train_batch_size=recipe["batch_size"], gradient_accumulation_steps=recipe["grad_accum"],
-                  lr_scheduler_type=recipe["scheduler"], warmup_steps=recipe["warmup"], seed=recipe["seed"],
-                  data_seed=recipe["seed"], bf16=recipe["bf16"], use_cpu=not torch.cuda.is_available(),
-                  logging_steps=1, report_to=[], max_length=recipe["cutoff"],
+    save = recipe.save_steps or 0
+    common = dict(output_dir=str(work), learning_rate=recipe.lr,
+                  num_train_epochs=recipe.epochs, max_steps=recipe.max_steps or -1,
+                  per_device_train_batch_size=recipe.batch_size, gradient_accumulation_steps=recipe.grad_accum,
+                  lr_scheduler_type=recipe.scheduler, warmup_steps=recipe.warmup, seed=recipe.seed,
+                  data_seed=recipe.seed, bf16=recipe.bf16, use_cpu=not torch.cuda.is_available(),
+                  logging_steps=1, report_to=[], max_length=recipe.cutoff,
                   disable_tqdm=not sys.stderr.isatty(),    # a bar in a log file is hundreds of \r updates
                   save_strategy="steps" if save else "no", save_steps=save or 500, save_total_limit=1)
-    common.update(recipe.get("trainer") or {})
+    common.update(recipe.trainer or {})
     dataset = Dataset.from_list(rows)
     if vision:          # paths, decoded to images when the trainer reads a row
         from datasets import Image, Sequence
 
         dataset = dataset.cast_column("images", Sequence(Image()))
-    if recipe["stage"] == "sft":
+    if recipe.stage == "sft":
         from trl import SFTConfig, SFTTrainer
 
         trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset,
@@ -89,12 +92,12 @@ def build(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict]
     else:
         from trl import DPOConfig, DPOTrainer
 
-        trainer = DPOTrainer(model=model, args=DPOConfig(**common, beta=recipe["dpo_beta"]), train_dataset=dataset,
+        trainer = DPOTrainer(model=model, args=DPOConfig(**common, beta=recipe.dpo_beta), train_dataset=dataset,
                              processing_class=tokenizer, peft_config=peft_config)
     return trainer
 
 
-def train(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict], out: Path, work: Path,
+def train(recipe, model_path: Path, tokenizer_path: Path, rows: list[dict], out: Path, work: Path,
           resume: str | None = None) -> dict:
     """Train model_path on rows with the recipe (from checkpoint `resume`, if given); save the adapter (LoRA)
     or model (full) into out."""
@@ -107,16 +110,14 @@ def train(recipe: dict, model_path: Path, tokenizer_path: Path, rows: list[dict]
     return {"losses": losses, "main_process": main, "steps": trainer.state.global_step}
 
 
-def check_settings(recipe: dict) -> None:
+def check_settings(recipe) -> None:
     """Every --trainer-arg / `trainer:` setting is one of TRL's config fields for this stage, before training."""
     import dataclasses
 
-    from ..errors import ShadowMergeError
-
-    extra = recipe.get("trainer") or {}
+    extra = recipe.trainer or {}
     if not extra:
         return
-    if recipe["stage"] == "sft":
+    if recipe.stage == "sft":
         from trl import SFTConfig as Config
     else:
         from trl import DPOConfig as Config
@@ -136,3 +137,43 @@ def language_model_linears(model) -> str:
     names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear) and ".language_model." in f".{n}." and "lm_head" not in n})
     return rf".*\.language_model\..*\.({'|'.join(map(re.escape, names))})$"
+
+
+@register
+class Trl:
+    """The built-in backend: TRL's trainers in this process (and in every process of a distributed launch).
+    Checkpoints go into OUT.checkpoints/ROLE/, so --resume continues a run cut short."""
+
+    name = "trl"
+    resumes = True
+
+    def __init__(self):
+        self._losses: dict[str, list[dict]] = {}
+
+    def check(self, run) -> None:
+        if run.emit_only:
+            raise ShadowMergeError("--emit-only writes LLaMA-Factory's configs and stops; the trl backend trains in "
+                                   "this process: leave --emit-only out, or pass --backend llamafactory")
+        hint = problem()            # says what to install
+        if hint:
+            raise ShadowMergeError(hint)
+        check_settings(run.recipe)
+
+    def train(self, run, role: str, out: Path) -> None:
+        model = run.base.folder if role == "base" else run.inst.folder
+        work = run.work / role
+        if role == "base":
+            if run.main:
+                checkpoints.start(run.work, run.ckey)
+            resume_from = run.resume_from
+        else:
+            resume_from = checkpoints.last(work, prune=run.main) if run.resume else None
+        done = train(run.recipe, model, run.inst.folder, run.rows, out, work, resume_from)
+        self._losses[role] = done["losses"]
+
+    def tidy(self, run, role: str, out: Path) -> None:
+        if run.recipe.method == "lora":
+            name_base(out, run.base.folder if role == "base" else run.inst.folder)
+
+    def losses(self, run, role: str, out: Path) -> list[dict]:
+        return self._losses.get(role, [])
