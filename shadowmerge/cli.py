@@ -14,7 +14,8 @@ from ._version import __version__
 from .errors import ShadowMergeError
 
 
-from .spec import FORCE_HELP, GraftSpec, cli_options, from_cli
+from .options import FORCE_HELP, cli_options, from_cli
+from .spec import ExtractSpec, GraftSpec
 
 
 class Interrupted(KeyboardInterrupt):
@@ -287,27 +288,8 @@ def train_command(recipe, baseline, emit_only, finish, resume, force, allow_pick
 
 
 @main.command(context_settings={"max_content_width": 100})
-@click.option("--base", required=True, metavar="MODEL", help="The Base the full fine-tune started from.")
-@click.option("--tuned", required=True, metavar="MODEL", help="The full fine-tune of that Base.")
-@click.option("--out", required=True, metavar="DIR", help="The adapter folder to write.")
-@click.option("--rank", type=int, help="LoRA rank of every module (give this or --energy).")
-@click.option("--energy", type=float, help="Per module, the smallest rank keeping this share of Σ s² (e.g. 0.99).")
-@click.option("--max-rank", type=int, default=256, show_default=True, help="With --energy: the largest rank.")
-@click.option("--for-instruct", metavar="MODEL", help="Write the adapter for this Instruct (its base_model_name_or_path; "
-              "full copies are the Instruct's plus the update).")
-@click.option("--others", type=click.Choice(["drop", "copy"]), default="drop", show_default=True,
-              help="Changed embeddings, head and norms: dropped, or kept as peft modules_to_save full copies.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
-              help="dtype of the adapter's tensors; bfloat16 halves the file, and the recorded error is then that of "
-                   "the stored factors [default: float32 factors, full copies in the tuned model's dtype].")
-@click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda, cuda:N.")
-@click.option("--force", is_flag=True, help=FORCE_HELP)
-@click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
-@click.option("--no-role-check", is_flag=True, help="Extract even when --base and --tuned (and --for-instruct) look "
-              "exchanged, or are one model; for deliberate experiments.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def extract(base, tuned, out, rank, energy, max_rank, for_instruct, others, dtype, device, force, allow_pickle,
-            no_role_check, quiet):
+@cli_options(ExtractSpec)
+def extract(**options):
     """Turn a full fine-tune's update (tuned - base) into a PEFT LoRA adapter.
 
     Per linear module (and per expert of a MoE's fused expert parameters): ΔW = T - B in float32,
@@ -324,10 +306,7 @@ def extract(base, tuned, out, rank, energy, max_rank, for_instruct, others, dtyp
     """
     from .extract import extract as run_extract
 
-    click.echo(str(run_extract(base, tuned, out, rank=rank, energy=energy, max_rank=max_rank,
-                               for_instruct=for_instruct, others=others, dtype=dtype, device=device, force=force,
-                               allow_pickle=allow_pickle, check_roles=not no_role_check,
-                               progress=not quiet, command=_command())))
+    click.echo(str(run_extract(from_cli(ExtractSpec, options, command=_command()))))
     _warn_adapter_loading()
 
 
@@ -356,6 +335,12 @@ def verify(out, recompute, sample, device, quiet):
     click.echo(str(run_verify(out, recompute=recompute, sample=sample, device=device, progress=not quiet)))
 
 
+def options_of_eval_settings(command):
+    from .evaluate.settings import EvalSettings
+
+    return cli_options(EvalSettings)(command)
+
+
 def _alphas(text: str | None) -> tuple[float, ...] | None:
     if text is None:
         return None
@@ -368,28 +353,8 @@ def _alphas(text: str | None) -> tuple[float, ...] | None:
 
 @main.command("eval", context_settings={"max_content_width": 100})
 @click.argument("models", nargs=-1, metavar="[LABEL=MODEL]...")
-@click.option("--tasks", metavar="T1,T2", help="lm_eval task names (built-in, or defined in --include-path).")
-@click.option("--include-path", "include_path", multiple=True, metavar="DIR",
-              help="A folder of your own lm_eval task YAMLs (e.g. dataset_path: json); repeatable.")
-@click.option("--heldout", metavar="FILE", help="Held-out rows (the formats `train --data` takes): NLL per answer "
-              "token and perplexity of each model, masked as training masks.")
 @click.option("--out", required=True, metavar="DIR", help="Report folder (written beside, then renamed).")
-@click.option("--num-fewshot", type=int, metavar="K", help="Few-shot examples per item [default: each task's own].")
-@click.option("--limit", type=float, metavar="N", help="Only the first N items of each task (a fraction if < 1).")
-@click.option("--seed", type=int, help="One seed for lm_eval's random, numpy, torch and few-shot sampling "
-              "[default: lm_eval's (0, 1234, 1234, 1234)].")
-@click.option("--batch-size", default="8", show_default=True, help="lm_eval batch size (a number, or auto).")
-@click.option("--device", help="cpu, cuda, cuda:N [default: cuda when there is one, else cpu].")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="dtype the models are evaluated in (auto: each model's own).")
-@click.option("--apply-chat-template/--no-apply-chat-template", default=True, show_default=True,
-              help="Format every prompt with each model's own chat template (the Instruct's, in a graft).")
-@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
-              help="lm_eval's engine: transformers, or vLLM where it is installed.")
-@click.option("--model-args", default="", metavar="K=V,...", help="More lm_eval model arguments, e.g. "
-              "tensor_parallel_size=2,data_parallel_size=2 (vllm) or parallelize=True (hf).")
-@click.option("--heldout-cutoff", type=int, default=4096, show_default=True,
-              help="Tokens per held-out row, as `train --cutoff` cuts them.")
+@options_of_eval_settings
 @click.option("--alpha", "alphas", metavar="A1,A2", help="α sweep: evaluate I + α·Δ for each value (with --instruct "
               "and --lora, or --base and --tuned); each is what `graft --alpha` writes.")
 @click.option("--instruct", metavar="MODEL", help="α sweep: the Instruct (the reference).")
@@ -399,9 +364,7 @@ def _alphas(text: str | None) -> tuple[float, ...] | None:
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars (one line per model stays).")
-def eval_command(models, tasks, include_path, heldout, out, num_fewshot, limit, seed, batch_size, device, dtype,
-                 apply_chat_template, backend, model_args, heldout_cutoff, alphas, instruct, lora, base, tuned,
-                 force, allow_pickle, quiet):
+def eval_command(models, out, alphas, instruct, lora, base, tuned, force, allow_pickle, quiet, **settings):
     """Evaluate models side by side: lm_eval tasks, held-out loss, paired statistics.
 
     The first model is the reference; each other one is compared with it item by item:
@@ -434,11 +397,7 @@ def eval_command(models, tasks, include_path, heldout, out, num_fewshot, limit, 
         given = ", ".join(k for k, v in sweep_inputs.items() if v)
         raise ShadowMergeError(f"{given} belong to an α sweep: add --alpha (e.g. --alpha 0.5,1), or give the models "
                                f"as LABEL=PATH arguments")
-    settings = EvalSettings(tasks=tuple([tasks]) if tasks else (), include_path=include_path, heldout=heldout,
-                            num_fewshot=num_fewshot, limit=limit, seed=seed, batch_size=batch_size, device=device,
-                            dtype=dtype, apply_chat_template=apply_chat_template, backend=backend,
-                            model_args=model_args, heldout_cutoff=heldout_cutoff)
-    click.echo(str(evaluate(list(models), settings, out=out, force=force, sweep=sweep, allow_pickle=allow_pickle,
+    click.echo(str(evaluate(list(models), from_cli(EvalSettings, settings), out=out, force=force, sweep=sweep, allow_pickle=allow_pickle,
                             progress=not quiet, command=_command())))
 
 

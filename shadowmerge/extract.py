@@ -28,7 +28,7 @@ import json
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,11 +40,11 @@ from .errors import ShadowMergeError
 from .names import disk_to_memory, meta_model, stacked_experts
 from .record import FILES
 from .output import OutputFolder
-from .tensors import dtype_name, parse_dtype
+from .spec import ExtractSpec
+from .tensors import parse_dtype
 from .progress import bar as progress_bar
 from .stformat import build_header
 
-OTHERS = ("drop", "copy")
 _NOT_LORA = re.compile(r"(^|\.)(embed_tokens|embed_positions|wte|wpe|word_embeddings|lm_head|embed_out|output)\.weight$")
 
 
@@ -91,43 +91,59 @@ def _rank(s: torch.Tensor, rank: int | None, energy: float | None, max_rank: int
     return max(1, min(r, max_rank, s.numel()))
 
 
-def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int | None = None,
-            energy: float | None = None, max_rank: int = 256, for_instruct: str | Path | None = None,
-            others: str = "drop", dtype: str | torch.dtype | None = None, device: str = "cpu",
-            force: bool = False, allow_pickle: bool = False, progress: bool = True,
-            command: str | None = None, check_roles: bool = True) -> ExtractSummary:
+_POSITIONAL = ("base", "tuned", "out")
+
+
+@dataclass(frozen=True)
+class _How:
+    """An ExtractSpec's settings as the extraction uses them (the dtype and device resolved)."""
+    rank: int | None
+    energy: float | None
+    max_rank: int
+    others: str
+    out_dtype: torch.dtype | None
+    device: torch.device
+
+
+def extract(*args, **options) -> ExtractSummary:
     """Write the update tuned - base as a LoRA adapter at `out` (for `for_instruct` when given).
 
-    dtype: of every adapter tensor (default: float32 factors, full copies in the tuned model's dtype);
-    device: where the SVDs run; check_roles: refuse inputs that look exchanged (roles.py). Returns what was
-    written, per module.
+    `extract(spec)` with an ExtractSpec, or `extract(base, tuned, out, *, rank=..., energy=..., ...)` with its
+    fields as keywords. dtype: of every adapter tensor (default: float32 factors, full copies in the tuned
+    model's dtype); device: where the SVDs run; check_roles: refuse inputs that look exchanged (roles.py).
+    Returns what was written, per module.
     """
-    if (rank is None) == (energy is None):
-        raise ShadowMergeError("give one of --rank R or --energy E (e.g. --energy 0.99)")
-    if rank is not None and rank < 1:
-        raise ShadowMergeError(f"--rank must be at least 1, not {rank}; pass e.g. --rank 64")
-    if energy is not None and not 0 < energy <= 1:
-        raise ShadowMergeError(f"--energy is a share of the update's squared singular values in (0, 1], not {energy}")
-    if max_rank < 1:
-        raise ShadowMergeError(f"--max-rank must be at least 1, not {max_rank}; pass e.g. --max-rank 256")
-    if others not in OTHERS:
-        raise ShadowMergeError(f"--others is one of {', '.join(OTHERS)}, not {others!r}; pass one of them")
-    out_dtype, dev = parse_dtype(dtype), parse_device(device)
+    if len(args) == 1 and isinstance(args[0], ExtractSpec) and not options:
+        return run(args[0])
+    if len(args) > len(_POSITIONAL):
+        raise TypeError(f"extract() takes at most {len(_POSITIONAL)} positional arguments ({', '.join(_POSITIONAL)})")
+    for name, value in zip(_POSITIONAL, args):
+        if name in options:
+            raise TypeError(f"extract() got multiple values for argument {name!r}")
+        options[name] = value
+    return run(ExtractSpec(**options))
+
+
+def run(spec: ExtractSpec) -> ExtractSummary:
+    """The extraction an ExtractSpec describes (its rank, energy and others were checked when it was made)."""
+    base, tuned, progress = spec.base, spec.tuned, spec.progress
+    out_dtype, dev = parse_dtype(spec.dtype), parse_device(spec.device)
     if out_dtype is not None and not out_dtype.is_floating_point:
-        raise ShadowMergeError(f"--dtype {dtype}: an adapter's tensors are floating point; use bfloat16, float16 or "
-                               f"float32")
+        raise ShadowMergeError(f"--dtype {spec.dtype}: an adapter's tensors are floating point; use bfloat16, float16 "
+                               f"or float32")
+    opts = _How(spec.rank, spec.energy, spec.max_rank, spec.others, out_dtype, dev)
     start = time.perf_counter()
     opened: list[Checkpoint] = []
     try:
-        for ref, label in ((base, "base"), (tuned, "tuned"), (for_instruct, "instruct")):
+        for ref, label in ((base, "base"), (tuned, "tuned"), (spec.for_instruct, "instruct")):
             if ref is not None:
-                opened.append(Checkpoint.open(ref, label, allow_pickle))
+                opened.append(Checkpoint.open(ref, label, spec.allow_pickle))
         b, t, inst = (opened + [None])[:3]
-        if check_roles and b.folder.resolve() == t.folder.resolve():
+        if spec.check_roles and b.folder.resolve() == t.folder.resolve():
             raise ShadowMergeError(f"--base and --tuned are the same model ({base}); pass the fine-tune of the Base as "
                                    f"--tuned")
         names = _check(b, t, inst)
-        target = OutputFolder(out, force=force, inputs=[c.folder for c in opened], need_bytes=0,
+        target = OutputFolder(spec.out, force=spec.force, inputs=[c.folder for c in opened], need_bytes=0,
                               record=FILES["extract"])
         summary = ExtractSummary(target.target)
         ranks: dict[str, int] = {}         # LoRA target -> rank: modules, and (experts) parameters
@@ -136,23 +152,22 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
             applied_to = inst if inst is not None else b
             for c in opened:           # Hub inputs: download the weights, now that everything was checked
                 c.fetch(progress, side=["README.md"] if c is applied_to else False)
-            if check_roles:
+            if spec.check_roles:
                 from . import roles
 
                 roles.check(inst, b, t, names, instruct_flag="--for-instruct")
             with progress_bar(sum(t.tensors[n].nbytes + b.tensors[n].nbytes for n in names), progress,
                               "extract") as bar, exact_float32(dev):
-                _extract(names, b, t, inst, (rank, energy, max_rank, others, out_dtype, dev), summary, state, ranks,
-                         keep, bar, disk_to_memory(applied_to.folder, names), meta_model(applied_to.folder, names))
+                _extract(names, b, t, inst, opts, summary, state, ranks, keep, bar,
+                         disk_to_memory(applied_to.folder, names), meta_model(applied_to.folder, names))
             if not ranks:
                 raise ShadowMergeError(f"--tuned {tuned}: no linear weight differs from --base {base}; there is no "
                                        f"update to extract")
             _write(tmp, state, ranks, sorted(keep), *hub.reference(applied_to), model=meta_model(applied_to.folder,
                                                                                                names))
             summary.seconds = time.perf_counter() - start
-            _report(tmp, summary, opened, {"rank": rank, "energy": energy, "max_rank": max_rank, "others": others,
-                                           "dtype": dtype_name(out_dtype), "device": str(dev)})
-            _card(tmp, summary, applied_to, base, tuned, rank, energy, others, command)
+            _report(tmp, summary, opened, spec.settings(out_dtype, dev))
+            _card(tmp, summary, applied_to, spec)
             target.commit()
         return summary
     finally:
@@ -160,7 +175,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
             c.close()
 
 
-def _extract(names, b, t, inst, settings, summary, state, ranks, keep, bar, memory: dict, model) -> None:
+def _extract(names, b, t, inst, opts: _How, summary, state, ranks, keep, bar, memory: dict, model) -> None:
     """Each tensor in turn: a linear weight's ΔW as its truncated SVD; other changes dropped or copied.
 
     Keys are the loaded model's names, which peft sees (`memory`: names.disk_to_memory; vision-language
@@ -168,7 +183,7 @@ def _extract(names, b, t, inst, settings, summary, state, ranks, keep, bar, memo
     cannot be one LoRA target or copy and is refused. Where transformers can build the model (on the meta
     device, `model`), only nn.Linear modules become LoRA targets (an nn.Embedding is an embedding, a
     transposed GPT-2 Conv1D is left to --others); otherwise the names decide."""
-    rank, energy, max_rank, others, out_dtype, dev = settings
+    out_dtype, dev = opts.out_dtype, opts.device
     groups = _expert_groups(names, b, memory, model)
     grouped = {d for g in groups.values() for d in g.slots.values()}
     for name in names:
@@ -192,14 +207,14 @@ def _extract(names, b, t, inst, settings, summary, state, ranks, keep, bar, memo
         loaded = how.memory if how is not None else name
         module = loaded[: -len(".weight")] if loaded.endswith(".weight") else loaded
         if delta.dim() == 2 and name.endswith(".weight") and not _NOT_LORA.search(name) and _linear(model, module):
-            r, a, b_, kept, error = _factors(delta.to(dev), norm, (rank, energy, max_rank), out_dtype)
+            r, a, b_, kept, error = _factors(delta.to(dev), norm, opts)
             state.add(f"base_model.model.{module}.lora_A.weight", a)
             state.add(f"base_model.model.{module}.lora_B.weight", b_)
             ranks[module] = r
             summary.modules.append({"module": module, "tensor": name, "shape": list(delta.shape), "rank": r,
                                     "rel_error": error, "energy": kept, "update_norm": norm})
             continue
-        copyable = others == "copy" and name.endswith(".weight") and (
+        copyable = opts.others == "copy" and name.endswith(".weight") and (
             _NOT_LORA.search(name) or delta.dim() == 1 or _is(model, module, torch.nn.Embedding)
             or (delta.dim() == 2 and _is(model, module, torch.nn.Module)))   # a router's, a Conv1D's: whole
         summary.others.append({"tensor": name, "shape": list(delta.shape), "update_norm": norm,
@@ -210,7 +225,7 @@ def _extract(names, b, t, inst, settings, summary, state, ranks, keep, bar, memo
             keep.add(module)
     _whole_modules(names, b, t, inst, keep, memory, summary, state, out_dtype)
     for group in groups.values():
-        _extract_experts(group, b, t, settings, summary, state, ranks, bar)
+        _extract_experts(group, b, t, opts, summary, state, ranks, bar)
 
 
 def _whole_modules(names, b, t, inst, keep, memory: dict, summary, state, out_dtype) -> None:
@@ -296,11 +311,11 @@ def _expert_groups(names: list[str], b: Checkpoint, memory: dict, model) -> dict
     return groups
 
 
-def _extract_experts(g: _Experts, b: Checkpoint, t: Checkpoint, settings, summary, state, ranks, bar) -> None:
+def _extract_experts(g: _Experts, b: Checkpoint, t: Checkpoint, opts: _How, summary, state, ranks, bar) -> None:
     """A fused expert parameter as one LoRA in peft's target_parameters layout: expert e's truncated SVD is
     lora_A rows e·r … (e+1)·r and lora_B columns e, e + E, …; one rank r for all experts (with --energy the
     largest any expert needs). Memory holds one expert's ΔW and the parameter's factors."""
-    rank, energy, max_rank, _, out_dtype, dev = settings
+    rank, energy, max_rank, out_dtype, dev = opts.rank, opts.energy, opts.max_rank, opts.out_dtype, opts.device
     experts = g.shape[0]
     out_dim, in_dim = (g.shape[2], g.shape[1]) if g.transposed else (g.shape[1], g.shape[2])
     bar.update(sum(t.tensors[d].nbytes + b.tensors[d].nbytes for d in g.slots.values()))
@@ -322,7 +337,7 @@ def _extract_experts(g: _Experts, b: Checkpoint, t: Checkpoint, settings, summar
         norm = float(delta.double().norm())
         if norm == 0.0:
             continue                          # its factors stay zero
-        _, a, b_, kept, error = _factors(delta, norm, (r, None, max_rank), out_dtype)
+        _, a, b_, kept, error = _factors(delta, norm, replace(opts, rank=r, energy=None))
         k = a.shape[0]                        # r, or fewer where the expert's ΔW has fewer singular values
         a_all[e * r:e * r + k], b_all[:, :k, e] = a, b_
         error2, kept2, total2 = error2 + (error * norm) ** 2, kept2 + kept * norm ** 2, total2 + norm ** 2
@@ -336,9 +351,9 @@ def _extract_experts(g: _Experts, b: Checkpoint, t: Checkpoint, settings, summar
                             "energy": kept2 / total2, "update_norm": total2 ** 0.5})
 
 
-def _factors(delta: torch.Tensor, norm: float, settings, out_dtype: torch.dtype | None):
+def _factors(delta: torch.Tensor, norm: float, opts: _How):
     """ΔW's truncated SVD as LoRA factors on the CPU: (rank, A, B, energy kept, relative error of B @ A as stored)."""
-    rank, energy, max_rank = settings
+    rank, energy, max_rank, out_dtype = opts.rank, opts.energy, opts.max_rank, opts.out_dtype
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     s_cpu = s.cpu()
     r = _rank(s_cpu, rank, energy, max_rank)
@@ -448,11 +463,11 @@ def _parameter_keys(state: _Spool, params: list[str], model) -> None:
     state.entries = [(keys.get(n, n), *rest) for n, *rest in state.entries]
 
 
-def _card(tmp: Path, summary: ExtractSummary, applied_to: Checkpoint, base, tuned, rank, energy, others,
-          command: str | None) -> None:
+def _card(tmp: Path, summary: ExtractSummary, applied_to: Checkpoint, spec: ExtractSpec) -> None:
     """The adapter's own card: base_model is the model it loads onto (the Instruct with --for-instruct)."""
     from . import card
 
+    base, tuned, rank, energy, command = spec.base, spec.tuned, spec.rank, spec.energy, spec.command
     ranks = sorted({m["rank"] for m in summary.modules})
     worst = max(m["rel_error"] for m in summary.modules)
     onto = "its Instruct sibling" if applied_to.label == "instruct" else "the Base"
@@ -465,7 +480,7 @@ def _card(tmp: Path, summary: ExtractSummary, applied_to: Checkpoint, base, tune
                command=command or card.command_line(None),
                details={"rank": rank if rank is not None else f"energy {energy} (ranks {ranks[0]}–{ranks[-1]})",
                         "modules": len(summary.modules), "largest relative error": f"{worst:.4g}",
-                        "other changed tensors": others})
+                        "other changed tensors": spec.others})
 
 
 def _report(tmp: Path, summary: ExtractSummary, opened: list[Checkpoint], settings: dict) -> None:

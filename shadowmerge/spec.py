@@ -1,4 +1,4 @@
-"""GraftSpec: everything one graft is asked to do, in one frozen value.
+"""GraftSpec: everything one graft is asked to do, in one frozen value (and ExtractSpec, an extraction's).
 
 `shadowmerge graft` builds it from its options (the options themselves are generated from the fields
 below: a field's `cli` metadata is its flag and help), `pipeline.graft()` takes it (or builds it from
@@ -11,12 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from .options import FORCE_HELP, option as _option
+
 SPEC_VERSION = 1
-FORCE_HELP = "Replace --out if it exists and shadowmerge wrote it (a user's own folder is never replaced)."
-
-
-def _option(flag: str, help: str, **click) -> dict:
-    return {"cli": dict(flag=flag, help=help, **click)}
 
 
 @dataclass(frozen=True)
@@ -123,32 +120,67 @@ _JSON_TYPES = {"str": (str,), "str | None": (str, type(None)), "float": (int, fl
                "str | int": (str, int)}
 
 
-def cli_options(spec_class):
-    """A decorator adding one click option per field of spec_class that has `cli` metadata, in field order."""
-    import click
+@dataclass(frozen=True)
+class ExtractSpec:
+    """An extraction: the update TUNED - BASE as a LoRA adapter at OUT (`shadowmerge extract`'s options are these
+    fields; extract.py takes it; extract.json records its settings)."""
 
-    def decorate(command):
-        for f in reversed(fields(spec_class)):
-            cli = dict(f.metadata.get("cli") or {})
-            if not cli:
-                continue
-            flag, invert, choices = cli.pop("flag"), cli.pop("invert", False), cli.pop("choices", None)
-            if choices:
-                cli["type"] = click.Choice(list(choices))
-            if not cli.get("is_flag") and f.default is not None:
-                cli["default"] = f.default
-            name = f"_not_{f.name}" if invert else f.name       # --no-role-check / --quiet set their field False
-            command = click.option(*flag.split("/"), name, **cli)(command)
-        return command
-    return decorate
+    base: str = field(metadata=_option("--base", "The Base the full fine-tune started from.", required=True,
+                                       metavar="MODEL"))
+    tuned: str = field(metadata=_option("--tuned", "The full fine-tune of that Base.", required=True,
+                                        metavar="MODEL"))
+    out: str = field(metadata=_option("--out", "The adapter folder to write.", required=True, metavar="DIR"))
+    rank: int | None = field(default=None, metadata=_option(
+        "--rank", "LoRA rank of every module (give this or --energy).", type=int))
+    energy: float | None = field(default=None, metadata=_option(
+        "--energy", "Per module, the smallest rank keeping this share of Σ s² (e.g. 0.99).", type=float))
+    max_rank: int = field(default=256, metadata=_option(
+        "--max-rank", "With --energy: the largest rank.", type=int, show_default=True))
+    for_instruct: str | None = field(default=None, metadata=_option(
+        "--for-instruct", "Write the adapter for this Instruct (its base_model_name_or_path; full copies are the "
+                          "Instruct's plus the update).", metavar="MODEL"))
+    others: str = field(default="drop", metadata=_option(
+        "--others", "Changed embeddings, head and norms: dropped, or kept as peft modules_to_save full copies.",
+        choices=("drop", "copy"), show_default=True))
+    dtype: str | None = field(default=None, metadata=_option(
+        "--dtype", "dtype of the adapter's tensors; bfloat16 halves the file, and the recorded error is then that "
+                   "of the stored factors [default: float32 factors, full copies in the tuned model's dtype].",
+        choices=("bfloat16", "float16", "float32")))
+    device: str = field(default="cpu", metadata=_option(
+        "--device", "Where the SVDs run: cpu, cuda, cuda:N.", show_default=True))
+    force: bool = field(default=False, metadata=_option("--force", FORCE_HELP, is_flag=True))
+    allow_pickle: bool = field(default=False, metadata=_option(
+        "--allow-pickle", "Allow .bin weights (loaded with torch.load(weights_only=True)).", is_flag=True))
+    check_roles: bool = field(default=True, metadata=_option(
+        "--no-role-check", "Extract even when --base and --tuned (and --for-instruct) look exchanged, or are one "
+                           "model; for deliberate experiments.", is_flag=True, invert=True))
+    progress: bool = field(default=True, metadata=_option("-q/--quiet", "No progress bars.", is_flag=True,
+                                                          invert=True))
+    command: str | None = None        # the command line, for the model card (the CLI fills it in)
 
+    def __post_init__(self):
+        """Paths as text; rank/energy/max-rank/others checked (one line each)."""
+        from .errors import ShadowMergeError
 
-def from_cli(spec_class, options: dict, **extra):
-    """The spec from the options cli_options added (an inverted flag, e.g. --no-role-check, sets its field False)."""
-    values = dict(extra)
-    for f in fields(spec_class):
-        if f"_not_{f.name}" in options:
-            values[f.name] = not options[f"_not_{f.name}"]
-        elif f.name in options:
-            values[f.name] = options[f.name]
-    return spec_class(**values)
+        for name in ("base", "tuned", "out", "for_instruct"):
+            value = getattr(self, name)
+            if isinstance(value, Path):
+                object.__setattr__(self, name, str(value))
+        if (self.rank is None) == (self.energy is None):
+            raise ShadowMergeError("give one of --rank R or --energy E (e.g. --energy 0.99)")
+        if self.rank is not None and self.rank < 1:
+            raise ShadowMergeError(f"--rank must be at least 1, not {self.rank}; pass e.g. --rank 64")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise ShadowMergeError(f"--energy is a share of the update's squared singular values in (0, 1], not "
+                                   f"{self.energy}")
+        if self.max_rank < 1:
+            raise ShadowMergeError(f"--max-rank must be at least 1, not {self.max_rank}; pass e.g. --max-rank 256")
+        if self.others not in ("drop", "copy"):
+            raise ShadowMergeError(f"--others is one of drop, copy, not {self.others!r}; pass one of them")
+
+    def settings(self, out_dtype, device) -> dict:
+        """The settings extract.json records (the dtype and device as resolved)."""
+        from .tensors import dtype_name
+
+        return {"rank": self.rank, "energy": self.energy, "max_rank": self.max_rank, "others": self.others,
+                "dtype": dtype_name(out_dtype), "device": str(device)}

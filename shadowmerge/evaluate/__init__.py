@@ -16,18 +16,25 @@ files.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ShadowMergeError
-from . import models as modelrefs
-from .runner import Prepared, prepare, run
+from ..record import FILES
+from ..record import write as write_record
 from .settings import EvalSettings, Sweep
 
 __all__ = ["EvalSettings", "Sweep", "EvalReport", "Prepared", "evaluate", "prepare", "run", "write"]
 
-RECORD = "eval.json"
+RECORD = FILES["eval"]
+
+
+def __getattr__(name):      # the runner (numpy, the statistics) loads on first use: `shadowmerge --help` stays light
+    if name in ("Prepared", "prepare", "run"):
+        from . import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module 'shadowmerge.evaluate' has no attribute {name!r}")
 
 
 @dataclass
@@ -58,7 +65,7 @@ def write(folder: Path, data: dict, examples: dict) -> None:
     (folder / "eval.md").write_text(report.markdown(data))
     report.figure(data, folder / "eval.png")
     report.write_html(data, folder, examples)
-    (folder / RECORD).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    write_record(folder, data, default=str)
 
 
 def evaluate(models: list[str] | list[tuple[str, str]], settings: EvalSettings, *, out: str | Path | None = None,
@@ -67,6 +74,8 @@ def evaluate(models: list[str] | list[tuple[str, str]], settings: EvalSettings, 
     """Evaluate the models (LABEL=PATH strings or (label, path) pairs; the first is the reference) on the same
     tasks and held-out rows; with `out`, write the report folder."""
     from ..output import OutputFolder
+    from . import models as modelrefs
+    from .runner import prepare, run
 
     if out is None and sweep is not None:
         raise ShadowMergeError("an α sweep needs an output folder (its models are grafted there, one at a time); "

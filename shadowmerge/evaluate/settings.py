@@ -4,27 +4,53 @@ checked once."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ShadowMergeError
+from ..options import option
+
+
+def _tasks(text: str | None) -> tuple[str, ...]:
+    return (text,) if text else ()
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """The same settings for every model."""
-    tasks: tuple[str, ...] = ()
-    include_path: tuple[str, ...] = ()
-    heldout: str | None = None
-    num_fewshot: int | None = None
-    limit: float | None = None
-    seed: int | None = None
-    batch_size: int | str = 8
-    device: str | None = None          # None: cuda when there is one, else cpu
-    dtype: str = "auto"
-    apply_chat_template: bool = True
-    backend: str = "hf"
-    model_args: str = ""
-    heldout_cutoff: int = 4096
+    """The same settings for every model (`shadowmerge eval`'s options are generated from these fields)."""
+    tasks: tuple[str, ...] = field(default=(), metadata=option(
+        "--tasks", "lm_eval task names (built-in, or defined in --include-path).", metavar="T1,T2", default=None,
+        convert=_tasks))
+    include_path: tuple[str, ...] = field(default=(), metadata=option(
+        "--include-path", "A folder of your own lm_eval task YAMLs (e.g. dataset_path: json); repeatable.",
+        multiple=True, metavar="DIR"))
+    heldout: str | None = field(default=None, metadata=option(
+        "--heldout", "Held-out rows (the formats `train --data` takes): NLL per answer token and perplexity of each "
+                     "model, masked as training masks.", metavar="FILE"))
+    num_fewshot: int | None = field(default=None, metadata=option(
+        "--num-fewshot", "Few-shot examples per item [default: each task's own].", type=int, metavar="K"))
+    limit: float | None = field(default=None, metadata=option(
+        "--limit", "Only the first N items of each task (a fraction if < 1).", type=float, metavar="N"))
+    seed: int | None = field(default=None, metadata=option(
+        "--seed", "One seed for lm_eval's random, numpy, torch and few-shot sampling [default: lm_eval's (0, 1234, "
+                  "1234, 1234)].", type=int))
+    batch_size: int | str = field(default=8, metadata=option(
+        "--batch-size", "lm_eval batch size (a number, or auto).", default="8", show_default=True))
+    device: str | None = field(default=None, metadata=option(       # None: cuda when there is one, else cpu
+        "--device", "cpu, cuda, cuda:N [default: cuda when there is one, else cpu]."))
+    dtype: str = field(default="auto", metadata=option(
+        "--dtype", "dtype the models are evaluated in (auto: each model's own).",
+        choices=("auto", "float32", "bfloat16", "float16"), show_default=True))
+    apply_chat_template: bool = field(default=True, metadata=option(
+        ("--apply-chat-template/--no-apply-chat-template",), "Format every prompt with each model's own chat "
+        "template (the Instruct's, in a graft).", show_default=True))
+    backend: str = field(default="hf", metadata=option(
+        "--backend", "lm_eval's engine: transformers, or vLLM where it is installed.", choices=("hf", "vllm"),
+        show_default=True))
+    model_args: str = field(default="", metadata=option(
+        "--model-args", "More lm_eval model arguments, e.g. tensor_parallel_size=2,data_parallel_size=2 (vllm) or "
+                        "parallelize=True (hf).", metavar="K=V,..."))
+    heldout_cutoff: int = field(default=4096, metadata=option(
+        "--heldout-cutoff", "Tokens per held-out row, as `train --cutoff` cuts them.", type=int, show_default=True))
 
     def checked(self) -> "EvalSettings":
         tasks = tuple(t.strip() for item in self.tasks for t in str(item).split(",") if t.strip())
