@@ -38,6 +38,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .devices import exact_float32, parse_device
 from .errors import ShadowMergeError
 from .names import disk_to_memory, meta_model, stacked_experts
+from .options import from_call
 from .record import FILES
 from .output import OutputFolder
 from .spec import ExtractSpec
@@ -113,15 +114,7 @@ def extract(*args, **options) -> ExtractSummary:
     model's dtype); device: where the SVDs run; check_roles: refuse inputs that look exchanged (roles.py).
     Returns what was written, per module.
     """
-    if len(args) == 1 and isinstance(args[0], ExtractSpec) and not options:
-        return run(args[0])
-    if len(args) > len(_POSITIONAL):
-        raise TypeError(f"extract() takes at most {len(_POSITIONAL)} positional arguments ({', '.join(_POSITIONAL)})")
-    for name, value in zip(_POSITIONAL, args):
-        if name in options:
-            raise TypeError(f"extract() got multiple values for argument {name!r}")
-        options[name] = value
-    return run(ExtractSpec(**options))
+    return run(from_call(ExtractSpec, _POSITIONAL, args, options, "extract"))
 
 
 def run(spec: ExtractSpec) -> ExtractSummary:

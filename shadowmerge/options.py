@@ -52,3 +52,16 @@ def from_cli(settings_class, options: dict, **extra):
             value = options[f.name]
             values[f.name] = cli["convert"](value) if cli.get("convert") else value
     return settings_class(**values)
+
+
+def from_call(settings_class, positional: tuple[str, ...], args: tuple, options: dict, function: str):
+    """The settings of a library call made as `function(settings)` or `function(*positional, **fields)`."""
+    if len(args) == 1 and isinstance(args[0], settings_class) and not options:
+        return args[0]
+    if len(args) > len(positional):
+        raise TypeError(f"{function}() takes at most {len(positional)} positional arguments ({', '.join(positional)})")
+    for name, value in zip(positional, args):
+        if name in options:
+            raise TypeError(f"{function}() got multiple values for argument {name!r}")
+        options[name] = value
+    return settings_class(**options)

@@ -15,6 +15,7 @@ from ._version import versions
 from .checkpoint import Checkpoint
 from .devices import parse_device
 from .errors import NoUpdate, ShadowMergeError
+from .options import from_call
 from .output import OutputFolder
 from .record import new as new_record
 from .record import write as write_record
@@ -88,15 +89,7 @@ def graft(*args, **options) -> GraftSummary:
     headers are read and the plan is returned, nothing is written. Inputs whose roles look exchanged
     (roles.py) are refused unless `check_roles=False`.
     """
-    if len(args) == 1 and isinstance(args[0], GraftSpec) and not options:
-        return run(args[0])
-    if len(args) > len(_POSITIONAL):
-        raise TypeError(f"graft() takes at most {len(_POSITIONAL)} positional arguments ({', '.join(_POSITIONAL)})")
-    for name, value in zip(_POSITIONAL, args):
-        if name in options:
-            raise TypeError(f"graft() got multiple values for argument {name!r}")
-        options[name] = value
-    return run(GraftSpec(**options))
+    return run(from_call(GraftSpec, _POSITIONAL, args, options, "graft"))
 
 
 def run(spec: GraftSpec) -> GraftSummary:
