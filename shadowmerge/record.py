@@ -63,8 +63,8 @@ def read(folder: Path, names: tuple[str, ...] = VERIFIABLE, what: str = "run rec
     """The first of `names` that folder holds, checked to be a shadowmerge record; else a one-line error."""
     from . import jsonfile
 
-    name = next((n for n in names if (folder / n).is_file()), None)
-    if name is None:
+    name = next((n for n in names if (folder / n).is_file()), names[0] if len(names) == 1 else None)
+    if name is None:                # (one name: jsonfile says it is missing, with the hint)
         raise ShadowMergeError(f"{folder} has no {' or '.join(names)}: it is not a shadowmerge output folder "
                                f"(or the record was removed); pass the folder shadowmerge wrote")
     data = jsonfile.load(folder / name, what, hint=hint)
@@ -146,6 +146,18 @@ def seal(folder: Path, record: str = RECORD, known: dict[str, str] | None = None
         data = json.loads(path.read_text())
         data["manifest"] = manifest(folder, record, known)
         path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def add_timeline(path: Path, timeline) -> None:
+    """The run's timeline (timeline.py) into a sealed record, durably (the record is not in its own manifest)."""
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    data["timeline"] = timeline.as_record()
+    with open(path, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def final_paths(value, tmp: str, final: str):
