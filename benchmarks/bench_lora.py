@@ -1,9 +1,9 @@
-"""Benchmark `shadowmerge graft --lora` against `cp -r` of the Instruct and against peft's merge.
+"""Benchmark `shadowmerge graft --lora` against a durable `cp -r` of the Instruct and against peft's merge.
 
 Uses the synthetic bf16 Llama-shaped Instruct of bench_graft.py and writes a rank-128 LoRA adapter
 on q/k/v/o/gate/up/down (float32, peft's key names, the config written by peft's LoraConfig). Then
-runs, side by side: `cp -r` of the Instruct folder (the floor: every byte read and written once),
-`shadowmerge graft --lora`, and peft (`PeftModel.from_pretrained(instruct).merge_and_unload()` then
+runs, side by side: `cp -r` of the Instruct folder then `sync` (the durable floor: every byte read, written
+and on disk once), `shadowmerge graft --lora` (best of --rounds, with its stage timeline), and peft (`PeftModel.from_pretrained(instruct).merge_and_unload()` then
 `save_pretrained`) twice: loading the Instruct in bf16 (the usual way) and in float32 with a cast at
 save (exact). Prints wall time and peak RSS of each process (GNU time) and compares the outputs.
 
@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_graft  # noqa: E402
-from bench_graft import (DEVICES, SHADOWMERGE, build_triple, device_label, final_step, llama_tensors,  # noqa: E402
-                         machine, timed, wall_table)
+from bench_graft import (DEVICES, OPTIONS, SHADOWMERGE, best, build_triple, device_label,  # noqa: E402
+                         llama_tensors, machine, timed, timeline_of, timeline_table, wall_table)
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK = 128
@@ -94,8 +94,10 @@ def bench(size: str, work: Path) -> list[dict]:
         shutil.rmtree(o, ignore_errors=True)
     rows = []
     timed(["sh", "-c", 'cat "$@" | cat > /dev/null', "sh", *map(str, inst.glob("*.safetensors"))])  # warm cache
+    torch_wall, _ = best([sys.executable, "-c", "import torch"])
     for label, key, cmd in (
-            ("cp -r of the Instruct folder", "cp", ["cp", "-r", str(inst), str(outs["cp"])]),
+            ("cp -r of the Instruct folder + sync (durable floor)", "cp",
+             ["sh", "-c", 'cp -r "$1" "$2" && sync', "sh", str(inst), str(outs["cp"])]),
             *((f"shadowmerge graft --lora{device_label(dev)}", dev,
                [*SHADOWMERGE, "graft", "--instruct", str(inst), "--lora", str(adapter), "--out", str(outs[dev]),
                 "--quiet", "--shard-size", "1GB", "--device", dev]) for dev in DEVICES),
@@ -104,11 +106,15 @@ def bench(size: str, work: Path) -> list[dict]:
             ("peft merge_and_unload, Instruct loaded in float32 (exact)", "peft-fp32",
              [sys.executable, "-c", PEFT_SCRIPT, str(inst), str(adapter), str(outs["peft-fp32"]), "float32"])):
         said: list[str] = []
-        wall, rss = timed(cmd, stdout=said)
-        if key in DEVICES:
-            label += f" (of which {final_step(said[0])})"
+        if key.startswith("peft"):
+            wall, rss = timed(cmd, stdout=said)
+        else:
+            wall, rss = best(cmd, stdout=said, before=lambda: shutil.rmtree(outs[key], ignore_errors=True))
         rows.append({"size": size, "tool": label, "wall": wall, "rss": rss})
-        print(f"[{size}] {label}: {wall:.1f} s, {rss:.2f} GB", flush=True)
+        if key in DEVICES:
+            rows[-1]["timeline"] = timeline_of(outs[key])
+            rows[-1]["tool"] += f" (wall - import torch {torch_wall:.2f} s = {wall - torch_wall:.2f} s)"
+        print(f"[{size}] {rows[-1]['tool']}: {wall:.1f} s, {rss:.2f} GB", flush=True)
         if key == "cp":
             shutil.rmtree(outs["cp"])
     for dev in DEVICES:
@@ -123,12 +129,13 @@ def bench(size: str, work: Path) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    out = [machine(f"; rank-{RANK} LoRA on {'/'.join(TARGETS)}"), "", *wall_table(rows, "cp -r", "cp -r")]
+    out = [machine(f"; rank-{RANK} LoRA on {'/'.join(TARGETS)}; best of {OPTIONS['rounds']} rounds (peft: one)"), "",
+           *wall_table(rows, "cp -r", "durable cp -r")]
     for r in rows:
         if "diff" in r:
             out.append(f"| {r['size']} | shadowmerge {r['tool']}: {r['diff']:,} of {r['total']:,} elements "
                        f"differ ({100 * r['diff'] / r['total']:.4f} %), at most {r['worst']} bf16 ulp | | | |")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + timeline_table(rows)) + "\n"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@
 its Instruct are; the `shadowmerge` command line wraps both.
 """
 
-from ._version import __version__
+import time as _time
+
+_IMPORTED = _time.perf_counter()      # a command-line run's start-up (timeline.py) is measured from here
+
+from ._version import __version__  # noqa: E402
 
 __all__ = ["graft", "GraftSummary", "similarity", "ShadowMergeError", "__version__"]
 

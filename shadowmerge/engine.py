@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from .errors import ShadowMergeError
 from .plan import Plan, TensorPlan
 from .stformat import itemsize
 from .tensors import Buffers, widen
+from .timeline import Timeline
 from .writer import ShardWriter
 
 SLOTS = 3                   # chunks in flight: one being read, one computed, one written
@@ -88,6 +90,15 @@ def _get(q: queue.Queue, stop: threading.Event):
             pass
 
 
+def _nbytes(payload) -> int:
+    """The bytes a delta source read for one piece (its payload: tensors, possibly nested in tuples)."""
+    if isinstance(payload, torch.Tensor):
+        return payload.numel() * payload.element_size()
+    if isinstance(payload, (tuple, list)):
+        return sum(_nbytes(p) for p in payload)
+    return 0
+
+
 def _all_finite(x: torch.Tensor) -> bool:
     """Exact NaN/Inf test. A float32 sum is finite only if every element is, so the common case costs
     one allocation-free reduction; the element-wise test runs only when the sum is not finite."""
@@ -102,14 +113,16 @@ class RunStats:
 
 
 def run(plan: Plan, writer: ShardWriter, device: str | torch.device = "cpu", allow_nonfinite: bool = False,
-        chunk_elements: int = CHUNK_ELEMENTS) -> RunStats:
+        chunk_elements: int = CHUNK_ELEMENTS, timeline: Timeline | None = None) -> RunStats:
     device = torch.device(device)
     with exact_float32(device):
-        return _run(plan, writer, device, allow_nonfinite, chunk_elements)
+        return _run(plan, writer, device, allow_nonfinite, chunk_elements, timeline or Timeline())
 
 
-def _run(plan: Plan, writer: ShardWriter, device: torch.device, allow_nonfinite: bool, chunk_elements: int) -> RunStats:
+def _run(plan: Plan, writer: ShardWriter, device: torch.device, allow_nonfinite: bool, chunk_elements: int,
+         timeline: Timeline) -> RunStats:
     cuda = device.type == "cuda"
+    clock = time.perf_counter
     instruct, source, alpha = plan.instruct, plan.source, float(plan.alpha)
     work = Buffers(device, torch.float32)
     staging = Buffers(device)
@@ -133,8 +146,10 @@ def _run(plan: Plan, writer: ShardWriter, device: torch.device, allow_nonfinite:
                 slot = _get(free, stop)
                 t = job.tensor
                 size = (job.e1 - job.e0) * itemsize(t.info.dtype)
+                t0 = clock()
                 slot.instruct = instruct.read_into(t.info, job.e0, job.e1, slot.buffers("instruct", size))
                 slot.payload = source.read(t.entry, job.e0, job.e1, slot.buffers) if job.kind == "graft" else None
+                timeline.add("read", clock() - t0, size + _nbytes(slot.payload))
                 _put(ready, (job, slot), stop)
             _put(ready, None, stop)
         except Stopped:
@@ -162,32 +177,44 @@ def _run(plan: Plan, writer: ShardWriter, device: torch.device, allow_nonfinite:
             errors.append(exc)
             stop.set()
 
+    converting = [0.0]           # seconds spent widening inside the current arithmetic (counted as convert)
+
     def to_float(raw: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
         n = raw.numel() // itemsize(dtype)
+        t0 = clock()
         if cuda:
             raw = staging(key, raw.numel()).copy_(raw, non_blocking=True)
         elif dtype == torch.float32:
             return raw.view(torch.float32)
-        return widen(raw, dtype, work(key, n))
+        out = widen(raw, dtype, work(key, n))
+        spent = clock() - t0
+        converting[0] += spent
+        timeline.add("convert", spent, raw.numel())
+        return out
 
     def compute(job: Job, slot: Slot) -> None:
         t = job.tensor
         x = to_float(slot.instruct, t.info.dtype, "instruct")
         if job.kind == "graft":
+            t0, converting[0] = clock(), 0.0
             d = source.delta_into(t.entry, slot.payload, work("delta", x.numel()), to_float)
             if not changed.get(t.name):
                 changed[t.name] = bool(d.any())
             if alpha != 1.0:
                 d.mul_(alpha)
             x = d.add_(x)      # == I + alpha * delta, bit for bit: float addition is commutative
+            timeline.add("arithmetic", clock() - t0 - converting[0], x.numel() * 4)
         nbytes = x.numel() * itemsize(t.out_dtype)
         host = slot.buffers("out", nbytes)
+        t0 = clock()
         if cuda:
             out = staging("out", nbytes).view(t.out_dtype).copy_(x)
             host.copy_(out.view(torch.uint8), non_blocking=True)
             torch.cuda.current_stream(device).synchronize()
         else:
             out = host.view(t.out_dtype).copy_(x)
+        timeline.add("cast", clock() - t0, nbytes)
+        t0 = clock()
         if job.kind == "graft" and t.out_dtype == t.info.dtype and not differs.get(t.name):
             differs[t.name] = not torch.equal(host, slot.instruct)
         if job.kind == "graft" and not _all_finite(out):
@@ -196,6 +223,7 @@ def _run(plan: Plan, writer: ShardWriter, device: torch.device, allow_nonfinite:
                                        f"--allow-nonfinite to write them anyway)")
             if t.name not in nonfinite:
                 nonfinite.append(t.name)
+        timeline.add("check", clock() - t0)
         slot.out = host
 
     threads = [threading.Thread(target=reader, daemon=True, name="shadowmerge-reader"),

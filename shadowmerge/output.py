@@ -41,7 +41,7 @@ from pathlib import Path
 
 from .errors import ShadowMergeError
 from .progress import human_bytes
-from .record import RECORD, is_shadowmerge_output, seal
+from .record import RECORD, add_timeline, is_shadowmerge_output, seal
 
 TMP_TAG = ".shadowmerge-"
 _WRITE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only filesystem",
@@ -312,18 +312,29 @@ class OutputFolder:
             print(f"shadowmerge: removed {p}, left behind by an interrupted run (pid {owner[1]})", file=sys.stderr)
 
     # --- the final step ----------------------------------------------------------------------
-    def commit(self) -> None:
+    def commit(self, timeline=None) -> None:
+        """Seal the record with the manifest, fsync everything, put the folder in place. With a timeline
+        (timeline.py), the record also gets the run's timeline up to the fsync."""
         assert self.tmp is not None
         try:
             t0 = time.perf_counter()
             seal(self.tmp, self.record, self.digests)
             t1 = time.perf_counter()
             fsync_tree(self.tmp)
-            self.timings = {"sha256 manifest": t1 - t0, "fsync": time.perf_counter() - t1}
+            t2 = time.perf_counter()
+            self.timings = {"sha256 manifest": t1 - t0, "fsync": t2 - t1}
+            if timeline is not None:
+                timeline.add("manifest", t1 - t0)
+                timeline.add("fsync", t2 - t1)
+                add_timeline(self.tmp / self.record, timeline)
             os.chmod(self.tmp, 0o777 & ~_umask())
+            t3 = time.perf_counter()
             with deferred_signals():
                 self._put_in_place()
             fsync_dir(self.target.parent)
+            if timeline is not None:
+                timeline.add("rename", time.perf_counter() - t3)
+                timeline.stop()
         except OSError as exc:
             raise self._write_error(exc) from None
         if self._old is not None:

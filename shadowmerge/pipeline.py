@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import engine, hub
+from . import card, engine, hub
 from ._version import versions
 from .checkpoint import Checkpoint
 from .devices import parse_device
@@ -26,6 +26,7 @@ from .progress import human_bytes
 from .sources import open_source
 from .spec import GraftSpec
 from .tensors import dtype_name, parse_dtype
+from .timeline import IMPORTED, Timeline
 from .writer import ShardWriter, layout, parse_size
 
 
@@ -43,6 +44,8 @@ class GraftSummary:
     unchanged: list[str] = field(default_factory=list)
     identical: list[str] = field(default_factory=list)   # changed by the update, but not in the output dtype
     grafted: int = 0                                     # tensors with rows grafted
+    timeline: Timeline | None = None                     # where the time went (printed with profile)
+    profile: bool = False
     plan_text: str = ""
     timings: dict[str, float] = field(default_factory=dict)    # of the final step: sha256 manifest, fsync
 
@@ -55,13 +58,13 @@ class GraftSummary:
         lines = [f"wrote {self.out}: {acts}; {human_bytes(self.bytes)} in {self.shards} shard(s), "
                  f"{self.seconds:.1f} s ({rate:.0f} MB/s{parts})"]
         lines += [f"warning: {w}" for w in self.warnings]
+        if self.profile and self.timeline is not None:
+            lines.append(self.timeline.render())
         return "\n".join(lines)
 
 
 def _card(folder: Path, plan: Plan, spec: GraftSpec, inst_folder: Path) -> None:
     """The output's own model card (never the Instruct's: it would claim to be the official model)."""
-    from . import card
-
     made_from = {"Instruct": spec.instruct, "Base": spec.base, "tuned Base": spec.tuned,
                  "LoRA adapter (trained on the Base)": spec.lora, **plan.source.card_inputs()}
     kind = "LoRA adapter" if spec.lora is not None else "fine-tune"
@@ -95,6 +98,9 @@ def graft(*args, **options) -> GraftSummary:
 def run(spec: GraftSpec) -> GraftSummary:
     """The graft a GraftSpec describes."""
     start = time.perf_counter()
+    timeline = Timeline(start)
+    if spec.command is not None:      # a command-line run: the interpreter and imports before it
+        timeline.add("start-up", start - IMPORTED)
     lora = spec.lora                  # (the inputs and alpha were checked when the spec was made)
     if spec.out is None and not spec.dry_run:
         raise ShadowMergeError("--out is required (the folder to write the grafted model into)")
@@ -104,7 +110,8 @@ def run(spec: GraftSpec) -> GraftSummary:
 
     ckpts: list = []
     try:
-        plan = open_and_plan(ckpts, spec)
+        with timeline("plan"):
+            plan = open_and_plan(ckpts, spec)
         inst, source = plan.instruct, plan.source
         if spec.check_roles:
             _refuse_misplaced_inputs(ckpts, lora)
@@ -113,6 +120,7 @@ def run(spec: GraftSpec) -> GraftSummary:
         if spec.dry_run:
             return GraftSummary(None, plan.counts(), plan.total_bytes, len(shards), time.perf_counter() - start,
                                 True, plan.warnings, [], plan_text=plan.render(shard_of, len(shards)))
+        card.prefetch()                  # its imports load while the data moves
         need = sum(s.size for s in shards) + inst.side_bytes()
         target = OutputFolder(spec.out, force=spec.force, inputs=[c.folder for c in ckpts], need_bytes=need)
         with target as tmp:
@@ -121,11 +129,12 @@ def run(spec: GraftSpec) -> GraftSummary:
             if spec.check_roles and lora is None:
                 from . import roles
 
-                roles.check(*ckpts, [t.name for t in plan.tensors if t.graft_rows])
+                with timeline("role check"):
+                    roles.check(*ckpts, [t.name for t in plan.tensors if t.graft_rows])
             with progress_bar(plan.total_bytes, spec.progress, "graft") as bar:
-                writer = ShardWriter(tmp, shards, on_bytes=bar.update)
+                writer = ShardWriter(tmp, shards, on_bytes=bar.update, timeline=timeline)
                 try:
-                    stats = engine.run(plan, writer, dev, spec.allow_nonfinite)
+                    stats = engine.run(plan, writer, dev, spec.allow_nonfinite, timeline=timeline)
                     writer.finish()
                 finally:
                     writer.abort()
@@ -152,14 +161,18 @@ def run(spec: GraftSpec) -> GraftSummary:
             if stats.identical:
                 warnings.append(f"{len(stats.identical)} grafted tensor(s) came out identical to the instruct's "
                                 f"(the update is below the output dtype's precision), e.g. {stats.identical[0]}")
-            side = copy_side_files(inst.folder, tmp, dtype_name(out_dtype), skip=("README.md",))
-            _card(tmp, plan, spec, inst.folder)
-            seconds = time.perf_counter() - start
-            write_record(tmp, _record(plan, spec, ckpts, shards, side, shard_bytes, dev, stats, warnings, seconds))
-            target.commit()
+            with timeline("side files"):
+                side = copy_side_files(inst.folder, tmp, dtype_name(out_dtype), skip=("README.md",))
+            with timeline("card"):
+                _card(tmp, plan, spec, inst.folder)
+            with timeline("record"):
+                seconds = time.perf_counter() - start
+                write_record(tmp, _record(plan, spec, ckpts, shards, side, shard_bytes, dev, stats, warnings,
+                                          seconds))
+            target.commit(timeline)
         return GraftSummary(target.target, plan.counts(), plan.total_bytes, len(shards),
                             time.perf_counter() - start, False, warnings, stats.unchanged, stats.identical,
-                            grafted, timings=target.timings)
+                            grafted, timings=target.timings, timeline=timeline, profile=spec.profile)
     finally:
         for c in ckpts:
             c.close()

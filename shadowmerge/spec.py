@@ -50,6 +50,9 @@ class GraftSpec:
     force: bool = field(default=False, metadata=_option("--force", FORCE_HELP, is_flag=True))
     dry_run: bool = field(default=False, metadata=_option(
         "--dry-run", "Print the plan from the headers; read no tensor data, write nothing.", is_flag=True))
+    profile: bool = field(default=False, metadata=_option(
+        "--profile", "Print where the time went: each stage's seconds (read, convert, arithmetic, cast, write, hash, "
+                     "fsync, ...); shadowmerge.json keeps the same timeline either way.", is_flag=True))
     allow_pickle: bool = field(default=False, metadata=_option(
         "--allow-pickle", "Allow .bin weights (loaded with torch.load(weights_only=True)).", is_flag=True))
     allow_nonfinite: bool = field(default=False, metadata=_option(

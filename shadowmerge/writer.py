@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from fractions import Fraction
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .errors import ShadowMergeError
 from .sidefiles import INDEX
 from .stformat import build_header, itemsize
+from .timeline import Timeline
 
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
@@ -94,8 +96,9 @@ WRITEBACK_BYTES = 64 << 20
 class ShardWriter:
     """Receives tensors in plan order, as byte chunks or as copies from an input file."""
 
-    def __init__(self, folder: Path, shards: list[Shard], on_bytes=None):
+    def __init__(self, folder: Path, shards: list[Shard], on_bytes=None, timeline: Timeline | None = None):
         self.folder = folder
+        self.timeline = timeline or Timeline()
         self.shards = shards
         self.on_bytes = on_bytes or (lambda n: None)
         self.digests: dict[str, str] = {}       # shard file name -> sha256 of its bytes, as written
@@ -130,28 +133,33 @@ class ShardWriter:
             self.digests[self.shards[self._shard].filename] = self._hash.hexdigest()
 
     def _write(self, view: memoryview) -> None:
-        done = 0
+        done, t0 = 0, time.perf_counter()
         while done < len(view):
             done += os.write(self._fd, view[done:])
+        t1 = time.perf_counter()
         self._hash.update(view)
+        self.timeline.add("write", t1 - t0, len(view))
+        self.timeline.add("hash", time.perf_counter() - t1, len(view))
         self._advance(len(view))
 
     def _advance(self, n: int) -> None:
         self._pos += n
         if self._pos - self._synced >= WRITEBACK_BYTES:
-            _START_WRITEBACK(self._fd, self._synced, self._pos - self._synced)
+            with self.timeline("writeback"):
+                _START_WRITEBACK(self._fd, self._synced, self._pos - self._synced)
             self._synced = self._pos
 
     def _hash_back(self, start: int, n: int, scratch: torch.Tensor) -> None:
         """Hash n bytes the kernel copied into the open shard at start, read back from the page cache."""
         view = memoryview(scratch.numpy())
-        done = 0
+        done, t0 = 0, time.perf_counter()
         while done < n:
             got = os.preadv(self._fd, [view[: min(len(view), n - done)]], start + done)
             if got <= 0:
                 raise OSError(errno.EIO, "short read of a shard just written")
             self._hash.update(view[:got])
             done += got
+        self.timeline.add("hash", time.perf_counter() - t0, n)
 
     def write(self, name: str, data: torch.Tensor, first: bool) -> None:
         """Append a chunk (uint8 CPU tensor) of tensor `name`; first=True for its first chunk."""
@@ -173,7 +181,7 @@ class ShardWriter:
         n = (e1 - e0) * size
         src = ckpt.transport.zero_copy_fd(info.file) if info.offset is not None and n else None
         if src is not None:
-            pos, done = info.offset + e0 * size, 0
+            pos, done, t0 = info.offset + e0 * size, 0, time.perf_counter()
             try:
                 while done < n:
                     got = os.copy_file_range(src, self._fd, n - done, pos + done)
@@ -185,13 +193,15 @@ class ShardWriter:
             except OSError as exc:
                 if done or exc.errno not in _NO_KERNEL_COPY:
                     raise
+            self.timeline.add("copy", time.perf_counter() - t0, done)
             self._hash_back(self._pos, done, scratch)
             self._advance(done)
             self._left -= done
             e0 += done // size
         step = max(1, scratch.numel() // size)
         for e in range(e0, e1, step):
-            chunk = ckpt.read_into(info, e, min(e + step, e1), scratch)
+            with self.timeline("read", (min(e + step, e1) - e) * size):
+                chunk = ckpt.read_into(info, e, min(e + step, e1), scratch)
             self._write(memoryview(chunk.numpy()))
             self._left -= chunk.numel()
             self.on_bytes(chunk.numel())

@@ -250,3 +250,29 @@ def test_mixed_input_dtypes_are_exact(tmp_path, device):
     s = shadowmerge.graft(inst, base, tuned, tmp_path / "out", alpha=0.5, progress=False, vocab="common", device=device)
     assert any("dtypes differ" in w for w in s.warnings)
     assert_bit_exact(inst, base, tuned, tmp_path / "out", 0.5)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_the_timeline_accounts_for_every_byte_and_profile_prints_it(make_triple, tmp_path, cli, lora):
+    """shadowmerge.json's timeline: every byte of the shards went through write or a kernel copy, and all of them
+    through the hash, once; the grafted pieces were read, widened and computed; the output was fsynced. --profile
+    prints the same stages."""
+    from adapters import make_adapter
+
+    inst, base, tuned = make_triple("llama", shard="60KB")
+    delta = ["--lora", make_adapter(base, tmp_path / "adapter")] if lora else ["--base", base, "--tuned", tuned]
+    res = cli("graft", "--instruct", inst, *delta, "--out", tmp_path / "out", "--shard-size", "50KB", "--profile",
+              "--quiet")
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "out" / "shadowmerge.json").read_text())
+    stages = rec["timeline"]["stages"]
+    shards = sum((tmp_path / "out" / s).stat().st_size for s in rec["shards"])
+    assert len(rec["shards"]) > 1
+    written = stages["write"]["bytes"] + stages.get("copy", {}).get("bytes", 0)
+    assert written == shards and stages["hash"]["bytes"] == shards
+    assert stages["read"]["bytes"] > 0 and stages["arithmetic"]["bytes"] > 0 and "fsync" in stages
+    assert all(v["seconds"] >= 0 for v in stages.values()) and rec["timeline"]["wall_seconds"] > 0
+    assert "start-up" in stages                     # a command-line run: the imports before it
+    printed = res.stdout[res.stdout.index("timeline (wall"):]
+    for stage in ("read", "convert", "arithmetic", "cast", "write", "hash", "fsync"):
+        assert f"\n  {stage} " in printed
