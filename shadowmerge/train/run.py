@@ -165,11 +165,25 @@ def _train_model(run: Run, role: str, out: Path) -> str | None:
     """The train stage of one model: the backend trains it into out, tidies it, and its losses go into the
     record. Returns what the backend wrote instead when it stopped before training (--emit-only)."""
     stopped = run.backend.train(run, role, out)
+    _release()
     if stopped:
         return stopped
     run.backend.tidy(run, role, out)
     run.record.setdefault("losses", {})[role] = run.backend.losses(run, role, out)
     return None
+
+
+def _release() -> None:
+    """The trained model, its optimizer state and the trainer are freed now (they hold reference cycles), not at
+    some later collection while the graft and σ stages read checkpoints: those stages then cost what they cost
+    alone (benchmarks/bench_train.py)."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _graft(run: Run, tuned: Path, out: Path) -> None:
