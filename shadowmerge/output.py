@@ -36,12 +36,12 @@ import socket
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 from .errors import ShadowMergeError
 from .progress import human_bytes
 from .record import RECORD, add_timeline, is_shadowmerge_output, seal
+from .timeline import Timeline
 
 TMP_TAG = ".shadowmerge-"
 _WRITE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only filesystem",
@@ -261,7 +261,6 @@ class OutputFolder:
         self._lock: TargetLock | None = None
         self._old: Path | None = None
         self.tmp: Path | None = None
-        self.timings: dict[str, float] = {}      # seconds of the final step's parts, for summaries and benchmarks
         self.digests: dict[str, str] = {}        # sha256 of files already hashed while written (relative names)
 
     def _check_replaceable(self) -> None:
@@ -316,25 +315,20 @@ class OutputFolder:
         """Seal the record with the manifest, fsync everything, put the folder in place. With a timeline
         (timeline.py), the record also gets the run's timeline up to the fsync."""
         assert self.tmp is not None
+        line = timeline if timeline is not None else Timeline()
         try:
-            t0 = time.perf_counter()
-            seal(self.tmp, self.record, self.digests)
-            t1 = time.perf_counter()
-            fsync_tree(self.tmp)
-            t2 = time.perf_counter()
-            self.timings = {"sha256 manifest": t1 - t0, "fsync": t2 - t1}
+            with line("manifest"):
+                seal(self.tmp, self.record, self.digests)
+            with line("fsync"):
+                fsync_tree(self.tmp)
             if timeline is not None:
-                timeline.add("manifest", t1 - t0)
-                timeline.add("fsync", t2 - t1)
                 add_timeline(self.tmp / self.record, timeline)
             os.chmod(self.tmp, 0o777 & ~_umask())
-            t3 = time.perf_counter()
-            with deferred_signals():
-                self._put_in_place()
-            fsync_dir(self.target.parent)
-            if timeline is not None:
-                timeline.add("rename", time.perf_counter() - t3)
-                timeline.stop()
+            with line("rename"):
+                with deferred_signals():
+                    self._put_in_place()
+                fsync_dir(self.target.parent)
+            line.stop()
         except OSError as exc:
             raise self._write_error(exc) from None
         if self._old is not None:

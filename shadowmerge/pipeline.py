@@ -47,14 +47,15 @@ class GraftSummary:
     timeline: Timeline | None = None                     # where the time went (printed with profile)
     profile: bool = False
     plan_text: str = ""
-    timings: dict[str, float] = field(default_factory=dict)    # of the final step: sha256 manifest, fsync
 
     def __str__(self) -> str:
         acts = ", ".join(f"{v} {k}" for k, v in self.counts.items() if v)
         if self.dry_run:
             return self.plan_text
         rate = self.bytes / self.seconds / 1e6 if self.seconds else 0
-        parts = "".join(f", {k} {v:.1f} s" for k, v in self.timings.items())
+        final = self.timeline.seconds if self.timeline is not None else {}     # the final step's parts
+        parts = "".join(f", {label} {final[stage]:.1f} s" for stage, label in (("manifest", "sha256 manifest"),
+                                                                                ("fsync", "fsync")) if stage in final)
         lines = [f"wrote {self.out}: {acts}; {human_bytes(self.bytes)} in {self.shards} shard(s), "
                  f"{self.seconds:.1f} s ({rate:.0f} MB/s{parts})"]
         lines += [f"warning: {w}" for w in self.warnings]
@@ -172,7 +173,7 @@ def run(spec: GraftSpec) -> GraftSummary:
             target.commit(timeline)
         return GraftSummary(target.target, plan.counts(), plan.total_bytes, len(shards),
                             time.perf_counter() - start, False, warnings, stats.unchanged, stats.identical,
-                            grafted, timings=target.timings, timeline=timeline, profile=spec.profile)
+                            grafted, timeline=timeline, profile=spec.profile)
     finally:
         for c in ckpts:
             c.close()

@@ -368,6 +368,15 @@ def test_image_rows_with_llamafactory_are_refused(cli, tmp_path):
             "--backend", "llamafactory", "--emit-only", command=("train",), expect="TRL backend only")
 
 
+def test_emit_only_with_the_trl_backend_is_refused_not_ignored(pair, cli, tmp_path):
+    """--emit-only writes LLaMA-Factory's configs; with trl there is nothing to emit, and training instead would
+    ignore what was asked: a one-line error, before anything is trained or written."""
+    inst, base = pair
+    run_bad(cli, tmp_path, [inst, base], "--base", base, "--instruct", inst, "--data", sft_data(tmp_path), *FAST,
+            "--emit-only", command=("train",), expect="--emit-only writes LLaMA-Factory's configs and stops")
+    assert not (tmp_path / "out.checkpoints").exists()
+
+
 def test_the_papers_batch_on_a_small_data_set_is_adapted_not_a_silent_no_op(pair, cli, tmp_path):
     """8 rows with batch 2 x 16 give one optimizer step, which warmup 0.1 would run at learning rate 0."""
     inst, base = pair

@@ -270,7 +270,7 @@ class LlamaFactory:
         tmp, final = out.parent, run.final
         finished = run.finishing is not None
         view = final / "llamafactory" / VIEW if finished else tmp / "llamafactory" / VIEW
-        trained_on = run.base.folder if role == "base" else run.inst.folder
+        trained_on = run.trained_model(role)
         tidy_output(out, {str(view): str(trained_on), str(tmp): str(final)})
         if run.recipe.method == "lora":
             name_base(out, trained_on)

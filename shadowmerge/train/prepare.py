@@ -52,7 +52,11 @@ class Run:
 
     @property
     def kind(self) -> str:
-        return "lora" if self.recipe.method == "lora" else "full"
+        return self.recipe.kind
+
+    def trained_model(self, role: str) -> Path:
+        """The folder of the model a role trains: the Base ("base"), or the Instruct (the baseline)."""
+        return self.base.folder if role == "base" else self.inst.folder
 
     @property
     def final(self) -> Path:

@@ -58,6 +58,11 @@ class Recipe:
                        lr=self.lr if self.lr is not None else (2e-4 if self.method == "lora" else 1e-5),
                        bf16=_bf16_supported() if self.bf16 is None else self.bf16)
 
+    @property
+    def kind(self) -> str:
+        """What training writes: an adapter ("lora") or a model ("full"); OUT/base-KIND is named after it."""
+        return "lora" if self.method == "lora" else "full"
+
     def as_dict(self) -> dict:
         """The settings as the run record and the checkpoints' key hold them."""
         return asdict(self)

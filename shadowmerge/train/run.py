@@ -73,7 +73,7 @@ def finish(out, *, log=None, command: str | None = None) -> TrainSummary:
     values.update(base=emitted["inputs"]["base"]["path"], instruct=emitted["inputs"]["instruct"]["path"],
                   out=str(folder), bf16=bool(values.get("bf16")))
     recipe = Recipe(**values)
-    kind = "lora" if recipe.method == "lora" else "full"
+    kind = recipe.kind
     for name, config in zip((f"base-{kind}", f"instruct-{kind}"), emitted["llamafactory"]):
         marker = "adapter_config.json" if kind == "lora" else "config.json"
         if not (folder / name / marker).is_file():
@@ -156,6 +156,7 @@ def _train_elsewhere(run: Run, clock: _Clock) -> TrainSummary:
     try:
         for role in ("base", "instruct") if run.baseline else ("base",):
             run.backend.train(run, role, scratch / f"{role}-{run.kind}")
+            _release()
         return TrainSummary(None, clock.times, [])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -160,7 +160,7 @@ class Trl:
         check_settings(run.recipe)
 
     def train(self, run, role: str, out: Path) -> None:
-        model = run.base.folder if role == "base" else run.inst.folder
+        model = run.trained_model(role)
         work = run.work / role
         if role == "base":
             if run.main:
@@ -173,7 +173,7 @@ class Trl:
 
     def tidy(self, run, role: str, out: Path) -> None:
         if run.recipe.method == "lora":
-            name_base(out, run.base.folder if role == "base" else run.inst.folder)
+            name_base(out, run.trained_model(role))
 
     def losses(self, run, role: str, out: Path) -> list[dict]:
         return self._losses.get(role, [])
