@@ -2,14 +2,14 @@
 
 Uses the synthetic bf16 Llama-shaped Instruct of bench_graft.py and writes a rank-128 LoRA adapter
 on q/k/v/o/gate/up/down (float32, peft's key names, the config written by peft's LoraConfig). Then
-runs, side by side: `cp -r` of the Instruct folder then `sync` (the durable floor: every byte read, written
-and on disk once), `shadowmerge graft --lora` (best of --rounds, with its stage timeline), and peft (`PeftModel.from_pretrained(instruct).merge_and_unload()` then
-`save_pretrained`) twice: loading the Instruct in bf16 (the usual way) and in float32 with a cast at
+runs, side by side: `cp -r` of the Instruct folder then `sync` (the durable floor: every byte read,
+written and on disk once), `shadowmerge graft --lora` (best of --rounds, with its stage timeline), and
+peft (`PeftModel.from_pretrained(instruct).merge_and_unload()` then `save_pretrained`) twice: loading the Instruct in bf16 (the usual way) and in float32 with a cast at
 save (exact). Prints wall time and peak RSS of each process (GNU time) and compares the outputs.
 
 `--device cpu cuda` runs shadowmerge once per device (rows and agreement checks for each).
 
-    python benchmarks/bench_lora.py --sizes 2B [--device cpu cuda] [--work DIR] [--markdown out.md]
+    python benchmarks/bench_lora.py --sizes 2B [--device cpu cuda] [--no-peft] [--work DIR] [--markdown out.md]
 
 Run by hand (minutes; the 2B inputs take ~12 GB of disk); never part of the test suite.
 """
@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_graft  # noqa: E402
-from bench_graft import (DEVICES, OPTIONS, SHADOWMERGE, best, build_triple, device_label,  # noqa: E402
+from bench_graft import (DEVICES, IMPORT_TORCH, OPTIONS, SHADOWMERGE, best, build_triple, device_label,  # noqa: E402
                          llama_tensors, machine, timed, timeline_of, timeline_table, wall_table)
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -89,12 +89,13 @@ def bench(size: str, work: Path) -> list[dict]:
     root = work / size
     inst = build_triple(root, size)[0]
     adapter = build_adapter(root / "lora-r128", size)
-    outs = {k: root / f"out-{k}" for k in ("cp", *DEVICES, "peft-bf16", "peft-fp32")}
+    peft = ("peft-bf16", "peft-fp32") if OPTIONS["peft"] else ()
+    outs = {k: root / f"out-{k}" for k in ("cp", *DEVICES, *peft)}
     for o in outs.values():
         shutil.rmtree(o, ignore_errors=True)
     rows = []
     timed(["sh", "-c", 'cat "$@" | cat > /dev/null', "sh", *map(str, inst.glob("*.safetensors"))])  # warm cache
-    torch_wall, _ = best([sys.executable, "-c", "import torch"])
+    torch_wall, _ = best([sys.executable, "-c", IMPORT_TORCH])
     for label, key, cmd in (
             ("cp -r of the Instruct folder + sync (durable floor)", "cp",
              ["sh", "-c", 'cp -r "$1" "$2" && sync', "sh", str(inst), str(outs["cp"])]),
@@ -102,9 +103,11 @@ def bench(size: str, work: Path) -> list[dict]:
                [*SHADOWMERGE, "graft", "--instruct", str(inst), "--lora", str(adapter), "--out", str(outs[dev]),
                 "--quiet", "--shard-size", "1GB", "--device", dev]) for dev in DEVICES),
             ("peft merge_and_unload, Instruct loaded in bf16", "peft-bf16",
-             [sys.executable, "-c", PEFT_SCRIPT, str(inst), str(adapter), str(outs["peft-bf16"]), "bfloat16"]),
+             [sys.executable, "-c", PEFT_SCRIPT, str(inst), str(adapter), str(root / "out-peft-bf16"), "bfloat16"]),
             ("peft merge_and_unload, Instruct loaded in float32 (exact)", "peft-fp32",
-             [sys.executable, "-c", PEFT_SCRIPT, str(inst), str(adapter), str(outs["peft-fp32"]), "float32"])):
+             [sys.executable, "-c", PEFT_SCRIPT, str(inst), str(adapter), str(root / "out-peft-fp32"), "float32"])):
+        if key not in outs:
+            continue
         said: list[str] = []
         if key.startswith("peft"):
             wall, rss = timed(cmd, stdout=said)
@@ -118,7 +121,7 @@ def bench(size: str, work: Path) -> list[dict]:
         if key == "cp":
             shutil.rmtree(outs["cp"])
     for dev in DEVICES:
-        for key in ("peft-fp32", "peft-bf16", *DEVICES[:1] * (dev != DEVICES[0])):
+        for key in (*peft[::-1], *DEVICES[:1] * (dev != DEVICES[0])):
             d, n, worst = ulp_stats(outs[dev], outs[key])
             other = f"--device {key}" if key in DEVICES else key
             rows.append({"size": size, "tool": f"{device_label(dev).strip() or 'output'} agreement with {other}",

@@ -1,8 +1,11 @@
-"""Devices: a `--device` name becomes a torch.device (or a one-line error); GPU float32 stays IEEE float32."""
+"""Devices: a `--device` name becomes a torch.device (or a one-line error); GPU float32 stays IEEE float32;
+CUDA starts on a thread of its own while the inputs' headers are read (start_early)."""
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from contextlib import contextmanager
 
 import torch
@@ -51,3 +54,25 @@ def exact_float32(device: torch.device):
     finally:
         torch.set_float32_matmul_precision(saved[0])
         matmul.allow_tf32, cudnn.allow_tf32 = saved[1], saved[2]
+
+
+def start_early(device: torch.device, timeline=None) -> None:
+    """Start CUDA (its context, the caching allocator and cuBLAS) on a thread, so that the seconds it takes
+    pass while the headers are read, the plan is built and the first pieces are read, not before them. torch's
+    lazy initialisation is guarded by a lock, so a compute thread that gets there first simply waits for it.
+    An error is left for that first real use to report. Nothing happens on a CPU."""
+    if device.type != "cuda":
+        return
+
+    def start() -> None:
+        t0 = time.perf_counter()
+        try:
+            with torch.cuda.device(device):
+                x = torch.ones(8, 8, device=device)
+                (x @ x).sum().item()
+        except Exception:      # (reported where the engine first uses the device)
+            return
+        if timeline is not None:
+            timeline.add("cuda start", time.perf_counter() - t0)
+
+    threading.Thread(target=start, daemon=True, name="shadowmerge-cuda-start").start()

@@ -6,6 +6,7 @@ Checkpoints -> Plan -> delta source -> Writer, into a temporary folder renamed a
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 from . import card, engine, hub
 from ._version import versions
 from .checkpoint import Checkpoint
-from .devices import parse_device
+from .devices import parse_device, start_early
 from .errors import NoUpdate, ShadowMergeError
 from .options import from_call
 from .output import OutputFolder
@@ -28,6 +29,34 @@ from .spec import GraftSpec
 from .tensors import dtype_name, parse_dtype
 from .timeline import IMPORTED, Timeline
 from .writer import ShardWriter, layout, parse_size
+
+
+class _RoleCheck:
+    """roles.check on a thread of its own, beside the engine (it samples the inputs while the graft reads them).
+    A refusal stops the engine (`failed`) and wait() raises it while the output is still in its temporary
+    folder, which is then removed: nothing is written."""
+
+    def __init__(self, ckpts: list, plan: Plan, timeline: Timeline):
+        self.error: BaseException | None = None
+        self.failed = threading.Event()          # set on a refusal: the engine stops (engine.run's cancel)
+        self.thread = threading.Thread(target=self._run, args=(ckpts, plan, timeline), daemon=True,
+                                       name="shadowmerge-role-check")
+        self.thread.start()
+
+    def _run(self, ckpts, plan, timeline) -> None:
+        from . import roles
+
+        try:
+            with timeline("role check"):
+                roles.check(*ckpts, [t.name for t in plan.tensors if t.graft_rows])
+        except BaseException as exc:
+            self.error = exc
+            self.failed.set()
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 @dataclass
@@ -108,6 +137,8 @@ def run(spec: GraftSpec) -> GraftSummary:
     out_dtype = parse_dtype(spec.dtype)
     dev = parse_device(spec.device)
     shard_bytes = parse_size(spec.shard_size)
+    if not spec.dry_run:
+        start_early(dev, timeline)
 
     ckpts: list = []
     try:
@@ -127,18 +158,17 @@ def run(spec: GraftSpec) -> GraftSummary:
         with target as tmp:
             for c in ckpts:          # Hub inputs: download what the graft reads, now that everything was checked
                 c.fetch(spec.progress, side=c is inst)
-            if spec.check_roles and lora is None:
-                from . import roles
-
-                with timeline("role check"):
-                    roles.check(*ckpts, [t.name for t in plan.tensors if t.graft_rows])
+            role_check = _RoleCheck(ckpts, plan, timeline) if spec.check_roles and lora is None else None
             with progress_bar(plan.total_bytes, spec.progress, "graft") as bar:
                 writer = ShardWriter(tmp, shards, on_bytes=bar.update, timeline=timeline)
                 try:
-                    stats = engine.run(plan, writer, dev, spec.allow_nonfinite, timeline=timeline)
+                    stats = engine.run(plan, writer, dev, spec.allow_nonfinite, timeline=timeline,
+                                       cancel=role_check.failed if role_check is not None else None)
                     writer.finish()
                 finally:
                     writer.abort()
+                    if role_check is not None:
+                        role_check.wait()      # its refusal wins over what the graft of exchanged inputs raised
             target.digests = writer.digests
             warnings = list(plan.warnings)
             if stats.nonfinite:

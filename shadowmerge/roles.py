@@ -1,4 +1,4 @@
-"""Are --instruct, --base and --tuned in the roles they were given? A cheap check before any output is written.
+"""Are --instruct, --base and --tuned in the roles they were given? A cheap check; a refusal leaves no output.
 
 Swapped inputs give a wrong model with exit 0 (with --base and --tuned exchanged the update is silently
 negated), so the roles are checked from a sample of tensors (up to SAMPLE_TENSORS grafted tensors of
@@ -42,13 +42,13 @@ BASE_AND_TUNED_EXCHANGED = ("instruct", "tuned", "base")
 BASE_LOOKS_TRAINED = "--base holds a training run's files or record (training_args.bin) and --tuned holds none"
 
 
-def _sample(ckpts, names) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _samples(ckpts, names):
     """(I, B, T) float64 samples of up to SAMPLE_TENSORS of the named tensors, spread over the model (those of
-    two or more dimensions and one shape in all three)."""
+    two or more dimensions and one shape in all three), one tensor at a time: the check runs beside the graft,
+    and its memory adds to the graft's."""
     inst = ckpts[0]
     same = [n for n in names if n in inst.tensors and len(inst.tensors[n].shape) >= 2
             and all(n in c.tensors and tuple(c.tensors[n].shape) == tuple(inst.tensors[n].shape) for c in ckpts[1:])]
-    out = []
     for name in same[::max(1, len(same) // SAMPLE_TENSORS)][:SAMPLE_TENSORS]:
         n = min(inst.tensors[name].numel, SAMPLE_ELEMENTS)
         values = []
@@ -56,18 +56,18 @@ def _sample(ckpts, names) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
             info = c.tensors[name]
             raw = c.read_into(info, 0, n, torch.empty(n * itemsize(info.dtype), dtype=torch.uint8))
             values.append(raw.view(info.dtype).double())
-        out.append(tuple(values))
-    return out
+        yield tuple(values)
 
 
-def distances(samples) -> tuple[float, float, float]:
-    """(|B - I|, |T - B|, |T - I|): root of the summed squares over the samples."""
-    s = [0.0, 0.0, 0.0]
+def distances(samples) -> tuple[float, float, float] | None:
+    """(|B - I|, |T - B|, |T - I|): root of the summed squares over the samples (None: there were none)."""
+    s, seen = [0.0, 0.0, 0.0], False
     for i, b, t in samples:
         s[0] += float((b - i).square().sum())
         s[1] += float((t - b).square().sum())
         s[2] += float((t - i).square().sum())
-    return tuple(math.sqrt(x) for x in s)
+        seen = True
+    return tuple(math.sqrt(x) for x in s) if seen else None
 
 
 def _looks_trained(folder) -> bool:
@@ -103,10 +103,10 @@ def check(instruct, base, tuned, names, instruct_flag: str = "--instruct") -> No
             _refuse(BASE_LOOKS_TRAINED, BASE_AND_TUNED_EXCHANGED, instruct_flag)
         return
     ckpts = (instruct, base, tuned)
-    samples = _sample(ckpts, names)
-    if not samples:
+    found = distances(_samples(ckpts, names))
+    if found is None:
         return
-    d_bi, d_tb, d_ti = distances(samples)
+    d_bi, d_tb, d_ti = found
     if d_tb == 0 or d_bi == 0:
         return                      # a zero update, or Base = Instruct: refused elsewhere with their own errors
     why, real = None, None

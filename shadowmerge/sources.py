@@ -2,7 +2,9 @@
 
 A source maps Instruct tensor names to entries (`entry(name)`, None for none), reads the raw bytes
 an entry needs for a piece, a flat element range (`read`: I/O, on the reader thread), and turns
-them into a float32 delta (`delta_into`: arithmetic, on the compute device). It also says what it
+them into a float32 delta (`delta_into`: arithmetic, on the compute device; on a CPU several compute
+threads call it at once for different pieces, so it keeps no state between calls beyond what it read at
+open, and writes only into `out` and the buffers `to_float` gives it). It also says what it
 is for the plan, the record and the card. An entry has a `shape`, and may have a `tile` (at most
 that many rows, or elements of one row, per piece: see chunks.ranges).
 

@@ -113,8 +113,10 @@ class CompareSink:
         self.pos += n
         self.on_bytes(data.numel())
 
-    def write(self, name: str, data: torch.Tensor, first: bool) -> None:
+    def write(self, name: str, data: torch.Tensor, first: bool, release=None) -> None:
         self._against(name, first, data)
+        if release is not None:
+            release()
 
     def copy(self, ckpt, info, e0: int, e1: int, first: bool, scratch: torch.Tensor) -> None:
         if first and e0 == e1:

@@ -3,9 +3,15 @@
 Every header is known before the first byte is written, so a tensor's bytes go straight from the
 compute buffer (or, for copies, from the input file, in the kernel) to disk: no shard is ever
 held in memory. Files are created 0666 minus the umask (0644 as usual), like any other tool's.
-While writing, each shard's sha256 is computed (kernel copies are read back from the page cache)
-for the run record's manifest, and the kernel is asked every 64 MiB to start writing the pages
-back (sync_file_range, through ctypes: Python has no binding), so the final fsync finds little left.
+Each shard's sha256, for the run record's manifest, is computed on a hasher thread of its own, in the
+order the bytes were written, from the very buffers written (kernel copies are read back from the page
+cache): sha256 of one stream cannot be split, and beside the writer's own thread it no longer adds to
+it. A caller's buffer is handed back (`release`) once it is hashed. The kernel is asked every 64 MiB
+to start writing the pages back (sync_file_range, through ctypes: Python has no binding). A flusher thread fdatasyncs the open
+shard every 128 MiB and each shard as it closes, while the next bytes are computed: a disk (or a
+virtual disk's host cache) that takes writes faster than it makes them durable then drains during the
+run, and the final fsync of the output finds little left. Durability itself is unchanged: the output
+folder's fsync before its rename is still what guarantees it.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import errno
 import hashlib
 import json
 import os
+import queue
 import re
+import threading
 import time
 from fractions import Fraction
 from dataclasses import dataclass
@@ -90,7 +98,167 @@ def _sync_file_range():
 
 
 _START_WRITEBACK = _sync_file_range()
+_KEEP = lambda: None        # noqa: E731  (release of a buffer nobody reuses)
 WRITEBACK_BYTES = 64 << 20
+FLUSH_BYTES = 128 << 20
+
+
+class Flusher:
+    """fdatasync of descriptors handed over while writing goes on, on a thread of its own (which waits on the
+    disk, not on a core). Each descriptor is a dup the flusher owns and closes; requests for one that is still
+    waiting are merged."""
+
+    def __init__(self, timeline: Timeline):
+        self.timeline = timeline
+        self._cv = threading.Condition()
+        self._pending: dict[int, bool] = {}      # descriptor -> close it after its sync
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def request(self, fd: int, last: bool = False) -> None:
+        with self._cv:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True, name="shadowmerge-flusher")
+                self._thread.start()
+            self._pending[fd] = self._pending.get(fd, False) or last
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._stopping:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                fd, last = next(iter(self._pending.items()))
+                del self._pending[fd]
+            t0 = time.perf_counter()
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                pass                        # the output's own fsync reports what went wrong
+            self.timeline.add("flush", time.perf_counter() - t0)
+            if last:
+                os.close(fd)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the thread; with wait, after the pending syncs (else they are dropped); close every descriptor."""
+        with self._cv:
+            if not wait:
+                for fd, last in list(self._pending.items()):
+                    if last:
+                        os.close(fd)
+                self._pending.clear()
+            self._stopping = True
+            self._cv.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+
+class Hasher:
+    """The sha256 of each shard, on a thread of its own (hashlib lets go of the GIL on large buffers), fed in the
+    order the bytes were written: a buffer the writer wrote (`data`, handed back by `release` once hashed), or a
+    range of the open shard that the kernel copied (`back`, read back from the page cache through the hasher's own
+    descriptor). `end` records the shard's digest into `digests`."""
+
+    def __init__(self, digests: dict[str, str], timeline: Timeline, scratch_bytes: int = 8 << 20):
+        self.digests, self.timeline, self.scratch_bytes = digests, timeline, scratch_bytes
+        self.error: BaseException | None = None
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._dropping = False
+        self._fd: int | None = None
+        self._hash = hashlib.sha256()
+
+    def _put(self, item: tuple) -> None:
+        if self.error is not None:
+            raise self.error
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="shadowmerge-hasher")
+            self._thread.start()
+        self._q.put(item)
+
+    def begin(self, fd: int) -> None:
+        """A new shard: `fd` is a descriptor of it the hasher owns (and closes at `end`)."""
+        self._put(("begin", fd))
+
+    def data(self, view: memoryview, release=None) -> None:
+        """Hash `view` next, then call release(); without release, wait until it is hashed (the caller reuses it)."""
+        if release is not None:
+            self._put(("data", view, release))
+            return
+        done = threading.Event()
+        self._put(("data", view, done.set))
+        while not done.wait(0.1):
+            if self.error is not None:
+                raise self.error
+
+    def back(self, start: int, n: int) -> None:
+        self._put(("back", start, n))
+
+    def end(self, filename: str) -> None:
+        self._put(("end", filename))
+
+    def _loop(self) -> None:
+        scratch = None
+        while True:
+            item = self._q.get()
+            kind = item[0]
+            if kind == "stop":
+                return
+            if self._dropping or self.error is not None:      # the run is over: hand buffers back, close
+                if kind == "begin":
+                    os.close(item[1])
+                elif kind == "end":
+                    self._close()
+                elif kind == "data":
+                    item[2]()
+                continue
+            try:
+                t0 = time.perf_counter()
+                if kind == "begin":
+                    self._fd, self._hash = item[1], hashlib.sha256()
+                elif kind == "data":
+                    self._hash.update(item[1])
+                    self.timeline.add("hash", time.perf_counter() - t0, len(item[1]))
+                    item[2]()
+                elif kind == "back":
+                    scratch = scratch or memoryview(bytearray(self.scratch_bytes))
+                    self._read_back(item[1], item[2], scratch)
+                    self.timeline.add("hash", time.perf_counter() - t0, item[2])
+                else:
+                    self.digests[item[1]] = self._hash.hexdigest()
+                    self._close()
+            except BaseException as exc:       # reported to the writer (finish, or its next call)
+                self.error = exc
+
+    def _read_back(self, start: int, n: int, view: memoryview) -> None:
+        done = 0
+        while done < n:
+            got = os.preadv(self._fd, [view[: min(len(view), n - done)]], start + done)
+            if got <= 0:
+                raise OSError(errno.EIO, "short read of a shard just written")
+            self._hash.update(view[:got])
+            done += got
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the thread: with wait, after everything handed over is hashed (raising what went wrong), else
+        dropping what is left unhashed; every descriptor is closed."""
+        if self._thread is not None:
+            if not wait:
+                self._dropping = True
+            self._q.put(("stop",))
+            self._thread.join()
+            self._thread = None
+        self._close()
+        if wait and self.error is not None:
+            raise self.error
 
 
 class ShardWriter:
@@ -107,8 +275,11 @@ class ShardWriter:
         self._left = 0          # bytes still owed to it
         self._shard = -1
         self._fd: int | None = None
-        self._hash = hashlib.sha256()
+        self.hasher = Hasher(self.digests, self.timeline)
         self._pos = self._synced = 0     # bytes written to the open shard, and handed to writeback
+        self._flushed = 0                # ... and handed to the flusher
+        self._dup: int | None = None     # the flusher's descriptor of the open shard
+        self.flusher = Flusher(self.timeline)
 
     def _start(self, name: str) -> None:
         if self._left:
@@ -121,8 +292,10 @@ class ShardWriter:
             self._shard = si
             path = self.folder / self.shards[si].filename
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-            self._hash, self._pos, self._synced = hashlib.sha256(), 0, 0
-            self._write(memoryview(self.shards[si].header))
+            self._dup = os.dup(self._fd)
+            self.hasher.begin(os.dup(self._fd))
+            self._pos, self._synced, self._flushed = 0, 0, 0
+            self._write(memoryview(self.shards[si].header), release=_KEEP)     # (the header is not reused)
         self._next += 1
         self._left = nbytes
 
@@ -130,16 +303,17 @@ class ShardWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-            self.digests[self.shards[self._shard].filename] = self._hash.hexdigest()
+            self.flusher.request(self._dup, last=True)
+            self._dup = None
+            self.hasher.end(self.shards[self._shard].filename)
 
-    def _write(self, view: memoryview) -> None:
+    def _write(self, view: memoryview, release=None) -> None:
+        """Write view, then hand it to the hasher (release: see Hasher.data)."""
         done, t0 = 0, time.perf_counter()
         while done < len(view):
             done += os.write(self._fd, view[done:])
-        t1 = time.perf_counter()
-        self._hash.update(view)
-        self.timeline.add("write", t1 - t0, len(view))
-        self.timeline.add("hash", time.perf_counter() - t1, len(view))
+        self.timeline.add("write", time.perf_counter() - t0, len(view))
+        self.hasher.data(view, release)
         self._advance(len(view))
 
     def _advance(self, n: int) -> None:
@@ -148,27 +322,20 @@ class ShardWriter:
             with self.timeline("writeback"):
                 _START_WRITEBACK(self._fd, self._synced, self._pos - self._synced)
             self._synced = self._pos
+        if self._pos - self._flushed >= FLUSH_BYTES:
+            self.flusher.request(self._dup)
+            self._flushed = self._pos
 
-    def _hash_back(self, start: int, n: int, scratch: torch.Tensor) -> None:
-        """Hash n bytes the kernel copied into the open shard at start, read back from the page cache."""
-        view = memoryview(scratch.numpy())
-        done, t0 = 0, time.perf_counter()
-        while done < n:
-            got = os.preadv(self._fd, [view[: min(len(view), n - done)]], start + done)
-            if got <= 0:
-                raise OSError(errno.EIO, "short read of a shard just written")
-            self._hash.update(view[:got])
-            done += got
-        self.timeline.add("hash", time.perf_counter() - t0, n)
-
-    def write(self, name: str, data: torch.Tensor, first: bool) -> None:
-        """Append a chunk (uint8 CPU tensor) of tensor `name`; first=True for its first chunk."""
+    def write(self, name: str, data: torch.Tensor, first: bool, release=None) -> None:
+        """Append a chunk (uint8 CPU tensor) of tensor `name`; first=True for its first chunk. With `release`,
+        return at once and call release() once `data` is hashed (the caller must not change it before);
+        without, return when it is."""
         if first:
             self._start(name)
         n = data.numel()
         if n > self._left:
             raise RuntimeError(f"too many bytes for {name}")
-        self._write(memoryview(data.numpy()))
+        self._write(memoryview(data.numpy()), release)
         self._left -= n
         self.on_bytes(n)
 
@@ -194,7 +361,8 @@ class ShardWriter:
                 if done or exc.errno not in _NO_KERNEL_COPY:
                     raise
             self.timeline.add("copy", time.perf_counter() - t0, done)
-            self._hash_back(self._pos, done, scratch)
+            if done:
+                self.hasher.back(self._pos, done)
             self._advance(done)
             self._left -= done
             e0 += done // size
@@ -221,7 +389,12 @@ class ShardWriter:
             path = self.folder / INDEX
             path.write_text(json.dumps(index, indent=2) + "\n")
             files.append(path)
+        self.hasher.close(wait=True)
+        self.flusher.close(wait=True)
         return files
 
     def abort(self) -> None:
+        """Close what is open (after finish(): nothing); pending hashes and flushes are dropped."""
         self._close_shard()
+        self.hasher.close(wait=False)
+        self.flusher.close(wait=False)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -197,6 +198,40 @@ def test_disk_full_while_writing(cli, tmp_path, triple, monkeypatch):
     monkeypatch.setattr(writer.os, "write", write)
     monkeypatch.setattr(writer.os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     run_bad(cli, tmp_path, triple, *args(*triple), expect="disk full while writing")
+
+
+@pytest.mark.parametrize("where", ["written", "copied"])
+def test_a_failure_while_hashing_ends_the_run_cleanly(cli, tmp_path, triple, monkeypatch, where):
+    """The manifest's sha256 runs on a thread of its own behind the writer; an I/O error there (hashing a piece
+    the writer wrote, or reading back one the kernel copied) still ends the graft with one line, exit 1 and nothing
+    left, instead of a hang or a manifest that does not match the files."""
+    from shadowmerge import writer
+
+    if where == "written":
+        real, calls = writer.hashlib.sha256, [0]
+
+        class Failing:
+            def __init__(self):
+                self.h = real()
+
+            def update(self, data):
+                hasher = threading.current_thread().name == "shadowmerge-hasher"
+                calls[0] += hasher
+                if hasher and calls[0] > 5:
+                    raise OSError(errno.EIO, "Input/output error")
+                self.h.update(data)
+
+            def hexdigest(self):
+                return self.h.hexdigest()
+        monkeypatch.setattr(writer.hashlib, "sha256", Failing)
+        extra = []
+    else:       # read back short: every tensor outside --include is a kernel copy
+        preadv = os.preadv
+        monkeypatch.setattr(writer.os, "preadv", lambda *a: 0 if threading.current_thread().name ==
+                            "shadowmerge-hasher" else preadv(*a))
+        extra = ["--include", "q_proj"]
+    run_bad(cli, tmp_path, triple, *args(*triple), *extra,
+            expect="Input/output error" if where == "written" else "short read of a shard just written")
 
 
 def test_ctrl_c_in_process_cleans_up(cli, tmp_path, triple, monkeypatch):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 
 import shadowmerge
@@ -274,5 +277,116 @@ def test_the_timeline_accounts_for_every_byte_and_profile_prints_it(make_triple,
     assert all(v["seconds"] >= 0 for v in stages.values()) and rec["timeline"]["wall_seconds"] > 0
     assert "start-up" in stages                     # a command-line run: the imports before it
     printed = res.stdout[res.stdout.index("timeline (wall"):]
-    for stage in ("read", "convert", "arithmetic", "cast", "write", "hash", "fsync"):
+    for stage in ("read", "convert", "arithmetic", "cast", "write", "hash", "flush", "fsync"):
         assert f"\n  {stage} " in printed
+
+
+# --- the engine's cheap checks are exact ---------------------------------------------------------------------
+_EDGES = [0.0, -0.0, 1.0, -2.5, 1e-45, float("nan"), float("inf"), -float("inf"), 3.3895e38, 3.3961e38, 3.39e38,
+          -3.3961e38, 3.4028e38, 65504.0, 65519.0, 65520.0, -65520.0, 1e38]
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.sampled_from(_EDGES) | st.floats(width=32), min_size=1, max_size=40),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]))
+def test_the_nonfinite_check_and_the_zero_test_equal_their_element_wise_definitions(values, dtype):
+    """finite_after_cast answers exactly "has the cast output NaN/Inf?" (also where a finite float32 value rounds
+    to Inf in the output dtype), and all_zero exactly "not delta.any()" (NaN is non-zero, -0.0 is zero)."""
+    from shadowmerge.engine import all_zero, finite_after_cast
+
+    x = torch.tensor(values, dtype=torch.float32)
+    out = x.to(dtype)
+    assert finite_after_cast(x, out) == bool(torch.isfinite(out).all())
+    assert all_zero(x, torch.zeros(64)) == (not bool(x.any()))
+    assert all_zero(x * 0, torch.zeros(64)) == (not bool((x * 0).any()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_several_compute_threads_write_the_bytes_of_one(make_triple, tmp_path, monkeypatch, device):
+    """Pieces computed by 3 threads that finish out of order (random delays) are written in plan order: the output
+    is byte-identical to a one-thread run, for a full and a LoRA graft, in pieces of 100 elements (on a GPU each
+    thread on a CUDA stream of its own)."""
+    import random
+    import threading
+
+    from adapters import make_adapter
+    from shadowmerge import engine
+
+    inst, base, tuned = make_triple("llama")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    run = engine.run
+    monkeypatch.setattr(engine, "run", lambda *a, **k: run(*a, **k, chunk_elements=100))
+    compute, seen, rng = engine._Worker.compute, set(), random.Random(0)
+
+    def late(self, job, slot):
+        seen.add(threading.current_thread().name)
+        time.sleep(rng.random() / 1000)
+        compute(self, job, slot)
+
+    monkeypatch.setattr(engine._Worker, "compute", late)
+    for label, workers in (("one", 1), ("three", 3)):
+        monkeypatch.setattr(engine, "workers", lambda device, w=workers: (w, 1))
+        shadowmerge.graft(inst, base, tuned, tmp_path / f"full-{label}", progress=False, device=device)
+        shadowmerge.graft(inst, None, None, tmp_path / f"lora-{label}", lora=adapter, progress=False, device=device)
+        assert len(seen) == workers, seen     # every thread computed pieces
+        seen.clear()
+    for kind in ("full", "lora"):
+        one, three = tmp_path / f"{kind}-one", tmp_path / f"{kind}-three"
+        names = sorted(p.name for p in one.glob("*.safetensors"))
+        assert names and names == sorted(p.name for p in three.glob("*.safetensors"))
+        for n in names:
+            assert (one / n).read_bytes() == (three / n).read_bytes(), (kind, n)
+    stages = json.loads((tmp_path / "full-one" / "shadowmerge.json").read_text())["timeline"]["stages"]
+    assert ("cuda start" in stages) == (device == "cuda")      # CUDA started on its own thread, beside the plan
+
+
+def test_a_command_line_graft_prints_everything_and_exits_with_its_status(make_triple, tmp_path):
+    """The console script ends a successful graft/verify with os._exit (no interpreter teardown): all it printed
+    still arrives, the output verifies, and an error still exits 1 with its one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    assert '\nshadowmerge = "shadowmerge.cli:entry"\n' in (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    inst, base, tuned = make_triple("llama")
+    cmd = [sys.executable, "-m", "shadowmerge"]
+    out = tmp_path / "out"
+    res = subprocess.run([*cmd, "graft", "--instruct", inst, "--base", base, "--tuned", tuned, "--out", out,
+                          "--profile", "-q"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"wrote {out}") and res.stdout.rstrip().endswith(" %") and "\n  fsync " in res.stdout
+    res = subprocess.run([*cmd, "verify", out], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip(), res.stderr
+    res = subprocess.run([*cmd, "verify", tmp_path / "missing"], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.startswith("error: ") and len(res.stderr.splitlines()) == 1
+
+
+def test_a_role_check_refusal_stops_the_graft_beside_it(make_triple, tmp_path, monkeypatch):
+    """The role check runs beside the engine; its refusal stops the engine within a piece (instead of after the
+    whole graft), is the error raised, and leaves nothing but the inputs."""
+    from shadowmerge import engine, roles
+
+    inst, base, tuned = make_triple("llama")
+    run = engine.run
+    monkeypatch.setattr(engine, "run", lambda *a, **k: run(*a, **k, chunk_elements=100))
+    compute, pieces = engine._Worker.compute, []
+
+    def slow(self, job, slot):
+        pieces.append(job)
+        time.sleep(0.01)                     # thousands of pieces: a whole graft would take a minute
+        compute(self, job, slot)
+
+    def refuse(*a, **k):
+        time.sleep(0.2)
+        raise shadowmerge.ShadowMergeError("--base and --tuned look exchanged: test")
+
+    monkeypatch.setattr(engine._Worker, "compute", slow)
+    monkeypatch.setattr(roles, "check", refuse)
+    with pytest.raises(shadowmerge.ShadowMergeError, match="look exchanged"):
+        shadowmerge.graft(inst, base, tuned, tmp_path / "out", progress=False)
+    from shadowmerge.chunks import ranges
+
+    total = sum(len(list(ranges(0, t.numel(), t.numel() // t.shape[0], 100)))          # pieces of a whole graft
+                for t in state(inst).values() if t.dim())
+    assert 0 < len(pieces) < total / 10, (len(pieces), total)
+    assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
