@@ -167,13 +167,15 @@ class Hasher:
         self.error: BaseException | None = None
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._dropping = False
+        self._dropping = self._closed = False
         self._fd: int | None = None
         self._hash = hashlib.sha256()
 
     def _put(self, item: tuple) -> None:
         if self.error is not None:
             raise self.error
+        if self._closed:
+            raise RuntimeError("the writer was closed while writing")
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, daemon=True, name="shadowmerge-hasher")
             self._thread.start()
@@ -250,6 +252,7 @@ class Hasher:
     def close(self, wait: bool = True) -> None:
         """Stop the thread: with wait, after everything handed over is hashed (raising what went wrong), else
         dropping what is left unhashed; every descriptor is closed."""
+        self._closed = True
         if self._thread is not None:
             if not wait:
                 self._dropping = True

@@ -390,3 +390,27 @@ def test_a_role_check_refusal_stops_the_graft_beside_it(make_triple, tmp_path, m
                 for t in state(inst).values() if t.dim())
     assert 0 < len(pieces) < total / 10, (len(pieces), total)
     assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
+
+
+
+def test_a_closed_hasher_refuses_more_work_instead_of_starting_again(tmp_path):
+    """After the writer's abort() or finish() the hasher thread is gone: anything handed to it later (a thread of an
+    aborted run that has not stopped yet) raises at once, neither waiting for a hash nor starting a new thread."""
+    import threading
+
+    from shadowmerge.timeline import Timeline
+    from shadowmerge.writer import Hasher
+
+    digests: dict = {}
+    h = Hasher(digests, Timeline())
+    h.begin(os.open(tmp_path, os.O_RDONLY))
+    h.data(memoryview(b"abc"))
+    h.end("x")
+    h.close()
+    assert digests == {"x": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}   # sha256("abc")
+    before = threading.active_count()
+    for late in (lambda: h.data(memoryview(b"d")), lambda: h.data(memoryview(b"d"), release=lambda: None),
+                 lambda: h.back(0, 1)):
+        with pytest.raises(RuntimeError, match="closed"):
+            late()
+    assert threading.active_count() == before
