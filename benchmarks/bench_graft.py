@@ -1,14 +1,14 @@
 """Benchmark `shadowmerge graft` against the durable I/O floor and real mergekit task_arithmetic.
 
-Builds synthetic bf16 Llama-shaped triples (Instruct, Base = Instruct + noise, Tuned = Base + noise)
-in several shards, then runs, side by side: the durable floor (`cat` of the three inputs, plus `dd
+Builds synthetic bf16 Llama-shaped triples (Instruct, Base = Instruct + noise, Tuned = Base + noise) in
+several shards, then runs, side by side: the durable floor (`cat` of the three inputs, plus `dd
 conv=fsync` of as many bytes as the output has: every input byte read, every output byte on disk),
 `python -c "import os, torch; os._exit(0)"` (the import alone), `shadowmerge graft`, and `mergekit-yaml`
 task_arithmetic (base_model=Base, Instruct and Tuned at weight 1, normalize false), once default (bf16
-math) and once exact (dtype float32, out_dtype bfloat16). Each command but mergekit runs --rounds times (best kept). Prints wall time and peak
-RSS of each process, the ratio (graft - torch import) / durable floor, graft's stage timeline (from its
-record), and checks that the outputs agree. `cat INPUTS | cat > /dev/null`: GNU cat writing straight to
-/dev/null does not read the data at all.
+math) and once exact (dtype float32, out_dtype bfloat16). Each command but mergekit runs --rounds times
+(best kept). Prints wall time and peak RSS of each process, the ratio (graft - torch import) / durable
+floor, graft's stage timeline (from its record), and checks that the outputs agree. `cat INPUTS | cat >
+/dev/null`: GNU cat writing straight to /dev/null does not read the data at all.
 
 `--device cpu cuda` runs shadowmerge once per device and checks the outputs are bit-identical to the
 first device's; where mergekit is not installed (a GPU machine), its rows are left out.

@@ -1,11 +1,12 @@
 """Benchmark `shadowmerge graft --lora` against a durable `cp -r` of the Instruct and against peft's merge.
 
-Uses the synthetic bf16 Llama-shaped Instruct of bench_graft.py and writes a rank-128 LoRA adapter
-on q/k/v/o/gate/up/down (float32, peft's key names, the config written by peft's LoraConfig). Then
-runs, side by side: `cp -r` of the Instruct folder then `sync` (the durable floor: every byte read,
-written and on disk once), `shadowmerge graft --lora` (best of --rounds, with its stage timeline), and
-peft (`PeftModel.from_pretrained(instruct).merge_and_unload()` then `save_pretrained`) twice: loading the Instruct in bf16 (the usual way) and in float32 with a cast at
-save (exact). Prints wall time and peak RSS of each process (GNU time) and compares the outputs.
+Uses the synthetic bf16 Llama-shaped Instruct of bench_graft.py and writes a rank-128 LoRA adapter on
+q/k/v/o/gate/up/down (float32, peft's key names, the config written by peft's LoraConfig). Then runs,
+side by side: `cp -r` of the Instruct folder then `sync` (the durable floor: every byte read, written
+and on disk once), `shadowmerge graft --lora` (best of --rounds, with its stage timeline), and peft
+(`PeftModel.from_pretrained(instruct).merge_and_unload()` then `save_pretrained`) twice: loading the
+Instruct in bf16 (the usual way) and in float32 with a cast at save (exact). Prints wall time and peak
+RSS of each process (GNU time) and compares the outputs.
 
 `--device cpu cuda` runs shadowmerge once per device (rows and agreement checks for each).
 

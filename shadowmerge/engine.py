@@ -69,9 +69,6 @@ class Slot:
         self.out: torch.Tensor | None = None
 
 
-_nothing = contextlib.nullcontext
-
-
 class Stopped(Exception):
     pass
 
@@ -304,7 +301,7 @@ class _Run:
         if self.intra != torch.get_num_threads():
             torch.set_num_threads(self.intra)        # this thread's own count (see workers())
         worker = _Worker(self)
-        with torch.cuda.stream(torch.cuda.Stream(self.device)) if self.cuda else _nothing():
+        with torch.cuda.stream(torch.cuda.Stream(self.device)) if self.cuda else contextlib.nullcontext():
             while True:
                 piece = _get(self.ready, self.stop)
                 if piece is None:

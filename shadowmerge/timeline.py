@@ -15,8 +15,8 @@ import threading
 import time
 
 #: the stages, in the order a graft meets them (a stage no run used is left out of the record)
-STAGES = ("start-up", "cuda start", "plan", "role check", "read", "convert", "arithmetic", "cast", "check", "write", "copy",
-          "hash", "writeback", "flush", "side files", "card", "record", "manifest", "fsync", "rename")
+STAGES = ("start-up", "cuda start", "plan", "role check", "read", "convert", "arithmetic", "cast", "check", "write",
+          "copy", "hash", "writeback", "flush", "side files", "card", "record", "manifest", "fsync", "rename")
 #: when the package was imported (a command-line run's start-up is from there to where its command begins)
 IMPORTED = getattr(sys.modules.get("shadowmerge"), "_IMPORTED", time.perf_counter())
 

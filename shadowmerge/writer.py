@@ -7,11 +7,11 @@ Each shard's sha256, for the run record's manifest, is computed on a hasher thre
 order the bytes were written, from the very buffers written (kernel copies are read back from the page
 cache): sha256 of one stream cannot be split, and beside the writer's own thread it no longer adds to
 it. A caller's buffer is handed back (`release`) once it is hashed. The kernel is asked every 64 MiB
-to start writing the pages back (sync_file_range, through ctypes: Python has no binding). A flusher thread fdatasyncs the open
-shard every 128 MiB and each shard as it closes, while the next bytes are computed: a disk (or a
-virtual disk's host cache) that takes writes faster than it makes them durable then drains during the
-run, and the final fsync of the output finds little left. Durability itself is unchanged: the output
-folder's fsync before its rename is still what guarantees it.
+to start writing the pages back (sync_file_range, through ctypes: Python has no binding). A flusher
+thread fdatasyncs the open shard every 128 MiB and each shard as it closes, while the next bytes are
+computed: a disk (or a virtual disk's host cache) that takes writes faster than it makes them durable
+then drains during the run, and the final fsync of the output finds little left. Durability itself
+is unchanged: the output folder's fsync before its rename is still what guarantees it.
 """
 
 from __future__ import annotations

@@ -392,7 +392,6 @@ def test_a_role_check_refusal_stops_the_graft_beside_it(make_triple, tmp_path, m
     assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
 
 
-
 def test_a_closed_hasher_refuses_more_work_instead_of_starting_again(tmp_path):
     """After the writer's abort() or finish() the hasher thread is gone: anything handed to it later (a thread of an
     aborted run that has not stopped yet) raises at once, neither waiting for a hash nor starting a new thread."""
