@@ -93,8 +93,9 @@ class GraftSummary:
         return "\n".join(lines)
 
 
-def _card(folder: Path, plan: Plan, spec: GraftSpec, inst_folder: Path) -> None:
-    """The output's own model card (never the Instruct's: it would claim to be the official model)."""
+def _card(plan: Plan, spec: GraftSpec, inst_folder: Path) -> card.Early:
+    """The output's own model card (never the Instruct's: it would claim to be the official model), rendered on
+    a thread while the data moves."""
     made_from = {"Instruct": spec.instruct, "Base": spec.base, "tuned Base": spec.tuned,
                  "LoRA adapter (trained on the Base)": spec.lora, **plan.source.card_inputs()}
     kind = "LoRA adapter" if spec.lora is not None else "fine-tune"
@@ -102,11 +103,11 @@ def _card(folder: Path, plan: Plan, spec: GraftSpec, inst_folder: Path) -> None:
                "tensors grafted": sum(1 for t in plan.tensors if t.graft_rows),
                "tensors copied from the Instruct": sum(1 for t in plan.tensors if not t.graft_rows)}
     details.update({k: f"`{v}`" for k, v in (("--include", spec.include), ("--exclude", spec.exclude)) if v})
-    card.write(folder, title=f"{Path(spec.instruct).name} + the update of a {kind} of its Base (Shadow-FT)",
-               made_from=made_from, relation="merge", license_from=inst_folder,
-               what=f"The Instruct model with the update learned by a {kind} of its Base grafted onto it "
-                    f"(`shadowmerge graft`). It keeps the Instruct's config, tokenizer, chat template and generation "
-                    f"config.", command=spec.command or card.command_line(None), details=details)
+    return card.Early(title=f"{Path(spec.instruct).name} + the update of a {kind} of its Base (Shadow-FT)",
+                      made_from=made_from, relation="merge", license_from=inst_folder,
+                      what=f"The Instruct model with the update learned by a {kind} of its Base grafted onto it "
+                           f"(`shadowmerge graft`). It keeps the Instruct's config, tokenizer, chat template and "
+                           f"generation config.", command=spec.command or card.command_line(None), details=details)
 
 
 _POSITIONAL = ("instruct", "base", "tuned", "out")
@@ -152,12 +153,12 @@ def run(spec: GraftSpec) -> GraftSummary:
         if spec.dry_run:
             return GraftSummary(None, plan.counts(), plan.total_bytes, len(shards), time.perf_counter() - start,
                                 True, plan.warnings, [], plan_text=plan.render(shard_of, len(shards)))
-        card.prefetch()                  # its imports load while the data moves
         need = sum(s.size for s in shards) + inst.side_bytes()
         target = OutputFolder(spec.out, force=spec.force, inputs=[c.folder for c in ckpts], need_bytes=need)
         with target as tmp:
             for c in ckpts:          # Hub inputs: download what the graft reads, now that everything was checked
                 c.fetch(spec.progress, side=c is inst)
+            readme = _card(plan, spec, inst.folder)       # (after the fetch: it reads the Instruct's card)
             role_check = _RoleCheck(ckpts, plan, timeline) if spec.check_roles and lora is None else None
             with progress_bar(plan.total_bytes, spec.progress, "graft") as bar:
                 writer = ShardWriter(tmp, shards, on_bytes=bar.update, timeline=timeline)
@@ -195,7 +196,7 @@ def run(spec: GraftSpec) -> GraftSummary:
             with timeline("side files"):
                 side = copy_side_files(inst.folder, tmp, dtype_name(out_dtype), skip=("README.md",))
             with timeline("card"):
-                _card(tmp, plan, spec, inst.folder)
+                readme.write(tmp)
             with timeline("record"):
                 seconds = time.perf_counter() - start
                 write_record(tmp, _record(plan, spec, ckpts, shards, side, shard_bytes, dev, stats, warnings,

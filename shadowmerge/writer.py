@@ -3,10 +3,11 @@
 Every header is known before the first byte is written, so a tensor's bytes go straight from the
 compute buffer (or, for copies, from the input file, in the kernel) to disk: no shard is ever
 held in memory. Files are created 0666 minus the umask (0644 as usual), like any other tool's.
-Each shard's sha256, for the run record's manifest, is computed on a hasher thread of its own, in the
-order the bytes were written, from the very buffers written (kernel copies are read back from the page
-cache): sha256 of one stream cannot be split, and beside the writer's own thread it no longer adds to
-it. A caller's buffer is handed back (`release`) once it is hashed. The kernel is asked every 64 MiB
+Each shard's sha256, for the run record's manifest, is computed off the writer's thread, in the order
+the bytes were written, from the very buffers written (kernel copies are read back from the page
+cache). One sha256 stream cannot be split, so on a machine with cores to spare several shards are
+hashed at once, a lagging one from the page cache (see Hasher). A caller's buffer is handed back
+(`release`) once it is hashed. The kernel is asked every 64 MiB
 to start writing the pages back (sync_file_range, through ctypes: Python has no binding). A flusher
 thread fdatasyncs the open shard every 128 MiB and each shard as it closes, while the next bytes are
 computed: a disk (or a virtual disk's host cache) that takes writes faster than it makes them durable
@@ -156,118 +157,178 @@ class Flusher:
             thread.join()
 
 
-class Hasher:
-    """The sha256 of each shard, on a thread of its own (hashlib lets go of the GIL on large buffers), fed in the
-    order the bytes were written: a buffer the writer wrote (`data`, handed back by `release` once hashed), or a
-    range of the open shard that the kernel copied (`back`, read back from the page cache through the hasher's own
-    descriptor). `end` records the shard's digest into `digests`."""
+MAX_HASH_LANES = 4
+LAG_BYTES = 64 << 20
 
-    def __init__(self, digests: dict[str, str], timeline: Timeline, scratch_bytes: int = 8 << 20):
-        self.digests, self.timeline, self.scratch_bytes = digests, timeline, scratch_bytes
-        self.error: BaseException | None = None
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._dropping = self._closed = False
-        self._fd: int | None = None
-        self._hash = hashlib.sha256()
 
-    def _put(self, item: tuple) -> None:
-        if self.error is not None:
-            raise self.error
-        if self._closed:
-            raise RuntimeError("the writer was closed while writing")
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, daemon=True, name="shadowmerge-hasher")
-            self._thread.start()
-        self._q.put(item)
+def hash_lanes() -> int:
+    """How many shards may be hashed at once: one per 4 of torch's threads (the compute threads keep the
+    rest), at most MAX_HASH_LANES; 1 on a small machine, where a second lane would only take a core from the
+    arithmetic."""
+    return max(1, min(MAX_HASH_LANES, torch.get_num_threads() // 4))
 
-    def begin(self, fd: int) -> None:
-        """A new shard: `fd` is a descriptor of it the hasher owns (and closes at `end`)."""
-        self._put(("begin", fd))
 
-    def data(self, view: memoryview, release=None) -> None:
-        """Hash `view` next, then call release(); without release, wait until it is hashed (the caller reuses it)."""
-        if release is not None:
-            self._put(("data", view, release))
-            return
-        done = threading.Event()
-        self._put(("data", view, done.set))
-        while not done.wait(0.1):
-            if self.error is not None:
-                raise self.error
+class _Lane:
+    """One hashing thread and its queue; it hashes whole shards, one after another, in the order handed over."""
 
-    def back(self, start: int, n: int) -> None:
-        self._put(("back", start, n))
-
-    def end(self, filename: str) -> None:
-        self._put(("end", filename))
+    def __init__(self, owner: "Hasher"):
+        self.owner = owner
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.handed = 0             # bytes handed over (written by the writer's thread only)
+        self.hashed = 0             # ... and hashed or dropped (written by the lane's thread only)
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="shadowmerge-hasher")
+        self.thread.start()
 
     def _loop(self) -> None:
-        scratch = None
+        owner, scratch, fd, sha = self.owner, None, None, None
         while True:
-            item = self._q.get()
+            item = self.q.get()
             kind = item[0]
             if kind == "stop":
+                if fd is not None:
+                    os.close(fd)
                 return
-            if self._dropping or self.error is not None:      # the run is over: hand buffers back, close
+            if owner.dropping or owner.error is not None:      # the run is over: hand buffers back, close
                 if kind == "begin":
                     os.close(item[1])
-                elif kind == "end":
-                    self._close()
+                elif kind == "end" and fd is not None:
+                    os.close(fd)
+                    fd = None
                 elif kind == "data":
                     item[2]()
+                if kind in ("data", "back"):
+                    self.hashed += item[-1] if kind == "back" else len(item[1])
                 continue
             try:
                 t0 = time.perf_counter()
                 if kind == "begin":
-                    self._fd, self._hash = item[1], hashlib.sha256()
+                    fd, sha = item[1], hashlib.sha256()
                 elif kind == "data":
-                    self._hash.update(item[1])
-                    self.timeline.add("hash", time.perf_counter() - t0, len(item[1]))
+                    sha.update(item[1])
+                    self.hashed += len(item[1])
+                    owner.timeline.add("hash", time.perf_counter() - t0, len(item[1]))
                     item[2]()
                 elif kind == "back":
-                    scratch = scratch or memoryview(bytearray(self.scratch_bytes))
-                    self._read_back(item[1], item[2], scratch)
-                    self.timeline.add("hash", time.perf_counter() - t0, item[2])
+                    scratch = scratch or memoryview(bytearray(owner.scratch_bytes))
+                    _read_back(fd, item[1], item[2], scratch, sha)
+                    self.hashed += item[2]
+                    owner.timeline.add("hash", time.perf_counter() - t0, item[2])
                 else:
-                    self.digests[item[1]] = self._hash.hexdigest()
-                    self._close()
+                    owner.digests[item[1]] = sha.hexdigest()
+                    os.close(fd)
+                    fd = None
             except BaseException as exc:       # reported to the writer (finish, or its next call)
-                self.error = exc
+                owner.error = exc
 
-    def _read_back(self, start: int, n: int, view: memoryview) -> None:
-        done = 0
-        while done < n:
-            got = os.preadv(self._fd, [view[: min(len(view), n - done)]], start + done)
-            if got <= 0:
-                raise OSError(errno.EIO, "short read of a shard just written")
-            self._hash.update(view[:got])
-            done += got
 
-    def _close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+def _read_back(fd: int, start: int, n: int, view: memoryview, sha) -> None:
+    done = 0
+    while done < n:
+        got = os.preadv(fd, [view[: min(len(view), n - done)]], start + done)
+        if got <= 0:
+            raise OSError(errno.EIO, "short read of a shard just written")
+        sha.update(view[:got])
+        done += got
+
+
+class Hasher:
+    """The sha256 of each shard, off the writer's thread (hashlib lets go of the GIL on large buffers), fed in
+    the order the bytes were written: a buffer the writer wrote (`data`, handed back by `release` once hashed),
+    or bytes of the open shard that the kernel copied (`back`, read back from the page cache through a
+    descriptor of the hasher's own). `end` records the shard's digest into `digests`.
+
+    One shard's sha256 is one sequential stream (about 1.2 GB/s on a core), so with `lanes` > 1 the shards are
+    spread over that many threads: while one lags more than LAG_BYTES behind the writer, the buffers written
+    to it are handed back at once and hashed later from the page cache, so the writer goes on to the next
+    shard, which another lane hashes beside it. With one lane (a small machine) a lagging hash holds the
+    buffers instead, which slows the reader rather than adding work for the same cores."""
+
+    def __init__(self, digests: dict[str, str], timeline: Timeline, scratch_bytes: int = 8 << 20,
+                 lanes: int = 1):
+        self.digests, self.timeline, self.scratch_bytes = digests, timeline, scratch_bytes
+        self.error: BaseException | None = None
+        self.dropping = False
+        self.lanes = max(1, lanes)
+        self._closed = False
+        self._running: list[_Lane] = []
+        self._lane: _Lane | None = None      # the open shard's
+        self._pos = 0                        # bytes of the open shard handed over
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self._closed:
+            raise RuntimeError("the writer was closed while writing")
+
+    def begin(self, fd: int) -> None:
+        """A new shard: `fd` is a descriptor of it the hasher owns (and closes at `end`). It goes to the lane
+        with the fewest bytes waiting (a new one while fewer than `lanes` run)."""
+        try:
+            self._check()
+        except BaseException:
+            os.close(fd)
+            raise
+        if len(self._running) < self.lanes:
+            self._running.append(_Lane(self))
+        self._lane = min(self._running, key=lambda lane: lane.handed - lane.hashed)
+        self._pos = 0
+        self._lane.q.put(("begin", fd))
+
+    def data(self, view: memoryview, release=None) -> None:
+        """Hash `view` next, then call release(); without release, wait until it is hashed (the caller reuses it).
+        Under several lanes, a lane that lags takes the bytes from the file instead and release() runs at once."""
+        self._check()
+        lane, n = self._lane, len(view)
+        if self.lanes > 1 and lane.handed - lane.hashed > LAG_BYTES:
+            self.back(n)
+            if release is not None:
+                release()
+            return
+        self._pos += n
+        lane.handed += n
+        if release is not None:
+            lane.q.put(("data", view, release))
+            return
+        done = threading.Event()
+        lane.q.put(("data", view, done.set))
+        while not done.wait(0.1):
+            if self.error is not None:
+                raise self.error
+
+    def back(self, n: int) -> None:
+        """The next n bytes of the open shard were written by the kernel: hash them from the file."""
+        self._check()
+        self._lane.handed += n
+        self._lane.q.put(("back", self._pos, n))
+        self._pos += n
+
+    def end(self, filename: str) -> None:
+        """The open shard is complete (after close() a no-op: its lane closes the descriptor as it stops)."""
+        if self._lane is not None:
+            self._lane.q.put(("end", filename))
+            self._lane = None
 
     def close(self, wait: bool = True) -> None:
-        """Stop the thread: with wait, after everything handed over is hashed (raising what went wrong), else
+        """Stop the threads: with wait, after everything handed over is hashed (raising what went wrong), else
         dropping what is left unhashed; every descriptor is closed."""
         self._closed = True
-        if self._thread is not None:
-            if not wait:
-                self._dropping = True
-            self._q.put(("stop",))
-            self._thread.join()
-            self._thread = None
-        self._close()
+        if not wait:
+            self.dropping = True
+        for lane in self._running:
+            lane.q.put(("stop",))
+        for lane in self._running:
+            lane.thread.join()
+        self._running = []
         if wait and self.error is not None:
             raise self.error
 
 
 class ShardWriter:
-    """Receives tensors in plan order, as byte chunks or as copies from an input file."""
+    """Receives tensors in plan order, as byte chunks or as copies from an input file. `lanes`: how many shards
+    may be hashed at once (hash_lanes() by default)."""
 
-    def __init__(self, folder: Path, shards: list[Shard], on_bytes=None, timeline: Timeline | None = None):
+    def __init__(self, folder: Path, shards: list[Shard], on_bytes=None, timeline: Timeline | None = None,
+                 lanes: int | None = None):
         self.folder = folder
         self.timeline = timeline or Timeline()
         self.shards = shards
@@ -278,7 +339,8 @@ class ShardWriter:
         self._left = 0          # bytes still owed to it
         self._shard = -1
         self._fd: int | None = None
-        self.hasher = Hasher(self.digests, self.timeline)
+        self.hasher = Hasher(self.digests, self.timeline,
+                             lanes=hash_lanes() if lanes is None else lanes)
         self._pos = self._synced = 0     # bytes written to the open shard, and handed to writeback
         self._flushed = 0                # ... and handed to the flusher
         self._dup: int | None = None     # the flusher's descriptor of the open shard
@@ -365,7 +427,7 @@ class ShardWriter:
                     raise
             self.timeline.add("copy", time.perf_counter() - t0, done)
             if done:
-                self.hasher.back(self._pos, done)
+                self.hasher.back(done)
             self._advance(done)
             self._left -= done
             e0 += done // size

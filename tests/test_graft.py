@@ -340,6 +340,87 @@ def test_several_compute_threads_write_the_bytes_of_one(make_triple, tmp_path, m
     assert ("cuda start" in stages) == (device == "cuda")      # CUDA started on its own thread, beside the plan
 
 
+@settings(max_examples=60, deadline=None)
+@given(shards=st.lists(st.lists(st.tuples(st.integers(0, 300), st.booleans(), st.booleans()), max_size=8),
+                       min_size=1, max_size=6),
+       lanes=st.integers(1, 4), lag=st.sampled_from([0, 50, 1 << 30]))
+def test_the_hasher_gives_each_shard_the_sha256_of_its_file(tmp_path_factory, shards, lanes, lag):
+    """However the bytes of each shard arrive (buffers handed back at once or waited for, ranges the kernel wrote),
+    over any number of lanes and whatever a lane lags behind (so that some buffers are read back from the file),
+    each digest is the sha256 of its file, and every buffer is handed back exactly once."""
+    import hashlib
+
+    from shadowmerge import writer
+    from shadowmerge.timeline import Timeline
+
+    folder, digests, released = tmp_path_factory.mktemp("h"), {}, []
+    h = writer.Hasher(digests, Timeline(), scratch_bytes=7, lanes=lanes)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(writer, "LAG_BYTES", lag)
+        _feed(h, folder, shards, released)
+    assert digests == {f"s{i}": hashlib.sha256((folder / f"s{i}").read_bytes()).hexdigest() for i in range(len(shards))}
+    handed = [(i, j) for i, c in enumerate(shards) for j, (_, kernel, keep) in enumerate(c) if not kernel and not keep]
+    assert sorted(released) == handed
+
+
+def _feed(h, folder, shards, released):
+    for i, chunks in enumerate(shards):
+        fd = os.open(folder / f"s{i}", os.O_RDWR | os.O_CREAT | os.O_EXCL)
+        h.begin(os.dup(fd))
+        for j, (n, kernel, keep) in enumerate(chunks):
+            data = bytes((i * 31 + j * 7 + k) % 251 for k in range(n))
+            os.write(fd, data)
+            if kernel:
+                h.back(n)
+            else:
+                h.data(memoryview(data), None if keep else lambda j=j, i=i: released.append((i, j)))
+        os.close(fd)
+        h.end(f"s{i}")
+    h.close()
+
+
+def test_shards_hashed_on_several_lanes_give_the_manifest_of_one(make_triple, tmp_path, monkeypatch):
+    """With three hashing lanes that lag (a slow sha256, no lag allowed, a shard per tensor), the writer goes on to
+    the next shards, and the lagging ones are hashed from the page cache: the files and the manifest are those of a
+    one-lane run, and verify recomputes every digest."""
+    import hashlib
+    import threading
+
+    from shadowmerge import writer
+    from shadowmerge.verify import verify
+
+    inst, base, tuned = make_triple("llama")
+    real, lanes_seen = hashlib.sha256, set()
+
+    class Slow:
+        def __init__(self):
+            self.h = real()
+
+        def update(self, data):
+            if threading.current_thread().name == "shadowmerge-hasher":
+                lanes_seen.add(threading.get_ident())
+                time.sleep(0.002)
+            self.h.update(data)
+
+        def hexdigest(self):
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(writer.hashlib, "sha256", Slow)
+    monkeypatch.setattr(writer, "LAG_BYTES", 0)
+    records = {}
+    for lanes in (1, 3):
+        monkeypatch.setattr(writer, "hash_lanes", lambda n=lanes: n)
+        out = tmp_path / f"lanes-{lanes}"
+        shadowmerge.graft(inst, base, tuned, out, shard_size="20KB", progress=False)
+        assert len(lanes_seen) == lanes, lanes_seen
+        lanes_seen.clear()
+        records[lanes] = json.loads((out / "shadowmerge.json").read_text())["manifest"]
+        verify(out, progress=False)        # raises on a digest that is not the file's
+    assert len(records[1]) > 4 and records[1] == records[3]
+    for name, entry in records[3].items():
+        assert entry["sha256"] == real((tmp_path / "lanes-3" / name).read_bytes()).hexdigest(), name
+
+
 def test_a_command_line_graft_prints_everything_and_exits_with_its_status(make_triple, tmp_path):
     """The console script ends a successful graft/verify with os._exit (no interpreter teardown): all it printed
     still arrives, the output verifies, and an error still exits 1 with its one line."""
@@ -408,8 +489,11 @@ def test_a_closed_hasher_refuses_more_work_instead_of_starting_again(tmp_path):
     h.close()
     assert digests == {"x": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}   # sha256("abc")
     before = threading.active_count()
+    fd = os.open(tmp_path, os.O_RDONLY)
     for late in (lambda: h.data(memoryview(b"d")), lambda: h.data(memoryview(b"d"), release=lambda: None),
-                 lambda: h.back(0, 1)):
+                 lambda: h.back(1), lambda: h.begin(fd)):
         with pytest.raises(RuntimeError, match="closed"):
             late()
     assert threading.active_count() == before
+    with pytest.raises(OSError):        # begin() closed the descriptor it was given
+        os.fstat(fd)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .. import jsonfile
 from ..errors import NoUpdate, ShadowMergeError
+from ..output import fsync_tree
 from ..pipeline import graft
 from ..record import FILES, relocate
 from ..record import read as read_record
@@ -164,12 +165,16 @@ def _train_elsewhere(run: Run, clock: _Clock) -> TrainSummary:
 
 def _train_model(run: Run, role: str, out: Path) -> str | None:
     """The train stage of one model: the backend trains it into out, tidies it, and its losses go into the
-    record. Returns what the backend wrote instead when it stopped before training (--emit-only)."""
+    record. Returns what the backend wrote instead when it stopped before training (--emit-only).
+
+    The trained model is made durable here (the output's commit would fsync it anyway), so that the kernel's
+    writeback of the trainer's files is paid by this stage instead of slowing the graft's writes after it."""
     stopped = run.backend.train(run, role, out)
     _release()
     if stopped:
         return stopped
     run.backend.tidy(run, role, out)
+    fsync_tree(out)
     run.record.setdefault("losses", {})[role] = run.backend.losses(run, role, out)
     return None
 
