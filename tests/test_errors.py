@@ -200,12 +200,17 @@ def test_disk_full_while_writing(cli, tmp_path, triple, monkeypatch):
     run_bad(cli, tmp_path, triple, *args(*triple), expect="disk full while writing")
 
 
+@pytest.mark.parametrize("lanes", [1, 3])
 @pytest.mark.parametrize("where", ["written", "copied"])
-def test_a_failure_while_hashing_ends_the_run_cleanly(cli, tmp_path, triple, monkeypatch, where):
-    """The manifest's sha256 runs on a thread of its own behind the writer; an I/O error there (hashing a piece
-    the writer wrote, or reading back one the kernel copied) still ends the graft with one line, exit 1 and nothing
-    left, instead of a hang or a manifest that does not match the files."""
+def test_a_failure_while_hashing_ends_the_run_cleanly(cli, tmp_path, triple, monkeypatch, where, lanes):
+    """The manifest's sha256 runs on threads of its own behind the writer (one lane, or several hashing shards at
+    once, a lagging one from the page cache); an I/O error there (hashing a piece the writer wrote, or reading back
+    one the kernel copied or a lagging lane let go) still ends the graft with one line, exit 1 and nothing left,
+    instead of a hang or a manifest that does not match the files."""
     from shadowmerge import writer
+
+    monkeypatch.setattr(writer, "hash_lanes", lambda: lanes)
+    monkeypatch.setattr(writer, "LAG_BYTES", 0 if lanes > 1 else writer.LAG_BYTES)
 
     if where == "written":
         real, calls = writer.hashlib.sha256, [0]
@@ -230,7 +235,8 @@ def test_a_failure_while_hashing_ends_the_run_cleanly(cli, tmp_path, triple, mon
         monkeypatch.setattr(writer.os, "preadv", lambda *a: 0 if threading.current_thread().name ==
                             "shadowmerge-hasher" else preadv(*a))
         extra = ["--include", "q_proj"]
-    run_bad(cli, tmp_path, triple, *args(*triple), *extra,
+    shards = ["--shard-size", "20KB"] if lanes > 1 else []      # several shards, so that several lanes hash
+    run_bad(cli, tmp_path, triple, *args(*triple), *extra, *shards,
             expect="Input/output error" if where == "written" else "short read of a shard just written")
 
 
