@@ -7,12 +7,12 @@ Each shard's sha256, for the run record's manifest, is computed off the writer's
 the bytes were written, from the very buffers written (kernel copies are read back from the page
 cache). One sha256 stream cannot be split, so on a machine with cores to spare several shards are
 hashed at once, a lagging one from the page cache (see Hasher). A caller's buffer is handed back
-(`release`) once it is hashed. The kernel is asked every 64 MiB
-to start writing the pages back (sync_file_range, through ctypes: Python has no binding). A flusher
-thread fdatasyncs the open shard every 128 MiB and each shard as it closes, while the next bytes are
-computed: a disk (or a virtual disk's host cache) that takes writes faster than it makes them durable
-then drains during the run, and the final fsync of the output finds little left. Durability itself
-is unchanged: the output folder's fsync before its rename is still what guarantees it.
+(`release`) once it is hashed. The kernel is asked every 64 MiB to start writing the pages back
+(sync_file_range, through ctypes: Python has no binding). A flusher thread fdatasyncs the open shard
+every 128 MiB and each shard as it closes, while the next bytes are computed: a disk (or a virtual
+disk's host cache) that takes writes faster than it makes them durable then drains during the run,
+and the final fsync of the output finds little left. Durability itself is unchanged: the output
+folder's fsync before its rename is still what guarantees it.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ class _Lane:
         self.owner = owner
         self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.handed = 0             # bytes handed over (written by the writer's thread only)
-        self.hashed = 0             # ... and hashed or dropped (written by the lane's thread only)
+        self.hashed = 0             # ... and hashed (written by the lane's thread only)
         self.thread = threading.Thread(target=self._loop, daemon=True, name="shadowmerge-hasher")
         self.thread.start()
 
@@ -196,8 +196,6 @@ class _Lane:
                     fd = None
                 elif kind == "data":
                     item[2]()
-                if kind in ("data", "back"):
-                    self.hashed += item[-1] if kind == "back" else len(item[1])
                 continue
             try:
                 t0 = time.perf_counter()
@@ -324,11 +322,9 @@ class Hasher:
 
 
 class ShardWriter:
-    """Receives tensors in plan order, as byte chunks or as copies from an input file. `lanes`: how many shards
-    may be hashed at once (hash_lanes() by default)."""
+    """Receives tensors in plan order, as byte chunks or as copies from an input file."""
 
-    def __init__(self, folder: Path, shards: list[Shard], on_bytes=None, timeline: Timeline | None = None,
-                 lanes: int | None = None):
+    def __init__(self, folder: Path, shards: list[Shard], on_bytes=None, timeline: Timeline | None = None):
         self.folder = folder
         self.timeline = timeline or Timeline()
         self.shards = shards
@@ -339,8 +335,7 @@ class ShardWriter:
         self._left = 0          # bytes still owed to it
         self._shard = -1
         self._fd: int | None = None
-        self.hasher = Hasher(self.digests, self.timeline,
-                             lanes=hash_lanes() if lanes is None else lanes)
+        self.hasher = Hasher(self.digests, self.timeline, lanes=hash_lanes())
         self._pos = self._synced = 0     # bytes written to the open shard, and handed to writeback
         self._flushed = 0                # ... and handed to the flusher
         self._dup: int | None = None     # the flusher's descriptor of the open shard
