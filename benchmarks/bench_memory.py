@@ -3,17 +3,22 @@
 Two synthetic bf16 checkpoints (Instruct, Base = Instruct + noise, Tuned = Base + noise):
 
 - embedding: one 1 GiB `[262144, 2048]` embedding (Gemma-3-sized vocabulary) and a norm;
-- experts:   one `[4, 8192, 8192]` fused MoE expert weight (transformers 5 layout) and a `[4, 8192]` router.
+- experts:   one `[4, 8192, 8192]` fused MoE expert weight (transformers 5 layout) and a `[4, 8192]` router;
+- wide:      two `[8192, 8192]` attention weights, for LoRAs of rank 2048 and 4096 (float32): rank x width at
+             and above `lora/entries.TILE_ELEMENTS`, where a piece's slice of A is read in blocks (entries.Wide).
 
 Each goes through a full graft and a LoRA graft (rank 128, float32, peft's key names): on the
 embedding an embedding LoRA, and DoRA with --base (norms over all 262144 rows, from a streamed pass);
-on the experts a LoRA on the router with `--dtype float32`, so the 3-D tensor is cast piece by piece.
+on the experts a LoRA on the router with `--dtype float32`, so the 3-D tensor is cast piece by piece; on the
+wide pair only the LoRA grafts (no full graft).
 Peak RSS and wall time come from GNU time per process. With `--compare REV`, the same commands also
 run on shadowmerge at git revision REV (a worktree), for a before/after.
 
-    python benchmarks/bench_memory.py [--cases embedding experts] [--compare 66dcf4d] [--markdown out.md]
+    python benchmarks/bench_memory.py [--cases embedding experts wide] [--compare 66dcf4d] [--timeout 600]
+                                      [--markdown out.md]
 
-Run by hand (~6 GB of disk, minutes); never part of the test suite.
+Run by hand (~7 GB of disk, minutes); never part of the test suite. A command that passes --timeout is
+stopped and reported as such.
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ RANK = 128
 CASES = {
     "embedding": {"model.embed_tokens.weight": (262144, 2048), "model.norm.weight": (2048,)},
     "experts": {"model.layers.0.mlp.experts.gate_up_proj": (4, 8192, 8192), "model.layers.0.mlp.gate.weight": (4, 8192)},
+    "wide": {"model.layers.0.self_attn.q_proj.weight": (8192, 8192),
+             "model.layers.0.self_attn.o_proj.weight": (8192, 8192)},
 }
+WIDE_RANKS = (2048, 4096)
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True}
 
 
@@ -69,6 +77,8 @@ def adapters(root: Path, case: str) -> dict[str, Path]:
     if case == "embedding":
         specs = {"lora": dict(target_modules=["embed_tokens"]), "dora": dict(target_modules=["embed_tokens"],
                                                                                use_dora=True)}
+    elif case == "wide":
+        specs = {f"lora-r{r}": dict(target_modules=["q_proj", "o_proj"], r=r) for r in WIDE_RANKS}
     else:
         specs = {"lora": dict(target_modules=["gate"])}
     for kind, kwargs in specs.items():
@@ -77,7 +87,8 @@ def adapters(root: Path, case: str) -> dict[str, Path]:
         if (folder / "done").exists():
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        LoraConfig(r=RANK, lora_alpha=2 * RANK, **kwargs).save_pretrained(folder)
+        rank = kwargs.pop("r", RANK)
+        LoraConfig(r=rank, lora_alpha=2 * rank, **kwargs).save_pretrained(folder)
         if case == "embedding":
             vocab, dim = CASES[case]["model.embed_tokens.weight"]
             key = "base_model.model.model.embed_tokens"
@@ -85,6 +96,12 @@ def adapters(root: Path, case: str) -> dict[str, Path]:
                        f"{key}.lora_embedding_B": torch.randn((dim, RANK), generator=g) * 0.01}
             if kind == "dora":
                 tensors[f"{key}.lora_magnitude_vector"] = torch.rand(dim, generator=g) + 0.5
+        elif case == "wide":
+            tensors = {}
+            for name, (rows, cols) in CASES[case].items():
+                key = "base_model.model." + name[: -len(".weight")]
+                tensors[f"{key}.lora_A.weight"] = torch.randn((rank, cols), generator=g) * 0.01
+                tensors[f"{key}.lora_B.weight"] = torch.randn((rows, rank), generator=g) * 0.01
         else:
             experts, hidden = CASES[case]["model.layers.0.mlp.gate.weight"]
             key = "base_model.model.model.layers.0.mlp.gate"
@@ -97,6 +114,9 @@ def adapters(root: Path, case: str) -> dict[str, Path]:
 
 def commands(case: str, folders: list[Path], ads: dict[str, Path], out: Path) -> list[tuple[str, list[str]]]:
     i, b, t = map(str, folders)
+    if case == "wide":
+        return [(f"LoRA graft rank {kind[6:]}", ["graft", "--instruct", i, "--lora", str(path), "--out", str(out)])
+                for kind, path in ads.items()]
     cmds = [("full graft", ["graft", "--instruct", i, "--base", b, "--tuned", t, "--out", str(out)])]
     extra = ["--dtype", "float32"] if case == "experts" else []
     cmds.append(("LoRA graft" + (" --dtype float32" if extra else ""),
@@ -114,7 +134,7 @@ def worktree(rev: str, work: Path) -> Path:
     return path
 
 
-def run(cases: list[str], work: Path, compare: str | None) -> list[dict]:
+def run(cases: list[str], work: Path, compare: str | None, timeout: int) -> list[dict]:
     rows = []
     versions = [("this version", None)] + ([(f"at {compare}", worktree(compare, work))] if compare else [])
     for case in cases:
@@ -128,19 +148,28 @@ def run(cases: list[str], work: Path, compare: str | None) -> list[dict]:
                 # `python -m` puts the working directory first on sys.path: run each version from its own tree
                 tree = tree or Path(__file__).resolve().parent.parent
                 env = dict(os.environ, PYTHONPATH=str(tree))
-                wall, rss = timed([sys.executable, "-m", "shadowmerge", *cmd, "--quiet"], env=env, cwd=str(tree))
+                try:
+                    wall, rss = timed(["timeout", str(timeout), sys.executable, "-m", "shadowmerge", *cmd, "--quiet"],
+                                      env=env, cwd=str(tree))
+                except SystemExit as exc:                # timeout's own status: the command was stopped
+                    if "command failed (124)" not in str(exc):
+                        raise
+                    wall = rss = None
                 rows.append({"case": case, "tensor GiB": inputs / 2**30, "command": label, "version": version,
                              "wall": wall, "rss": rss})
-                print(f"[{case}] {label} ({version}): {wall:.1f} s, {rss:.2f} GB", flush=True)
+                said = f"{wall:.1f} s, {rss:.2f} GB" if wall is not None else f"stopped after {timeout} s"
+                print(f"[{case}] {label} ({version}): {said}", flush=True)
         shutil.rmtree(root / "out", ignore_errors=True)
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], timeout: int) -> str:
     out = [machine(), "", "| checkpoint | command | shadowmerge | wall s | peak RSS GB |", "|---|---|---|---|---|"]
     for r in rows:
         shape = " + ".join(str(list(s)) for s in CASES[r["case"]].values())
-        out.append(f"| {r['case']} {shape} | {r['command']} | {r['version']} | {r['wall']:.1f} | {r['rss']:.2f} |")
+        said = (f"{r['wall']:.1f} | {r['rss']:.2f}" if r["wall"] is not None
+                else f"not finished after {timeout} s (stopped) | –")
+        out.append(f"| {r['case']} {shape} | {r['command']} | {r['version']} | {said} |")
     return "\n".join(out) + "\n"
 
 
@@ -149,11 +178,12 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work")
     ap.add_argument("--compare", metavar="REV", help="also run shadowmerge at this git revision (a worktree)")
+    ap.add_argument("--timeout", type=int, default=1800, help="stop a command after this many seconds [1800]")
     ap.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = ap.parse_args()
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
-    text = markdown(run(args.cases, args.work, args.compare))
+    text = markdown(run(args.cases, args.work, args.compare, args.timeout), args.timeout)
     print(text)
     if args.markdown:
         args.markdown.write_text(text)

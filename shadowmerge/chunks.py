@@ -20,14 +20,13 @@ def ranges(start: int, stop: int, row: int, chunk: int = CHUNK_ELEMENTS,
            tile: int | None = None) -> Iterator[tuple[int, int]]:
     """Pieces [e0, e1) of the flat elements [start, stop) of a tensor with `row` elements per row.
 
-    start and stop are row-aligned. A piece has at most `chunk` elements and, when `tile` is given,
-    at most `tile` rows and (within a row) `tile` elements: the caller's other operands scale with
-    those (a LoRA product reads `rank x tile` of A or B).
+    start and stop are row-aligned. A piece has at most `chunk` elements and, when `tile` is given, at most
+    `tile` rows (the caller reads other operands that scale with the rows: a LoRA piece reads `rows x rank` of
+    B). A row longer than `chunk` is cut into segments.
     """
     if row <= 0 or stop <= start:
         return
-    width = min(chunk, tile) if tile else chunk
-    if row <= width:
+    if row <= chunk:
         rows = max(1, chunk // row)
         if tile:
             rows = max(1, min(rows, tile))
@@ -36,8 +35,8 @@ def ranges(start: int, stop: int, row: int, chunk: int = CHUNK_ELEMENTS,
             yield e, min(e + step, stop)
         return
     for r0 in range(start, stop, row):
-        for c in range(0, row, width):
-            yield r0 + c, r0 + min(c + width, row)
+        for c in range(0, row, chunk):
+            yield r0 + c, r0 + min(c + chunk, row)
 
 
 def geometry(e0: int, e1: int, row: int) -> tuple[int, int, int, int]:

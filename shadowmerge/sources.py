@@ -6,7 +6,7 @@ them into a float32 delta (`delta_into`: arithmetic, on the compute device; on a
 threads call it at once for different pieces, so it keeps no state between calls beyond what it read at
 open, and writes only into `out` and the buffers `to_float` gives it). It also says what it
 is for the plan, the record and the card. An entry has a `shape`, and may have a `tile` (at most
-that many rows, or elements of one row, per piece: see chunks.ranges).
+that many rows per piece: see chunks.ranges).
 
 The built-in sources: `deltas.FullDelta` (tuned − base) and `lora.LoraDelta` (a PEFT adapter). A new
 one is a class implementing DeltaSource, decorated with `@register`, in a module listed in MODULES:

@@ -114,7 +114,8 @@ def fused_copy(inst, folder, dtype=torch.bfloat16):
 @pytest.mark.parametrize("case", ["gpt_oss", "qwen3_moe-fused"])
 def test_lora_on_experts_fused_on_disk_equals_peft_merge(case, pieces, make_triple, cli, tmp_path, monkeypatch):
     """GPT-OSS stores its experts fused, (experts, in, out); a Qwen3-MoE saved in the in-memory layout stores
-    them fused (experts, out, in). Pieces cut inside experts and rows must not change a bit."""
+    them fused (experts, out, in). Pieces cut inside experts and rows, and factors read in blocks, must not change
+a bit."""
     from transformers import AutoModelForCausalLM
 
     if pieces:
@@ -124,6 +125,7 @@ def test_lora_on_experts_fused_on_disk_equals_peft_merge(case, pieces, make_trip
         run = engine.run
         monkeypatch.setattr(engine, "run", lambda *a, **k: run(*a, **k, chunk_elements=pieces[0]))
         monkeypatch.setattr(entries, "TILE_ELEMENTS", pieces[1])
+        monkeypatch.setattr(entries, "BLOCK_ELEMENTS", pieces[1] // 4)      # factors read in blocks (Wide)
     family = case.split("-")[0]
     inst, base, _ = make_triple(family)
     if case.endswith("fused"):

@@ -18,7 +18,30 @@ from .adapter import LoraModule
 if TYPE_CHECKING:
     from .source import LoraDelta
 
-TILE_ELEMENTS = 1 << 24     # of lora_A or lora_B per piece: 64 MiB of float32
+TILE_ELEMENTS = 1 << 24     # of lora_A or lora_B read ahead for a piece: 64 MiB of float32
+BLOCK_ELEMENTS = 1 << 22    # of a Wide factor per block: 16 MiB of float32
+
+
+class Wide:
+    """The wide factor of a piece whose slice of it would pass TILE_ELEMENTS (rank x width: a high rank on a wide
+    layer; A's columns, or B's rows where the update is transposed). It is not read ahead: the compute thread reads
+    it in blocks of at most BLOCK_ELEMENTS, each once, into that thread's own scratch (pageable memory: a copy
+    from it to a GPU returns once the bytes are staged, so the next block may overwrite it). So a piece of many
+    whole rows reads the factor once, where pieces of one row segment each would read it once per row: memory
+    stays bounded without the rereading (see docs/benchmarks.md, "graft --lora")."""
+
+    def __init__(self, src: "LoraDelta", mod: LoraModule, which: str, lo: int, hi: int):
+        self.src, self.mod, self.which, self.lo, self.hi = src, mod, which, lo, hi
+
+    def blocks(self):
+        """(k0, k1, raw bytes) per block: [k0, k1) counted from lo; the bytes are valid until the next block."""
+        step = max(1, BLOCK_ELEMENTS // max(self.mod.rank, 1))
+        scratch = self.src.scratch()
+        info = self.mod.A if self.which == "A" else self.mod.B
+        for k in range(self.lo, self.hi, step):
+            k1 = min(k + step, self.hi)
+            out = scratch("wide", (k1 - k) * self.mod.rank * itemsize(info.dtype))
+            yield k - self.lo, k1 - self.lo, self.src.factor(self.mod, self.which, k, k1, out)
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,7 +57,8 @@ class LoraWeight:
 
     @property
     def tile(self) -> int:
-        """Rows (or row elements) per piece, so that the slice of A or B a piece reads stays bounded."""
+        """Rows per piece, so that the slice of A or B a piece reads ahead stays bounded (the other is Wide
+        where it would pass the bound)."""
         return max(1, TILE_ELEMENTS // max(self.module.rank, 1))
 
     def read(self, src: "LoraDelta", e0: int, e1: int, buffers):
@@ -55,7 +79,7 @@ class LoraWeight:
         mod = self.module
         a_raw, b_raw, m_raw, norms_raw, base_raw, geo = payload
         r0, r1, c0, c1 = geo
-        d = product(mod, to_float(a_raw, mod.A.dtype, "lora_A"), to_float(b_raw, mod.B.dtype, "lora_B"), geo, out)
+        d = product(mod, a_raw, b_raw, geo, out, to_float)
         if mod.magnitude is None:
             return out
         # DoRA, as peft merges it into the Base: m / ||W_B + dW|| * (W_B + dW); the update is that - W_B.
@@ -157,15 +181,26 @@ class ParameterTarget:
     transposed: bool
 
 
-def product(mod: LoraModule, a: torch.Tensor, b: torch.Tensor, geo: tuple, out: torch.Tensor) -> torch.Tensor:
-    """scale * B @ A for one piece (float32), as a (rows, cols) view of out; a and b hold the piece's slices."""
+def product(mod: LoraModule, a_raw, b_raw, geo: tuple, out: torch.Tensor, to_float) -> torch.Tensor:
+    """scale * B @ A for one piece (float32), as a (rows, cols) view of out; a_raw and b_raw hold the piece's
+    slices as stored (one of them may be Wide), to_float(raw, dtype, key) widens them on the compute device."""
     r0, r1, c0, c1 = geo
     rows, cols, rank = r1 - r0, c1 - c0, mod.rank
     d = out.view(rows, cols)
     if mod.transposed:           # peft: (B @ A).T * scale; rows of the update are columns of A
-        d.copy_(torch.matmul(b.view(cols, rank), a.view(rank, rows)).T)
+        a = to_float(a_raw, mod.A.dtype, "lora_A").view(rank, rows)
+        if isinstance(b_raw, Wide):
+            for k0, k1, raw in b_raw.blocks():
+                d[:, k0:k1].copy_(torch.matmul(to_float(raw, mod.B.dtype, "wide").view(k1 - k0, rank), a).T)
+        else:
+            d.copy_(torch.matmul(to_float(b_raw, mod.B.dtype, "lora_B").view(cols, rank), a).T)
     else:                        # peft: (B @ A) * scale
-        torch.matmul(b.view(rows, rank), a.view(rank, cols), out=d)
+        b = to_float(b_raw, mod.B.dtype, "lora_B").view(rows, rank)
+        if isinstance(a_raw, Wide):
+            for k0, k1, raw in a_raw.blocks():
+                d[:, k0:k1].copy_(torch.matmul(b, to_float(raw, mod.A.dtype, "wide").view(rank, k1 - k0)))
+        else:
+            torch.matmul(b, to_float(a_raw, mod.A.dtype, "lora_A").view(rank, cols), out=d)
     return d.mul_(mod.scale)
 
 
@@ -175,6 +210,11 @@ class FusedExperts:
 
     shape: tuple[int, int, int]
     experts: list
+
+    @property
+    def tile(self) -> int:
+        """Rows per piece, as for a LoraWeight (every expert has the adapter's rank)."""
+        return max(1, TILE_ELEMENTS // max((m.rank for m in self.experts), default=1))
 
     def entry(self, src: "LoraDelta", name: str) -> "FusedExperts":
         return self                  # its own entry: the per-expert modules hold everything a piece needs
@@ -186,8 +226,7 @@ class FusedExperts:
     def delta(self, payload, out: torch.Tensor, to_float) -> torch.Tensor:
         for mod, at, (a_raw, b_raw, geo) in payload:
             r0, r1, c0, c1 = geo
-            product(mod, to_float(a_raw, mod.A.dtype, "lora_A"), to_float(b_raw, mod.B.dtype, "lora_B"), geo,
-                     out[at: at + (r1 - r0) * (c1 - c0)])
+            product(mod, a_raw, b_raw, geo, out[at: at + (r1 - r0) * (c1 - c0)], to_float)
         return out
 
     def subpieces(self, e0: int, e1: int):

@@ -13,14 +13,17 @@ targets renamed to the on-disk names with transformers' own conversion mapping (
 so the output keeps the Instruct's layout.
 
 Memory is bounded by elements, like every other source: each piece (chunks.ranges, at most
-`tile = entries.TILE_ELEMENTS // rank` rows or row elements) reads only the rows of B and the columns of A
-it needs. Where a piece cannot see a whole DoRA normalisation unit (embeddings and fan_in_fan_out
-normalise over all rows; a huge row is cut into segments), the norms are computed first in a
-streamed pass over the same pieces, accumulated in float64.
+`tile = entries.TILE_ELEMENTS // rank` rows) reads only the rows of B and the columns of A it needs. Where
+the one along the update's columns would pass TILE_ELEMENTS (rank x width: a high rank on a wide layer), it
+is an entries.Wide, read by the compute thread in blocks as it multiplies, once per piece. Where a piece
+cannot see a whole DoRA normalisation unit (embeddings and fan_in_fan_out normalise over all rows; a row
+longer than a chunk is cut into segments), the norms are computed first in a streamed pass over the same
+pieces, accumulated in float64.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import torch
@@ -32,10 +35,10 @@ from ..errors import ShadowMergeError
 from ..names import converted_error, disk_to_memory, parameters_of, stacked_experts
 from ..sources import register
 from ..stformat import itemsize
+from ..tensors import Buffers
 from . import entries
 from .adapter import Adapter, LoraModule
-from .entries import (BiasTarget, FusedExperts, LoraWeight, ParameterTarget, SavedTarget, WeightTarget,
-                      product)
+from .entries import BiasTarget, FusedExperts, LoraWeight, ParameterTarget, SavedTarget, WeightTarget, product
 
 OTHER = "pass the Instruct of the model the adapter was trained on"      # the next step for a foreign adapter
 FORMULA = ("out = float32(I) + alpha * scale * (float32(lora_B) @ float32(lora_A)), cast once to the output dtype; "
@@ -99,6 +102,7 @@ class LoraDelta:
                 f"(e.g. {sorted(self._targets)[0]}): the adapter was made for another model{base_model}; pass "
                 f"{which}")
         self._norms_of: tuple[object, torch.Tensor | None] = (None, None)
+        self._local = threading.local()
 
     def _to_disk_names(self, instruct: Checkpoint) -> None:
         """Rename targets given in the loaded model's names to the names the instruct stores them under."""
@@ -278,18 +282,36 @@ class LoraDelta:
         return entry.read(self, e0, e1, buffers)
 
     def factors(self, mod: LoraModule, e0: int, e1: int, buffers, key: str = "") -> tuple:
-        """Raw bytes of the rows of B and the columns of A that the piece [e0, e1) of the update needs."""
+        """Raw bytes of the rows of B and the columns of A that the piece [e0, e1) of the update needs; the one
+        along the update's columns is entries.Wide where its slice would pass entries.TILE_ELEMENTS."""
         geo = geometry(e0, e1, mod.shape[1])
         r0, r1, c0, c1 = geo
         (a0, a1), (b0, b1) = ((r0, r1), (c0, c1)) if mod.transposed else ((c0, c1), (r0, r1))
-        rank = mod.rank
-        out_b = buffers("lora_B" + key, (b1 - b0) * rank * itemsize(mod.B.dtype))
-        if mod.expert is None:
-            b = self.adapter.read_into(mod.B, b0 * rank, b1 * rank, out_b)
+        rank, wide = mod.rank, mod.rank * (c1 - c0) > entries.TILE_ELEMENTS
+        if wide and mod.transposed:
+            b = entries.Wide(self, mod, "B", b0, b1)
         else:
-            b = self._expert_columns(mod, b0, b1, out_b)
-        a = self.adapter.read_columns(mod.A, a0, a1, buffers("lora_A" + key, (a1 - a0) * rank * itemsize(mod.A.dtype)))
+            b = self.factor(mod, "B", b0, b1, buffers("lora_B" + key, (b1 - b0) * rank * itemsize(mod.B.dtype)))
+        if wide and not mod.transposed:
+            a = entries.Wide(self, mod, "A", a0, a1)
+        else:
+            a = self.factor(mod, "A", a0, a1, buffers("lora_A" + key, (a1 - a0) * rank * itemsize(mod.A.dtype)))
         return a, b, geo
+
+    def factor(self, mod: LoraModule, which: str, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        """Raw bytes of A's columns or B's rows [lo, hi), as a contiguous (rank, hi - lo) or (hi - lo, rank) block."""
+        if which == "A":
+            return self.adapter.read_columns(mod.A, lo, hi, out)
+        if mod.expert is None:
+            return self.adapter.read_into(mod.B, lo * mod.rank, hi * mod.rank, out)
+        return self._expert_columns(mod, lo, hi, out)
+
+    def scratch(self) -> Buffers:
+        """The calling thread's own host buffers (Wide factors are read by the compute threads)."""
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = Buffers(torch.device("cpu"))
+        return buffers
 
     def _expert_columns(self, mod: LoraModule, b0: int, b1: int, out: torch.Tensor) -> torch.Tensor:
         """Rows [b0, b1) of B's columns e, e + E, ... (expert e's rank columns), read in blocks of whole rows
@@ -316,11 +338,14 @@ class LoraDelta:
         def alloc(key, n):
             return torch.empty(n, dtype=torch.uint8)
 
+        def to_float(raw, dtype, key):
+            return raw.view(dtype).float()
+
         for e0, e1 in ranges(0, rows * cols, cols, CHUNK_ELEMENTS, entry.tile):
             a, b, geo = self.factors(mod, e0, e1, alloc)
             r0, r1, c0, c1 = geo
             d = torch.empty((r1 - r0) * (c1 - c0), dtype=torch.float32)
-            product(mod, a.view(mod.A.dtype).float(), b.view(mod.B.dtype).float(), geo, d)
+            product(mod, a, b, geo, d, to_float)
             w = self.base.read_into(entry.base, e0, e1, alloc("base", (e1 - e0) * itemsize(entry.base.dtype)))
             sq = (w.view(entry.base.dtype).float().view(r1 - r0, c1 - c0) + d.view(r1 - r0, c1 - c0)).double().square()
             if mod.transposed:
