@@ -9,7 +9,7 @@ the same work alone), and prints the ratios of the medians and of the best runs.
 second on the demo pair, where a virtual disk's writeback makes single runs vary by ±30 %: judge the
 medians. Target: each stage within 1.1x of the same work alone.
 
-    python benchmarks/bench_train.py [--rounds 5] [--work DIR] [--markdown out.md]
+    python benchmarks/bench_train.py [--rounds 5] [--runs full lora] [--work DIR] [--markdown out.md]
 
 Run by hand (minutes); never part of the test suite.
 """
@@ -62,12 +62,14 @@ def shadowmerge(*args: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which train runs [both]")
     ap.add_argument("--work", type=Path, default=Path(__file__).parent / "work" / "train")
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args()
     inst, base, data = inputs()
     rows = []
-    for kind, recipe in RUNS.items():
+    for kind in args.runs:
+        recipe = RUNS[kind]
         out = args.work / kind
         delta = ["--lora", out / "base-lora"] if kind == "lora" else ["--base", base, "--tuned", out / "base-full"]
         seen: dict[str, list[float]] = {"graft": [], "similarity": [], "graft alone": [], "similarity alone": []}
