@@ -443,8 +443,10 @@ class HubFiles(LocalFiles):
                                    f"removed from the cache: run again")
 
     def _fd(self, path: Path) -> int:
-        if path not in self._fds and not path.is_file():         # the first read of data: every weight file
-            self.fetch(sorted(self._checked))
+        if path not in self._fds:
+            with self._opening:
+                if path not in self._fds and not path.is_file():     # the first read of data: every weight file
+                    self.fetch(sorted(self._checked))
         return super()._fd(path)
 
     def evicting_metadata(self) -> contextlib.AbstractContextManager:

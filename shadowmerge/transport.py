@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -108,6 +109,7 @@ class LocalFiles:
     def __init__(self, folder: Path):
         self.folder, self.name, self.pickles, self.label = Path(folder), str(folder), [], ""
         self._fds: dict[Path, int] = {}
+        self._opening = threading.RLock()      # the reader and compute threads (a LoRA's Wide factors) read at once
 
     @classmethod
     def claims(cls, ref: str) -> bool:
@@ -140,7 +142,10 @@ class LocalFiles:
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            with self._opening:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
     def pread(self, path: Path, view: memoryview, pos: int) -> int:

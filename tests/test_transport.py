@@ -76,3 +76,41 @@ def test_a_reference_no_transport_claims_is_one_line(cli, tmp_path):
               "--out", tmp_path / "o")
     assert res.exit_code != 0
     one_line_error(res.stderr, "model folder not found: no-such-scheme://x/y")
+
+
+def test_a_file_read_by_several_threads_at_once_is_opened_once(tmp_path, monkeypatch):
+    """The reader and the compute threads (a LoRA's Wide factors) read the same adapter file at once: its
+    descriptor is opened once, none leaks."""
+    import threading
+    import time
+
+    from shadowmerge import transport
+
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(bytes(range(256)) * 16)
+    files = transport.LocalFiles(tmp_path)
+    opened, real_open = [], transport.os.open
+
+    def slow_open(*args, **kwargs):
+        time.sleep(0.02)                     # wide enough a window for every thread to miss the cached one
+        fd = real_open(*args, **kwargs)
+        opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(transport.os, "open", slow_open)
+    start, got = threading.Barrier(8), []
+
+    def read():
+        start.wait()
+        buf = bytearray(4)
+        files.pread(path, memoryview(buf), 256)
+        got.append(bytes(buf))
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    files.close()
+    assert got == [bytes([0, 1, 2, 3])] * 8
+    assert len(opened) == 1, opened
