@@ -13,6 +13,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import shadowmerge
@@ -194,3 +196,57 @@ def test_a_high_rank_on_a_wide_layer_reads_its_factors_once_per_piece(case, make
     for name, got in out.items():
         assert_close_to_merge(got, want[name].to(dtype), "cpu", name, order_differs=True,
                               norm_terms=max(got.shape, default=0) if case == "dora" else 0)
+
+
+@st.composite
+def lora_cuts(draw):
+    """A shape, a rank and piece sizes drawn against them: chunks from one element to several whole tensors (whole
+    rows, or row segments), tiles below and above rank x width (factors read ahead, or Wide), blocks from one
+    column to the whole slice."""
+    rows, cols, rank = draw(st.integers(1, 40)), draw(st.integers(1, 40)), draw(st.integers(1, 12))
+    below = st.integers(1, max(1, cols - 1)), st.integers(1, max(1, rank * cols - 1))
+    return dict(rows=rows, cols=cols, rank=rank, chunk=draw(st.one_of(below[0], st.integers(cols, 3 * rows * cols))),
+                tile=draw(st.one_of(below[1], st.integers(rank * cols, 2 * rank * cols))),
+                block=draw(st.integers(1, rank * cols)),
+                transposed=draw(st.booleans()), factors=draw(st.sampled_from([torch.float32, torch.bfloat16,
+                                                                               torch.float16])))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=lora_cuts())
+@example(cut=dict(rows=4, cols=40, rank=8, chunk=2000, tile=16, block=16, transposed=False, factors=torch.float32))
+@example(cut=dict(rows=40, cols=4, rank=8, chunk=2000, tile=16, block=16, transposed=True, factors=torch.bfloat16))
+def test_any_cut_of_a_lora_product_gives_the_product(tmp_path_factory, monkeypatch, cut):
+    """Whatever the chunk, tile and block sizes against the rank and the shape (pieces of whole rows or of row
+    segments, factors read ahead or Wide, in blocks of any size, transposed or not), the graft is
+    I + scale * B @ A within the float32 rounding of its terms (another order of the rank sums)."""
+    from peft import LoraConfig
+
+    from adapters import assert_within_float32_terms
+    from shadowmerge import engine
+    from shadowmerge.lora import entries, source
+
+    rows, cols, rank, chunk, tile, block, transposed, factors = (cut[k] for k in (
+        "rows", "cols", "rank", "chunk", "tile", "block", "transposed", "factors"))
+    root = tmp_path_factory.mktemp("cut")
+    monkeypatch.setattr(entries, "TILE_ELEMENTS", tile)
+    monkeypatch.setattr(entries, "BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(source, "CHUNK_ELEMENTS", chunk)
+    run = engine.run
+    monkeypatch.setattr(engine, "run", lambda *a, **k: run(*a, **dict(k, chunk_elements=chunk)))
+    name = "model.layers.0.self_attn.q_proj"
+    (inst,) = raw_triple(root, {f"{name}.weight": ((rows, cols), torch.bfloat16)})[:1]
+    g = torch.Generator().manual_seed(rows * 1000 + cols)
+    a_in, b_out = (rows, cols) if transposed else (cols, rows)
+    a = (torch.randn((rank, a_in), generator=g) * 0.3).to(factors)
+    b = (torch.randn((b_out, rank), generator=g) * 0.3).to(factors)
+    adapter = root / "adapter"
+    LoraConfig(r=rank, lora_alpha=3 * rank, target_modules=["q_proj"], fan_in_fan_out=transposed).save_pretrained(adapter)
+    save_file({f"base_model.model.{name}.lora_A.weight": a, f"base_model.model.{name}.lora_B.weight": b},
+              adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    shadowmerge.graft(inst, out=root / "out", lora=adapter, progress=False, check_roles=False)
+    got = load_file(root / "out" / "model.safetensors")[f"{name}.weight"]
+    I = load_file(inst / "model.safetensors")[f"{name}.weight"]
+    update = b.float() @ a.float()
+    want = (I.float() + (update.T if transposed else update) * 3.0).to(torch.bfloat16)
+    assert_within_float32_terms(got, want, name)
