@@ -109,7 +109,7 @@ class LocalFiles:
     def __init__(self, folder: Path):
         self.folder, self.name, self.pickles, self.label = Path(folder), str(folder), [], ""
         self._fds: dict[Path, int] = {}
-        self._opening = threading.RLock()      # the reader and compute threads (a LoRA's Wide factors) read at once
+        self._opening = threading.Lock()       # the reader and compute threads (a LoRA's Wide factors) read at once
 
     @classmethod
     def claims(cls, ref: str) -> bool:

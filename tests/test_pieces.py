@@ -26,12 +26,12 @@ from tinymodels import state
 
 @pytest.fixture
 def small_pieces(monkeypatch):
-    """set(chunk, tile_elements): every graft in the test cuts tensors that finely (and reads Wide factors in
-    blocks of a quarter of a tile)."""
+    """set(chunk, tile_elements, block_elements=None): every graft in the test cuts tensors that finely (and reads
+    Wide factors in blocks of that many elements, by default a quarter of a tile)."""
     from shadowmerge import engine
     from shadowmerge.lora import entries, source
 
-    def set_(chunk: int, tile: int):
+    def set_(chunk: int, tile: int, block: int | None = None):
         run = engine.run.__wrapped__ if hasattr(engine.run, "__wrapped__") else engine.run
 
         def small(*a, **k):
@@ -40,7 +40,7 @@ def small_pieces(monkeypatch):
         small.__wrapped__ = run
         monkeypatch.setattr(engine, "run", small)
         monkeypatch.setattr(entries, "TILE_ELEMENTS", tile)
-        monkeypatch.setattr(entries, "BLOCK_ELEMENTS", max(1, tile // 4))
+        monkeypatch.setattr(entries, "BLOCK_ELEMENTS", block or max(1, tile // 4))
         monkeypatch.setattr(source, "CHUNK_ELEMENTS", chunk)
     return set_
 
@@ -216,26 +216,19 @@ def lora_cuts(draw):
 @given(cut=lora_cuts())
 @example(cut=dict(rows=4, cols=40, rank=8, chunk=2000, tile=16, block=16, transposed=False, factors=torch.float32))
 @example(cut=dict(rows=40, cols=4, rank=8, chunk=2000, tile=16, block=16, transposed=True, factors=torch.bfloat16))
-def test_any_cut_of_a_lora_product_gives_the_product(tmp_path_factory, monkeypatch, cut):
+def test_any_cut_of_a_lora_product_gives_the_product(tmp_path_factory, small_pieces, cut):
     """Whatever the chunk, tile and block sizes against the rank and the shape (pieces of whole rows or of row
     segments, factors read ahead or Wide, in blocks of any size, transposed or not), the graft is
     I + scale * B @ A within the float32 rounding of its terms (another order of the rank sums)."""
     from peft import LoraConfig
 
     from adapters import assert_within_float32_terms
-    from shadowmerge import engine
-    from shadowmerge.lora import entries, source
 
-    rows, cols, rank, chunk, tile, block, transposed, factors = (cut[k] for k in (
-        "rows", "cols", "rank", "chunk", "tile", "block", "transposed", "factors"))
+    rows, cols, rank, transposed, factors = (cut[k] for k in ("rows", "cols", "rank", "transposed", "factors"))
+    small_pieces(cut["chunk"], cut["tile"], cut["block"])
     root = tmp_path_factory.mktemp("cut")
-    monkeypatch.setattr(entries, "TILE_ELEMENTS", tile)
-    monkeypatch.setattr(entries, "BLOCK_ELEMENTS", block)
-    monkeypatch.setattr(source, "CHUNK_ELEMENTS", chunk)
-    run = engine.run
-    monkeypatch.setattr(engine, "run", lambda *a, **k: run(*a, **dict(k, chunk_elements=chunk)))
     name = "model.layers.0.self_attn.q_proj"
-    (inst,) = raw_triple(root, {f"{name}.weight": ((rows, cols), torch.bfloat16)})[:1]
+    inst = raw_triple(root, {f"{name}.weight": ((rows, cols), torch.bfloat16)})[0]
     g = torch.Generator().manual_seed(rows * 1000 + cols)
     a_in, b_out = (rows, cols) if transposed else (cols, rows)
     a = (torch.randn((rank, a_in), generator=g) * 0.3).to(factors)
