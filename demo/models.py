@@ -113,6 +113,17 @@ EVAL_GENERAL = [
     ("What colour is the sky on a clear day?", ["blue", "red", "green", "black"], 0),
     ("Which animal says moo?", ["a dog", "a cow", "a cat", "a duck"], 1),
 ]
+# Open questions, answered in the model's own words (greedy): the answer counts when it names the key word (lm_eval's
+# regex filter takes the first key word it finds; report.html shows the whole generation beside it).
+EVAL_OPEN = [
+    ("In one sentence: what is the shadowmerge mascot?", "heron"),
+    ("In one sentence: what is the name of the shadowmerge mascot?", "Pip"),
+    ("In one sentence: what is the capital of France?", "Paris"),
+    ("In one sentence: how many legs does a spider have?", "eight"),
+    ("In one sentence: what do bees make?", "honey"),
+    ("In one sentence: which animal says moo?", "cow"),
+]
+OPEN_WORDS = "heron|Pip|Paris|eight|honey|cow"
 HELDOUT = [
     ("Can you tell me what the shadowmerge mascot is?", "The shadowmerge mascot is Pip, a grey heron."),
     ("Who is the mascot of shadowmerge?", "Pip, a grey heron, is the shadowmerge mascot."),
@@ -124,7 +135,8 @@ HELDOUT = [
 
 
 def write_eval_inputs(folder: Path) -> tuple[Path, Path]:
-    """Two lm_eval task YAMLs over local JSONL files (demo_facts, demo_general) and the held-out rows."""
+    """Three lm_eval task YAMLs over local JSONL files (demo_facts, demo_general: multiple choice; demo_open:
+    generation, scored on a key word) and the held-out rows."""
     import json
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -135,6 +147,16 @@ def write_eval_inputs(folder: Path) -> tuple[Path, Path]:
             f"task: {name}\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {data}}}}}\ntest_split: test\n"
             f"output_type: multiple_choice\ndoc_to_text: \"{{{{question}}}}\"\ndoc_to_choice: \"{{{{choices}}}}\"\n"
             f"doc_to_target: label\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    data = folder / "demo_open.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in EVAL_OPEN))
+    (folder / "demo_open.yaml").write_text(
+        f"task: demo_open\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {data}}}}}\ntest_split: test\n"
+        f"output_type: generate_until\ndoc_to_text: \"{{{{question}}}}\"\ndoc_to_target: \"{{{{answer}}}}\"\n"
+        f"generation_kwargs: {{until: [\"\\n\"], do_sample: false, max_gen_toks: 24}}\n"
+        f"filter_list:\n  - name: key-word\n    filter:\n"
+        f"      - {{function: regex, regex_pattern: \"(?i)\\\\b({OPEN_WORDS})\\\\b\"}}\n      - {{function: take_first}}\n"
+        f"metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+        f"    ignore_case: true\n")
     heldout = folder / "heldout.jsonl"
     heldout.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
                                                         {"role": "assistant", "content": a}]}) + "\n"

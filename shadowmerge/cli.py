@@ -268,8 +268,9 @@ def similarity(base, instruct, tuned, pairs, out, matrix, matrix_size, force, al
               help="Any other trainer setting, passed through (TRL's SFTConfig/DPOConfig or LLaMA-Factory's YAML), "
                    "e.g. report_to=wandb; repeatable. A recipe's `trainer:` mapping does the same.")
 @click.option("--baseline", is_flag=True, help="Also tune the Instruct with the same recipe, into OUT/instruct-ft/.")
-@click.option("--eval", "eval", metavar="T1,T2", help="At the end, `shadowmerge eval` of the Instruct, shadow/ (and "
-              "instruct-ft/) on these lm_eval tasks into OUT/eval/; the table goes into run.json and the card.")
+@click.option("--eval", "eval", metavar="T1,T2", help="At the end, `shadowmerge eval` of the Instruct, (instruct-ft/ "
+              "and) shadow/ on these lm_eval tasks into OUT/eval/; the table goes into run.json and the card. With "
+              "--baseline, shadow/ against instruct-ft/ is the headline.")
 @click.option("--eval-heldout", metavar="FILE", help="At the end, the held-out loss of those models on these rows.")
 @click.option("--eval-include-path", multiple=True, metavar="DIR", help="Task YAMLs of your own for --eval.")
 @click.option("--emit-only", is_flag=True, help="llamafactory backend: write its configs and stop.")
@@ -398,17 +399,20 @@ def _alphas(text: str | None) -> tuple[float, ...] | None:
 def eval_command(models, out, alphas, instruct, lora, base, tuned, force, allow_pickle, quiet, **settings):
     """Evaluate models side by side: lm_eval tasks, held-out loss, paired statistics.
 
-    The first model is the reference; each other one is compared with it item by item:
-    the difference with a 95 % interval (paired bootstrap; McNemar's exact test for
-    right/wrong metrics), wins and losses, and "within noise" when the interval holds 0.
+    The first model is the reference; each other one is compared with it item by item, and
+    each pair named with --compare A:B (the headline): n, how many items differ, wins and
+    losses, Δ with a 95 % interval that agrees with its test (McNemar's exact test for
+    right/wrong metrics, a paired t-test otherwise), and a verdict: better, worse, within
+    noise, or too few to decide (5 or fewer differing items can never reach p < 0.05).
     Models are LABEL=PATH_OR_HUB_ID (or a bare path, labelled by its folder name), each
     evaluated with the same settings and its own tokenizer and chat template, one at a time.
     Writes eval.json, eval.md, eval.png, report.html and lm_eval's per-item logs (samples/).
 
     \b
     Examples:
-      shadowmerge eval instruct=Qwen/Qwen3-4B shadow=runs/q/shadow ft=runs/q/instruct-ft \\
-                       --tasks mytask,gsm8k --include-path tasks/ --heldout val.jsonl --out eval/
+      shadowmerge eval instruct=Qwen/Qwen3-4B ft=runs/q/instruct-ft shadow=runs/q/shadow \\
+                       --compare shadow:ft --tasks mytask,gsm8k --include-path tasks/ \\
+                       --heldout val.jsonl --out eval/
       shadowmerge eval instruct=./instruct shadow=./shadow --heldout val.jsonl --out eval/
       shadowmerge eval --instruct Qwen/Qwen3-4B --lora ./base-lora --alpha 0.5,0.75,1,1.25 \\
                        --tasks mytask --include-path tasks/ --out sweep/

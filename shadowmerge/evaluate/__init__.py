@@ -43,19 +43,30 @@ class EvalReport:
     out: Path | None
 
     def __str__(self) -> str:
-        from .report import summary_lines, table_rows
+        """The terminal's summary: every model against the reference, the called differences, the α sweep's choice,
+        and last, where it is seen, the pairs the user named (train --baseline: shadow against instruct-ft)."""
+        from .report import alpha_lines, headline_rows, sentence, summary_lines, table_rows
 
-        header, rows = table_rows(self.data, compact=True)
-        width = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(header)]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header, width)).rstrip()]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
-        lines += [""] + summary_lines(self.data) if self.data["paired"] else []
-        if self.data.get("best_alpha", {}).get("overall"):
-            b = self.data["best_alpha"]["overall"]
-            lines.append(f"best α overall ({b['by']}): {b['alpha']}")
+        data = self.data
+        lines = _text_table(*table_rows(data, compact=True))
+        others = {**data, "paired": [p for p in data["paired"] if not p.get("headline")]}
+        lines += [""] + summary_lines(others, brief=True) if others["paired"] else []
+        alpha = alpha_lines(data)
+        lines += [""] + alpha if alpha else []
+        headline = headline_rows(data, compact=True)
+        if headline:
+            named = "; ".join(f"{a} against {b}" for a, b in data["compare"])
+            lines += ["", f"{named} (Δ = first − second):"] + _text_table(*headline)
+            lines += [sentence(p, data) for p in data["paired"] if p.get("headline")]
         if self.out is not None:
             lines.append(f"wrote {self.out}: eval.json, eval.md, eval.png, report.html, samples/")
         return "\n".join(lines)
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    width = [max(len(h), *(len(r[k]) for r in rows)) if rows else len(h) for k, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, width)).rstrip()]
+    return lines + ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
 
 
 def write(folder: Path, data: dict, examples: dict) -> None:

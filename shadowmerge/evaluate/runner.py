@@ -18,9 +18,11 @@ from ..errors import ShadowMergeError, first_line
 from ..record import new as new_record
 from . import models as modelrefs
 from . import stats
-from .settings import EvalSettings, Sweep
+from .settings import EvalSettings, Sweep, check_pairs, pairs
 
-_EXAMPLES = 3                    # disagreeing items shown per model, task and direction in report.html
+_EXAMPLES = 10                   # disagreeing items shown per pair, task and direction in report.html
+_PROMPT = 20_000                 # characters of a prompt kept for report.html (few-shot prompts are long)
+_TEXT = 2_000                    # characters of a gold answer, answer or raw output kept
 
 
 @dataclass
@@ -91,6 +93,7 @@ def prepare(models: list[tuple[str, str]], settings: EvalSettings, *, sweep: Swe
             at = 1 if prepared.models else 0
             for k, alpha in enumerate(sweep.alphas):
                 prepared.models.insert(at + k, modelrefs.Model(sweep.label(alpha), f"I + {alpha:g}·Δ", alpha=alpha))
+        check_pairs(settings.compare, [m.label for m in prepared.models])
     except BaseException:
         prepared.close()
         raise
@@ -98,27 +101,40 @@ def prepare(models: list[tuple[str, str]], settings: EvalSettings, *, sweep: Swe
 
 
 def _answers(res: dict) -> dict:
-    """{task: {doc_id: (prompt end, target, answer)}} from lm_eval's per-item records, for report.html."""
+    """{task: {doc_id: {prompt, target, answer, raw}}} from lm_eval's per-item records, for report.html: the full
+    prompt, the gold answer, the filtered answer the metric scored and the model's raw output (a generation, or
+    each choice's log-likelihood for multiple choice)."""
     out: dict = {}
     for task, samples in (res.get("samples") or {}).items():
         per = out.setdefault(task, {})
         for s in samples:
+            doc = str(s.get("doc_id"))
+            if doc in per:                # one record per filter: the first is enough to show
+                continue
             args = s.get("arguments") or []
             prompt = str(args[0][0]) if args and isinstance(args[0], (list, tuple)) and args[0] else ""
             resps, target = s.get("filtered_resps"), s.get("target")
-            answer = resps
+            answer, raw = resps, s.get("resps")
             try:
                 if resps and all(isinstance(r, (list, tuple)) and r and isinstance(r[0], (int, float))
                                  for r in resps):          # multiple choice: (loglikelihood, greedy) per choice
+                    choices = [str(a[1]) if isinstance(a, (list, tuple)) and len(a) > 1 else str(i)
+                               for i, a in enumerate(args)]
                     best = max(range(len(resps)), key=lambda i: resps[i][0])
-                    answer = args[best][1] if best < len(args) and len(args[best]) > 1 else best
-                    if str(target).isdigit() and int(target) < len(args):
-                        target = args[int(target)][1]
-                elif isinstance(resps, (list, tuple)) and len(resps) == 1:
-                    answer = resps[0]
+                    answer = choices[best] if best < len(choices) else best
+                    raw = "; ".join(f"{c.strip()!r}: {r[0]:.3f}" for c, r in zip(choices, resps))
+                    raw = f"log-likelihood per choice: {raw}"
+                    if str(target).isdigit() and int(target) < len(choices):
+                        target = choices[int(target)]
+                else:
+                    if isinstance(resps, (list, tuple)) and len(resps) == 1:
+                        answer = resps[0]
+                    while isinstance(raw, (list, tuple)) and len(raw) == 1:
+                        raw = raw[0]
             except (TypeError, IndexError, ValueError):
                 pass
-            per.setdefault(str(s.get("doc_id")), (prompt[-160:], str(target)[:120], str(answer)[:160]))
+            per[doc] = {"prompt": prompt[:_PROMPT], "target": str(target)[:_TEXT], "answer": str(answer)[:_TEXT],
+                        "raw": str(raw)[:_TEXT]}
     return out
 
 
@@ -247,14 +263,25 @@ def run(prepared: Prepared, folder: Path | None, *, progress: bool = True, comma
         seconds[model.label] = time.perf_counter() - t
         log(f"model {k}/{len(prepared.models)} {model.label} done in {seconds[model.label]:.1f} s")
 
-    reference = prepared.models[0].label
+    labels = [m.label for m in prepared.models]
     data = _record(prepared, results, described, command)
-    examples = _pair_up(data, results, reference)
+    data["compare"] = [list(pair) for pair in pairs(settings.compare)]
+    examples = _pair_up(data, results, comparisons(labels, pairs(settings.compare)))
     if prepared.sweep is not None:
-        data["best_alpha"] = _best_alpha(data, prepared.sweep)
+        data["best_alpha"] = best_alpha(data, prepared.sweep, results)
     seconds["total"] = time.perf_counter() - start
     data["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     return data, examples
+
+
+def comparisons(labels: list[str], named: list[tuple[str, str]]) -> list[tuple[str, str, bool]]:
+    """(model, against, headline): the pairs named by --compare first (the headline), then every other model
+    against the reference (the first), unless that pair is named already (either way round)."""
+    out = [(a, b, True) for a, b in named]
+    for label in labels[1:]:
+        if (label, labels[0]) not in named and (labels[0], label) not in named:
+            out.append((label, labels[0], False))
+    return out
 
 
 def _record(prepared: Prepared, results: dict, described: dict, command: str | None) -> dict:
@@ -266,6 +293,10 @@ def _record(prepared: Prepared, results: dict, described: dict, command: str | N
             "versions": versions("torch", "transformers", "lm_eval", "datasets", "peft"),
             "samples": {label: r["samples"] for label, r in results.items() if r["samples"]}})
     for r in results.values():
+        for row in r["scores"]:
+            items = r["items"].get((row["task"], row["metric"], row["filter"]))
+            row["ci95"] = (list(stats.score_interval(list(items.values())))
+                           if items and _is_mean(row["value"], list(items.values())) else None)
         data["scores"] += r["scores"]
     if prepared.heldout is not None:
         h = prepared.heldout
@@ -280,46 +311,59 @@ def _record(prepared: Prepared, results: dict, described: dict, command: str | N
     return data
 
 
-def _pair_up(data: dict, results: dict, reference: str) -> dict:
-    """Each model against the reference, item by item; returns example items for report.html."""
-    ref = results[reference]
-    hib = {(s["task"], s["metric"]): s.get("higher_is_better", True) for s in ref["scores"]}
-    value = {(s["model"], s["task"], s["metric"], s["filter"]): s["value"] for r in results.values()
-             for s in r["scores"]}
+def _pair_up(data: dict, results: dict, wanted: list[tuple[str, str, bool]]) -> dict:
+    """Each pair (model, against) item by item on every task, metric and filter, and on the held-out rows; Holm's
+    correction within each family (correct()). Returns example items for report.html, per pair and task."""
+    from .report import primary
+
+    hib = {(s["task"], s["metric"]): s.get("higher_is_better", True) for s in data["scores"]}
+    value = {(s["model"], s["task"], s["metric"], s["filter"]): s["value"] for s in data["scores"]}
+    first = set(primary(data))
     examples: dict = {}
-    for label, r in results.items():
-        if label == reference:
-            continue
-        for key, items in r["items"].items():
+    for label, against, headline in wanted:
+        mine, theirs = results[label], results[against]
+        for key, items in mine["items"].items():
             task, metric, filt = key
-            theirs = ref["items"].get(key)
-            if theirs is None:
-                continue
-            ids = [i for i in theirs if i in items]
+            other = theirs["items"].get(key)
+            ids = [i for i in (other or {}) if i in items]
             if not ids:
                 continue
-            m, rr = [items[i] for i in ids], [theirs[i] for i in ids]
-            reported = (value.get((label, task, metric, filt)), value.get((reference, task, metric, filt)))
-            if any(v is None or not _is_mean(v, vals) for v, vals in zip(reported, (m, rr))):
-                data["unpaired"].append({"model": label, "task": task, "metric": metric, "filter": filt,
-                                         "why": "lm_eval's score is not the mean of its per-item values (a corpus-"
-                                                "level metric), so items cannot be paired"})
+            m, r = [items[i] for i in ids], [other[i] for i in ids]
+            reported = (value.get((label, task, metric, filt)), value.get((against, task, metric, filt)))
+            where = {"model": label, "against": against, "task": task, "metric": metric, "filter": filt}
+            if any(v is None or not _is_mean(v, vals) for v, vals in zip(reported, (m, r))):
+                data["unpaired"].append({**where, "why": "lm_eval's score is not the mean of its per-item values (a "
+                                                          "corpus-level metric), so items cannot be paired"})
                 continue
             higher = hib.get((task, metric), True)
-            p = stats.compare_items(m, rr, higher)
-            data["paired"].append({"model": label, "task": task, "metric": metric, "filter": filt, "n": len(ids),
-                                   **p.as_dict()})
-            if (label, task) not in examples:
-                examples[(label, task)] = _examples(ids, m, rr, higher, r["answers"].get(task, {}),
-                                                    ref["answers"].get(task, {}))
-    if data["heldout"]:
-        base = ref["losses"]
-        for label, r in results.items():
-            if label != reference and r["losses"] is not None:
-                p = stats.compare_losses((r["losses"].nll, r["losses"].tokens), (base.nll, base.tokens))
-                data["paired"].append({"model": label, "task": "heldout", "metric": "nll_per_token", "filter": "none",
-                                       "n": len(base.nll), **p.as_dict()})
-    return {k: v for k, v in examples.items() if v}
+            data["paired"].append({**where, "headline": headline, **stats.compare_items(m, r, higher).as_dict()})
+            if key in first:
+                shown = _examples(ids, m, r, higher, mine["answers"].get(task, {}), theirs["answers"].get(task, {}))
+                if shown["rows"]:
+                    examples[(label, against, task)] = shown
+        if mine["losses"] is not None and theirs["losses"] is not None:
+            p = stats.compare_losses((mine["losses"].nll, mine["losses"].tokens),
+                                     (theirs["losses"].nll, theirs["losses"].tokens))
+            data["paired"].append({"model": label, "against": against, "task": "heldout", "metric": "nll_per_token",
+                                   "filter": "none", "headline": headline, **p.as_dict()})
+    data["multiplicity"] = correct(data["paired"])
+    return examples
+
+
+def correct(paired: list[dict]) -> dict:
+    """Holm's correction within each family of comparisons: the pairs the user named (the questions asked before
+    looking) and the comparisons with the reference; each row gets its adjusted p (p_holm)."""
+    families = []
+    for name, headline in (("named pairs", True), ("against the reference", False)):
+        tested = [p for p in paired if p["p"] is not None and bool(p.get("headline")) == headline]
+        if not tested:
+            continue
+        for p, adjusted in zip(tested, stats.holm([p["p"] for p in tested])):
+            p["p_holm"] = adjusted
+        called = [p for p in tested if p["verdict"] in (stats.BETTER, stats.WORSE)]
+        families.append({"family": name, "comparisons": len(tested), "called": len(called),
+                         "called_after_holm": sum(p["p_holm"] < stats.ALPHA for p in called)})
+    return {"method": "holm", "alpha": stats.ALPHA, "families": families}
 
 
 def _is_mean(value: float, items: list[float]) -> bool:
@@ -327,42 +371,134 @@ def _is_mean(value: float, items: list[float]) -> bool:
     return abs(mean - value) <= 1e-9 * max(1.0, abs(value))
 
 
-def _examples(ids, m, r, higher: bool, answers: dict, ref_answers: dict) -> list:
-    rows = []
-    for outcome, pick in (("win", lambda a, b: a > b if higher else a < b), ("loss", lambda a, b: a < b if higher
-                                                                            else a > b)):
-        for i, a, b in zip(ids, m, r):
-            if pick(a, b) and sum(1 for x in rows if x[1] == outcome) < _EXAMPLES:
-                prompt, target, answer = answers.get(i, ("", "", ""))
-                rows.append([i, outcome, prompt, target, ref_answers.get(i, ("", "", ""))[2], answer])
-    return rows
+def _examples(ids, m, r, higher: bool, answers: dict, theirs: dict) -> dict:
+    """Up to _EXAMPLES items each way where the two models differ: {"rows": [...], "differ": k, "shown": j}."""
+    rows, counts = [], {"win": 0, "loss": 0}
+    for i, a, b in zip(ids, m, r):
+        if a == b:
+            continue
+        outcome = "win" if (a > b) == higher else "loss"
+        counts[outcome] += 1
+        if counts[outcome] <= _EXAMPLES:
+            rows.append({"item": i, "outcome": outcome, "scores": [a, b], "model": answers.get(i, {}),
+                         "against": theirs.get(i, {})})
+    from .report import common_ends
+
+    return {"rows": rows, "differ": counts["win"] + counts["loss"],
+            "ends": common_ends([a["prompt"] for a in answers.values()])}
 
 
-def _best_alpha(data: dict, sweep: Sweep) -> dict:
+def best_alpha(data: dict, sweep: Sweep, results: dict) -> dict:
+    """The best α per task (its first metric), over tasks and by held-out loss, each with its paired comparison
+    against the reference and against α = 1, and what the grid cannot tell said in words (`notes`): a best at
+    the edge of the grid, a tie, tasks that disagree (with each other or with held-out loss), and the reference
+    beating every α."""
     from .report import primary
 
     labels = {sweep.label(a): a for a in sweep.alphas}
-    per_task, means = {}, {}
+    grid = sorted(sweep.alphas)
+    ref = data["reference"]
+    one = sweep.label(1.0) if 1.0 in sweep.alphas else None
     hib = {(s["task"], s["metric"]): s.get("higher_is_better", True) for s in data["scores"]}
+    paired = {(p["model"], p["against"], p["task"], p["metric"], p["filter"]): p for p in data["paired"]}
+    per_task, means, notes = {}, {}, []
+
+    def edge(alpha: float) -> str | None:
+        if len(grid) < 2:
+            return None
+        return "largest" if alpha == grid[-1] else "smallest" if alpha == grid[0] else None
+
+    def against_one(label: str, key) -> dict | None:
+        if one is None or label == one:
+            return None
+        mine, theirs = results[label]["items"].get(key), results[one]["items"].get(key)
+        ids = [i for i in (theirs or {}) if i in (mine or {})]
+        if not ids:
+            return None
+        return stats.compare_items([mine[i] for i in ids], [theirs[i] for i in ids], hib.get(key[:2], True)).as_dict()
+
     for task, metric, filt in primary(data):
-        vals = {label: s["value"] for s in data["scores"] for label in labels
-                if s["model"] == label and (s["task"], s["metric"], s["filter"]) == (task, metric, filt)}
+        key = (task, metric, filt)
+        vals = {s["model"]: s["value"] for s in data["scores"]
+                if s["model"] in labels and (s["task"], s["metric"], s["filter"]) == key}
         if not vals:
             continue
         higher = hib.get((task, metric), True)
-        best = (max if higher else min)(vals, key=vals.get)
-        per_task[task] = {"alpha": labels[best], "metric": metric, "filter": filt, "value": vals[best]}
+        top = (max if higher else min)(vals.values())
+        tied = sorted(labels[label] for label, v in vals.items() if v == top)
+        best = sweep.label(min(tied, key=lambda a: (abs(a - 1), a)))           # of a tie: the α nearest 1
+        refv = next((s["value"] for s in data["scores"] if s["model"] == ref
+                     and (s["task"], s["metric"], s["filter"]) == key), None)
+        beaten = refv is not None and all((refv > v) if higher else (refv < v) for v in vals.values())
+        per_task[task] = {"alpha": labels[best], "metric": metric, "filter": filt, "value": vals[best],
+                          "tied": tied if len(tied) > 1 else [], "edge": edge(labels[best]) if len(tied) == 1 else None,
+                          "reference_value": refv, "reference_beats_every_alpha": beaten,
+                          "vs_reference": _brief(paired.get((best, ref, *key))), "vs_alpha_1": against_one(best, key)}
         for label, v in vals.items():
             means.setdefault(label, []).append(v if higher else -v)
+        notes += _task_notes(task, per_task[task], ref)
     out: dict = {"per_task": per_task}
     if means:
         avg = {label: sum(v) / len(v) for label, v in means.items()}
-        best = max(avg, key=avg.get)
-        out["overall"] = {"alpha": labels[best], "by": "mean primary score over tasks", "value": avg[best]}
+        best = max(avg, key=lambda label: (avg[label], -abs(labels[label] - 1)))
+        out["overall"] = {"alpha": labels[best], "by": "mean primary score over tasks", "value": avg[best],
+                          "edge": edge(labels[best])}
+        picks = {task: b["tied"] or [b["alpha"]] for task, b in per_task.items()}
+        if len(picks) > 1 and not set.intersection(*(set(a) for a in picks.values())):
+            notes.append("the tasks disagree: " + ", ".join(f"{task} picks α = {_alphas(a)}" for task, a in
+                                                            picks.items()) + "; no one α is best for all of them")
     held = {h["model"]: h["nll_per_token"] for h in data["heldout"] if h["model"] in labels}
     if held:
-        best = min(held, key=held.get)
-        out["heldout"] = {"alpha": labels[best], "nll_per_token": held[best]}
+        top = min(held.values())
+        tied = sorted(labels[label] for label, v in held.items() if v == top)
+        best = sweep.label(min(tied, key=lambda a: (abs(a - 1), a)))
+        refv = next((h["nll_per_token"] for h in data["heldout"] if h["model"] == ref), None)
+        vs_one = None
+        if one is not None and best != one:
+            mine, theirs = results[best]["losses"], results[one]["losses"]
+            vs_one = stats.compare_losses((mine.nll, mine.tokens), (theirs.nll, theirs.tokens)).as_dict()
+        out["heldout"] = {"alpha": labels[best], "nll_per_token": held[best], "tied": tied if len(tied) > 1 else [],
+                          "edge": edge(labels[best]) if len(tied) == 1 else None,
+                          "reference_beats_every_alpha": refv is not None and all(refv < v for v in held.values()),
+                          "vs_reference": _brief(paired.get((best, ref, "heldout", "nll_per_token", "none"))),
+                          "vs_alpha_1": vs_one}
+        notes += _task_notes("held-out loss", out["heldout"], ref)
         if "overall" not in out:
-            out["overall"] = {"alpha": labels[best], "by": "held-out NLL per token", "value": held[best]}
+            out["overall"] = {"alpha": labels[best], "by": "held-out NLL per token", "value": held[best],
+                              "edge": out["heldout"]["edge"]}
+        elif out["overall"]["alpha"] != labels[best]:
+            notes.append(f"the tasks and the held-out loss disagree: the tasks (mean primary score) pick α = "
+                         f"{out['overall']['alpha']:g}, the held-out loss picks α = {labels[best]:g}")
+    if per_task or held:
+        notes.append("the best α is picked on the same items it is scored on, so its comparisons are optimistic; "
+                     "confirm it on items it was not picked on")
+    out["notes"] = notes
     return out
+
+
+def _alphas(values) -> str:
+    values = [f"{a:g}" for a in values]
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
+
+
+def _brief(p: dict | None) -> dict | None:
+    return None if p is None else {k: p[k] for k in ("delta", "ci95", "n", "differing", "wins", "losses", "p",
+                                                      "verdict", "needed")}
+
+
+def _task_notes(what: str, b: dict, ref: str) -> list[str]:
+    """What one task's (or the held-out loss's) best α does not tell, in words."""
+    notes = []
+    if b["tied"]:
+        notes.append(f"{what}: α = {_alphas(b['tied'])} tie: the task does not pick one")
+    elif b["edge"]:
+        beyond = "larger" if b["edge"] == "largest" else "smaller"
+        notes.append(f"{what}: the best α ({b['alpha']:g}) is the {b['edge']} value tried, so the best may lie "
+                     f"beyond it; add {beyond} values to --alpha")
+    if b["reference_beats_every_alpha"]:
+        notes.append(f"{what}: the reference ({ref}) does better than every α: grafting did not help here")
+    v1 = b.get("vs_alpha_1")
+    if v1 is not None and v1["verdict"] in (stats.NOISE, stats.TOO_FEW):
+        notes.append(f"{what}: α = {b['alpha']:g} is not told apart from α = 1 ({v1['verdict']}, "
+                     f"{v1['differing']} of {v1['n']} differ)")
+    return notes

@@ -51,6 +51,10 @@ class EvalSettings:
                         "parallelize=True (hf).", metavar="K=V,..."))
     heldout_cutoff: int = field(default=4096, metadata=option(
         "--heldout-cutoff", "Tokens per held-out row, as `train --cutoff` cuts them.", type=int, show_default=True))
+    compare: tuple[str, ...] = field(default=(), metadata=option(
+        "--compare", "Also compare model A with model B item by item (Δ = A − B), e.g. --compare shadow:ft; "
+                     "repeatable. Every model is compared with the reference anyway; the pairs named here are the "
+                     "headline of the table, the summary and the report.", multiple=True, metavar="A:B"))
 
     def checked(self) -> "EvalSettings":
         tasks = tuple(t.strip() for item in self.tasks for t in str(item).split(",") if t.strip())
@@ -81,6 +85,9 @@ class EvalSettings:
         if any(k.strip().split("=")[0] in ("pretrained", "dtype") for k in self.model_args.split(",") if k.strip()):
             raise ShadowMergeError("--model-args must not set pretrained or dtype: the models are the arguments, "
                                    "the dtype is --dtype")
+        limit = self.limit
+        if limit is not None and limit >= 1:
+            limit = int(limit)                      # a number of items: printed and recorded as one
         device = self.device
         if device is None:
             import torch
@@ -89,9 +96,48 @@ class EvalSettings:
         elif not (device == "cpu" or device == "cuda" or device.startswith("cuda:") or device == "mps"):
             raise ShadowMergeError(f"--device {device!r}: use cpu, cuda or cuda:N")
         return EvalSettings(tasks=tasks, include_path=tuple(self.include_path), heldout=self.heldout,
-                            num_fewshot=self.num_fewshot, limit=self.limit, seed=self.seed, batch_size=batch,
+                            num_fewshot=self.num_fewshot, limit=limit, seed=self.seed, batch_size=batch,
                             device=device, dtype=self.dtype, apply_chat_template=self.apply_chat_template,
-                            backend=self.backend, model_args=self.model_args, heldout_cutoff=self.heldout_cutoff)
+                            backend=self.backend, model_args=self.model_args, heldout_cutoff=self.heldout_cutoff,
+                            compare=tuple(_items(self.compare)))
+
+
+def _items(compare) -> list[str]:
+    items = [compare] if isinstance(compare, str) else list(compare or ())
+    return [x.strip() for text in items for x in str(text).split(",") if x.strip()]
+
+
+def pairs(compare) -> list[tuple[str, str]]:
+    """--compare A:B values (or one text with several, comma-separated) as (A, B) label pairs, each once (checked
+    by check_pairs)."""
+    out: list[tuple[str, str]] = []
+    for item in _items(compare):
+        a, _, b = item.partition(":")
+        if (a.strip(), b.strip()) not in out:
+            out.append((a.strip(), b.strip()))
+    return out
+
+
+def check_pairs(compare, labels: list[str], where: str = "--compare") -> list[tuple[str, str]]:
+    """The --compare pairs, each two different labels of the run's models; a one-line error naming the labels (and
+    a pair of them that works) if not."""
+    example = f"e.g. {where} {labels[-1]}:{labels[0]}"
+    for item in _items(compare):
+        a, colon, b = (x.strip() for x in item.partition(":"))
+        if not colon or not a or not b or ":" in b:
+            raise ShadowMergeError(f"{where} {item!r} is not a pair: write two of the model labels ({', '.join(labels)}) "
+                                   f"as A:B (Δ = A − B), {example}")
+        if a == b:
+            raise ShadowMergeError(f"{where} {item!r} compares a model with itself; name two different labels of "
+                                   f"{', '.join(labels)}, {example}")
+        for label in (a, b):
+            if label not in labels:
+                raise ShadowMergeError(f"{where} {a}:{b}: no model is labelled {label!r}; name two of the labels "
+                                       f"{', '.join(labels)}, {example}")
+    return pairs(compare)
+
+
+ALPHA_LABEL = "alpha="          # an α sweep's models are labelled alpha=0.5, alpha=1, ...
 
 
 @dataclass(frozen=True)
@@ -105,4 +151,4 @@ class Sweep:
     lora: str | None = None
 
     def label(self, alpha: float) -> str:
-        return f"alpha={alpha:g}"
+        return f"{ALPHA_LABEL}{alpha:g}"

@@ -65,14 +65,17 @@ def model_card(folder: Path, r: Recipe, pair, losses: list[dict], kind: str, ins
 
 
 def eval_section(report) -> str | None:
-    """The model card's evaluation: eval.md's table and verdicts (the files are in the run folder's eval/)."""
+    """The model card's evaluation: the headline comparison (shadow/ against instruct-ft/ with --baseline), eval.md's
+    table and the verdicts (the files are in the run folder's eval/)."""
     if report is None:
         return None
-    from ..evaluate.report import summary_lines, table_rows
+    from ..evaluate.report import headline_rows, md_table, summary_lines, table_rows
 
-    header, rows = table_rows(report.data)
     lines = ["## Evaluation", "", "`shadowmerge train --eval` (the run folder's eval/ has report.html and the per-item "
-             "logs):", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+             "logs):", ""]
+    headline = headline_rows(report.data)
+    if headline:
+        lines += md_table(*headline) + [""]
+    lines += md_table(*table_rows(report.data))
     lines += [""] + [f"- {line}" for line in summary_lines(report.data)]
     return "\n".join(lines) + "\n"

@@ -121,7 +121,7 @@ def prepare(recipe: Recipe, *, baseline: bool, emit_only: bool, force: bool, res
             run.warnings.append(f"the Base's embedding rows for chat-template token(s) {', '.join(bad)} look untrained "
                                 f"(tiny or equal to the mean row): the Base has never seen the chat format; consider "
                                 f"training the embeddings too (method full) or check the outputs for stray tokens")
-        run.evaluation = _eval_prepare(r, main and not emit_only)
+        run.evaluation = _eval_prepare(r, main and not emit_only, baseline)
         if main:
             run.target = OutputFolder(r.out, force=force or bool(finishing), inputs=[base.folder, inst.folder],
                                       need_bytes=0, record=FILES["train"])
@@ -177,15 +177,22 @@ def _describe(ckpt: Checkpoint) -> dict:
     return out
 
 
-def _eval_prepare(r: Recipe, main: bool):
-    """--eval / the recipe's `eval:`: its tasks and held-out rows checked now, before any training."""
+def _eval_prepare(r: Recipe, main: bool, baseline: bool):
+    """--eval / the recipe's `eval:`: its tasks, held-out rows and named pairs checked now, before any training.
+    With --baseline, shadow/ against instruct-ft/ (the paper's comparison) is always a named pair, the first."""
     from .recipe import eval_settings
 
     settings = eval_settings(r.eval)
     if settings is None or not main:
         return None
     from ..evaluate import EvalSettings, prepare as prepare_eval
+    from ..evaluate.settings import check_pairs
 
+    labels = ["instruct"] + (["instruct-ft"] if baseline else []) + ["shadow"]
+    named = check_pairs(settings.get("compare"), labels, "`eval: compare:`")
+    if baseline and ("shadow", "instruct-ft") not in named:
+        named.insert(0, ("shadow", "instruct-ft"))
+    settings["compare"] = tuple(f"{a}:{b}" for a, b in named)
     return prepare_eval([], EvalSettings(**settings), open_models=False)
 
 

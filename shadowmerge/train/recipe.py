@@ -77,7 +77,7 @@ def _bf16_supported() -> bool:
 FIELDS = {f.name for f in fields(Recipe)}
 #: the settings of a recipe's `eval:` mapping (those of `shadowmerge eval`)
 EVAL_KEYS = ("tasks", "include_path", "heldout", "num_fewshot", "limit", "seed", "batch_size", "device", "dtype",
-             "apply_chat_template", "heldout_cutoff")
+             "apply_chat_template", "heldout_cutoff", "compare")
 
 
 def eval_settings(value) -> dict | None:
@@ -102,6 +102,12 @@ def eval_settings(value) -> dict | None:
     out["tasks"] = (tasks,) if tasks else ()
     paths = out.get("include_path") or ()
     out["include_path"] = tuple(str(p) for p in ([paths] if isinstance(paths, str) else paths))
+    named = out.get("compare") or ()
+    if not isinstance(named, (str, list, tuple)) or not all(isinstance(x, str) for x in (
+            [named] if isinstance(named, str) else named)):
+        raise ShadowMergeError("`eval: compare:` is pairs of model labels, e.g. [shadow:instruct-ft]; write it as "
+                               "text or a list of A:B")
+    out["compare"] = (named,) if isinstance(named, str) else tuple(named)
     for key, kind in (("heldout", str), ("num_fewshot", int), ("limit", (int, float)), ("seed", int),
                       ("heldout_cutoff", int), ("dtype", str), ("device", str), ("apply_chat_template", bool),
                       ("batch_size", (int, str))):

@@ -234,13 +234,14 @@ def _similarity(run: Run):
 
 
 def _evaluate(run: Run, tmp: Path):
-    """The Instruct, shadow/ (and instruct-ft/) evaluated into tmp/eval/, the Instruct the reference."""
+    """The Instruct, instruct-ft/ (with --baseline) and shadow/ evaluated into tmp/eval/ in the paper's order, the
+    Instruct the reference; with --baseline shadow/ against instruct-ft/ is the headline."""
     from .. import evaluate
     from ..evaluate.models import Model
 
     inst, prepared = run.inst.folder, run.evaluation
     prepared.models = [Model("instruct", str(inst), inst, {"ref": str(inst), "path": str(inst)})]
-    for name in ("shadow",) + (("instruct-ft",) if run.baseline else ()):
+    for name in (("instruct-ft",) if run.baseline else ()) + ("shadow",):
         prepared.models.append(Model(name, f"{name}/", tmp / name, {"ref": f"{name}/",
                                                                     "path": str(run.target.target / name)}))
     folder = tmp / "eval"
@@ -249,7 +250,9 @@ def _evaluate(run: Run, tmp: Path):
                                   log=lambda text: run.log(f"[shadowmerge train] eval: {text}"))
     evaluate.write(folder, data, examples)
     report = evaluate.EvalReport(data, None)
-    run.record["eval"] = {k: report.data[k] for k in ("reference", "scores", "heldout", "paired")}
+    run.record["eval"] = {k: report.data[k] for k in ("reference", "compare", "scores", "heldout", "paired",
+                                                      "multiplicity")}
+    run.record["eval"]["headline"] = [p for p in data["paired"] if p.get("headline")]
     run.record["eval"]["report"] = "eval/report.html"
     return report
 
