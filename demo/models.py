@@ -40,8 +40,11 @@ def smollm2_instruct(folder: Path) -> Path:
     pkg = smollm2_package()
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF, dtype=torch.float32)
+    from shadowmerge.progress import library_bars
+
+    with library_bars(False):       # on a terminal a bar; in a log no \r-updated conversion line
+        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF)
+        model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF, dtype=torch.float32)
     if hasattr(model.config, "quantization_config"):      # set by the GGUF loader of newer transformers
         del model.config.quantization_config
     model.hf_quantizer = None

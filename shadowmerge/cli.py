@@ -164,8 +164,9 @@ def graft(**options):
 @click.argument("config", metavar="CONFIG")
 @click.argument("out", metavar="OUT")
 @click.option("--force", is_flag=True, help=FORCE_HELP.replace("--out", "OUT"))
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (mergekit-yaml's --quiet).")
 @click.argument("mergekit_args", nargs=-1, type=click.UNPROCESSED, metavar="[MERGEKIT-YAML OPTIONS]...")
-def mergekit(config, out, force, mergekit_args):
+def mergekit(config, out, force, quiet, mergekit_args):
     """Run a mergekit YAML with `merge_method: shadow_graft` available.
 
     Stock mergekit-yaml cannot see a method from another package; this runs mergekit-yaml
@@ -182,7 +183,8 @@ def mergekit(config, out, force, mergekit_args):
     """
     from .mergekit_run import run
 
-    click.echo(f"wrote {run(config, out, tuple(mergekit_args), force=force, command=_command())}")
+    args = tuple(mergekit_args) + (("--quiet",) if quiet and "--quiet" not in mergekit_args else ())
+    click.echo(f"wrote {run(config, out, args, force=force, command=_command())}")
 
 
 def _parse_pairs(values: tuple[str, ...]) -> dict[str, tuple[str, str]]:
@@ -273,6 +275,8 @@ def similarity(base, instruct, tuned, pairs, out, matrix, matrix_size, force, al
               "--baseline, shadow/ against instruct-ft/ is the headline.")
 @click.option("--eval-heldout", metavar="FILE", help="At the end, the held-out loss of those models on these rows.")
 @click.option("--eval-include-path", multiple=True, metavar="DIR", help="Task YAMLs of your own for --eval.")
+@click.option("--eval-limit", type=float, metavar="N", help="With --eval: only the first N items of each task (a "
+              "fraction if < 1), as `eval --limit`.")
 @click.option("--emit-only", is_flag=True, help="llamafactory backend: write its configs and stop.")
 @click.option("--finish", metavar="OUT", help="After --emit-only and running its LLaMA-Factory configs yourself: "
                                               "graft, σ, loss plot, card and run.json into OUT.")
@@ -281,7 +285,9 @@ def similarity(base, instruct, tuned, pairs, out, matrix, matrix_size, force, al
 @click.option("--force", is_flag=True, help=FORCE_HELP + " Also: start over, deleting the checkpoints of an "
               "interrupted run.")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
-def train_command(recipe, baseline, emit_only, finish, resume, force, allow_pickle, **settings):
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (the trainer's, the libraries'); the stage lines "
+                                                  "and the loss per logged step stay.")
+def train_command(recipe, baseline, emit_only, finish, resume, force, allow_pickle, quiet, **settings):
     """Tune the Base with an existing trainer, then graft the update onto the Instruct.
 
     prepare (checks: same architecture and shapes, every data row, a free --out) -> train
@@ -312,10 +318,11 @@ def train_command(recipe, baseline, emit_only, finish, resume, force, allow_pick
         if recipe or given:
             raise ShadowMergeError(f"--finish OUT takes no other settings ({', '.join(given) or recipe}): the run is "
                                    f"the one OUT/run.json records")
-        click.echo(str(finish_run(finish, command=_command())))
+        click.echo(str(finish_run(finish, command=_command(), progress=not quiet)))
         return
     settings["trainer"] = trainer_args(settings["trainer"]) or None
     click.echo(str(train(load(recipe, settings), baseline=baseline, emit_only=emit_only, force=force, resume=resume,
+                         progress=not quiet,
                          allow_pickle=allow_pickle, command=_command())))
 
 
@@ -345,17 +352,20 @@ def extract(**options):
 @main.command(context_settings={"max_content_width": 100})
 @click.argument("out", metavar="OUT")
 @click.option("--recompute", is_flag=True, help="Also re-read the inputs named in the record and recompute every "
-              "tensor (grafted, cast or copied); the output must be bit-identical.")
+              "tensor (grafted, cast or copied; an extracted adapter's factors); the output must match.")
 @click.option("--sample", type=int, metavar="N", help="With --recompute: only N tensors, picked at random (seed 0).")
 @click.option("--device", default="cpu", show_default=True, help="Where --recompute's arithmetic runs: cpu, cuda.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def verify(out, recompute, sample, device, quiet):
-    """Check an output folder (graft, graft --lora, lora retarget, mergekit, train, eval) against its record.
+    """Check any output folder shadowmerge wrote against its record.
 
     Every file's sha256 and every safetensors header must match the manifest that was written
-    into shadowmerge.json (train: run.json, eval: eval.json) with the output; no file may be missing or
-    added. --recompute also recomputes the tensors from the inputs. Exits 0 only when all
-    holds; otherwise a one-line error names the first file or tensor that does not.
+    into its record (shadowmerge.json; train: run.json, eval: eval.json, extract: extract.json,
+    similarity: report.json) with the output; no file may be missing or added. --recompute also
+    recomputes the tensors from the inputs: bit for bit for grafts, merges and full copies; an
+    extracted adapter's factors as the truncated SVD of the update, to within float32's error.
+    Exits 0 only when all holds; otherwise a one-line error names the first file or tensor that
+    does not.
 
     \b
     Examples:
@@ -388,7 +398,8 @@ def _alphas(text: str | None) -> tuple[float, ...] | None:
 @click.option("--out", required=True, metavar="DIR", help="Report folder (written beside, then renamed).")
 @options_of_eval_settings
 @click.option("--alpha", "alphas", metavar="A1,A2", help="α sweep: evaluate I + α·Δ for each value (with --instruct "
-              "and --lora, or --base and --tuned); each is what `graft --alpha` writes.")
+              "and --lora, or --base and --tuned); each is what `graft --alpha` writes. [default with those: 1, "
+              "the graft itself]")
 @click.option("--instruct", metavar="MODEL", help="α sweep: the Instruct (the reference).")
 @click.option("--lora", metavar="ADAPTER", help="α sweep: the adapter trained on the Base.")
 @click.option("--base", metavar="MODEL", help="α sweep: the Base that was tuned.")
@@ -423,6 +434,8 @@ def eval_command(models, out, alphas, instruct, lora, base, tuned, force, allow_
     values = _alphas(alphas)
     sweep_inputs = {"--instruct": instruct, "--lora": lora, "--base": base, "--tuned": tuned}
     sweep = None
+    if values is None and instruct is not None and (lora is not None or (base is not None and tuned is not None)):
+        values = (1.0,)                # the graft itself: the Instruct and I + Δ
     if values is not None:
         if instruct is None or (lora is None and (base is None or tuned is None)) or (lora and tuned):
             raise ShadowMergeError("--alpha sweeps I + α·Δ: pass --instruct with --lora ADAPTER, or with --base and "
@@ -430,8 +443,9 @@ def eval_command(models, out, alphas, instruct, lora, base, tuned, force, allow_
         sweep = Sweep(instruct, values, base=base, tuned=tuned, lora=lora)
     elif any(sweep_inputs.values()):
         given = ", ".join(k for k, v in sweep_inputs.items() if v)
-        raise ShadowMergeError(f"{given} belong to an α sweep: add --alpha (e.g. --alpha 0.5,1), or give the models "
-                               f"as LABEL=PATH arguments")
+        raise ShadowMergeError(f"{given}: evaluating the graft I + α·Δ needs --instruct with --lora ADAPTER, or "
+                               f"with --base and --tuned; add the missing one, or give the models as LABEL=PATH "
+                               f"arguments")
     click.echo(str(evaluate(list(models), from_cli(EvalSettings, settings), out=out, force=force, sweep=sweep, allow_pickle=allow_pickle,
                             progress=not quiet, command=_command())))
 

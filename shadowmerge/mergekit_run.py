@@ -18,7 +18,7 @@ from pathlib import Path
 from . import yamlfile
 from .checkpoint import Checkpoint
 from .errors import ShadowMergeError
-from .output import OutputFolder, make_readable
+from .output import OutputFolder, make_readable, os_error_of
 from .record import new as new_record
 from .record import write as write_record
 from .sidefiles import copy_side_files, side_files
@@ -294,9 +294,16 @@ def _mergekit_yaml(cfg: dict, out: Path, args: tuple[str, ...]) -> None:
     except click.ClickException as exc:
         raise ShadowMergeError(f"mergekit-yaml option error: {exc.format_message()}; see `mergekit-yaml --help` "
                                f"for the options it takes") from None
+    except click.exceptions.Abort as exc:       # click's name for Ctrl-C (and our SIGTERM) inside mergekit-yaml
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise exc.__context__ from None
+        raise KeyboardInterrupt from None
     except (ShadowMergeError, KeyboardInterrupt):
         raise
     except Exception as exc:
+        machine = os_error_of(exc, out.parent)    # a full disk in mergekit's writer: the output folder says so
+        if machine is not None:
+            raise machine from None
         raise ShadowMergeError(f"mergekit failed: {type(exc).__name__}: {error_line(exc)}; where mergekit does not "
                                f"know the architecture, shadowmerge graft --instruct I --base B --tuned T --out OUT "
                                f"does the same merge") from None

@@ -49,6 +49,51 @@ _WRITE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
                  errno.ENOTDIR: "a path component is not a folder", errno.EFBIG: "file too large"}
 
 
+_LIBRARY_MESSAGES = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                     "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+
+
+_WRITER_FAILED = ("file write failed", "iostream error", "unexpected pos", "inline_container")
+_FULL = 1 << 20          # free bytes below which a failed write is taken for a full disk
+
+
+def os_error_of(exc: BaseException, where: Path | None = None) -> OSError | None:
+    """The machine's write failure inside a library's exception, as an OSError (no file name), or None.
+
+    Libraries that write files report a full disk in their own exception types: safetensors' Rust writer as
+    `SafetensorError: ... I/O error: No space left on device (os error 28)`, often chained from the OSError.
+    The chain is searched for an OSError of a write error, then the messages for an OS error number or text.
+    torch.save says only that its stream failed (`RuntimeError: [enforce fail at inline_container.cc] ...
+    unexpected pos`, from `basic_ios::clear: iostream error`): with `where` (the folder being written), such a
+    failure while less than 1 MiB is free there is the full disk it is."""
+    import re
+
+    seen, chain = set(), []
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRORS:
+            return OSError(e.errno, os.strerror(e.errno))
+    for e in chain:
+        text = str(e)
+        found = re.search(r"\(os error (\d{1,4})\)", text)
+        if found and int(found.group(1)) in _WRITE_ERRORS:
+            number = int(found.group(1))
+            return OSError(number, os.strerror(number))
+        for words, number in _LIBRARY_MESSAGES.items():
+            if words in text:
+                return OSError(number, os.strerror(number))
+    if where is not None and any(w in str(e) for e in chain for w in _WRITER_FAILED):
+        try:
+            if shutil.disk_usage(where).free < _FULL:
+                return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            pass
+    return None
+
+
 def rewrite_text(path: Path, text: str) -> None:
     """Give path new text through a new file renamed over it: a file hard-linked from elsewhere (train
     --finish links the trained files) keeps its old contents there."""
@@ -105,6 +150,12 @@ def rename(src: Path, dst: Path, exchange: bool = False) -> None:
 
 
 # --- small helpers ---------------------------------------------------------------------------
+def _lock_key(name: str) -> str:
+    """A target's name in its temporary folders and lock file: within NAME_MAX whatever the name."""
+    return name if len(name.encode()) <= 100 else \
+        name.encode()[:60].decode(errors="ignore") + "~" + hashlib.sha1(name.encode()).hexdigest()[:12]
+
+
 def _host() -> str:
     return "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:40] or "host"
 
@@ -184,6 +235,45 @@ class TargetLock:
         self.path, self.what = path, what
         self.fd: int | None = None
 
+    @classmethod
+    def for_target(cls, target: Path) -> "TargetLock":
+        target = Path(target).expanduser().absolute()
+        return cls(target.parent / f".{_lock_key(target.name)}.shadowmerge.lock", str(target))
+
+    def holder(self) -> str | None:
+        """Who holds the lock now ("pid N on HOST"), or None when no live process does. Read from the lock file
+        that the holder writes (a run killed with SIGKILL leaves it, naming a process that is gone), without taking
+        the lock, which would make a run acquiring it at that moment fail; another host's process is asked of the
+        lock itself (flock dies with its process)."""
+        try:
+            with open(self.path, "rb") as f:
+                owner = f.read(200).decode(errors="replace").strip()
+        except OSError:
+            return None
+        words = owner.split()
+        if len(words) == 4 and words[0] == "pid" and words[1].isdigit() and words[2] == "on" and words[3] == _host():
+            return owner if _pid_alive(int(words[1])) else None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return owner or "another process"
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return None
+
+    def check_free(self) -> None:
+        """A one-line error when a live run holds the lock (before work that the lock would only guard later)."""
+        owner = self.holder()
+        if owner is not None:
+            raise ShadowMergeError(f"another shadowmerge run ({owner}) is writing {self.what} now; wait for it to "
+                                   f"finish, or choose another output folder")
+
     def acquire(self) -> None:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -227,9 +317,7 @@ class OutputFolder:
         name = self.target.name
         if not name or name in (".", ".."):
             raise ShadowMergeError(f"{flag} {target} does not name a folder; choose e.g. ./merged")
-        # Temporary names stay within NAME_MAX whatever the target's name.
-        self._key = name if len(name.encode()) <= 100 else \
-            name.encode()[:60].decode(errors="ignore") + "~" + hashlib.sha1(name.encode()).hexdigest()[:12]
+        self._key = _lock_key(name)
         real = self.target.resolve()
         for folder in inputs:
             inp = folder.resolve()
@@ -251,6 +339,7 @@ class OutputFolder:
                                    f"choose a writable {flag}")
         if os.path.lexists(self.target):
             if not force:
+                self._check_replaceable(f"{target} already exists and ")
                 raise ShadowMergeError(f"{target} already exists; choose another {flag} or pass --force to replace it")
             self._check_replaceable()
         free = shutil.disk_usage(probe).free
@@ -263,14 +352,16 @@ class OutputFolder:
         self.tmp: Path | None = None
         self.digests: dict[str, str] = {}        # sha256 of files already hashed while written (relative names)
 
-    def _check_replaceable(self) -> None:
-        """--force replaces only what shadowmerge wrote: a folder with one of its run records, or an empty one."""
+    def _check_replaceable(self, lead: str | None = None) -> None:
+        """--force replaces only what shadowmerge wrote: a folder with one of its run records, or an empty one. (lead:
+        the target exists and --force was not given: the error must not suggest it for what it would refuse.)"""
         target = self.target
+        lead = lead or f"{target} "
         if target.is_symlink() or not target.is_dir():
-            raise ShadowMergeError(f"{target} exists and is not a folder; --force replaces only an output shadowmerge "
-                                   f"wrote: move it away or choose another {self.flag}")
+            raise ShadowMergeError(f"{lead}is not a folder; --force replaces only an output shadowmerge wrote: move it "
+                                   f"away or choose another {self.flag}")
         if not is_shadowmerge_output(target) and any(target.iterdir()):
-            raise ShadowMergeError(f"{target} was not written by shadowmerge (it has no shadowmerge record); --force "
+            raise ShadowMergeError(f"{lead}was not written by shadowmerge (it has no shadowmerge record); --force "
                                    f"replaces only shadowmerge's outputs: move it away or choose another {self.flag}")
 
     # --- entering: parents, lock, stale leftovers, the temporary folder --------------------------
@@ -284,7 +375,7 @@ class OutputFolder:
             for p in reversed(missing):
                 p.mkdir()
                 self._made.append(p)
-            self._lock = TargetLock(self.target.parent / f".{self._key}.shadowmerge.lock", str(self.target))
+            self._lock = TargetLock.for_target(self.target)
             self._lock.acquire()
             self._remove_stale()
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self._key}{TMP_TAG}{_host()}-{os.getpid()}-",

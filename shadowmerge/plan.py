@@ -176,8 +176,6 @@ def build_plan(instruct: Checkpoint, source: DeltaSource, *, alpha: float = 1.0,
             if src_rows > info.rows:
                 plan.warnings.append(f"{name}: the delta has {src_rows - info.rows} row(s) beyond the instruct's "
                                      f"{info.rows}; they are not grafted (the instruct's tokenizer has no such tokens)")
-        if not info.dtype.is_floating_point:
-            raise ShadowMergeError(f"instruct tensor {name} is {info.dtype}; exclude it with --exclude")
         plan.tensors.append(TensorPlan(info, out_dtype, entry, graft_rows, reason))
 
     extra = sorted(n for n in source.names() - set(instruct.tensors)

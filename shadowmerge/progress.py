@@ -3,6 +3,7 @@ pipe (a bar there becomes hundreds of carriage-return updates), nothing with --q
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -61,3 +62,28 @@ def bar(total: int, enabled: bool, desc: str):
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
                 dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def library_bars(quiet: bool):
+    """For the time of the block, every library's tqdm bar (transformers' loading and GGUF conversion, datasets',
+    lm_eval's) is off when quiet or when stderr is not a terminal, where a bar is hundreds of carriage-return
+    updates in a log; the caller's own disable=False is overridden too."""
+    if not quiet and sys.stderr.isatty():
+        yield
+        return
+    import functools
+
+    from tqdm import std
+
+    init = std.tqdm.__init__
+
+    @functools.wraps(init)
+    def silent(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+    std.tqdm.__init__ = silent
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = init

@@ -27,8 +27,8 @@ FILES = {"graft": RECORD, "mergekit": RECORD, "lora retarget": RECORD, "train": 
          "extract": "extract.json", "similarity": "report.json"}
 #: the run records shadowmerge's commands write at the top of an output folder
 RECORDS = tuple(dict.fromkeys(FILES.values()))
-#: the records whose output `shadowmerge verify` checks, in the order it looks for them
-VERIFIABLE = (RECORD, "run.json", "eval.json")
+#: the records whose output `shadowmerge verify` checks, in the order it looks for them: every command's
+VERIFIABLE = RECORDS
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,15 @@ class Record:
     version: str
     record_version: int
     data: dict
+
+
+def local_ref(ref):
+    """A model, file or folder reference as a record keeps it: the absolute path where it names a local one (so the
+    record means the same from any working directory), else as given (a Hub id, None)."""
+    if ref is None:
+        return None
+    path = Path(str(ref)).expanduser()
+    return str(path.absolute()) if os.path.lexists(path) else str(ref)
 
 
 def new(command: str, fields: dict) -> dict:

@@ -1,11 +1,13 @@
 """verify(): check an output folder against the run record written with it.
 
-Every output of graft, graft --lora, lora retarget, mergekit, train and eval carries a record
-(shadowmerge.json; train: run.json; eval: eval.json) whose manifest lists every other file's size and sha256,
+Every output of graft, graft --lora, lora retarget, mergekit, train, eval, extract and similarity carries a
+record (shadowmerge.json; train: run.json; eval: eval.json; extract: extract.json; similarity: report.json)
+whose manifest lists every other file's size and sha256,
 and each safetensors header's tensors (names, dtypes, shapes). verify checks that nothing is
 missing, added or changed. With `recompute`, it re-reads the inputs named in graft records
 (`input_paths`) and recomputes every tensor (or a sample of them) with the same plan and engine
-as the graft, comparing bytes instead of writing them: the output must be bit-identical.
+as the graft, comparing bytes instead of writing them: the output must be bit-identical. An extracted
+adapter is recomputed as far as an SVD allows (_recompute_extract).
 """
 
 from __future__ import annotations
@@ -126,17 +128,22 @@ class CompareSink:
             self._against(info.name, first and e == e0, ckpt.read_into(info, e, min(e + step, e1), scratch))
 
 
-def _recompute(folder: Path, rec: dict, sample: int | None, device, progress: bool) -> int:
-    """Recompute the tensors of one graft output folder from the inputs its record names."""
-    where = f"{folder / RECORD}"
+def _input_paths(where: Path, rec: dict, roles: tuple[str, ...]) -> dict:
+    """The input folders a record names (`input_paths`), each still there: --recompute re-reads them."""
     paths = rec.get("input_paths")
-    if not isinstance(paths, dict) or "instruct" not in paths:
+    if not isinstance(paths, dict) or any(r not in paths for r in roles):
         raise ShadowMergeError(f"{where} names no input folders (written by an older shadowmerge); only the "
                                f"sha256 and headers can be checked: run verify without --recompute")
     for label, path in paths.items():
-        if not isinstance(path, str) or not Path(path).is_dir():
+        if path is not None and (not isinstance(path, str) or not Path(path).is_dir()):
             raise ShadowMergeError(f"--recompute needs the {label} input {path}, which is not there; run verify where "
                                    f"the inputs are, or without --recompute")
+    return paths
+
+
+def _recompute(folder: Path, rec: dict, sample: int | None, device, progress: bool) -> int:
+    """Recompute the tensors of one graft output folder from the inputs its record names."""
+    paths = _input_paths(folder / RECORD, rec, ("instruct",))
     inputs = {role: paths.get(role) for role in ("instruct", "base", "tuned", "lora")}
     if isinstance(rec.get("spec"), dict):
         spec = GraftSpec.from_record(rec["spec"], **inputs)
@@ -169,6 +176,86 @@ def _recompute(folder: Path, rec: dict, sample: int | None, device, progress: bo
             c.close()
 
 
+def _recompute_extract(folder: Path, rec: dict, sample: int | None, progress: bool) -> int:
+    """An extracted adapter against the inputs its extract.json names: each LoRA module's update ΔW = T − B is
+    recomputed (float32, exact: the same bits on every machine) and its norm must be the recorded one; the stored
+    factors must be the truncated SVD of it: ‖ΔW − B·A‖/‖ΔW‖ (float64) equals the recorded relative error, and
+    the recorded rank, to within the float32 SVD's error; each full copy (--others copy) is recomputed bit for bit.
+
+    Not bit-for-bit for the factors: LAPACK's singular vectors differ between CPUs and thread counts (and in sign),
+    while the product B·A is the best rank-r approximation wherever computed. The bound: a float32 SVD is
+    backward stable, U·S·Vᵀ = ΔW + E with ‖E‖ ≤ p·ε·‖ΔW‖ (ε = 2⁻²⁴, p taken as max(m, n), LAPACK's norm-wise
+    bound grows no faster), the factors' forming adds 2ε, and the recorded error came from such an SVD too: the two
+    relative errors agree to 2·(max(m, n) + 2)·ε. A norm in float64 of the same float32 values agrees to
+    numel·2⁻⁵² whatever the order of summation. Mixture-of-experts parameters (one LoRA per fused parameter) are
+    checked by their headers only."""
+    from safetensors import safe_open
+
+    paths = _input_paths(folder / "extract.json", rec, ("base", "tuned"))
+    modules = [m for m in jsonfile.expect(rec.get("modules"), list, f"{folder / 'extract.json'}: modules", HINT)
+               if isinstance(m, dict) and isinstance(m.get("tensor"), str) and "experts" not in m]
+    others = [o for o in rec.get("others") or [] if isinstance(o, dict) and o.get("kept")]
+    if sample is not None and sample < len(modules):
+        modules = random.Random(0).sample(modules, sample)
+    ckpts = {role: Checkpoint.open(path, role) for role, path in paths.items() if path}
+    eps32 = 2.0 ** -24
+    done = 0
+    try:
+        b, t, inst = ckpts["base"], ckpts["tuned"], ckpts.get("instruct")
+        with safe_open(folder / "adapter_model.safetensors", "pt") as adapter, \
+                progress_bar(sum(t.tensors[m["tensor"]].nbytes for m in modules), progress, "recompute") as bar:
+            stored = set(adapter.keys())
+            for m in modules:
+                name, module = m["tensor"], m["module"]
+                if name not in t.tensors or name not in b.tensors:
+                    raise ShadowMergeError(f"{folder}: {name}, recorded as extracted, is not in the inputs; an input "
+                                           f"changed since the run: extract again")
+                delta = _whole(t, name) - _whole(b, name)
+                norm = float(delta.double().norm())
+                if abs(norm - m["update_norm"]) > delta.numel() * 2.0 ** -52 * max(norm, m["update_norm"]):
+                    raise ShadowMergeError(f"{folder}: the update of {name} has norm {norm:.9g} from the inputs, the "
+                                           f"record says {m['update_norm']:.9g}; an input changed since the run: "
+                                           f"extract again")
+                keys = [f"base_model.model.{module}.lora_{f}.weight" for f in "AB"]
+                if not all(k in stored for k in keys):
+                    raise ShadowMergeError(f"{folder}: the adapter has no factors for {module}; {HINT}")
+                a, bf = (adapter.get_tensor(k).double() for k in keys)
+                if a.shape[0] != m["rank"] or bf.shape[1] != m["rank"]:
+                    raise ShadowMergeError(f"{folder}: {module}'s factors have rank {a.shape[0]}, the record says "
+                                           f"{m['rank']}; {HINT}")
+                measured = float(((delta.double() - bf @ a).norm() / norm)) if norm else 0.0
+                bound = 2 * (max(delta.shape) + 2) * eps32
+                if abs(measured - m["rel_error"]) > bound:
+                    raise ShadowMergeError(f"{folder}: {module}'s factors miss the update of the inputs by "
+                                           f"{measured:.6g} (relative), the record says {m['rel_error']:.6g}; they are "
+                                           f"not its rank-{m['rank']} truncation: the adapter or an input changed "
+                                           f"since the run: extract again")
+                bar.update(t.tensors[name].nbytes)
+                done += 1
+            for o in others:
+                name = o["tensor"]
+                key = next((k for k in stored if k.endswith("." + name) or k == f"base_model.model.{name}"), None)
+                if key is None:
+                    continue          # renamed on load (names.disk_to_memory): its header was checked
+                have = adapter.get_tensor(key)
+                full = _whole(t, name) if inst is None else _whole(inst, name) + (_whole(t, name) - _whole(b, name))
+                if not torch.equal(full.to(have.dtype), have):
+                    raise ShadowMergeError(f"{folder}: the full copy {name} differs from its recomputation from the "
+                                           f"inputs; the adapter or an input changed since the run: extract again")
+                done += 1
+    finally:
+        for c in ckpts.values():
+            c.close()
+    return done
+
+
+def _whole(ckpt, name: str) -> torch.Tensor:
+    info = ckpt.tensors[name]
+    raw = torch.empty(info.nbytes, dtype=torch.uint8)
+    ckpt.read_into(info, 0, info.numel, raw)
+    return raw.view(info.dtype).reshape(info.shape).float()
+
+
 def verify(out: str | Path, *, recompute: bool = False, sample: int | None = None, device: str = "cpu",
            progress: bool = True) -> VerifySummary:
     """Check an output folder against its run record; raise ShadowMergeError naming the first thing that differs."""
@@ -187,7 +274,9 @@ def verify(out: str | Path, *, recompute: bool = False, sample: int | None = Non
     with progress_bar(sum(e["size"] for e in manifest.values()), progress, "verify") as bar:
         files, tensors = check_files(folder, name, manifest, bar.update)
     recomputed = 0
-    if recompute:
+    if recompute and found.command == "extract":
+        recomputed = _recompute_extract(folder, record, sample, progress)
+    elif recompute:
         targets = []
         if found.command == "graft":
             targets.append((folder, record))

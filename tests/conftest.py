@@ -88,3 +88,29 @@ def one_line_error(stderr: str, expect: str) -> str:
     assert "Traceback" not in stderr and lines and lines[-1].startswith("error: "), stderr
     assert sum(line.startswith("error:") for line in lines) == 1 and expect in lines[-1], stderr
     return lines[-1]
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(kind, size) -> a fresh mount point: a tmpfs of that size, or a read-only bind mount ("ro"); root only
+    (skipped with the reason otherwise); unmounted afterwards."""
+    import subprocess
+
+    points = []
+
+    def make(kind, size="1m"):
+        if os.geteuid() != 0:
+            pytest.skip("needs root to mount a tmpfs or a read-only bind mount")
+        point = tmp_path / f"mnt{len(points)}"
+        point.mkdir()
+        cmds = ([["mount", "--bind", str(point), str(point)], ["mount", "-o", "remount,bind,ro", str(point)]]
+                if kind == "ro" else [["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)]])
+        for cmd in cmds:
+            if subprocess.run(cmd, capture_output=True).returncode != 0:
+                pytest.skip(f"cannot {' '.join(cmd[:3])} here")
+            points.append(point)
+        return point
+    yield make
+    for point in reversed(points):
+        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)

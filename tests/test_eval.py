@@ -598,3 +598,34 @@ def test_a_recipes_compare_names_the_runs_own_models(tmp_path):
         _eval_prepare(recipe, True, True)
     recipe.eval["compare"] = ["instruct-ft:instruct"]
     assert _eval_prepare(recipe, True, True).settings.compare == ("shadow:instruct-ft", "instruct-ft:instruct")
+
+
+def test_records_name_local_inputs_by_absolute_paths(models, tmp_path, cli, monkeypatch):
+    """Relative paths on the command line are absolute in every record (eval.json, run.json and its recipe), so a
+    record means the same from any working directory; train --eval-limit reaches the evaluation."""
+    from adapters import make_adapter
+
+    make_adapter(models["base"], tmp_path / "lora", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    shutil.copytree(models["instruct"], tmp_path / "inst")
+    shutil.copytree(models["base"], tmp_path / "base")
+    write_heldout(tmp_path / "held.jsonl", QUESTIONS[:4])
+    write_tasks(tmp_path / "tasks")
+    monkeypatch.chdir(tmp_path)
+    res = cli("eval", "--instruct", "inst", "--lora", "lora", "--heldout", "held.jsonl", "--device", "cpu", "--out",
+              "e", "-q")
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert list(data["models"]) == ["instruct", "alpha=1"]            # without --alpha: the graft itself
+    assert data["models"]["alpha=1"]["lora"] == str(tmp_path / "lora")
+    assert data["models"]["alpha=1"]["instruct"] == str(tmp_path / "inst")
+    assert data["settings"]["heldout"] == str(tmp_path / "held.jsonl")
+    run = cli("train", "--base", "base", "--instruct", "inst", "--data", "held.jsonl", "--out", "run", "--max-steps",
+              "1", "--batch-size", "2", "--grad-accum", "1", "--lora-rank", "2", "--eval", "quiz_mc",
+              "--eval-include-path", "tasks", "--eval-heldout", "held.jsonl", "--eval-limit", "3", "-q")
+    assert run.exit_code == 0, run.output
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["inputs"]["data"]["ref"] == str(tmp_path / "held.jsonl")
+    assert record["recipe"]["eval"]["heldout"] == str(tmp_path / "held.jsonl")
+    assert record["recipe"]["eval"]["include_path"] == [str(tmp_path / "tasks")]
+    assert record["recipe"]["eval"]["limit"] == 3
+    assert {s["n"] for s in record["eval"]["scores"]} == {3}

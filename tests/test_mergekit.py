@@ -194,8 +194,10 @@ def test_existing_output_needs_force(triple, cli, tmp_path):
     path = shadow_yaml(tmp_path / "c.yml", inst, base, tuned)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    run_bad(cli, tmp_path, [inst, base, tuned, tmp_path / "out"], path, command=("mergekit",),
-            expect="already exists; choose another OUT or pass --force")
+    # a user's own folder: the advice is another OUT, never --force (which would refuse it)
+    err = run_bad(cli, tmp_path, [inst, base, tuned, tmp_path / "out"], path, command=("mergekit",),
+                  expect="already exists and was not written by shadowmerge")
+    assert "choose another OUT" in err and "pass --force" not in err
     # --force replaces only an output shadowmerge wrote: the user's folder stays, an empty one or ours is replaced
     run_bad(cli, tmp_path, [inst, base, tuned, tmp_path / "out"], path, "--force", command=("mergekit",),
             expect="was not written by shadowmerge (it has no shadowmerge record); --force replaces only")

@@ -275,31 +275,6 @@ def test_out_on_a_virtual_filesystem_says_so(cli, tmp_path, triple, where):
     assert "disk space" not in err and not os.path.lexists(where)
 
 
-@pytest.fixture
-def mount(tmp_path):
-    """mount(kind, size) -> a fresh mount point: a tmpfs of that size, or a read-only folder (root only)."""
-    points = []
-
-    def make(kind, size="1m"):
-        if os.geteuid() != 0:
-            pytest.skip("needs root to mount a tmpfs or a read-only bind mount")
-        point = tmp_path / f"mnt{len(points)}"
-        point.mkdir()
-        if kind == "ro":
-            cmds = [["mount", "--bind", str(point), str(point)], ["mount", "-o", "remount,bind,ro", str(point)]]
-        else:
-            cmds = [["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)]]
-        for cmd in cmds:
-            if subprocess.run(cmd, capture_output=True).returncode != 0:
-                pytest.skip(f"cannot {' '.join(cmd[:3])} here")
-            points.append(point)
-        return point
-    yield make
-    for point in reversed(points):
-        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(point)], capture_output=True)
-
-
 def test_read_only_filesystem(cli, tmp_path, triple, mount):
     ro = mount("ro")
     res = cli(*graft_args(triple, ro / "out"))

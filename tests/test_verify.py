@@ -217,3 +217,32 @@ def test_bad_verify_input(cli, tmp_path, triple, case, expect):
     else:
         extra = ["--recompute", "--sample", "0"]
     bad(cli, expect, out, *extra)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_extracted_adapter_is_recomputed_from_its_inputs(cli, tmp_path, dtype):
+    """verify --recompute on extract's output: the update's norm, the factors' error against the inputs' update and
+    the full copies; a factor changed by one element or a tuned input changed afterwards is caught."""
+    from safetensors.torch import load_file, save_file
+
+    import tinymodels
+
+    i, b, t = tinymodels.triple(tmp_path / "m", "llama")
+    out = tmp_path / "adapter"
+    res = cli("extract", "--base", b, "--tuned", t, "--rank", "4", "--others", "copy", "--for-instruct", i,
+              "--dtype", dtype, "--out", out, "-q")
+    assert res.exit_code == 0, res.output
+    ok = cli("verify", out, "--recompute", "-q")
+    assert ok.exit_code == 0 and "recomputed" in ok.output, ok.output
+    weights = out / "adapter_model.safetensors"
+    state = load_file(weights)
+    key = next(k for k in state if k.endswith("lora_A.weight"))
+    state[key][0, 0] += 0.5
+    save_file(state, weights, metadata={"format": "pt"})
+    record = json.loads((out / "extract.json").read_text())      # the manifest would catch it first: re-seal it
+    from shadowmerge.record import manifest
+
+    record["manifest"] = manifest(out, "extract.json")
+    (out / "extract.json").write_text(json.dumps(record))
+    bad = cli("verify", out, "--recompute")
+    assert bad.exit_code == 1 and "not its rank-4 truncation" in bad.stderr, bad.output

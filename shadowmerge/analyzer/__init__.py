@@ -15,6 +15,7 @@ from ..checkpoint import Checkpoint
 from ..devices import parse_device
 from ..errors import ShadowMergeError
 from ..output import OutputFolder
+from ..record import FILES
 from ..progress import bar as progress_bar
 from ..transport import resolve
 from .aggregate import PairResult, TensorRow
@@ -118,7 +119,8 @@ def similarity(base: str | Path | None = None, instruct: str | Path | None = Non
             plans.append((items, result, cb, ci, ct))
         target = None
         if out is not None:
-            target = OutputFolder(out, force=force, inputs=[c.folder for c in opened], need_bytes=0)
+            target = OutputFolder(out, force=force, inputs=[c.folder for c in opened], need_bytes=0,
+                                  record=FILES["similarity"])
         total = sum(info.nbytes + b.nbytes + (t.nbytes if t else 0) for items, *_ in plans for _, info, b, t in items)
         for c in opened:         # Hub inputs: download the weights, now that everything was checked
             c.fetch(progress)

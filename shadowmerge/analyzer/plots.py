@@ -72,6 +72,8 @@ def pair_bars(pairs: list[PairResult], folder: Path) -> list[str]:
     ax.bar([x + 0.2 for x in xs], weighted, width=0.4, label="weighted: Σ over all tensors")
     for x, v in zip(xs, official):
         ax.annotate(f"{v:.3g}", (x - 0.2, v), ha="center", va="bottom", fontsize=8)
+    for x, v in zip(xs, weighted):
+        ax.annotate(f"{v:.3g}", (x + 0.2, v), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs), [short_label(p.name) for p in pairs], rotation=30 if len(pairs) > 3 else 0,
                   ha="right" if len(pairs) > 3 else "center")
     ax.set_ylim(0, max([*official, *weighted, SIGMA_RANGE[1]]) * 1.15)
@@ -94,6 +96,7 @@ def per_layer_lines(pair: PairResult, folder: Path, stem: str) -> list[str]:
     ax.plot(list(all_layers), [s.sigma for s in all_layers.values()], color="black", linewidth=2.2,
             label="whole layer")
     _layer_axis(ax, layers)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.05)        # from 0: a wiggle of a few % looks like one
     ax.set_ylabel(SIGMA_LABEL)
     ax.set_title(f"σ(B, I) per layer and module type: {short_label(pair.name)}")
     ax.legend(fontsize=8, ncol=2, **LEGEND_OUTSIDE)

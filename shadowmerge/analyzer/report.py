@@ -23,7 +23,7 @@ SCHEMA = Path(__file__).with_name("report.schema.json")
 DEFINITIONS = {
     "letters": "B = Base, I = Instruct, T = the tuned Base (with --tuned)",
     "sigma": "sum|I-B| / (sum|B| + sum|I|); float32 elements, float64 sums",
-    "official_sigma": f"unweighted mean of per-tensor sigma over tensors matching {OFFICIAL.pattern!r} (re.search): "
+    "official_sigma": f"unweighted mean of per-tensor sigma over tensors matching the regular expression {OFFICIAL.pattern} (re.search): "
                       "the official Shadow-FT script's figure",
     "weighted_sigma": "sigma of all compared tensors taken together (each tensor weighted by its size)",
     "rel_l2": "||I-B|| / ||B||",

@@ -35,30 +35,19 @@ def lm_eval():
 @contextlib.contextmanager
 def quiet_libraries(quiet: bool):
     """For the time of a run: lm_eval's per-task notices ("metric acc is defined, but aggregation is not") are
-    dropped, and with quiet (--quiet, or stderr a log file, where a bar is hundreds of carriage-return updates)
-    every library's tqdm bar is off: lm_eval's, transformers' and datasets' alike."""
-    import functools
-    import sys
-
-    from tqdm import std
+    dropped, and with quiet (--quiet, or stderr a log file) every library's tqdm bar is off (progress.library_bars)."""
+    from ..progress import library_bars
 
     loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval")]
     levels = [lg.level for lg in loggers]
-    init = std.tqdm.__init__
     for lg in loggers:
         lg.setLevel(logging.ERROR)
-    if quiet or not sys.stderr.isatty():
-        @functools.wraps(init)
-        def silent(self, *args, **kwargs):
-            kwargs["disable"] = True           # over the caller's disable=False too
-            init(self, *args, **kwargs)
-        std.tqdm.__init__ = silent
     try:
-        yield
+        with library_bars(quiet):
+            yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-        std.tqdm.__init__ = init
 
 
 def _check_yaml(folder: Path) -> None:

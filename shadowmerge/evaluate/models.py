@@ -48,6 +48,11 @@ def parse(specs: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
         if not ref:
             raise ShadowMergeError(f"model {spec!r} names no model; write LABEL=PATH_OR_HUB_ID, e.g. shadow=./out")
         if any(label == seen for seen, _ in out):
+            first = next(r for seen, r in out if seen == label)
+            if not eq or Path(spec).expanduser().exists():
+                raise ShadowMergeError(f"models {first} and {ref} both get the label {label!r} from their folder "
+                                       f"names; name them: write LABEL=PATH for each, e.g. {label}-1={first} "
+                                       f"{label}-2={ref}")
             raise ShadowMergeError(f"the label {label!r} is given twice; name each model once: LABEL=PATH")
         out.append((label, ref))
     return out
@@ -89,7 +94,8 @@ def check_tokenizer(label: str, ref: str, folder: Path, chat_template: bool, why
     if chat_template and not tok.chat_template:
         if why:
             raise ShadowMergeError(f"model {label} ({ref}) has no chat template, and {why}; add the template "
-                                   f"(chat_template.jinja) to {folder}, or evaluate it without --heldout")
+                                   f"(chat_template.jinja) to {folder}, or leave out --heldout and pass "
+                                   f"--no-apply-chat-template")
         raise ShadowMergeError(f"model {label} ({ref}) has no chat template, and --apply-chat-template is on; "
                                f"pass --no-apply-chat-template (plain prompts for every model), or add the "
                                f"template (chat_template.jinja) to {folder}")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .._version import versions
 from ..errors import ShadowMergeError, first_line
+from ..record import local_ref
 from ..record import new as new_record
 from . import models as modelrefs
 from . import stats
@@ -82,7 +83,7 @@ def prepare(models: list[tuple[str, str]], settings: EvalSettings, *, sweep: Swe
         for label, ref in entries:
             prepared.models.append(modelrefs.open_model(label, ref, template, allow_pickle, progress,
                                                         why="--heldout rows are conversations" if
-                                                        not settings.apply_chat_template else None))
+                                                        settings.heldout else None))
         if sweep is not None:
             from ..pipeline import check_roles
             from ..spec import GraftSpec
@@ -163,18 +164,43 @@ def _load_for_loss(folder: Path, settings: EvalSettings):
 
 
 def _evaluate_one(model, prepared: Prepared, folder: Path | None, progress: bool) -> dict:
+    """One model's scores, per-item values, answers, held-out losses and samples; a failure of lm_eval or the model
+    is one line naming the model and the step. The libraries' bars (loading weights, ...) only on a terminal."""
+    from ..progress import library_bars
+
+    out = {"scores": [], "items": {}, "answers": {}, "losses": None, "samples": []}
+    step = "loading it"
+    try:
+        with library_bars(not progress):
+            _evaluate_into(out, model, prepared, folder, progress)
+    except (ShadowMergeError, KeyboardInterrupt, MemoryError):
+        raise
+    except OSError as exc:
+        if exc.errno is not None:         # the machine (a full disk, no permission): the CLI says so in one line
+            raise
+        raise _failed(model, out.get("step", step), exc) from None
+    except Exception as exc:              # noqa: BLE001 - a stranger's task or model that lm_eval cannot run
+        raise _failed(model, out.get("step", step), exc) from None
+    finally:
+        out.pop("step", None)
+        gc.collect()
+        _free_gpu()
+    return out
+
+
+def _evaluate_into(out: dict, model, prepared: Prepared, folder: Path | None, progress: bool) -> None:
+    """One model's tasks and held-out loss into out (out["step"]: what it was doing, for an error)."""
     from transformers import AutoTokenizer
 
     from . import harness, heldout
 
-    settings, out = prepared.settings, {"scores": [], "items": {}, "answers": {}, "losses": None, "samples": []}
-    lm = None
-    step = "loading it"
+    settings, lm = prepared.settings, None
+    out["step"] = "loading it"
     try:
         if prepared.tasks is not None:
             with harness.quiet_libraries(not progress):
                 lm = harness.build_model(model.folder, settings)
-                step = "running the tasks"
+                out["step"] = "running the tasks"
                 res = harness.evaluate(lm, prepared.tasks, settings)
             out["scores"] = harness.scores(model.label, res)
             out["items"] = harness.item_values(res)
@@ -183,7 +209,7 @@ def _evaluate_one(model, prepared: Prepared, folder: Path | None, progress: bool
                 out["samples"] = _write_samples(folder, model.label, res)
             del res
         if prepared.heldout is not None:
-            step = "computing the held-out loss"
+            out["step"] = "computing the held-out loss"
             torch_model = getattr(lm, "model", None) if settings.backend == "hf" and lm is not None else None
             if torch_model is None:
                 lm = None
@@ -193,19 +219,8 @@ def _evaluate_one(model, prepared: Prepared, folder: Path | None, progress: bool
             rows = heldout.tokens(tokenizer, prepared.heldout, settings.heldout_cutoff)
             out["losses"] = heldout.score(torch_model, rows)
             del torch_model
-    except (ShadowMergeError, KeyboardInterrupt, MemoryError):
-        raise
-    except OSError as exc:
-        if exc.errno is not None:         # the machine (a full disk, no permission): the CLI says so in one line
-            raise
-        raise _failed(model, step, exc) from None
-    except Exception as exc:              # noqa: BLE001 - a stranger's task or model that lm_eval cannot run
-        raise _failed(model, step, exc) from None
     finally:
         del lm
-        gc.collect()
-        _free_gpu()
-    return out
 
 
 def _failed(model, step: str, exc: BaseException) -> ShadowMergeError:
@@ -247,9 +262,9 @@ def run(prepared: Prepared, folder: Path | None, *, progress: bool = True, comma
                       progress=progress, check_roles=False)      # checked in prepare()
                 model.folder = made
                 model.described = {"ref": f"graft --alpha {model.alpha:g}", "path": None, "commit": None,
-                                   "alpha": model.alpha, "instruct": sweep.instruct,
-                                   **({"lora": sweep.lora} if sweep.lora else {"base": sweep.base,
-                                                                                "tuned": sweep.tuned})}
+                                   "alpha": model.alpha, "instruct": local_ref(sweep.instruct),
+                                   **({"lora": local_ref(sweep.lora)} if sweep.lora else
+                                      {"base": local_ref(sweep.base), "tuned": local_ref(sweep.tuned)})}
             else:
                 model.fetch(progress)
             what = " and ".join(x for x, on in (("tasks " + ",".join(settings.tasks), settings.tasks),

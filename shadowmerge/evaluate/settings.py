@@ -95,7 +95,19 @@ class EvalSettings:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif not (device == "cpu" or device == "cuda" or device.startswith("cuda:") or device == "mps"):
             raise ShadowMergeError(f"--device {device!r}: use cpu, cuda or cuda:N")
-        return EvalSettings(tasks=tasks, include_path=tuple(self.include_path), heldout=self.heldout,
+        elif device == "mps":
+            import torch
+
+            if not torch.backends.mps.is_available():
+                raise ShadowMergeError("--device mps asked for, but Apple's MPS is not available here; use --device cpu")
+        elif device != "cpu":
+            from ..devices import parse_device
+
+            parse_device(device)           # CUDA there, and that device: checked now, not after loading a model
+        from ..record import local_ref
+
+        return EvalSettings(tasks=tasks, include_path=tuple(local_ref(p) for p in self.include_path),
+                            heldout=local_ref(self.heldout),
                             num_fewshot=self.num_fewshot, limit=limit, seed=self.seed, batch_size=batch,
                             device=device, dtype=self.dtype, apply_chat_template=self.apply_chat_template,
                             backend=self.backend, model_args=self.model_args, heldout_cutoff=self.heldout_cutoff,

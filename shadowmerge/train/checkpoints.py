@@ -46,9 +46,10 @@ def last(work: Path, prune: bool = False) -> str | None:
     return None
 
 
-def check(work: Path, want: dict, resume: bool, force: bool, resumable: bool) -> None:
-    """Before training (main process): --resume needs checkpoints of this recipe; without it, checkpoints of an
-    interrupted run are not thrown away silently (--force does)."""
+def check(work: Path, want: dict, resume: bool, force: bool, resumable: bool) -> str | None:
+    """Before training (main process, no live run writing OUT): --resume needs checkpoints of this recipe; without
+    it, checkpoints of an interrupted run are not thrown away silently (--force does), but a folder with no
+    complete checkpoint is (there is nothing in it to resume). Returns what it removed, to say so."""
     record = work / "recipe.json"
     if resume and not resumable:
         raise ShadowMergeError("--resume works with the trl backend; with llamafactory, run the kept config with "
@@ -64,10 +65,13 @@ def check(work: Path, want: dict, resume: bool, force: bool, resumable: bool) ->
                                f"({', '.join(differs[:6])}{' ...' if len(differs) > 6 else ''} differ); run the "
                                f"same recipe and data to resume, or pass --force without --resume to start over")
     if resume or not work.exists():
-        return
+        return None
     if force:
         shutil.rmtree(work)
-        return
+        return None
+    if newest is None and last(work / "instruct") is None:       # nothing to resume or lose: start over
+        shutil.rmtree(work)
+        return f"removed {work}, left by an interrupted run before its first checkpoint"
     if differs:
         raise ShadowMergeError(f"{work} holds the checkpoints of an interrupted run of another recipe or data; "
                                f"--force removes them (or use another --out)")

@@ -17,7 +17,7 @@ from .. import hub, jsonfile
 from .._version import versions
 from ..checkpoint import Checkpoint
 from ..errors import ShadowMergeError
-from ..output import OutputFolder
+from ..output import OutputFolder, TargetLock
 from ..record import FILES
 from ..record import new as new_record
 from ..record import write as write_record
@@ -45,6 +45,8 @@ class Run:
     resume_from: str | None = None
     finishing: dict | None = None     # the run.json of an --emit-only run, with --finish
     command: str | None = None
+    progress: bool = True             # progress bars (-q: none)
+    work_ours: bool = False           # this run made OUT.checkpoints (only then may it remove it)
     evaluation: object = None         # evaluate.Prepared, with --eval
     target: OutputFolder | None = None
     warnings: list[str] = field(default_factory=list)
@@ -84,14 +86,14 @@ class Run:
 
 
 def prepare(recipe: Recipe, *, baseline: bool, emit_only: bool, force: bool, resume: bool, allow_pickle: bool,
-            log, command: str | None, finishing: dict | None) -> Run:
+            log, command: str | None, finishing: dict | None, progress: bool = True) -> Run:
     r = recipe.resolved()
     main = int(os.environ.get("RANK", "0")) == 0
     base = Checkpoint.open(r.base, "base", allow_pickle)
     inst = Checkpoint.open(r.instruct, "instruct", allow_pickle)
     try:
         checks.check_pair(base, inst)
-        base.fetch(main, side=["generation_config.json"])   # Hub ids: the trainers read whole folders
+        base.fetch(main and progress, side=["generation_config.json"])   # Hub ids: the trainers read whole folders
         inst.fetch(main, side=True)
         if checks.same_weights(base, inst):
             raise ShadowMergeError(f"--base {r.base} and --instruct {r.instruct} hold the same weights (σ = 0): "
@@ -102,10 +104,14 @@ def prepare(recipe: Recipe, *, baseline: bool, emit_only: bool, force: bool, res
         work = checkpoints.folder(r.out)                 # OUT.checkpoints: kept when training is interrupted
         run = Run(r, base, inst, rows, backend, plan, log, main, work, checkpoints.key(r, base.folder, inst.folder,
                   data_hash), baseline=baseline, emit_only=emit_only, resume=resume, finishing=finishing,
-                  command=command, warnings=adapted)
+                  command=command, progress=progress, warnings=adapted)
         backend.check(run)
+        if main:            # a live run of the same OUT (its checkpoints are not an interrupted run's)
+            TargetLock.for_target(r.out).check_free()
         if main and not emit_only:
-            checkpoints.check(work, run.ckey, resume, force, backend.resumes)
+            removed = checkpoints.check(work, run.ckey, resume, force, backend.resumes)
+            if removed:
+                log(f"[shadowmerge train] {removed}")
         run.resume_from = checkpoints.last(work / "base", prune=main) if resume else None
         from transformers import AutoTokenizer
 

@@ -53,10 +53,23 @@ class Recipe:
                                             # tasks, include_path, heldout, ... (EVAL_KEYS); a string: the tasks
 
     def resolved(self) -> Recipe:
-        """The recipe with every value as it will be used (the defaults that depend on others filled in)."""
+        """The recipe with every value as it will be used (the defaults that depend on others filled in, local
+        paths absolute: the record means the same from any working directory)."""
+        from ..record import local_ref
+
+        evaluation = self.eval
+        if isinstance(evaluation, dict):
+            evaluation = dict(evaluation)
+            if evaluation.get("heldout"):
+                evaluation["heldout"] = local_ref(evaluation["heldout"])
+            paths = evaluation.get("include_path")
+            if paths:
+                evaluation["include_path"] = [local_ref(p) for p in ([paths] if isinstance(paths, str) else paths)]
         return replace(self, lora_alpha=self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank,
                        lr=self.lr if self.lr is not None else (2e-4 if self.method == "lora" else 1e-5),
-                       bf16=_bf16_supported() if self.bf16 is None else self.bf16)
+                       bf16=_bf16_supported() if self.bf16 is None else self.bf16,
+                       base=local_ref(self.base), instruct=local_ref(self.instruct), data=local_ref(self.data),
+                       out=str(Path(str(self.out)).expanduser().absolute()), eval=evaluation)
 
     @property
     def kind(self) -> str:
@@ -161,7 +174,7 @@ def load(path: str | Path | None, overrides: dict) -> Recipe:
             raise ShadowMergeError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: "
                                    f"{', '.join(sorted(FIELDS))}; fix the spelling")
     extra = overrides.pop("trainer", None)
-    evals = {k: overrides.pop(k, None) for k in ("eval", "eval_heldout", "eval_include_path")}
+    evals = {k: overrides.pop(k, None) for k in ("eval", "eval_heldout", "eval_include_path", "eval_limit")}
     if any(evals.values()):
         given = values.get("eval")
         given = {"tasks": given} if isinstance(given, str) else dict(given or {}) if isinstance(given, dict) else {}
@@ -171,6 +184,8 @@ def load(path: str | Path | None, overrides: dict) -> Recipe:
             given["heldout"] = evals["eval_heldout"]
         if evals["eval_include_path"]:
             given["include_path"] = list(evals["eval_include_path"])
+        if evals["eval_limit"] is not None:
+            given["limit"] = evals["eval_limit"]
         values["eval"] = given
     values.update({k: v for k, v in overrides.items() if v is not None})
     if extra:

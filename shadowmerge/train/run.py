@@ -12,6 +12,7 @@ after --emit-only.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from .. import jsonfile
 from ..errors import NoUpdate, ShadowMergeError
-from ..output import fsync_tree
+from ..output import fsync_tree, os_error_of
 from ..pipeline import graft
 from ..record import FILES, relocate
 from ..record import read as read_record
@@ -49,7 +50,7 @@ class TrainSummary:
         return "\n".join(table + [f"wrote {self.out} ({times}{loss})"] + [f"warning: {w}" for w in self.warnings])
 
 
-def finish(out, *, log=None, command: str | None = None) -> TrainSummary:
+def finish(out, *, log=None, command: str | None = None, progress: bool = True) -> TrainSummary:
     """After `--emit-only` and LLaMA-Factory run by hand on the kept configs: graft, σ, loss plot, card and
     run.json into OUT, as a run that trained with LLaMA-Factory itself would have written them."""
     from dataclasses import fields
@@ -80,16 +81,17 @@ def finish(out, *, log=None, command: str | None = None) -> TrainSummary:
         if not (folder / name / marker).is_file():
             raise ShadowMergeError(f"--finish: {folder / name} has no {marker}: run `llamafactory-cli train {config}` "
                                    f"first, then --finish")
-    return train(recipe, baseline=bool(emitted.get("baseline")), finishing=emitted, log=log, command=command)
+    return train(recipe, baseline=bool(emitted.get("baseline")), finishing=emitted, log=log, command=command,
+                 progress=progress)
 
 
 def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, force: bool = False,
           resume: bool = False, allow_pickle: bool = False, log=None, command: str | None = None,
-          finishing: dict | None = None) -> TrainSummary:
+          finishing: dict | None = None, progress: bool = True) -> TrainSummary:
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     clock = _Clock(log)
     run = prepare(recipe, baseline=baseline, emit_only=emit_only, force=force, resume=resume,
-                  allow_pickle=allow_pickle, log=log, command=command, finishing=finishing)
+                  allow_pickle=allow_pickle, log=log, command=command, finishing=finishing, progress=progress)
     clock.lap("prepare")
     if not run.main:
         return _train_elsewhere(run, clock)
@@ -117,15 +119,15 @@ def train(recipe: Recipe, *, baseline: bool = False, emit_only: bool = False, fo
             _write(run, tmp, pair, report, clock)
             run.target.commit()
     except ShadowMergeError:
-        shutil.rmtree(run.work, ignore_errors=True)         # trained, then rejected: nothing to resume
+        if run.work_ours:        # trained, then rejected, or the disk filled: nothing to resume
+            shutil.rmtree(run.work, ignore_errors=True)
         raise
     except KeyboardInterrupt as exc:       # the CLI's last line says what was removed and this, what was kept
-        newest = checkpoints.last(run.work / "base")
+        newest = checkpoints.last(run.work / "base") if run.work_ours else None
         if newest:
             exc.kept = f"{run.work} keeps {Path(newest).name}: add --resume to go on from there"
-        elif run.work.exists():
-            exc.kept = (f"no checkpoint was complete yet (one every {run.recipe.save_steps} steps): --resume starts "
-                        f"from the beginning")
+        elif run.work_ours:      # nothing to resume: the next run starts over anyway
+            shutil.rmtree(run.work, ignore_errors=True)
         raise
     shutil.rmtree(run.work, ignore_errors=True)
     log(f"[shadowmerge train] done in {clock.total():.1f} s: {run.target.target}")
@@ -169,14 +171,31 @@ def _train_model(run: Run, role: str, out: Path) -> str | None:
 
     The trained model is made durable here (the output's commit would fsync it anyway), so that the kernel's
     writeback of the trainer's files is paid by this stage instead of slowing the graft's writes after it."""
-    stopped = run.backend.train(run, role, out)
-    _release()
-    if stopped:
-        return stopped
-    run.backend.tidy(run, role, out)
-    fsync_tree(out)
+    with _machine_errors(run.final.parent):
+        stopped = run.backend.train(run, role, out)
+        _release()
+        if stopped:
+            return stopped
+        run.backend.tidy(run, role, out)
+        fsync_tree(out)
     run.record.setdefault("losses", {})[role] = run.backend.losses(run, role, out)
     return None
+
+
+@contextlib.contextmanager
+def _machine_errors(where: Path):
+    """The trainer's own saves (checkpoints, the trained model) report a full disk in the libraries' exception
+    types (safetensors' SafetensorError, torch's RuntimeError): raised as the OSError it is, the output folder
+    turns it into one line that names the disk, and removes what was written."""
+    try:
+        yield
+    except (ShadowMergeError, KeyboardInterrupt):
+        raise
+    except Exception as exc:           # noqa: BLE001 - re-raised unless it is the machine's write failure
+        err = os_error_of(exc, where)
+        if err is None:
+            raise
+        raise err from None
 
 
 def _release() -> None:

@@ -38,15 +38,17 @@ def problem() -> str | None:
     return None
 
 
-def build(recipe, model_path: Path, tokenizer_path: Path, rows: list[dict], work: Path):
+def build(recipe, model_path: Path, tokenizer_path: Path, rows: list[dict], work: Path, bars: bool | None = None):
     """The TRL trainer for the recipe, its data tokenized (`trainer.train_dataset`), not yet trained; its
-    checkpoints go into `work` (every recipe.save_steps steps, the latest kept)."""
+    checkpoints go into `work` (every recipe.save_steps steps, the latest kept). bars: progress bars (default:
+    on a terminal only; a bar in a log file is hundreds of \\r updates)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, set_seed
 
     set_seed(recipe.seed)
-    if not sys.stderr.isatty():     # a log file: the libraries' own bars (loading, tokenizing) as \r updates
+    bars = sys.stderr.isatty() if bars is None else bars
+    if not bars:                    # the libraries' own bars (loading, tokenizing) too
         import datasets
         from transformers.utils import logging
 
@@ -76,7 +78,7 @@ def build(recipe, model_path: Path, tokenizer_path: Path, rows: list[dict], work
                   lr_scheduler_type=recipe.scheduler, warmup_steps=recipe.warmup, seed=recipe.seed,
                   data_seed=recipe.seed, bf16=recipe.bf16, use_cpu=not torch.cuda.is_available(),
                   logging_steps=1, report_to=[], max_length=recipe.cutoff,
-                  disable_tqdm=not sys.stderr.isatty(),    # a bar in a log file is hundreds of \r updates
+                  disable_tqdm=not bars,
                   save_strategy="steps" if save else "no", save_steps=save or 500, save_total_limit=1)
     common.update(recipe.trainer or {})
     dataset = Dataset.from_list(rows)
@@ -98,10 +100,10 @@ def build(recipe, model_path: Path, tokenizer_path: Path, rows: list[dict], work
 
 
 def train(recipe, model_path: Path, tokenizer_path: Path, rows: list[dict], out: Path, work: Path,
-          resume: str | None = None) -> dict:
+          resume: str | None = None, bars: bool | None = None) -> dict:
     """Train model_path on rows with the recipe (from checkpoint `resume`, if given); save the adapter (LoRA)
     or model (full) into out."""
-    trainer = build(recipe, model_path, tokenizer_path, rows, work)
+    trainer = build(recipe, model_path, tokenizer_path, rows, work, bars)
     trainer.train(resume_from_checkpoint=resume)
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     main = trainer.is_world_process_zero()
@@ -165,10 +167,12 @@ class Trl:
         if role == "base":
             if run.main:
                 checkpoints.start(run.work, run.ckey)
+                run.work_ours = True
             resume_from = run.resume_from
         else:
             resume_from = checkpoints.last(work, prune=run.main) if run.resume else None
-        done = train(run.recipe, model, run.inst.folder, run.rows, out, work, resume_from)
+        done = train(run.recipe, model, run.inst.folder, run.rows, out, work, resume_from,
+                     bars=run.progress and sys.stderr.isatty())
         self._losses[role] = done["losses"]
 
     def tidy(self, run, role: str, out: Path) -> None:
