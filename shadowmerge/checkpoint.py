@@ -18,8 +18,9 @@ import torch
 
 from . import jsonfile
 from .errors import ShadowMergeError
+from .formats import fp8
 from .sidefiles import INDEX, is_side_file
-from .stformat import NAMES, itemsize
+from .formats.safetensors import NAMES, itemsize
 from .transport import LocalFiles, Transport, resolve
 
 
@@ -34,6 +35,7 @@ class TensorInfo:
     file: Path
     offset: int | None
     nbytes: int
+    codec: object = None        # how it is stored when not as plain `dtype` (formats/): read through it, never copied
 
     @property
     def numel(self) -> int:
@@ -139,14 +141,17 @@ class TensorStore:
     def fetch(self, progress: bool = False, side: bool | list[str] = False, weights: bool = True) -> None:
         """Make what reading needs readable from `folder` (a Hub model: download it): the weight files (unless
         weights=False), and the side files (all of them with side=True, or those named)."""
-        weights = sorted({t.file.relative_to(self.folder).as_posix() for t in self.tensors.values()
-                          if t.offset is not None}) if weights else []
+        weights = sorted({f.relative_to(self.folder).as_posix() for t in self.tensors.values() if t.offset is not None
+                          for f in (t.codec.files() if t.codec is not None else (t.file,))}) if weights else []
         extra = ([n for n in self._names() if is_side_file(n)] if side is True else
                  [n for n in side or () if self._has(n)])
         self.transport.fetch(weights + extra, progress, f"download {self.label} {self.transport.name}")
 
     def read_into(self, info: TensorInfo, e0: int, e1: int, out: torch.Tensor) -> torch.Tensor:
-        """Read the raw bytes of elements [e0, e1) of a tensor (flat, row-major) into the uint8 tensor `out`."""
+        """Read the raw bytes of elements [e0, e1) of a tensor (flat, row-major) into the uint8 tensor `out` (a
+        tensor with a codec: its values in `dtype`, decoded from how it is stored)."""
+        if info.codec is not None:
+            return info.codec.read_into(self, f"{self.label} {self.ref}", e0, e1, out)
         size = itemsize(info.dtype)
         n = (e1 - e0) * size
         dst = out[:n]
@@ -197,12 +202,25 @@ class Checkpoint(TensorStore):
             self.config = self._read_config()
             self.tensors = self._scan(allow_pickle)
         self._refuse_quantized()
+        self.stored = self.tensors             # as the files hold them (an FP8 weight and its scales)
+        self.tensors = fp8.detect(self.config, self.tensors, f"{self.label} {self.ref}", TensorInfo)
+
+    @property
+    def quantized(self) -> str | None:
+        """How the weights are stored when not as plain floating point ("fp8"), else None."""
+        return "fp8" if fp8.is_fp8_config(self.config) else None
 
     def _refuse_quantized(self) -> None:
-        """A quantized checkpoint holds packed integers and scales, not weights that can be added: refuse it."""
+        """A quantized checkpoint holds packed integers and scales, not weights that can be added: refuse it, but for
+        FP8 blocks (formats/fp8.py), which are read as the float32 values they stand for."""
         qc = self.config.get("quantization_config")
         if qc is None and isinstance(self.config.get("text_config"), dict):
             qc = self.config["text_config"].get("quantization_config")
+        if fp8.is_fp8_config(self.config):
+            return
+        fp8_weight = next((n for n, t in self.tensors.items() if t.dtype == fp8.FP8), None)
+        if fp8_weight is not None and not qc:
+            return                   # fp8.detect names the missing quantization_config
         marker = next((n for n in self.tensors if _QUANT_TENSOR.search(n)), None)
         if not qc and marker is None:
             return

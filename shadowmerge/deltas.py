@@ -3,6 +3,7 @@ sources implement is sources.DeltaSource); and the tied-embedding names every so
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,7 @@ import torch
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import ShadowMergeError
 from .sources import register
-from .stformat import itemsize
+from .formats.safetensors import itemsize
 
 # Names of output / input embedding matrices, to follow tied embeddings across checkpoints.
 OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
@@ -34,6 +35,30 @@ def tied_alias(ckpt: Checkpoint, name: str) -> TensorInfo | None:
             if info is not None:
                 break
     return info
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def outside_model(ckpt: Checkpoint, name: str) -> bool:
+    """Whether a tensor name is outside the model transformers builds from ckpt's config: a layer index at or past
+    num_hidden_layers (DeepSeek-V3's multi-token-prediction layer 61 of 61), or a pattern its class ignores on load."""
+    cfg = ckpt.config.get("text_config") if isinstance(ckpt.config.get("text_config"), dict) else ckpt.config
+    layers = cfg.get("num_hidden_layers")
+    found = _LAYER.search(name)
+    if found and isinstance(layers, int) and int(found.group(1)) >= layers:
+        return True
+    import transformers
+
+    for arch in ckpt.architecture[1]:
+        cls = getattr(transformers, arch, None) if arch.isidentifier() else None
+        for pattern in getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ():
+            try:
+                if re.search(pattern, name):
+                    return True
+            except (re.error, TypeError):
+                continue
+    return False
 
 
 @dataclass(frozen=True)
@@ -109,4 +134,16 @@ class FullDelta:
         tuned_raw, base_raw = payload
         t = to_float(tuned_raw, entry.tuned.dtype, "tuned")
         b = to_float(base_raw, entry.base.dtype, "base")
+        if entry.base.codec is not None and entry.tuned.codec is None and entry.tuned.dtype != torch.float32:
+            # the Base as the trainer saw it: loaded decoded (FP8 -> float32 values) and saved in the tuned dtype, so a
+            # tensor training never touched is exactly that rounding of the Base, and its update exactly zero
+            b = b.to(entry.tuned.dtype).float()
         return torch.sub(t, b, out=out)
+
+    def absent(self, name: str) -> str | None:
+        """Why an Instruct tensor the Base has but the tuned model lacks gets no update (None: it is an error): it is
+        outside the model a trainer loads (layer index >= num_hidden_layers, as DeepSeek's multi-token-prediction
+        layer, or a name the architecture's transformers class ignores on load)."""
+        if self.base.tensors.get(name) is None or name in self.tuned.tensors:
+            return None
+        return "not in the model a trainer loads: kept from the instruct" if outside_model(self.tuned, name) else None

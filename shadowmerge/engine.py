@@ -22,7 +22,7 @@ from .chunks import CHUNK_ELEMENTS, ranges
 from .devices import exact_float32
 from .errors import ShadowMergeError
 from .plan import Plan, TensorPlan
-from .stformat import itemsize
+from .formats.safetensors import itemsize
 from .tensors import Buffers, widen
 from .timeline import Timeline
 from .writer import ShardWriter
@@ -49,7 +49,7 @@ def jobs(plan: Plan, chunk_elements: int = CHUNK_ELEMENTS):
         for e0, e1 in ranges(0, graft_end, row, chunk_elements, getattr(t.entry, "tile", None)):
             yield Job(t, "graft", e0, e1, first)
             first = False
-        if t.out_dtype == info.dtype:
+        if t.out_dtype == info.dtype and info.codec is None:      # stored as written: copied, never decoded
             if info.numel > graft_end or first:
                 yield Job(t, "copy", graft_end, info.numel, first)
         else:

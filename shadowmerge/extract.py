@@ -44,7 +44,7 @@ from .output import OutputFolder
 from .spec import ExtractSpec
 from .tensors import parse_dtype
 from .progress import bar as progress_bar
-from .stformat import build_header
+from .formats.safetensors import build_header
 
 _NOT_LORA = re.compile(r"(^|\.)(embed_tokens|embed_positions|wte|wpe|word_embeddings|lm_head|embed_out|output)\.weight$")
 
@@ -78,6 +78,16 @@ def _read(ckpt: Checkpoint, info: TensorInfo, start: int = 0, count: int | None 
     raw = torch.empty(count * info.dtype.itemsize, dtype=torch.uint8)
     ckpt.read_into(info, start, start + count, raw)
     return raw.view(info.dtype).float()
+
+
+def as_trained(b: Checkpoint, t: Checkpoint, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+    """The Base's values as the trainer saw them: an FP8 Base is loaded decoded and saved in the tuned model's
+    dtype, so its untouched tensors are that rounding of the Base (the rule of deltas.FullDelta)."""
+    value = _read(b, b.tensors[name], start, count)
+    tuned = t.tensors[name]
+    if b.tensors[name].codec is not None and tuned.codec is None and tuned.dtype != torch.float32:
+        value = value.to(tuned.dtype).float()
+    return value
 
 
 def _rank(s: torch.Tensor, rank: int | None, energy: float | None, max_rank: int) -> int:
@@ -184,7 +194,7 @@ def _extract(names, b, t, inst, opts: _How, summary, state, ranks, keep, bar, me
             continue
         bar.update(t.tensors[name].nbytes + b.tensors[name].nbytes)
         tuned_value = _read(t, t.tensors[name])
-        delta = tuned_value - _read(b, b.tensors[name])
+        delta = tuned_value - as_trained(b, t, name)
         norm = float(delta.double().norm())
         if norm == 0.0:
             continue
@@ -232,7 +242,7 @@ def _whole_modules(names, b, t, inst, keep, memory: dict, summary, state, out_dt
         if loaded in written or loaded.rpartition(".")[0] not in keep:
             continue
         tuned_value = _read(t, t.tensors[name])
-        full = _read(inst, inst.tensors[name]) + (tuned_value - _read(b, b.tensors[name])) if inst is not None \
+        full = _read(inst, inst.tensors[name]) + (tuned_value - as_trained(b, t, name)) if inst is not None \
             else tuned_value
         state.add(f"base_model.model.{loaded}", full.to(out_dtype or t.tensors[name].dtype))
         if name in others:
@@ -256,10 +266,10 @@ class _Experts:
         if (0, -1) in self.slots:
             disk = self.slots[(0, -1)]
             size = self.shape[1] * self.shape[2]
-            delta = (_read(t, t.tensors[disk], e * size, size) - _read(b, b.tensors[disk], e * size, size))
+            delta = (_read(t, t.tensors[disk], e * size, size) - as_trained(b, t, disk, e * size, size))
             delta = delta.reshape(self.shape[1:])
             return (delta.T if self.transposed else delta).contiguous().to(dev)
-        rows = [_read(t, t.tensors[d]) - _read(b, b.tensors[d])
+        rows = [_read(t, t.tensors[d]) - as_trained(b, t, d)
                 for d in (self.slots[(j, e)] for j in range(len(self.slots) // self.shape[0]))]
         return torch.cat(rows).to(dev)
 
@@ -375,18 +385,23 @@ def _linear(model, module: str) -> bool:
 
 def _check(b: Checkpoint, t: Checkpoint, inst: Checkpoint | None) -> list[str]:
     """The floating tensors to compare, in order; names and shapes must match (and the Instruct's, if given)."""
-    if set(b.tensors) != set(t.tensors):
-        only = sorted(set(b.tensors) ^ set(t.tensors))
+    from .deltas import outside_model
+
+    outside = {n for n in set(b.tensors) - set(t.tensors) if outside_model(t, n)}    # e.g. an MTP layer: no update
+    if set(b.tensors) - outside != set(t.tensors):
+        only = sorted((set(b.tensors) - outside) ^ set(t.tensors))
         raise ShadowMergeError(f"--base and --tuned hold different tensors (e.g. {only[0]!r}); pass the tuned model "
                                f"and the Base it was trained from")
     for name, info in b.tensors.items():
+        if name in outside:
+            continue
         if tuple(t.tensors[name].shape) != tuple(info.shape):
             raise ShadowMergeError(f"{name}: base {list(info.shape)}, tuned {list(t.tensors[name].shape)}; pass the "
                                    f"tuned model and the Base it was trained from")
         if inst is not None and (name not in inst.tensors or tuple(inst.tensors[name].shape) != tuple(info.shape)):
             raise ShadowMergeError(f"--for-instruct: {name} is not in the instruct with shape {list(info.shape)}; pass "
                                    f"the Instruct sibling of this Base")
-    return [n for n, i in b.tensors.items() if i.dtype.is_floating_point]
+    return [n for n, i in b.tensors.items() if i.dtype.is_floating_point and n not in outside]
 
 
 class _Spool:

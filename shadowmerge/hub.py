@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import jsonfile
 from .errors import ShadowMergeError
-from .stformat import MAX_HEADER, read_header
+from .formats.safetensors import MAX_HEADER, read_header
 from .transport import LocalFiles, register
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

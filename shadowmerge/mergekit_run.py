@@ -119,6 +119,7 @@ def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = ()
     # The three models, opened once as graft opens them (headers and config: e.g. quantized ones are refused).
     # Only headers are read, so they hold no open file.
     ckpts = {role: Checkpoint.open(ref, role) for role, ref in roles.items()} if roles else {}
+    _refuse_fp8(cfg, config, ckpts)
     if ckpts:
         _float32_inputs(cfg, ckpts["instruct"])
     instruct = ckpts["instruct"].folder if ckpts else None
@@ -152,6 +153,27 @@ def run(config: str | Path, out: str | Path, mergekit_args: tuple[str, ...] = ()
         write_record(tmp, record)
         target.commit()
     return target.target
+
+
+def _refuse_fp8(cfg: dict, path, ckpts: dict) -> None:
+    """mergekit reads weights as stored: FP8 blocks would be added as raw FP8 numbers without their scales."""
+    from .formats.fp8 import is_fp8_config
+
+    found = next((c.ref for c in ckpts.values() if c.quantized), None)
+    if found is None:
+        for m in [cfg.get("base_model")] + [_model_ref(m) for m in cfg.get("models") or []]:
+            config = Path(str(m or "")) / "config.json"
+            if m and config.is_file():
+                try:
+                    if is_fp8_config(json.loads(config.read_text())):
+                        found = m
+                        break
+                except (OSError, ValueError):
+                    continue
+    if found is not None:
+        raise ShadowMergeError(f"{path}: {found} stores FP8 blocks, which mergekit cannot read (it would add the "
+                               f"FP8 numbers without their scales); use shadowmerge graft --instruct I --base B "
+                               f"--tuned T --out OUT, which reads them exactly")
 
 
 def _card(folder: Path, roles: dict, instruct: Path, cfg: dict, command: str | None) -> None:
@@ -239,7 +261,7 @@ def check_complete(folder: Path, inst: Checkpoint, roles: dict, dtype) -> list[s
 
 def drop_tensors(folder: Path, names: set[str]) -> None:
     """Rewrite the shards of folder that hold `names` without them (bytes copied in the kernel), and the index."""
-    from .stformat import build_header, read_header
+    from .formats.safetensors import build_header, read_header
 
     index = folder / "model.safetensors.index.json"
     for shard in sorted(folder.glob("*.safetensors")):

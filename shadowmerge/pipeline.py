@@ -20,6 +20,7 @@ from .options import from_call
 from .output import OutputFolder
 from .record import new as new_record
 from .record import write as write_record
+from .formats import fp8
 from .sidefiles import copy_side_files
 from .plan import Plan, build_plan
 from .progress import bar as progress_bar
@@ -193,8 +194,15 @@ def run(spec: GraftSpec) -> GraftSummary:
             if stats.identical:
                 warnings.append(f"{len(stats.identical)} grafted tensor(s) came out identical to the instruct's "
                                 f"(the update is below the output dtype's precision), e.g. {stats.identical[0]}")
+            decoded = [t for t in plan.tensors if t.info.codec is not None]
+            written = dtype_name(out_dtype or (decoded[0].out_dtype if decoded else None))
+            if decoded:
+                warnings.append(f"the instruct's {decoded[0].info.codec.describe()} weights ({len(decoded)} tensors) "
+                                f"are written as {written} (dequantized in float32, cast once); config.json loses its "
+                                f"quantization_config")
             with timeline("side files"):
-                side = copy_side_files(inst.folder, tmp, dtype_name(out_dtype), skip=("README.md",))
+                side = copy_side_files(inst.folder, tmp, written, skip=("README.md",),
+                                       drop=("quantization_config",) if decoded else ())
             with timeline("card"):
                 readme.write(tmp)
             with timeline("record"):
@@ -252,6 +260,7 @@ def open_and_plan(ckpts: list, spec: GraftSpec) -> Plan:
     """Open the inputs (appended to ckpts, for the caller to close) and build the plan, from headers only."""
     ckpts.append(Checkpoint.open(spec.instruct, "instruct", spec.allow_pickle))
     source = open_source(spec, ckpts[0], ckpts)
+    fp8.check_same_blocks(ckpts)
     return build_plan(ckpts[0], source, alpha=spec.alpha, include=spec.include, exclude=spec.exclude,
                       dtype=parse_dtype(spec.dtype), vocab=spec.vocab)
 

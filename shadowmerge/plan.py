@@ -19,7 +19,7 @@ from .errors import ShadowMergeError
 from .patterns import Matcher
 from .progress import human_bytes
 from .sources import DeltaSource, Entry
-from .stformat import itemsize
+from .formats.safetensors import itemsize
 
 VOCAB_POLICIES = ("error", "common")
 _VOCAB_NAME = re.compile(r"embed|lm_head|wte|word|output|logits")
@@ -43,7 +43,7 @@ class TensorPlan:
     @property
     def action(self) -> str:
         if self.graft_rows == 0:
-            return "copy" if self.out_dtype == self.info.dtype else "cast"
+            return "copy" if self.out_dtype == self.info.dtype and self.info.codec is None else "cast"
         return "graft" if self.graft_rows == self.info.rows else "partial"
 
     @property
@@ -136,13 +136,14 @@ def build_plan(instruct: Checkpoint, source: DeltaSource, *, alpha: float = 1.0,
     filters = _Filters(include, exclude)
     plan = Plan(instruct, source, alpha, [], warnings=list(source.warnings))
     has_input_embedding = any(n.endswith(INPUT_EMBEDDINGS) for n in instruct.tensors)
-    missing, shape_errors, vocab_errors = [], [], []
+    missing, shape_errors, vocab_errors, outside = [], [], [], []
 
     for name, info in instruct.tensors.items():
         if instruct.tie_word_embeddings and has_input_embedding and name.endswith(OUTPUT_EMBEDDINGS):
             plan.dropped.append((name, "the instruct config ties it to the input embedding"))
             continue
-        out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
+        out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else \
+            info.codec.output_dtype if info.codec is not None else info.dtype
         reason = ""
         if not filters.included(name):
             reason = "not matched by --include"
@@ -154,10 +155,14 @@ def build_plan(instruct: Checkpoint, source: DeltaSource, *, alpha: float = 1.0,
         if not reason:
             entry = source.entry(name)
             if entry is None:
-                if source.strict:
+                reason = source.absent(name) if hasattr(source, "absent") else None
+                if reason:
+                    outside.append(name)
+                elif source.strict:
                     missing.append(name)
                     continue
-                reason = "no delta for it"
+                else:
+                    reason = "no delta for it"
         if entry is None:
             plan.tensors.append(TensorPlan(info, out_dtype, None, 0, reason))
             continue
@@ -193,6 +198,10 @@ def build_plan(instruct: Checkpoint, source: DeltaSource, *, alpha: float = 1.0,
             f"the {source.kind} delta changes {', '.join(heads)}, but the instruct ties it to the input "
             f"embedding, so merging it would change the input embedding too; leave it out with --exclude lm_head "
             f"(its update is then not grafted), or graft onto an instruct with an untied lm_head")
+    if outside:
+        plan.warnings.append(f"{len(outside)} tensor(s) of the instruct and base are not in the model a trainer loads "
+                             f"(the --tuned model has none; e.g. a multi-token-prediction layer), so they have no "
+                             f"update and are kept from the instruct: {_listing(outside, 4)}")
     if not source.strict:
         planned = {t.name for t in plan.tensors if t.entry is not None}
         skipped = sorted(n for n in source.names() if n not in planned and n not in heads

@@ -118,7 +118,7 @@ def files_under(folder: Path) -> list[str]:
 
 def header_tensors(path: Path, size: int) -> dict[str, list]:
     """{tensor name: [dtype name, shape]} of one safetensors file, from its (validated) header."""
-    from .stformat import NAMES, read_header
+    from .formats.safetensors import NAMES, read_header
 
     _, tensors, _ = read_header(path, size)
     return {t: [NAMES[d], list(shape)] for t, (d, shape, _, _) in tensors.items()}

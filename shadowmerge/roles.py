@@ -27,7 +27,7 @@ from itertools import permutations
 import torch
 
 from .errors import ShadowMergeError
-from .stformat import itemsize
+from .formats.safetensors import itemsize
 
 SAMPLE_TENSORS = 8
 SAMPLE_ELEMENTS = 1 << 20

@@ -33,9 +33,11 @@ def side_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_side_file(p.name))
 
 
-def copy_side_files(src: Path, dst: Path, dtype_name: str | None, skip: tuple[str, ...] = ()) -> list[str]:
+def copy_side_files(src: Path, dst: Path, dtype_name: str | None, skip: tuple[str, ...] = (),
+                    drop: tuple[str, ...] = ()) -> list[str]:
     """Copy the Instruct's side files (but those named in skip, and those that describe the Instruct itself: its
-    card, provenance, training run); record a changed output dtype in config.json."""
+    card, provenance, training run); record a changed output dtype in config.json, and remove its keys in drop
+    (an FP8 Instruct written as bf16: its quantization_config)."""
     from . import jsonfile
 
     names = []
@@ -44,12 +46,14 @@ def copy_side_files(src: Path, dst: Path, dtype_name: str | None, skip: tuple[st
             continue
         shutil.copyfile(path, dst / path.name)
         names.append(path.name)
-    if dtype_name and (dst / "config.json").is_file():
+    if (dtype_name or drop) and (dst / "config.json").is_file():
         cfg = jsonfile.load(dst / "config.json", "the instruct's config.json")
+        for key in drop:
+            cfg.pop(key, None)
         for key in ("dtype", "torch_dtype"):
-            if key in cfg:
+            if key in cfg and dtype_name:
                 cfg[key] = dtype_name
-        if "dtype" not in cfg and "torch_dtype" not in cfg:
+        if "dtype" not in cfg and "torch_dtype" not in cfg and dtype_name:
             cfg["dtype"] = dtype_name
         (dst / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return names

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import ShadowMergeError
-from .stformat import read_header
+from .formats.safetensors import read_header
 
 MODULES = ("shadowmerge.hub",)            # imported to register their transports
 TRANSPORTS: list[type] = []

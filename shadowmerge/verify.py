@@ -27,7 +27,7 @@ from .pipeline import open_and_plan
 from .spec import GraftSpec
 from .progress import bar as progress_bar
 from .record import RECORD, read
-from .stformat import itemsize
+from .formats.safetensors import itemsize
 
 
 @dataclass
@@ -191,6 +191,8 @@ def _recompute_extract(folder: Path, rec: dict, sample: int | None, progress: bo
     checked by their headers only."""
     from safetensors import safe_open
 
+    from .extract import as_trained
+
     paths = _input_paths(folder / "extract.json", rec, ("base", "tuned"))
     modules = [m for m in jsonfile.expect(rec.get("modules"), list, f"{folder / 'extract.json'}: modules", HINT)
                if isinstance(m, dict) and isinstance(m.get("tensor"), str) and "experts" not in m]
@@ -210,7 +212,7 @@ def _recompute_extract(folder: Path, rec: dict, sample: int | None, progress: bo
                 if name not in t.tensors or name not in b.tensors:
                     raise ShadowMergeError(f"{folder}: {name}, recorded as extracted, is not in the inputs; an input "
                                            f"changed since the run: extract again")
-                delta = _whole(t, name) - _whole(b, name)
+                delta = _whole(t, name) - as_trained(b, t, name)
                 norm = float(delta.double().norm())
                 if abs(norm - m["update_norm"]) > delta.numel() * 2.0 ** -52 * max(norm, m["update_norm"]):
                     raise ShadowMergeError(f"{folder}: the update of {name} has norm {norm:.9g} from the inputs, the "
@@ -238,7 +240,7 @@ def _recompute_extract(folder: Path, rec: dict, sample: int | None, progress: bo
                 if key is None:
                     continue          # renamed on load (names.disk_to_memory): its header was checked
                 have = adapter.get_tensor(key)
-                full = _whole(t, name) if inst is None else _whole(inst, name) + (_whole(t, name) - _whole(b, name))
+                full = _whole(t, name) if inst is None else _whole(inst, name) + (_whole(t, name) - as_trained(b, t, name))
                 if not torch.equal(full.to(have.dtype), have):
                     raise ShadowMergeError(f"{folder}: the full copy {name} differs from its recomputation from the "
                                            f"inputs; the adapter or an input changed since the run: extract again")

@@ -35,7 +35,7 @@ import torch
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import ShadowMergeError
 from .sidefiles import INDEX
-from .stformat import build_header, itemsize
+from .formats.safetensors import build_header, itemsize
 from .timeline import Timeline
 
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}

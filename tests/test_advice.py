@@ -255,6 +255,14 @@ SCENARIOS = [
            lambda x: _eval(x, f"a={x.chat_i}", f"b={x.chat_b}", "--heldout", x.rows)[:-5] +
            ["--device", "mps", "--out", x.out, "-q"],
            lambda x: _eval(x, f"a={x.chat_i}", f"b={x.chat_b}", "--heldout", x.rows)),
+    # FP8
+    Advice("stores FP8 blocks, which mergekit cannot read", lambda x: ["mergekit", x.fp8_config, x.out, "-q"],
+           lambda x: ["graft", "--instruct", x.fp8_i, "--base", x.fp8_b, "--tuned", x.fp8_t, "--out", x.out, "-q"]),
+    Advice("which transformers cannot decode on a CPU exactly; use the graft's bf16 output",
+           lambda x: _eval(x, f"fp8={x.fp8_chat}", f"b={x.made}", "--heldout", x.rows),
+           lambda x: _eval(x, f"bf16={x.made}", f"b={x.chat_i}", "--heldout", x.rows),
+           setup=lambda x: _run(x, ["graft", "--instruct", x.fp8_chat, "--base", x.fp8_b, "--tuned", x.fp8_t,
+                                    "--out", x.made, "-q"])),
     # train
     Advice("training changed nothing the graft carries", lambda x: _train(x, "--lr", "1e-30"),
            lambda x: _train(x, "--lr", "5e-2", "--max-steps", "3")),
@@ -398,6 +406,18 @@ def inputs(tmp_path_factory):
     x.pairs.write_text("".join(json.dumps({"prompt": f"what is w{100 + k}", "chosen": f"w{200 + k}",
                                            "rejected": f"w{150 + k}"}) + "\n" for k in range(4)))
     x.tasks = _tasks(root / "tasks")
+    import fp8models
+
+    x.fp8_i, x.fp8_b = fp8models.pair(root / "fp8")
+    x.fp8_t = fp8models.tuned_from(x.fp8_b, root / "fp8" / "tuned")
+    x.fp8_chat = root / "fp8" / "chat-instruct"
+    shutil.copytree(x.fp8_i, x.fp8_chat)
+    tinymodels.chat_tokenizer(x.fp8_chat, "instruct")
+    x.fp8_config = root / "fp8.yml"
+    x.fp8_config.write_text(yaml.safe_dump({"merge_method": "shadow_graft", "base_model": str(x.fp8_b),
+                                            "dtype": "bfloat16",
+                                            "models": [{"model": str(x.fp8_i), "parameters": {"role": "instruct"}},
+                                                       {"model": str(x.fp8_t), "parameters": {"role": "tuned"}}]}))
     x.plus_config = root / "plus.yml"
     x.plus_config.write_text(yaml.safe_dump({"merge_method": "shadow_graft", "base_model": str(b), "dtype": "bfloat16",
                                              "models": [{"model": str(i), "parameters": {"role": "instruct"}},

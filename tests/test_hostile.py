@@ -365,7 +365,7 @@ def valid_file(tmp_path_factory):
 @FUZZ
 @given(data=st.binary(max_size=400))
 def test_fuzz_header_reader_on_any_bytes(tmp_path, data):
-    from shadowmerge.stformat import read_header
+    from shadowmerge.formats.safetensors import read_header
 
     path = tmp_path / "f.safetensors"
     path.write_bytes(data)
@@ -376,7 +376,7 @@ def test_fuzz_header_reader_on_any_bytes(tmp_path, data):
 @given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=8),
        cut=st.integers(0, 400))
 def test_fuzz_header_reader_on_damaged_real_files(tmp_path, valid_file, edits, cut):
-    from shadowmerge.stformat import read_header
+    from shadowmerge.formats.safetensors import read_header
 
     data = bytearray(valid_file)
     for pos, value in edits:

@@ -14,7 +14,7 @@ import tinymodels
 def test_a_registered_source_is_used_end_to_end(make_triple, tmp_path, monkeypatch, cli):
     from shadowmerge import graft, sources
     from shadowmerge.checkpoint import Checkpoint
-    from shadowmerge.stformat import itemsize
+    from shadowmerge.formats.safetensors import itemsize
 
     monkeypatch.setattr(sources, "_REGISTERED", dict(sources.registered()))
 

@@ -172,7 +172,7 @@ def _matrix_slice(ckpt: Checkpoint, info, size: int):
     """The top-left size x size corner of a 2-D matrix, reading only those elements."""
     import torch
 
-    from ..stformat import itemsize
+    from ..formats.safetensors import itemsize
 
     rows, cols = min(size, info.shape[0]), min(size, info.shape[1])
     width = cols * itemsize(info.dtype)

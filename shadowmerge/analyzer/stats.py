@@ -16,7 +16,7 @@ import torch
 
 from ..checkpoint import Checkpoint, TensorInfo
 from ..chunks import SUM_CHUNK_ELEMENTS, ranges
-from ..stformat import itemsize
+from ..formats.safetensors import itemsize
 from ..tensors import Buffers, widen
 
 F64 = torch.float64

@@ -15,7 +15,7 @@ import torch
 
 from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import ShadowMergeError
-from ..stformat import itemsize
+from ..formats.safetensors import itemsize
 from ..tensors import Buffers, widen
 from ..transport import Transport
 

@@ -182,6 +182,16 @@ def build_model(folder: Path, settings):
         raise ShadowMergeError(f"--backend {settings.backend}: lm_eval does not offer it ({first_line(exc)}); use "
                                f"hf, or install vllm for --backend vllm") from None
     extra = {"batch_size": settings.batch_size, "max_batch_size": None, "device": settings.device}
+    from ..formats.fp8 import load_kwargs
+
+    decode = load_kwargs(folder, "model") if settings.backend == "hf" else {}
+    if decode:        # FP8 blocks: loaded decoded here (the argument string cannot carry the config), then handed over
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dtype = torch.bfloat16 if settings.dtype == "auto" else getattr(torch, settings.dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **decode).to(settings.device).eval()
+        return cls(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(folder), **extra)
     try:
         return cls.create_from_arg_string(model_args(folder, settings), extra)
     except ImportError as exc:

@@ -66,6 +66,10 @@ def open_model(label: str, ref: str, chat_template: bool, allow_pickle: bool, pr
 
     ckpt = Checkpoint.open(ref, f"model {label}", allow_pickle)
     try:
+        if ckpt.quantized:             # FP8 blocks transformers cannot decode on a CPU: refused now, not after loading
+            from ..formats.fp8 import check_decodable
+
+            check_decodable(ckpt, f"model {label}")
         ckpt.fetch(progress, side=True, weights=False)
         check_tokenizer(label, ref, ckpt.folder, chat_template, why)
         described = {"ref": ref, "path": str(Path(ckpt.folder).resolve()), "commit": None}

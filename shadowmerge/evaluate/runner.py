@@ -158,8 +158,13 @@ def _load_for_loss(folder: Path, settings: EvalSettings):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ..formats.fp8 import load_kwargs
+
+    decode = load_kwargs(folder, "model")
     dtype = "auto" if settings.dtype == "auto" else getattr(torch, settings.dtype)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    if decode and dtype == "auto":
+        dtype = torch.bfloat16         # FP8 weights are decoded into the model's compute dtype
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **decode)
     return model.to(settings.device).eval()
 
 

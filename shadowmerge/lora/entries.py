@@ -12,7 +12,7 @@ import torch
 
 from ..checkpoint import TensorInfo
 from ..errors import ShadowMergeError
-from ..stformat import itemsize
+from ..formats.safetensors import itemsize
 from .adapter import LoraModule
 
 if TYPE_CHECKING:

@@ -34,7 +34,7 @@ from ..deltas import tied_alias, tied_away
 from ..errors import ShadowMergeError
 from ..names import converted_error, disk_to_memory, parameters_of, stacked_experts
 from ..sources import register
-from ..stformat import itemsize
+from ..formats.safetensors import itemsize
 from ..tensors import Buffers
 from . import entries
 from .adapter import Adapter, LoraModule

@@ -13,7 +13,7 @@ from ..tensors import Buffers
 from ..deltas import INPUT_EMBEDDINGS
 from ..errors import ShadowMergeError
 from ..plan import check_architecture
-from ..stformat import itemsize
+from ..formats.safetensors import itemsize
 
 SAMPLE = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 

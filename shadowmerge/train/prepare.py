@@ -93,6 +93,11 @@ def prepare(recipe: Recipe, *, baseline: bool, emit_only: bool, force: bool, res
     inst = Checkpoint.open(r.instruct, "instruct", allow_pickle)
     try:
         checks.check_pair(base, inst)
+        for ckpt, role in ((base, "base"), (inst, "instruct")):
+            if ckpt.quantized:        # trainers load it decoded by transformers: what it cannot decode, refused now
+                from ..formats.fp8 import check_decodable
+
+                check_decodable(ckpt, role)
         base.fetch(main and progress, side=["generation_config.json"])   # Hub ids: the trainers read whole folders
         inst.fetch(main, side=True)
         if checks.same_weights(base, inst):

@@ -60,7 +60,15 @@ def build(recipe, model_path: Path, tokenizer_path: Path, rows: list[dict], work
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
-    model = auto.from_pretrained(model_path, dtype=torch.bfloat16 if recipe.bf16 else torch.float32)
+    from ..formats.fp8 import load_kwargs
+
+    dtype = torch.bfloat16 if recipe.bf16 else torch.float32
+    decode = load_kwargs(model_path, "the model to train")
+    model = auto.from_pretrained(model_path, dtype=dtype, **decode)
+    if decode:             # FP8 blocks decoded: one dtype for every weight, saved as the plain model it now is
+        model = model.to(dtype)
+        model.config.quantization_config = None
+        model.hf_quantizer = None
     peft_config = None
     if recipe.method == "lora":
         from peft import LoraConfig

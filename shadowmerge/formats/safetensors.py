@@ -12,7 +12,7 @@ import struct
 
 import torch
 
-from .errors import ShadowMergeError
+from ..errors import ShadowMergeError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -28,6 +28,8 @@ DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+if hasattr(torch, "float8_e8m0fnu"):         # power-of-two FP8 scales (ue8m0), as transformers stores them
+    DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
