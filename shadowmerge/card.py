@@ -90,11 +90,12 @@ class Early:
         except BaseException as exc:        # raised where the card is written
             self._error = exc
 
-    def write(self, folder: Path) -> Path:
+    def write(self, folder: Path, note: str | None = None) -> Path:
+        """The card, with a note learned while the data moved (a section of its own) appended."""
         self._thread.join()
         if self._error is not None:
             raise self._error
-        return save(folder, self._text)
+        return save(folder, self._text.rstrip("\n") + "\n\n" + note.strip() + "\n" if note else self._text)
 
 
 def render(*, title: str, made_from: dict[str, str | Path | None], relation: str, license_from: Path | None,

@@ -92,7 +92,8 @@ class TensorStore:
             start, header = self.transport.header(path)
             for name, (dtype, shape, begin, end) in header.items():
                 found.append(TensorInfo(name, dtype, shape, path, start + begin, end - begin))
-        found.sort(key=lambda t: (files.index(t.file), t.offset))
+        order = {f: k for k, f in enumerate(files)}
+        found.sort(key=lambda t: (order[t.file], t.offset))
         tensors: dict[str, TensorInfo] = {}
         for info in found:
             if info.name in tensors:
@@ -102,8 +103,8 @@ class TensorStore:
             tensors[info.name] = info
         weight_map = self._weight_map
         if weight_map is not None:
-            wrong = [n for n, f in weight_map.items()
-                     if n not in tensors or tensors[n].file != self.folder / f]     # shards may be in subfolders
+            paths = {f: self.folder / f for f in set(weight_map.values())}     # shards may be in subfolders
+            wrong = [n for n, f in weight_map.items() if n not in tensors or tensors[n].file != paths[f]]
             if wrong:
                 raise ShadowMergeError(f"{self.label} {self.folder / INDEX} disagrees with the shard headers "
                                        f"about {len(wrong)} tensor(s), e.g. {wrong[0]!r}; re-save the model")
@@ -170,6 +171,13 @@ class TensorStore:
                                        f"it was truncated or changed during the run")
             done += got
         return dst
+
+    def read_piece(self, info: TensorInfo, e0: int, e1: int, out: torch.Tensor):
+        """Elements [e0, e1) for the graft's reader thread: their raw bytes (read_into), or for a tensor with a
+        codec, what the codec reads to decode them later, in a compute thread (`decode(float32 buffer)`)."""
+        if info.codec is not None and hasattr(info.codec, "read_encoded"):
+            return info.codec.read_encoded(self, f"{self.label} {self.ref}", e0, e1, out)
+        return self.read_into(info, e0, e1, out)
 
     def read_columns(self, info: TensorInfo, c0: int, c1: int, out: torch.Tensor) -> torch.Tensor:
         """Columns [c0, c1) of a 2-D tensor, as raw bytes of a contiguous (rows, c1 - c0) block."""

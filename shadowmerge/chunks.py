@@ -17,14 +17,20 @@ SUM_CHUNK_ELEMENTS = 1 << 20
 
 
 def ranges(start: int, stop: int, row: int, chunk: int = CHUNK_ELEMENTS,
-           tile: int | None = None) -> Iterator[tuple[int, int]]:
+           tile: int | None = None, align: int | None = None) -> Iterator[tuple[int, int]]:
     """Pieces [e0, e1) of the flat elements [start, stop) of a tensor with `row` elements per row.
 
     start and stop are row-aligned. A piece has at most `chunk` elements and, when `tile` is given, at most
     `tile` rows (the caller reads other operands that scale with the rows: a LoRA piece reads `rows x rank` of
-    B). A row longer than `chunk` is cut into segments.
+    B). A row longer than `chunk` is cut into segments. With `align`, every piece is whole bands of `align` rows
+    (an FP8 block row: a block's scale needs all of it), one band even where a band exceeds `chunk`.
     """
     if row <= 0 or stop <= start:
+        return
+    if align:
+        rows = max(1, chunk // row // align) * align
+        for e in range(start, stop, rows * row):
+            yield e, min(e + rows * row, stop)
         return
     if row <= chunk:
         rows = max(1, chunk // row)

@@ -127,8 +127,8 @@ class FullDelta:
 
     def read(self, entry: FullEntry, e0: int, e1: int, buffers) -> tuple:
         n = e1 - e0
-        return (self.tuned.read_into(entry.tuned, e0, e1, buffers("tuned", n * itemsize(entry.tuned.dtype))),
-                self.base.read_into(entry.base, e0, e1, buffers("base", n * itemsize(entry.base.dtype))))
+        return (self.tuned.read_piece(entry.tuned, e0, e1, buffers("tuned", n * itemsize(entry.tuned.dtype))),
+                self.base.read_piece(entry.base, e0, e1, buffers("base", n * itemsize(entry.base.dtype))))
 
     def delta_into(self, entry: FullEntry, payload: tuple, out: torch.Tensor, to_float) -> torch.Tensor:
         tuned_raw, base_raw = payload

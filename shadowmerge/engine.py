@@ -14,7 +14,7 @@ import contextlib
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,12 +44,16 @@ class Job:
 def jobs(plan: Plan, chunk_elements: int = CHUNK_ELEMENTS):
     for t in plan.tensors:
         info = t.info
+        if t.scales_of is not None:          # an encoded tensor's scale grid: made by its pieces, or copied
+            yield Job(t, "scales" if t.scales_of.graft_rows else "copy", 0, info.numel, True)
+            continue
         row, first = info.row_numel, True
         graft_end = t.graft_rows * row
-        for e0, e1 in ranges(0, graft_end, row, chunk_elements, getattr(t.entry, "tile", None)):
+        align = t.encoder.block[0] if t.encoder is not None else None
+        for e0, e1 in ranges(0, graft_end, row, chunk_elements, getattr(t.entry, "tile", None), align):
             yield Job(t, "graft", e0, e1, first)
             first = False
-        if t.out_dtype == info.dtype and info.codec is None:      # stored as written: copied, never decoded
+        if t.out_dtype == t.stored.dtype and (info.codec is None or t.encoder is not None):   # copied, not decoded
             if info.numel > graft_end or first:
                 yield Job(t, "copy", graft_end, info.numel, first)
         else:
@@ -98,6 +102,8 @@ def _nbytes(payload) -> int:
     """The bytes a delta source read for one piece (its payload: tensors, possibly nested in tuples)."""
     if isinstance(payload, torch.Tensor):
         return payload.numel() * payload.element_size()
+    if hasattr(payload, "decode"):           # an encoded piece (formats/): the bytes it read
+        return payload.nbytes
     if isinstance(payload, (tuple, list)):
         return sum(_nbytes(p) for p in payload)
     return 0
@@ -154,6 +160,7 @@ class RunStats:
     unchanged: list[str]          # grafted tensors whose delta was zero everywhere
     nonfinite: list[str]          # tensors written with NaN/Inf (only with allow_nonfinite)
     identical: list[str]          # grafted tensors written byte-identical to the instruct's (update below precision)
+    kept: dict = field(default_factory=dict)    # encoded tensors: (moved², update², blocks changed, blocks, dot)
 
 
 def workers(device: torch.device) -> tuple[int, int]:
@@ -219,6 +226,8 @@ class _Run:
         self.errors: list[BaseException] = []
         self.lock = threading.Lock()
         self.zeros = None if self.cuda else _Zeros(device)        # shared by the CPU compute threads
+        self.scales: dict[str, torch.Tensor] = {}     # encoded tensors' scale grids, filled by their pieces
+        self.kept: dict[str, list] = {}          # encoded tensors: what the codec's encode measured, summed
         self.changed: set[str] = set()           # grafted tensors with a non-zero delta somewhere
         self.differs: set[str] = set()           # ... whose output bytes differ from the Instruct's somewhere
         self.nonfinite: list[str] = []
@@ -243,10 +252,12 @@ class _Run:
             raise Cancelled("the run was cancelled")
         grafted = [t for t in self.plan.tensors if t.graft_rows]
         unchanged = [t.name for t in grafted if t.name not in self.changed]
-        identical = [t.name for t in grafted if t.name in self.changed and t.out_dtype == t.info.dtype
+        identical = [t.name for t in grafted if t.name in self.changed and (t.out_dtype == t.info.dtype or
+                                                                            t.encoder is not None)
                      and t.name not in self.differs]
         nonfinite = set(self.nonfinite)
-        return RunStats(unchanged, [t.name for t in self.plan.tensors if t.name in nonfinite], identical)
+        return RunStats(unchanged, [t.name for t in self.plan.tensors if t.name in nonfinite], identical,
+                        {n: tuple(v) for n, v in self.kept.items()})
 
     def _guard(self, work) -> None:
         try:
@@ -262,7 +273,7 @@ class _Run:
     def read(self) -> None:
         instruct, source, clock = self.plan.instruct, self.plan.source, time.perf_counter
         for job in jobs(self.plan, self.chunk_elements):
-            if job.kind == "copy":
+            if job.kind in ("copy", "scales"):
                 piece = _Piece(job, None, threading.Event())
                 piece.done.set()
                 _put(self.order, piece, self.stop)
@@ -271,7 +282,7 @@ class _Run:
             t = job.tensor
             size = (job.e1 - job.e0) * itemsize(t.info.dtype)
             t0 = clock()
-            slot.instruct = instruct.read_into(t.info, job.e0, job.e1, slot.buffers("instruct", size))
+            slot.instruct = instruct.read_piece(t.info, job.e0, job.e1, slot.buffers("instruct", size))
             slot.payload = source.read(t.entry, job.e0, job.e1, slot.buffers) if job.kind == "graft" else None
             self.timeline.add("read", clock() - t0, size + _nbytes(slot.payload))
             piece = _Piece(job, slot, threading.Event())
@@ -292,8 +303,11 @@ class _Run:
                 if self.stop.is_set():
                     raise Stopped
             job, slot = piece.job, piece.slot
-            if slot is None:
-                self.writer.copy(instruct, job.tensor.info, job.e0, job.e1, job.first, scratch)
+            if job.kind == "scales":           # every piece of its tensor was computed before this one was reached
+                grid = self.scales.pop(job.tensor.scales_of.name).to(job.tensor.out_dtype).contiguous()
+                self.writer.write(job.tensor.name, grid.reshape(-1).view(torch.uint8), True)
+            elif slot is None:
+                self.writer.copy(instruct, job.tensor.stored, job.e0, job.e1, job.first, scratch)
             else:
                 self.writer.write(job.tensor.name, slot.out, job.first, release=lambda s=slot: self.free.put(s))
 
@@ -321,8 +335,16 @@ class _Worker:
         self.converting = 0.0        # seconds spent widening inside the current delta (counted as convert)
 
     def to_float(self, raw: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
-        n = raw.numel() // itemsize(dtype)
         t0 = time.perf_counter()
+        if hasattr(raw, "decode"):           # an encoded piece (formats/): decoded here, on this compute thread
+            out = raw.decode(self.work(key, raw.numel))
+            if self.cuda:
+                out = self.staging(key, raw.numel * 4).view(torch.float32).copy_(out, non_blocking=True)
+            spent = time.perf_counter() - t0
+            self.converting += spent
+            self.timeline.add("convert", spent, raw.nbytes)
+            return out
+        n = raw.numel() // itemsize(dtype)
         if self.cuda:
             raw = self.staging(key, raw.numel()).copy_(raw, non_blocking=True)
         elif dtype == torch.float32:
@@ -343,12 +365,25 @@ class _Worker:
                 run.changed.add(t.name)
             if run.alpha != 1.0:
                 d.mul_(run.alpha)
-            x = d.add_(x)      # == I + alpha * delta, bit for bit: float addition is commutative
+            zero = t.encoder.zero_blocks(d, job.e0) if t.encoder is not None else None
+            inst, x = x, d.add_(x)      # == I + alpha * delta, bit for bit: float addition is commutative
             self.timeline.add("arithmetic", clock() - t0 - self.converting, x.numel() * 4)
         nbytes = x.numel() * itemsize(t.out_dtype)
         host = slot.buffers("out", nbytes)
         t0 = clock()
-        if self.cuda:
+        if t.encoder is not None:            # the Instruct's own format: blocks quantized, its scales kept aside
+            q, inv, kept = t.encoder.encode(run.plan.instruct, f"instruct {run.plan.instruct.ref}", x, inst, zero,
+                                            job.e0)
+            host.copy_(q)
+            out = x                          # (finite: checked on x, whose values the blocks were scaled from)
+            g0 = job.e0 // t.info.shape[1] // t.encoder.block[0]
+            with run.lock:
+                grid = run.scales.setdefault(t.name, torch.empty(t.encoder.grid, dtype=torch.float32))
+                grid[g0:g0 + inv.shape[0]] = inv
+                totals = run.kept.setdefault(t.name, [0] * len(kept))
+                for k, v in enumerate(kept):
+                    totals[k] += v
+        elif self.cuda:
             out = self.staging("out", nbytes).view(t.out_dtype).copy_(x)
             host.copy_(out.view(torch.uint8), non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
@@ -357,7 +392,10 @@ class _Worker:
         self.timeline.add("cast", clock() - t0, nbytes)
         t0 = clock()
         if job.kind == "graft":
-            if t.out_dtype == t.info.dtype and t.name not in run.differs and not torch.equal(host, slot.instruct):
+            if t.out_dtype == t.info.dtype and t.name not in run.differs and not torch.equal(
+                    host, slot.instruct if isinstance(slot.instruct, torch.Tensor) else inst.view(torch.uint8)):
+                run.differs.add(t.name)
+            if t.encoder is not None and t.name not in run.differs and kept[2]:
                 run.differs.add(t.name)
             if not finite_after_cast(x, out):
                 if not run.allow_nonfinite:

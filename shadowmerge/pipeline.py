@@ -136,7 +136,7 @@ def run(spec: GraftSpec) -> GraftSummary:
     lora = spec.lora                  # (the inputs and alpha were checked when the spec was made)
     if spec.out is None and not spec.dry_run:
         raise ShadowMergeError("--out is required (the folder to write the grafted model into)")
-    out_dtype = parse_dtype(spec.dtype)
+    out_dtype = None if spec.dtype == "fp8" else parse_dtype(spec.dtype)
     dev = parse_device(spec.device)
     shard_bytes = parse_size(spec.shard_size)
     if not spec.dry_run:
@@ -194,8 +194,10 @@ def run(spec: GraftSpec) -> GraftSummary:
             if stats.identical:
                 warnings.append(f"{len(stats.identical)} grafted tensor(s) came out identical to the instruct's "
                                 f"(the update is below the output dtype's precision), e.g. {stats.identical[0]}")
-            decoded = [t for t in plan.tensors if t.info.codec is not None]
+            decoded = [t for t in plan.tensors if t.info.codec is not None and t.encoder is None]
             written = dtype_name(out_dtype or (decoded[0].out_dtype if decoded else None))
+            if stats.kept:
+                warnings += fp8_kept_warnings(stats.kept)
             if decoded:
                 warnings.append(f"the instruct's {decoded[0].info.codec.describe()} weights ({len(decoded)} tensors) "
                                 f"are written as {written} (dequantized in float32, cast once); config.json loses its "
@@ -204,7 +206,7 @@ def run(spec: GraftSpec) -> GraftSummary:
                 side = copy_side_files(inst.folder, tmp, written, skip=("README.md",),
                                        drop=("quantization_config",) if decoded else ())
             with timeline("card"):
-                readme.write(tmp)
+                readme.write(tmp, _fp8_note(stats.kept, written if decoded else None, len(decoded)))
             with timeline("record"):
                 seconds = time.perf_counter() - start
                 write_record(tmp, _record(plan, spec, ckpts, shards, side, shard_bytes, dev, stats, warnings,
@@ -256,13 +258,56 @@ def _refuse_misplaced_inputs(ckpts, lora) -> None:
                                                  "into its own model")
 
 
+def fp8_kept(kept: dict) -> dict:
+    """What --dtype fp8 kept of the update, overall and per tensor: `kept` = ‖dq(out) − dq(I)‖ / ‖αΔ‖ (how far the
+    output moved, the re-quantization's own noise included), `along` = ⟨dq(out) − dq(I), αΔ⟩ / ‖αΔ‖² (the share of the
+    update that survives in its own direction: 1 when kept exactly, 0 when lost), and the blocks that changed."""
+    def share(moved, update, dot):
+        return ((moved / update) ** 0.5, dot / update) if update else (None, None)
+
+    def summary(v):
+        k, a = share(v[0], v[1], v[4])
+        return {"kept": k, "along": a, "blocks_changed": v[2], "blocks": v[3]}
+
+    total = [sum(v[i] for v in kept.values()) for i in range(5)]
+    return {**summary(total), "tensors": {n: summary(v) for n, v in kept.items()}}
+
+
+def fp8_kept_warnings(kept: dict) -> list[str]:
+    k = fp8_kept(kept)
+    if k["kept"] is None:
+        return []
+    line = (f"FP8 keeps {k['along']:.1%} of the update along its direction (the output moved by {k['kept']:.1%} of "
+            f"‖αΔ‖, re-quantization noise included); {k['blocks_changed']} of {k['blocks']} blocks of the grafted FP8 "
+            f"weights changed")
+    if k["along"] < 0.5:
+        line += ("; most of the update is below one FP8 step and was lost: write bf16 (leave out --dtype fp8) to "
+                 "keep it")
+    return [line]
+
+
+def _fp8_note(kept: dict, written: str | None, decoded: int) -> str | None:
+    """The card's word on an FP8 Instruct: what the FP8 output kept of the update, or that it was decoded."""
+    if kept:
+        k = fp8_kept(kept)
+        share = "n/a" if k["along"] is None else f"{k['along']:.1%}"
+        return (f"## FP8\n\nWritten in the Instruct's FP8 block format (`--dtype fp8`): blocks without an update keep "
+                f"the Instruct's bytes, the others are quantized again. FP8 keeps {share} of the update along its "
+                f"direction (⟨dq(out) − dq(I), αΔ⟩ / ‖αΔ‖²); {k['blocks_changed']} of {k['blocks']} blocks changed.")
+    if written:
+        return (f"## FP8\n\nThe Instruct's {decoded} FP8 weights are written as {written}, dequantized exactly "
+                f"(float32(q) × the block's scale) and added in float32, so the update is kept whole.")
+    return None
+
+
 def open_and_plan(ckpts: list, spec: GraftSpec) -> Plan:
     """Open the inputs (appended to ckpts, for the caller to close) and build the plan, from headers only."""
     ckpts.append(Checkpoint.open(spec.instruct, "instruct", spec.allow_pickle))
     source = open_source(spec, ckpts[0], ckpts)
     fp8.check_same_blocks(ckpts)
+    keep = spec.dtype == "fp8"
     return build_plan(ckpts[0], source, alpha=spec.alpha, include=spec.include, exclude=spec.exclude,
-                      dtype=parse_dtype(spec.dtype), vocab=spec.vocab)
+                      dtype=None if keep else parse_dtype(spec.dtype), vocab=spec.vocab, keep_format=keep)
 
 
 def _record(plan: Plan, spec: GraftSpec, ckpts, shards, side, shard_bytes, device, stats, warnings,
@@ -289,6 +334,7 @@ def _record(plan: Plan, spec: GraftSpec, ckpts, shards, side, shard_bytes, devic
         "dropped": [{"name": n, "why": w} for n, w in plan.dropped],
         "unchanged": stats.unchanged,
         "identical_to_instruct": stats.identical,
+        **({"fp8": fp8_kept(stats.kept)} if stats.kept else {}),
         "warnings": warnings,
         "shards": [s.filename for s in shards],
         "bytes": plan.total_bytes,

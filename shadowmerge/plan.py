@@ -35,15 +35,25 @@ class TensorPlan:
     entry: Entry | None         # the delta source's entry, None when nothing is grafted
     graft_rows: int
     reason: str = ""            # why rows are not grafted
+    encoder: object = None      # written in the Instruct's own stored format (its codec: --dtype fp8)
+    scales_of: "TensorPlan | None" = None     # this is the scale grid of that encoded tensor, written after it
 
     @property
     def name(self) -> str:
         return self.info.name
 
     @property
+    def stored(self) -> TensorInfo:
+        """The tensor as the Instruct's file holds it: what a copy copies."""
+        return self.info.codec.weight if self.encoder is not None else self.info
+
+    @property
     def action(self) -> str:
+        if self.scales_of is not None:
+            return "scales"
         if self.graft_rows == 0:
-            return "copy" if self.out_dtype == self.info.dtype and self.info.codec is None else "cast"
+            return "copy" if self.out_dtype == self.stored.dtype and (self.info.codec is None or self.encoder) \
+                else "cast"
         return "graft" if self.graft_rows == self.info.rows else "partial"
 
     @property
@@ -67,7 +77,8 @@ class Plan:
     def counts(self) -> dict[str, int]:
         counts = {"graft": 0, "partial": 0, "copy": 0, "cast": 0, "drop": len(self.dropped)}
         for t in self.tensors:
-            counts[t.action] += 1
+            if t.scales_of is None:
+                counts[t.action] += 1
         return counts
 
     def render(self, shard_of: dict[str, int], shard_count: int) -> str:
@@ -129,7 +140,29 @@ def check_architecture(instruct: Checkpoint, others: tuple[Checkpoint, ...]) -> 
 
 
 def build_plan(instruct: Checkpoint, source: DeltaSource, *, alpha: float = 1.0, include: str | None = None,
-               exclude: str | None = None, dtype: torch.dtype | None = None, vocab: str = "error") -> Plan:
+               exclude: str | None = None, dtype: torch.dtype | None = None, vocab: str = "error",
+               keep_format: bool = False) -> Plan:
+    """The output, tensor by tensor. keep_format (--dtype fp8): a tensor the Instruct stores with a codec is written
+    in that stored format (its scale grid after it, as its own tensor), every other one in its own dtype."""
+    plan = _build_plan(instruct, source, alpha, include, exclude, dtype, vocab)
+    if keep_format:
+        coded = [t for t in plan.tensors if t.info.codec is not None]
+        if not coded:
+            raise ShadowMergeError("--dtype fp8 writes the Instruct's FP8 block format, and the instruct stores no "
+                                   "FP8 weights; leave --dtype out (or pass bfloat16)")
+        tensors = []
+        for t in plan.tensors:
+            tensors.append(t)
+            if t.info.codec is not None:
+                t.encoder, t.out_dtype = t.info.codec, t.info.codec.weight.dtype
+                scale = t.info.codec.scale
+                tensors.append(TensorPlan(scale, scale.dtype, None, 0, "its scales", scales_of=t))
+        plan.tensors = tensors
+    return plan
+
+
+def _build_plan(instruct: Checkpoint, source: DeltaSource, alpha: float, include: str | None, exclude: str | None,
+                dtype: torch.dtype | None, vocab: str) -> Plan:
     if vocab not in VOCAB_POLICIES:
         raise ShadowMergeError(f"unknown vocabulary policy {vocab!r}; use one of {', '.join(VOCAB_POLICIES)}")
     check_architecture(instruct, tuple(source.checkpoints))

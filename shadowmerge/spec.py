@@ -38,8 +38,9 @@ class GraftSpec:
     exclude: str | None = field(default=None, metadata=_option(
         "--exclude", "Never graft tensors whose name matches; copy them from Instruct.", metavar="REGEX"))
     dtype: str | None = field(default=None, metadata=_option(
-        "--dtype", "Output dtype of floating tensors [default: each Instruct tensor's dtype].",
-        choices=("bfloat16", "float16", "float32")))
+        "--dtype", "Output dtype of floating tensors [default: each Instruct tensor's dtype; an FP8 Instruct's FP8 "
+                   "weights: bfloat16]. fp8: the FP8 Instruct's own block format (same grid and scales; a block "
+                   "without update keeps its bytes).", choices=("bfloat16", "float16", "float32", "fp8")))
     shard_size: str | int = field(default="5GB", metadata=_option(
         "--shard-size", "Maximum shard size (5GB, 500MB, 2GiB).", show_default=True))
     device: str = field(default="cpu", metadata=_option(
@@ -84,7 +85,8 @@ class GraftSpec:
             value = getattr(self, name)
             if isinstance(value, Path):
                 object.__setattr__(self, name, str(value))
-        object.__setattr__(self, "dtype", dtype_name(parse_dtype(self.dtype)))
+        if self.dtype != "fp8":           # fp8: the Instruct's stored format, not one dtype (plan.build_plan)
+            object.__setattr__(self, "dtype", dtype_name(parse_dtype(self.dtype)))
 
     # --- the run record ----------------------------------------------------------------------------
     def as_record(self) -> dict:

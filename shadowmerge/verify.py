@@ -103,7 +103,7 @@ class CompareSink:
 
     def _against(self, name: str, first: bool, data: torch.Tensor) -> None:
         if first:
-            self.info, self.pos = self.out.tensors[name], 0
+            self.info, self.pos = self.out.stored[name], 0
         n = data.numel() // itemsize(self.info.dtype)
         if self._buf.numel() < data.numel():
             self._buf = torch.empty(data.numel(), dtype=torch.uint8)
@@ -155,18 +155,21 @@ def _recompute(folder: Path, rec: dict, sample: int | None, device, progress: bo
         out = Checkpoint.open(folder, "output")
         ckpts.append(out)
         planned = {t.name: t for t in plan.tensors}
-        if set(planned) != set(out.tensors):
-            odd = sorted(set(planned) ^ set(out.tensors))[0]
+        if set(planned) != set(out.stored):
+            odd = sorted(set(planned) ^ set(out.stored))[0]
             raise ShadowMergeError(f"{folder}: tensor {odd} is {'missing from' if odd in planned else 'extra in'} the "
                                    f"output, by the recomputed plan; the output or an input changed since the run")
         for t in plan.tensors:
-            o = out.tensors[t.name]
+            o = out.stored[t.name]
             if (o.dtype, o.shape) != (t.out_dtype, t.info.shape):
                 raise ShadowMergeError(f"{folder}: tensor {t.name} is {o.dtype} {list(o.shape)}, the recomputed plan "
                                        f"says {t.out_dtype} {list(t.info.shape)}; the output or its inputs changed since it "
                                        f"was written: write it again")
         if sample is not None and sample < len(plan.tensors):
             keep = set(random.Random(0).sample(sorted(planned), sample))
+            for t in plan.tensors:           # an encoded weight and its scale grid are made together
+                if t.scales_of is not None and (t.name in keep or t.scales_of.name in keep):
+                    keep |= {t.name, t.scales_of.name}
             plan.tensors = [t for t in plan.tensors if t.name in keep]
         with progress_bar(sum(t.out_nbytes for t in plan.tensors), progress, "recompute") as bar:
             engine.run(plan, CompareSink(out, bar.update), device, allow_nonfinite=True)

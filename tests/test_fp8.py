@@ -327,3 +327,116 @@ def test_train_tunes_an_fp8_base_and_grafts_onto_the_fp8_instruct(divisible, tmp
     cfg = json.loads((tmp_path / "run" / "shadow" / "config.json").read_text())
     assert "quantization_config" not in cfg
     assert cli("verify", tmp_path / "run", "--recompute", "-q").exit_code == 0
+
+
+# ---- --dtype fp8: the Instruct's own format --------------------------------------------------------------------
+
+def _stored(folder):
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_dtype_fp8_writes_the_instructs_format_block_by_block(models, tmp_path, cli, monkeypatch, chunk):
+    """--dtype fp8: the same grid and scale format, quantization_config kept; a block without update keeps the
+    Instruct's bytes and scale (a tensor without update is a byte copy), an updated block is transformers'
+    quantization of dq(I) + Δ; pieces of a few elements (whole block rows) give the same bytes; the summary and the
+    record say what FP8 kept of the update; verify --recompute passes."""
+    if chunk:
+        from shadowmerge import engine
+
+        run = engine.run
+
+        def small(*a, **k):
+            k["chunk_elements"] = chunk
+            return run(*a, **k)
+        monkeypatch.setattr(engine, "run", small)
+    res = cli("graft", "--instruct", models.i, "--base", models.b, "--tuned", models.t, "--dtype", "fp8", "--out",
+              tmp_path / "out", "-q")
+    assert res.exit_code == 0, res.output
+    assert "FP8 keeps" in res.output
+    out, inst = _stored(tmp_path / "out"), _stored(models.i)
+    assert set(out) == set(inst)                                    # weights, scales, MTP layer: the same names
+    i, b = _state(models.i), _state(models.b)
+    from safetensors.torch import load_file
+
+    t = load_file(models.t / "model.safetensors")
+    block = tuple(json.loads((models.i / "config.json").read_text())["quantization_config"]["weight_block_size"])
+    for name, value in out.items():
+        assert value.dtype == inst[name].dtype, name
+        if value.dtype != fp8.FP8:
+            if name in t and not name.endswith(fp8.SCALE_SUFFIX):
+                delta = t[name].float() - b[name].to(t[name].dtype).float()
+                assert torch.equal(value, (i[name] + delta).to(value.dtype)), name
+            continue
+        scale = name[: -len("weight")] + fp8.SCALE_SUFFIX
+        if name not in t or not (t[name].float() - b[name].to(t[name].dtype).float()).any():
+            assert torch.equal(value.view(torch.uint8), inst[name].view(torch.uint8)), name
+            assert torch.equal(out[scale], inst[scale]), name
+            continue
+        delta = t[name].float() - b[name].to(t[name].dtype).float()
+        q, inv = fp8.quantize(i[name] + delta, block, False)
+        rows, cols = value.shape
+        gr, gc = inv.shape
+        padded = torch.zeros(gr * block[0], gc * block[1], dtype=torch.bool)
+        padded[:rows, :cols] = delta != 0
+        moved = padded.view(gr, block[0], gc, block[1]).any(3).any(1)
+        per = moved.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+        want_q = torch.where(per, q.view(torch.uint8), inst[name].view(torch.uint8))
+        assert torch.equal(value.view(torch.uint8), want_q), name
+        assert torch.equal(out[scale], torch.where(moved, inv, inst[scale])), name
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == list(block)
+    record = json.loads((tmp_path / "out" / "shadowmerge.json").read_text())
+    k = record["fp8"]
+    assert k["kept"] > 0 and 0 < k["along"] <= k["kept"] ** 0.5 * 1.0001 + 1 and 0 < k["blocks_changed"] <= k["blocks"]
+    # `along` is <out - I, update> / |update|^2, recomputed here from the written bytes
+    moved, dot, norm2 = 0.0, 0.0, 0.0
+    for name in k["tensors"]:
+        scale = name[: -len("weight")] + fp8.SCALE_SUFFIX
+        got = fp8.dequantize(out[name], out[scale], block).double() - i[name].double()
+        upd = (t[name].float() - b[name].to(t[name].dtype).float() + i[name]).double() - i[name].double()
+        moved, dot, norm2 = moved + float(got.pow(2).sum()), dot + float((got * upd).sum()), norm2 + float(upd.pow(2).sum())
+    assert k["along"] == pytest.approx(dot / norm2, rel=1e-9) and k["kept"] == pytest.approx((moved / norm2) ** 0.5,
+                                                                                                rel=1e-9)
+    assert "FP8 keeps" in (tmp_path / "out" / "README.md").read_text()
+    assert cli("verify", tmp_path / "out", "--recompute", "-q").exit_code == 0
+    assert cli("verify", tmp_path / "out", "--recompute", "--sample", "3", "-q").exit_code == 0
+
+
+def test_dtype_fp8_keeps_power_of_two_scales_and_says_when_most_of_the_update_is_lost(tmp_path, cli):
+    inst, base = F.pair(tmp_path / "m", ue8m0=True)
+    tuned = F.tuned_from(base, tmp_path / "m" / "tuned", scale=1e-4)        # mostly far below one FP8 step
+    res = cli("graft", "--instruct", inst, "--base", base, "--tuned", tuned, "--dtype", "fp8", "--out",
+              tmp_path / "out", "-q")
+    assert res.exit_code == 0, res.output
+    assert "most of the update is below one FP8 step and was lost: write bf16" in res.output
+    record = json.loads((tmp_path / "out" / "shadowmerge.json").read_text())
+    assert record["fp8"]["along"] < 0.5
+    out = _stored(tmp_path / "out")
+    scales = [v for n, v in out.items() if n.endswith(fp8.SCALE_SUFFIX)]
+    assert scales and all(torch.equal(s, torch.exp2(torch.log2(s).round())) for s in scales)
+    bf16 = cli("graft", "--instruct", inst, "--base", base, "--tuned", tuned, "--out", tmp_path / "bf16", "-q")
+    assert bf16.exit_code == 0 and "FP8 keeps" not in bf16.output          # the default keeps the update in bf16
+
+
+def test_dtype_fp8_needs_an_fp8_instruct(models, tmp_path, cli):
+    plain = F.decoded_twin(models.i, tmp_path.parent / f"{tmp_path.name}-plain")
+    run_bad(cli, tmp_path, [plain], "--instruct", plain, "--base", models.b, "--tuned", models.t, "--dtype", "fp8",
+            expect="the instruct stores no FP8 weights")
+
+
+def test_lora_retarget_onto_an_fp8_instruct(models, tmp_path, cli):
+    """An adapter trained on the (decoded) Base retargets onto the FP8 Instruct from its shapes, as onto a bf16 one."""
+    from adapters import make_adapter
+
+    plain = F.decoded_twin(models.b, tmp_path / "decoded-base")
+    adapter = make_adapter(plain, tmp_path / "lora", r=4, lora_alpha=8, target_modules=["q_a_proj", "o_proj"])
+    res = cli("lora", "retarget", adapter, "--instruct", models.i, "--out", tmp_path / "out", "-q")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert cli("verify", tmp_path / "out").exit_code == 0

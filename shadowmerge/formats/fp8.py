@@ -56,26 +56,58 @@ class Fp8Block:
 
     def read_into(self, store, label: str, e0: int, e1: int, out: torch.Tensor) -> torch.Tensor:
         """Elements [e0, e1) (flat, row-major) dequantized to float32, as the raw bytes of `out` (uint8)."""
-        rows, cols = self.weight.shape
         n = e1 - e0
         dst = out[:n * 4]
         if dst.numel() != n * 4:
             raise ValueError(f"buffer of {out.numel()} bytes for {n * 4}")
-        values = dst.view(torch.float32)
-        if n == 0:
-            return dst
-        q = store.read_into(self.weight, e0, e1, torch.empty(n, dtype=torch.uint8))
-        values.copy_(q.view(FP8))
-        br, bc = self.block
-        g0 = e0 // cols // br
-        scales = self._scales(store, label, g0, (e1 - 1) // cols // br + 1)
-        at = e0
-        while at < e1:                 # one row band (rows that share their scales) at a time
-            band = at // cols // br
-            end = min(e1, (band + 1) * br * cols)
-            _scale(values[at - e0:end - e0], at % cols, cols, scales[band - g0].repeat_interleave(bc)[:cols])
-            at = end
+        self.read_encoded(store, label, e0, e1, torch.empty(n, dtype=torch.uint8)).decode(dst.view(torch.float32))
         return dst
+
+    def read_encoded(self, store, label: str, e0: int, e1: int, buf: torch.Tensor) -> "Encoded":
+        """Elements [e0, e1) as stored (their FP8 bytes, in buf, and the rows of the scale grid they need), to be
+        decoded later (Encoded.decode): the graft's reader thread reads, its compute threads decode."""
+        n, cols, br = e1 - e0, self.weight.shape[1], self.block[0]
+        q = store.read_into(self.weight, e0, e1, buf[:n]) if n else buf[:0]
+        g0 = e0 // cols // br
+        scales = self._scales(store, label, g0, (e1 - 1) // cols // br + 1) if n else None
+        return Encoded(self, e0, e1, q, scales)
+
+    # --- writing the Instruct's own format (graft --dtype fp8) -------------------------------------------------------
+    def zero_blocks(self, d: torch.Tensor, e0: int) -> torch.Tensor:
+        """Which blocks of a piece (whole block rows from e0) have an update that is zero throughout: (bands, gc)."""
+        rows, cols = d.numel() // self.weight.shape[1], self.weight.shape[1]
+        br, bc = self.block
+        gr, gc = math.ceil(rows / br), self.grid[1]
+        nonzero = d.new_zeros(gr * br, gc * bc, dtype=torch.bool)
+        nonzero[:rows, :cols] = d.view(rows, cols) != 0          # NaN counts as an update, -0.0 does not
+        return ~nonzero.view(gr, br, gc, bc).any(dim=3).any(dim=1)
+
+    def encode(self, store, label: str, x: torch.Tensor, instruct: torch.Tensor, zero: torch.Tensor, e0: int):
+        """A piece of I + αΔ (float32, whole block rows from e0) in the Instruct's format: (FP8 bytes, its rows of the
+        scale grid as float32, what it keeps). A block whose update is zero keeps the Instruct's bytes and scale; the
+        others are quantized as transformers' Fp8Quantize does (quantize). What it keeps: ‖dq(out) − dq(I)‖², ‖αΔ‖²,
+        how many of its blocks changed and of how many, and ⟨dq(out) − dq(I), αΔ⟩ (float64)."""
+        rows, cols = x.numel() // self.weight.shape[1], self.weight.shape[1]
+        br, bc = self.block
+        x, instruct, zero = x.cpu(), instruct.cpu(), zero.cpu()
+        q, inv = quantize(x.view(rows, cols), self.block, self.ue8m0, self.scale.dtype)
+        g0 = e0 // cols // br
+        if bool(zero.any()):
+            old_q = store.read_into(self.weight, e0, e0 + x.numel(), torch.empty(x.numel(), dtype=torch.uint8))
+            old_inv = self._scales(store, label, g0, g0 + zero.shape[0])
+            keep = zero.repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
+            q = torch.where(keep, old_q.view(rows, cols), q.view(torch.uint8)).view(FP8)
+            inv = torch.where(zero, old_inv, inv)
+        out = dequantize(q, inv, self.block)
+        moved = out != instruct.view(rows, cols)
+        padded = moved.new_zeros(zero.shape[0] * br, zero.shape[1] * bc)
+        padded[:rows, :cols] = moved
+        changed = int(padded.view(zero.shape[0], br, zero.shape[1], bc).any(dim=3).any(dim=1).sum())
+        moved_by = (out - instruct.view(rows, cols)).double()
+        update = (x - instruct).double().view(rows, cols)
+        stats = (float(moved_by.pow(2).sum()), float(update.pow(2).sum()), changed, zero.numel(),
+                 float((moved_by * update).sum()))
+        return q.reshape(-1).view(torch.uint8), inv, stats
 
     def _scales(self, store, label: str, g0: int, g1: int) -> torch.Tensor:
         """Rows [g0, g1) of the scale grid as float32, checked finite and positive."""
@@ -87,6 +119,58 @@ class Fp8Block:
             raise ShadowMergeError(f"{label}: {self.scale.name} holds a scale that is not a positive finite number "
                                    f"(block rows {g0}-{g1 - 1}); the checkpoint is damaged: re-download it")
         return scales
+
+
+@dataclass
+class Encoded:
+    """A range of an FP8 weight as read (bytes and scale rows), not yet decoded; `numel` elements of float32 once
+    decoded."""
+
+    codec: Fp8Block
+    e0: int
+    e1: int
+    q: torch.Tensor
+    scales: torch.Tensor | None
+
+    @property
+    def numel(self) -> int:
+        return self.e1 - self.e0
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + (self.scales.numel() * 4 if self.scales is not None else 0)
+
+    def decode(self, values: torch.Tensor) -> torch.Tensor:
+        """float32(q) × the block's scale, into `values` (float32, numel elements)."""
+        if not self.numel:
+            return values
+        _widen(self.q, values)
+        cols = self.codec.weight.shape[1]
+        br, bc = self.codec.block
+        g0 = self.e0 // cols // br
+        at = self.e0
+        while at < self.e1:            # one row band (rows that share their scales) at a time
+            band = at // cols // br
+            end = min(self.e1, (band + 1) * br * cols)
+            _scale(values[at - self.e0:end - self.e0], at % cols, cols,
+                   self.scales[band - g0].repeat_interleave(bc)[:cols])
+            at = end
+        return values
+
+
+_TABLE = None
+
+
+def _widen(q: torch.Tensor, values: torch.Tensor) -> None:
+    """float32(q) of FP8 bytes, exactly torch's conversion, by a 256-entry table: numpy's indexing is twice as fast
+    on a CPU as torch's FP8 cast (which has no vectorized kernel)."""
+    global _TABLE
+    if values.device.type != "cpu" or q.device.type != "cpu":
+        values.copy_(q.view(FP8))
+        return
+    if _TABLE is None:
+        _TABLE = torch.arange(256, dtype=torch.uint8).view(FP8).float().numpy()
+    values.numpy()[...] = _TABLE[q.numpy()]
 
 
 def _scale(v: torch.Tensor, c0: int, cols: int, per_column: torch.Tensor) -> None:
@@ -132,7 +216,7 @@ def detect(config: dict, tensors: dict, label: str, info_class) -> dict:
     the scale tensors gone; a one-line error for anything inconsistent. A checkpoint with neither FP8 tensors nor
     an fp8 quantization_config is returned as it is."""
     fp8 = [n for n, t in tensors.items() if t.dtype == FP8]
-    scales = [n for n in tensors if n.endswith("." + SCALE_SUFFIX) or n == SCALE_SUFFIX]
+    scales = {n for n in tensors if n.endswith("." + SCALE_SUFFIX) or n == SCALE_SUFFIX}
     if not is_fp8_config(config):
         if fp8:
             raise ShadowMergeError(f"{label}: tensor {fp8[0]} is FP8 (F8_E4M3) but config.json has no fp8 "
@@ -154,7 +238,7 @@ def detect(config: dict, tensors: dict, label: str, info_class) -> dict:
         if len(info.shape) != 2:
             raise ShadowMergeError(f"{label}: FP8 weight {name} has shape {list(info.shape)}; shadowmerge reads FP8 "
                                    f"blocks of 2-D weights only: use the bf16 release of this model")
-        grid = tuple(math.ceil(s / b) for s, b in zip(info.shape, block))
+        grid = (-(-info.shape[0] // block[0]), -(-info.shape[1] // block[1]))
         if tuple(scale.shape) != grid:
             raise ShadowMergeError(f"{label}: {scale_name} is {list(scale.shape)}, but {name} {list(info.shape)} in "
                                    f"blocks of {list(block)} needs {list(grid)}; the scales do not belong to this "
@@ -165,8 +249,9 @@ def detect(config: dict, tensors: dict, label: str, info_class) -> dict:
         numel = info.shape[0] * info.shape[1]
         out[name] = info_class(name, torch.float32, tuple(info.shape), info.file, info.offset, numel * 4,
                                codec=Fp8Block(info, scale, block, ue8m0))
-    orphans = [s for s in scales if (s[: -len(SCALE_SUFFIX)] + "weight") not in tensors
-               or tensors[s[: -len(SCALE_SUFFIX)] + "weight"].dtype != FP8]
+    cut = len(SCALE_SUFFIX)
+    orphans = sorted(s for s in scales if (s[:-cut] + "weight") not in tensors or tensors[s[:-cut] + "weight"].dtype
+                     != FP8)
     if orphans:
         raise ShadowMergeError(f"{label}: {orphans[0]} scales a weight that is not FP8; the checkpoint mixes formats: "
                                f"re-download it")
@@ -191,9 +276,12 @@ def check_same_blocks(ckpts) -> None:
                                    f"weight_block_size must agree)")
 
 
-def quantize(x: torch.Tensor, block: tuple[int, int], ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A float32 (rows, cols) matrix as FP8 blocks: (q, inverse scales of the ceil-div grid), transformers'
-    Fp8Quantize arithmetic, partial edge blocks included."""
+def quantize(x: torch.Tensor, block: tuple[int, int], ue8m0: bool,
+             scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 (rows, cols) matrix as FP8 blocks: (q, inverse scales of the ceil-div grid, as float32 values),
+    transformers' Fp8Quantize arithmetic, partial edge blocks included. Scales stored in a narrower dtype are rounded
+    to it first, and the forward scale derived from the stored one (as ue8m0 does), so that dequantizing with the
+    stored scale undoes exactly the scale the block was divided by."""
     rows, cols = x.shape
     br, bc = block
     gr, gc = math.ceil(rows / br), math.ceil(cols / bc)
@@ -206,6 +294,9 @@ def quantize(x: torch.Tensor, block: tuple[int, int], ue8m0: bool) -> tuple[torc
     inv = (1.0 / scales).to(torch.float32)
     if ue8m0:
         inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
+        scales = 1.0 / inv
+    elif scale_dtype != torch.float32:
+        inv = inv.to(scale_dtype).float()
         scales = 1.0 / inv
     q = torch.clamp(tiles * scales[:, None, :, None], min=-FP8_MAX, max=FP8_MAX).to(FP8)
     return q.view(gr * br, gc * bc)[:rows, :cols].contiguous(), inv

@@ -37,7 +37,7 @@ MAX_NAME = 1000                  # tensor names of real checkpoints are < 200 ch
 
 
 def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def read_header(path, file_size: int, label: str | None = None) -> tuple[int, dict, dict]:
