@@ -21,7 +21,7 @@ from .errors import ShadowMergeError
 from .formats import fp8
 from .sidefiles import INDEX, is_side_file
 from .formats.safetensors import NAMES, itemsize
-from .transport import LocalFiles, Transport, resolve
+from .transports import LocalFiles, Transport, resolve
 
 
 
@@ -189,6 +189,18 @@ class TensorStore:
             self.read_into(info, k * cols + c0, k * cols + c1, out[k * width:(k + 1) * width])
         return out[:rows * width]
 
+    def finish(self) -> str | None:
+        """A streamed input, after the run read it: each file it read checked whole (transport.finish)."""
+        return self.transport.finish()
+
+    def needs_local(self, command: str) -> None:
+        """Refuse a streamed input where a command needs the model's files on this machine (a trainer, an
+        evaluation harness: they load whole folders)."""
+        if self.transport.streams:
+            raise ShadowMergeError(f"{self.label} {self.ref}: {command} loads whole model folders, and this one is read "
+                                   f"by range; copy it down first (e.g. `hf download`, `aws s3 sync URL DIR`) and pass "
+                                   f"the folder, or a Hub id without --stream/hf://")
+
     def close(self) -> None:
         self.transport.close()
 
@@ -245,8 +257,9 @@ class Checkpoint(TensorStore):
             f"grafted exactly, so pass the bf16/fp16 release of this model instead{suggest}")
 
     @classmethod
-    def open(cls, ref: str | Path, label: str, allow_pickle: bool = False) -> "Checkpoint":
-        return cls(resolve(ref, allow_pickle), label, str(ref), allow_pickle)
+    def open(cls, ref: str | Path, label: str, allow_pickle: bool = False, stream: bool = False) -> "Checkpoint":
+        """The model ref names (a folder, a Hub id, a URL); stream=True reads a Hub id's weights by range."""
+        return cls(resolve(ref, allow_pickle, stream), label, str(ref), allow_pickle)
 
     # --- metadata -------------------------------------------------------------------------
     def _read_config(self) -> dict:

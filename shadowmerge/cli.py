@@ -208,7 +208,16 @@ def _parse_pairs(values: tuple[str, ...]) -> dict[str, tuple[str, str]]:
               "computed on the fly, nothing merged): adds graft-risk diagnostics.")
 @click.option("--pair", "pairs", multiple=True, metavar="NAME=BASE,INSTRUCT",
               help="A named pair; repeat it to compare many pairs in one report and one bar chart.")
-@click.option("--out", required=True, metavar="DIR", help="Report folder (written beside, then renamed).")
+@click.option("--out", metavar="DIR", help="Report folder (written beside, then renamed); optional with --sample and "
+              "--candidates, which print their figures.")
+@click.option("--sample", type=int, metavar="N", help="σ from N tensors (across layers and module kinds, seeded), read "
+              "by range: Hub ids and URLs are never downloaded; the official figure comes with its 99% interval.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which tensors --sample draws.")
+@click.option("--candidates", metavar="A,B,...", help="Shadow finder, with --instruct alone: each candidate (folder, "
+              "Hub id, URL) checked from headers, the usable ones ranked by sampled σ to the Instruct "
+              "(--sample, default 64).")
+@click.option("--stream", is_flag=True, help="Read Hub ids by range, each file checked against the Hub's sha256, "
+              "instead of downloading them.")
 @click.option("--matrix", metavar="TENSOR", help="Also plot this weight matrix of Base and Instruct and their "
               "difference (paper Fig. 2 style).")
 @click.option("--matrix-size", type=int, default=48, show_default=True, help="Rows/columns of --matrix to plot.")
@@ -216,7 +225,8 @@ def _parse_pairs(values: tuple[str, ...]) -> dict[str, tuple[str, str]]:
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
 @click.option("--device", default="cpu", show_default=True, help="Where the sums run: cpu, cuda, cuda:N.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def similarity(base, instruct, tuned, pairs, out, matrix, matrix_size, force, allow_pickle, device, quiet):
+def similarity(base, instruct, tuned, pairs, out, sample, seed, candidates, stream, matrix, matrix_size, force,
+               allow_pickle, device, quiet):
     """How close are Base and Instruct? σ = Σ|A−B| / (Σ|A|+Σ|B|), per tensor, layer and module.
 
     Writes report.html (tables and figures, opens offline), report.json, tensors.csv,
@@ -231,12 +241,24 @@ def similarity(base, instruct, tuned, pairs, out, matrix, matrix_size, force, al
       shadowmerge similarity --pair llama-3.1-8b=meta-llama/Llama-3.1-8B,meta-llama/Llama-3.1-8B-Instruct \\
                              --pair qwen3-4b=Qwen/Qwen3-4B-Base,Qwen/Qwen3-4B --out report/
       shadowmerge similarity --base B --instruct I --tuned T --out report/ --matrix model.layers.0.mlp.up_proj.weight
+      shadowmerge similarity --base s3://ckpts/base --instruct org/Instruct --sample 64
+      shadowmerge similarity --instruct Qwen/Qwen3-32B --candidates Qwen/Qwen3-32B-Base,Qwen/Qwen3-14B
     """
     from .analyzer import similarity as run_similarity
 
+    if out is None and sample is None and candidates is None:
+        raise ShadowMergeError("--out is required (the report folder); or pass --sample N for a quick estimate "
+                               "printed here")
+    listed = None
+    if candidates is not None:
+        listed = [c.strip() for c in candidates.split(",")]
+        if not all(listed):
+            raise ShadowMergeError(f"--candidates {candidates!r}: write the models separated by commas, e.g. "
+                                   f"--candidates org/a,org/b")
     report = run_similarity(base, instruct, tuned, pairs=_parse_pairs(pairs), out=out, matrix=matrix,
                             matrix_size=matrix_size, force=force, allow_pickle=allow_pickle, device=device,
-                            progress=not quiet, command=_command())
+                            progress=not quiet, command=_command(), sample=sample, seed=seed, stream=stream,
+                            candidates=listed)
     click.echo(str(report))
 
 

@@ -93,7 +93,7 @@ class FullDelta:
     @classmethod
     def open(cls, spec, instruct: Checkpoint, opened: list) -> "FullDelta":
         for ref, label in ((spec.base, "base"), (spec.tuned, "tuned")):
-            opened.append(Checkpoint.open(ref, label, spec.allow_pickle))
+            opened.append(Checkpoint.open(ref, label, spec.allow_pickle, spec.stream))
         return cls(opened[-2], opened[-1])
 
     def describe(self) -> dict:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from . import hub
+from .transports import hub
 from .checkpoint import Checkpoint, TensorInfo
 from .devices import exact_float32, parse_device
 from .errors import ShadowMergeError
@@ -42,6 +42,7 @@ from .options import from_call
 from .record import FILES
 from .output import OutputFolder
 from .spec import ExtractSpec
+from .pipeline import finish_streams, stream_sources
 from .tensors import parse_dtype
 from .progress import bar as progress_bar
 from .formats.safetensors import build_header
@@ -55,6 +56,7 @@ class ExtractSummary:
     modules: list[dict] = field(default_factory=list)
     others: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         if not self.modules:
@@ -66,7 +68,7 @@ class ExtractSummary:
         return (f"wrote {self.out}: {len(self.modules)} LoRA modules, rank {rank_text}, mean relative error "
                 f"{sum(m['rel_error'] for m in self.modules) / len(self.modules):.3g} (worst {worst['rel_error']:.3g}, "
                 f"{worst['module']}); {len(self.others)} other changed tensor(s), {kept} kept as full copies; "
-                f"{self.seconds:.1f} s")
+                f"{self.seconds:.1f} s" + "".join(f"\nwarning: {w}" for w in self.warnings))
 
 
 def _read(ckpt: Checkpoint, info: TensorInfo, start: int = 0, count: int | None = None) -> torch.Tensor:
@@ -168,6 +170,7 @@ def run(spec: ExtractSpec) -> ExtractSummary:
                                        f"update to extract")
             _write(tmp, state, ranks, sorted(keep), *hub.reference(applied_to), model=meta_model(applied_to.folder,
                                                                                                names))
+            summary.warnings += finish_streams(opened)     # streamed inputs: each file read checked whole
             summary.seconds = time.perf_counter() - start
             _report(tmp, summary, opened, spec.settings(out_dtype, dev))
             _card(tmp, summary, applied_to, spec)
@@ -502,6 +505,7 @@ def _report(tmp: Path, summary: ExtractSummary, opened: list[Checkpoint], settin
                          "for_instruct": by_role["instruct"].ref if "instruct" in by_role else None},
               "input_paths": {role: str(c.folder.absolute()) for role, c in by_role.items()},
               "hub": hub.provenance(opened),
+              "input_urls": stream_sources(opened),
               "settings": settings,
               "seconds": round(summary.seconds, 3), "modules": summary.modules, "others": summary.others})
     write_record(tmp, record)

@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import card, engine, hub
+from . import card, engine
+from .transports import hub
 from ._version import versions
 from .checkpoint import Checkpoint
 from .devices import parse_device, start_early
@@ -46,9 +47,10 @@ class _RoleCheck:
 
     def _run(self, ckpts, plan, timeline) -> None:
         from . import roles
+        from .transports.stream import sampling
 
         try:
-            with timeline("role check"):
+            with timeline("role check"), sampling():          # streamed inputs: its reads are kept for the graft's
                 roles.check(*ckpts, [t.name for t in plan.tensors if t.graft_rows])
         except BaseException as exc:
             self.error = exc
@@ -161,6 +163,8 @@ def run(spec: GraftSpec) -> GraftSummary:
                 c.fetch(spec.progress, side=c is inst)
             readme = _card(plan, spec, inst.folder)       # (after the fetch: it reads the Instruct's card)
             role_check = _RoleCheck(ckpts, plan, timeline) if spec.check_roles and lora is None else None
+            if role_check is not None and any(c.transport.streams for c in ckpts):
+                role_check.wait()        # streamed: its samples first, kept ahead of the graft's reads, not read twice
             with progress_bar(plan.total_bytes, spec.progress, "graft") as bar:
                 writer = ShardWriter(tmp, shards, on_bytes=bar.update, timeline=timeline)
                 try:
@@ -173,6 +177,8 @@ def run(spec: GraftSpec) -> GraftSummary:
                         role_check.wait()      # its refusal wins over what the graft of exchanged inputs raised
             target.digests = writer.digests
             warnings = list(plan.warnings)
+            with timeline("stream checks"):
+                warnings += finish_streams(ckpts)
             if stats.nonfinite:
                 warnings.append(f"{len(stats.nonfinite)} tensor(s) written with NaN/Inf values: "
                                 f"{', '.join(stats.nonfinite[:5])}")
@@ -218,6 +224,18 @@ def run(spec: GraftSpec) -> GraftSummary:
     finally:
         for c in ckpts:
             c.close()
+
+
+def finish_streams(stores) -> list[str]:
+    """Streamed inputs, once the run has read them: every file read checked whole (a mismatch raises, before the
+    output is renamed into place); the one line each has on retries and re-reads."""
+    notes = [store.finish() for store in stores if store.transport.streams]
+    return [n for n in notes if n]
+
+
+def stream_sources(stores) -> dict:
+    """For run records: each streamed input's URL and the files read, with versions and digests, by role."""
+    return {("lora" if s.label == "adapter" else s.label): s.transport.source() for s in stores if s.transport.streams}
 
 
 def check_roles(spec: GraftSpec) -> Plan:
@@ -302,7 +320,7 @@ def _fp8_note(kept: dict, written: str | None, decoded: int) -> str | None:
 
 def open_and_plan(ckpts: list, spec: GraftSpec) -> Plan:
     """Open the inputs (appended to ckpts, for the caller to close) and build the plan, from headers only."""
-    ckpts.append(Checkpoint.open(spec.instruct, "instruct", spec.allow_pickle))
+    ckpts.append(Checkpoint.open(spec.instruct, "instruct", spec.allow_pickle, spec.stream))
     source = open_source(spec, ckpts[0], ckpts)
     fp8.check_same_blocks(ckpts)
     keep = spec.dtype == "fp8"
@@ -319,6 +337,8 @@ def _record(plan: Plan, spec: GraftSpec, ckpts, shards, side, shard_bytes, devic
         # absolute folders of the inputs, to re-read them from anywhere (shadowmerge verify --recompute)
         "input_paths": {c.label if c.label != "adapter" else "lora": str(c.folder.absolute()) for c in ckpts},
         "hub": hub.provenance(ckpts),   # Hub inputs: id, revision asked for, the commit sha it resolved to
+        # streamed inputs: URL, and each file read with its pinned version and digests (verify --recompute re-reads)
+        "input_urls": stream_sources(ckpts),
         "allow_pickle": spec.allow_pickle,
         "delta": source.kind,
         "alpha": plan.alpha,

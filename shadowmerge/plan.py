@@ -23,6 +23,7 @@ from .formats.safetensors import itemsize
 
 VOCAB_POLICIES = ("error", "common")
 _VOCAB_NAME = re.compile(r"embed|lm_head|wte|word|output|logits")
+VOCAB_NAME = _VOCAB_NAME       # (the shadow finder tells vocabulary rows apart the same way)
 _SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 

@@ -56,6 +56,9 @@ class GraftSpec:
                      "fsync, ...); shadowmerge.json keeps the same timeline either way.", is_flag=True))
     allow_pickle: bool = field(default=False, metadata=_option(
         "--allow-pickle", "Allow .bin weights (loaded with torch.load(weights_only=True)).", is_flag=True))
+    stream: bool = field(default=False, metadata=_option(
+        "--stream", "Read Hub inputs by HTTP range, each byte once and checked against the Hub's sha256, instead of "
+                    "downloading them (s3://, gs://, az:// and hf:// inputs are always read so).", is_flag=True))
     allow_nonfinite: bool = field(default=False, metadata=_option(
         "--allow-nonfinite", "Write NaN/Inf results with a warning instead of failing.", is_flag=True))
     check_roles: bool = field(default=True, metadata=_option(

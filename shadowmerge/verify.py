@@ -23,7 +23,8 @@ from .checkpoint import Checkpoint, TensorStore
 from .errors import ShadowMergeError
 from .record import files_under, header_tensors, sha256_file
 from .devices import parse_device
-from .pipeline import open_and_plan
+from .pipeline import finish_streams, open_and_plan
+from .transports import pinned
 from .spec import GraftSpec
 from .progress import bar as progress_bar
 from .record import RECORD, read
@@ -128,13 +129,29 @@ class CompareSink:
             self._against(info.name, first and e == e0, ckpt.read_into(info, e, min(e + step, e1), scratch))
 
 
+def _streamed(where: Path, rec: dict) -> dict:
+    """The streamed inputs a record names (`input_urls`: role -> {url, files}), checked for shape."""
+    urls = rec.get("input_urls") or {}
+    jsonfile.expect(urls, dict, f"{where}: input_urls", HINT)
+    for role, source in urls.items():
+        jsonfile.expect(source, dict, f"{where}: input_urls.{role}", HINT)
+        jsonfile.expect(source.get("url"), str, f"{where}: input_urls.{role}.url", HINT)
+        jsonfile.expect(source.get("files", {}), dict, f"{where}: input_urls.{role}.files", HINT)
+    return urls
+
+
 def _input_paths(where: Path, rec: dict, roles: tuple[str, ...]) -> dict:
-    """The input folders a record names (`input_paths`), each still there: --recompute re-reads them."""
+    """The input folders a record names (`input_paths`), each still there: --recompute re-reads them (a streamed
+    input: its URL, read by range again)."""
     paths = rec.get("input_paths")
     if not isinstance(paths, dict) or any(r not in paths for r in roles):
         raise ShadowMergeError(f"{where} names no input folders (written by an older shadowmerge); only the "
                                f"sha256 and headers can be checked: run verify without --recompute")
+    urls = _streamed(where, rec)
+    paths = {**paths, **{role: source["url"] for role, source in urls.items()}}
     for label, path in paths.items():
+        if label in urls:
+            continue
         if path is not None and (not isinstance(path, str) or not Path(path).is_dir()):
             raise ShadowMergeError(f"--recompute needs the {label} input {path}, which is not there; run verify where "
                                    f"the inputs are, or without --recompute")
@@ -149,9 +166,11 @@ def _recompute(folder: Path, rec: dict, sample: int | None, device, progress: bo
         spec = GraftSpec.from_record(rec["spec"], **inputs)
     else:                                    # a record written before the spec was recorded
         spec = GraftSpec.from_legacy_record(rec, **inputs)
+    urls = _streamed(folder / RECORD, rec)
     ckpts: list = []
     try:
-        plan = open_and_plan(ckpts, spec)
+        with pinned({source["url"]: source for source in urls.values()}):
+            plan = open_and_plan(ckpts, spec)
         out = Checkpoint.open(folder, "output")
         ckpts.append(out)
         planned = {t.name: t for t in plan.tensors}
@@ -173,6 +192,8 @@ def _recompute(folder: Path, rec: dict, sample: int | None, device, progress: bo
             plan.tensors = [t for t in plan.tensors if t.name in keep]
         with progress_bar(sum(t.out_nbytes for t in plan.tensors), progress, "recompute") as bar:
             engine.run(plan, CompareSink(out, bar.update), device, allow_nonfinite=True)
+        if sample is None:                   # streamed inputs: each file read checked whole against its digests
+            finish_streams(ckpts)
         return len(plan.tensors)
     finally:
         for c in ckpts:
@@ -202,7 +223,8 @@ def _recompute_extract(folder: Path, rec: dict, sample: int | None, progress: bo
     others = [o for o in rec.get("others") or [] if isinstance(o, dict) and o.get("kept")]
     if sample is not None and sample < len(modules):
         modules = random.Random(0).sample(modules, sample)
-    ckpts = {role: Checkpoint.open(path, role) for role, path in paths.items() if path}
+    with pinned({source["url"]: source for source in _streamed(folder / "extract.json", rec).values()}):
+        ckpts = {role: Checkpoint.open(path, role) for role, path in paths.items() if path}
     eps32 = 2.0 ** -24
     done = 0
     try:

@@ -61,6 +61,11 @@ class FakeHub:
         self.stall_after: tuple[str, float] | None = None   # ... or send a file's first KiB, then wait that long
         self.info_sha: str | None = None   # model info naming this commit ("" for none) instead of the real one
         self.listed: dict[str, int] = {}   # file name -> the size model info claims for it
+        # faults of range reads of weight files (streamed inputs), each for the next N such requests
+        self.range_faults: list[str] = []  # "503", "drop" (half the answer, then the connection closed), "stall"
+        self.stall_seconds = 5.0
+        self.corrupt: dict[str, int] = {}  # file name -> offset of a byte served flipped (every time)
+        self.on_range = None               # called with (file name, start) before each range answer is sent
 
     # --- content ----------------------------------------------------------------------------
     def add(self, repo_id: str, folder: Path | dict[str, bytes], *, branch: str = "main", gated: bool = False,
@@ -183,6 +188,20 @@ class FakeHub:
             return self._file(h, data, {"ETag": f'"{m[1]}"'}, head, entry)
         return self._error(h, 404, None, "not found")
 
+    def _current(self, entry: Sent, data: bytes) -> bytes:
+        """A file's bytes as they are now (on_range may have replaced them, as a re-upload to the CDN would)."""
+        for files in self.repos.get(entry.repo, Repo()).commits.values():
+            if entry.file in files and hashlib.sha256(files[entry.file]).hexdigest() in self.blobs:
+                return self.blobs[hashlib.sha256(files[entry.file]).hexdigest()][2]
+        return data
+
+    def replace(self, repo: str, name: str, data: bytes) -> None:
+        """Serve other bytes (of the same length) for a file of every commit: its blob on the CDN changed."""
+        for files in self.repos[repo].commits.values():
+            if name in files:
+                oid = hashlib.sha256(files[name]).hexdigest()
+                self.blobs[oid] = (repo, name, data)
+
     @staticmethod
     def _commit(repo: Repo, rev: str) -> str | None:
         if rev in repo.refs:
@@ -201,6 +220,31 @@ class FakeHub:
             if start >= len(data):
                 return self._send(h, 416, b"", {"Content-Range": f"bytes */{len(data)}"}, head, entry)
             entry.start = start
+            name = entry.file or ""
+            if not head and name.endswith(".safetensors"):
+                if self.on_range is not None:
+                    self.on_range(name, start)
+                    data = self._current(entry, data)
+                if name in self.corrupt:
+                    at = self.corrupt[name]
+                    data = data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+                fault = self.range_faults.pop(0) if self.range_faults else None
+                if fault == "503":
+                    return self._error(h, 503, None, "Service Unavailable")
+                if fault == "stall":
+                    time.sleep(self.stall_seconds)
+                if fault == "drop":
+                    body = data[start:end + 1]
+                    h.send_response(206)
+                    h.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                    h.send_header("Content-Length", str(len(body)))
+                    h.end_headers()
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        h.wfile.write(body[:len(body) // 2])
+                        h.wfile.flush()
+                    entry.nbytes += len(body) // 2
+                    h.close_connection = True
+                    return
             return self._send(h, 206, data[start:end + 1],
                               {**headers, **({} if self.no_content_range else
                                              {"Content-Range": f"bytes {start}-{end}/{len(data)}"}),

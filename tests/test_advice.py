@@ -96,6 +96,13 @@ def _run(x, args) -> int:
 
 SCENARIOS = [
     # similarity
+    Advice("--sample must be at least 2", lambda x: ["similarity", "--base", x.b, "--instruct", x.i, "--sample", "1"],
+           lambda x: ["similarity", "--base", x.b, "--instruct", x.i, "--sample", "64", "-q"]),
+    Advice("--candidates goes with --instruct alone",
+           lambda x: ["similarity", "--instruct", x.i, "--base", x.b, "--candidates", x.b, "-q"],
+           lambda x: ["similarity", "--instruct", x.i, "--candidates", x.b, "-q"]),
+    Advice("or pass --sample N for a quick estimate", lambda x: ["similarity", "--base", x.b, "--instruct", x.i],
+           lambda x: ["similarity", "--base", x.b, "--instruct", x.i, "--sample", "20", "-q"]),
     Advice("nothing to compare: pass --base and --instruct", lambda x: ["similarity", "--out", x.out, "-q"],
            lambda x: ["similarity", "--base", x.b, "--instruct", x.i, "--out", x.out, "-q"]),
     Advice("--base and --instruct go together", lambda x: ["similarity", "--base", x.b, "--out", x.out, "-q"],
@@ -275,6 +282,12 @@ SCENARIOS = [
 ]
 
 EXEMPT = {
+    "tensor to sample (the official figure": "a model whose layers are not named model.layers.N "
+                                             "(tests/test_sampling.py, with the full scan it advises)",
+    "loads whole model folders, and this one is read by range": "a streamed input to eval/train/retarget "
+                                                                "(tests/test_stream.py, with the folder it advises)",
+    "it cannot be streamed: bypass the proxy": "a server that ignores Range (tests/test_stream.py, then without "
+                                               "--stream as advised)",
     "no delta source fits these inputs": "a delta-source registry without the built-in sources (the Python API; the "
                                          "CLI says `a graft needs --base ...` first)",
     "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "a CUDA GPU (tests/test_kernels.py, -m gpu)",

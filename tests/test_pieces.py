@@ -170,7 +170,7 @@ def test_a_high_rank_on_a_wide_layer_reads_its_factors_once_per_piece(case, make
     layer take hours). A piece has up to 512 // 16 = 32 rows and no tensor here more than 256 rows, so no factor
     is read more than 8 times; one read per row segment read the adapter 36-85 times over. The result is still
     peft's."""
-    from shadowmerge import transport
+    from shadowmerge import transports as transport
 
     small_pieces(1 << 22, 512)
     family, dtype, kwargs = PLAIN_CASES[case] if case in PLAIN_CASES else (*BASE_CASES[case][:1], torch.bfloat16,

@@ -14,7 +14,7 @@ from adapters import make_adapter
 
 @pytest.fixture
 def pread_only(monkeypatch):
-    from shadowmerge import transport
+    from shadowmerge import transports as transport
 
     transport._load()                    # the built-in ones first: the test's list is restored afterwards
     monkeypatch.setattr(transport, "TRANSPORTS", list(transport.TRANSPORTS))
@@ -75,7 +75,7 @@ def test_a_reference_no_transport_claims_is_one_line(cli, tmp_path):
     res = cli("graft", "--instruct", "no-such-scheme://x/y", "--base", tmp_path, "--tuned", tmp_path,
               "--out", tmp_path / "o")
     assert res.exit_code != 0
-    one_line_error(res.stderr, "model folder not found: no-such-scheme://x/y")
+    one_line_error(res.stderr, "no-such-scheme:// is not a model location shadowmerge reads")
 
 
 def test_a_file_read_by_several_threads_at_once_is_opened_once(tmp_path, monkeypatch):
@@ -84,12 +84,14 @@ def test_a_file_read_by_several_threads_at_once_is_opened_once(tmp_path, monkeyp
     import threading
     import time
 
-    from shadowmerge import transport
+    from shadowmerge import transports as transport
 
     path = tmp_path / "adapter_model.safetensors"
     path.write_bytes(bytes(range(256)) * 16)
     files = transport.LocalFiles(tmp_path)
-    opened, real_open = [], transport.os.open
+    from shadowmerge.transports import local
+
+    opened, real_open = [], local.os.open
 
     def slow_open(*args, **kwargs):
         time.sleep(0.02)                     # wide enough a window for every thread to miss the cached one
@@ -97,7 +99,7 @@ def test_a_file_read_by_several_threads_at_once_is_opened_once(tmp_path, monkeyp
         opened.append(fd)
         return fd
 
-    monkeypatch.setattr(transport.os, "open", slow_open)
+    monkeypatch.setattr(local.os, "open", slow_open)
     start, got = threading.Barrier(8), []
 
     def read():

@@ -7,20 +7,25 @@ report.html and the figures (PNG and SVG) into it atomically. `shadowmerge simil
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import hub
+from ..transports import hub
 from ..checkpoint import Checkpoint
 from ..devices import parse_device
 from ..errors import ShadowMergeError
 from ..output import OutputFolder
 from ..record import FILES
 from ..progress import bar as progress_bar
-from ..transport import resolve
+from ..transports import resolve
 from .aggregate import PairResult, TensorRow
+from .aggregate import OFFICIAL
+from .sample import DEFAULT_SAMPLE, choose, estimate
 from .stats import Sums, scan
 from .tuned import LoraTuned, is_adapter
+from ..transports.stream import sampling
 
 __all__ = ["similarity", "SimilarityReport", "PairResult", "Sums"]
 
@@ -30,13 +35,35 @@ class SimilarityReport:
     pairs: list[PairResult]
     report: dict | None          # the contents of report.json (None without an output folder)
     out: Path | None
+    candidates: list[dict] | None = field(default=None)   # the shadow finder's ranking (similarity --candidates)
 
     def __str__(self) -> str:
         lines = []
+        if self.candidates is not None:
+            lines.append("shadow candidates for the Instruct, closest first (σ to the Instruct, sampled):")
+            for c in self.candidates:
+                if c["unusable"]:
+                    lines.append(f"  -  {c['candidate']}: unusable: {'; '.join(c['unusable'])}")
+                    continue
+                iv = f" ({c['interval'][0]:.4f}–{c['interval'][1]:.4f})" if c["interval"] else ""
+                notes = f"; {'; '.join(c['notes'])}" if c["notes"] else ""
+                lines.append(f"  {c['rank']}. {c['candidate']}: σ {c['sigma']:.4f}{iv}: {c['verdict']}{notes}")
+            lines.append("a close sibling is a hypothesis, not a proven Base: graft its update and compare with "
+                         "`shadowmerge eval`")
+            if self.out is not None:
+                lines.append(f"wrote {self.out}: report.html, report.json, summary.md and figures")
+            return "\n".join(lines)
         for p in self.pairs:
-            off = f"{p.official:.4f} over {p.official_count} tensors" if p.official is not None else "n/a"
-            lines.append(f"{p.name}: official σ (mean per tensor, model.layers.N.*) {off}; weighted σ "
-                         f"{p.weighted:.4f} over {len(p.rows)} tensors")
+            if p.sampled is not None:
+                s = p.sampled
+                off = (f"≈ {s['value']:.4f} ({s['level']:.0%} interval {s['low']:.4f}–{s['high']:.4f}; {s['tensors']} "
+                       f"of {s['of']} tensors sampled, seed {s['seed']})")
+                lines.append(f"{p.name}: official σ (mean per tensor, model.layers.N.*) {off}; weighted σ over the "
+                             f"sample {p.weighted:.4f}")
+            else:
+                off = f"{p.official:.4f} over {p.official_count} tensors" if p.official is not None else "n/a"
+                lines.append(f"{p.name}: official σ (mean per tensor, model.layers.N.*) {off}; weighted σ "
+                             f"{p.weighted:.4f} over {len(p.rows)} tensors")
             lines.append(f"  {p.verdict()['line']}")
         if self.out is not None:
             lines.append(f"wrote {self.out}: report.html, report.json, tensors.csv, summary.md and figures")
@@ -72,18 +99,35 @@ def _compare_names(name: str, base: Checkpoint, inst: Checkpoint, tuned: Checkpo
 def similarity(base: str | Path | None = None, instruct: str | Path | None = None, tuned: str | Path | None = None,
                *, pairs: dict[str, tuple[str, str]] | None = None, out: str | Path | None = None,
                matrix: str | None = None, matrix_size: int = 48, force: bool = False, allow_pickle: bool = False,
-               device: str = "cpu", progress: bool = True, command: str | None = None) -> SimilarityReport:
+               device: str = "cpu", progress: bool = True, command: str | None = None, sample: int | None = None,
+               seed: int = 0, stream: bool = False, candidates: list[str] | None = None) -> SimilarityReport:
     """Compare Base and Instruct (or each NAME -> (BASE, INSTRUCT) in pairs); with tuned, add graft-risk diagnostics.
 
-    Returns the numbers; with `out`, also writes the report folder.
+    `sample=N`: σ from N tensors read by range (Hub ids and URLs never downloaded), with its interval
+    (analyzer/sample.py). `candidates=[...]` with `instruct`: the shadow finder — each candidate checked from headers
+    (architecture, tensor names and shapes, vocabulary), the usable ones ranked by sampled σ to the Instruct.
+    `stream=True`: Hub ids read by range, each file checked against the Hub's sha256. Returns the numbers; with `out`,
+    also writes the report folder.
     """
+    if sample is not None and sample < 2:
+        raise ShadowMergeError(f"--sample must be at least 2 (tensors), not {sample}; pass e.g. --sample 64")
+    found = None
     todo: list[tuple[str, str, str]] = []
-    if base is not None or instruct is not None:
+    if candidates:
+        if instruct is None or base is not None or tuned is not None or pairs:
+            raise ShadowMergeError("--candidates goes with --instruct alone (the Instruct to find a shadow Base for); "
+                                   "leave out --base, --tuned and --pair")
+        sample = sample or DEFAULT_SAMPLE
+        found = _screen(str(instruct), candidates, allow_pickle)
+        todo = [(_pair_name(c["candidate"]), c["candidate"], str(instruct)) for c in found if not c["unusable"]]
+        if len({n for n, _, _ in todo}) != len(todo):
+            todo = [(f"{k + 1}-{n}", b, i) for k, (n, b, i) in enumerate(todo)]
+    elif base is not None or instruct is not None:
         if base is None or instruct is None:
             raise ShadowMergeError("--base and --instruct go together (or use --pair NAME=BASE,INSTRUCT)")
         todo.append((_pair_name(str(instruct)), str(base), str(instruct)))
     todo += [(n, str(b), str(i)) for n, (b, i) in (pairs or {}).items()]
-    if not todo:
+    if not todo and not found:
         raise ShadowMergeError("nothing to compare: pass --base and --instruct, or --pair NAME=BASE,INSTRUCT")
     if len({n for n, _, _ in todo}) != len(todo):
         raise ShadowMergeError("two pairs have the same name; name each --pair differently")
@@ -93,18 +137,19 @@ def similarity(base: str | Path | None = None, instruct: str | Path | None = Non
     if matrix_size < 2:
         raise ShadowMergeError("--matrix-size must be at least 2; pass e.g. --matrix-size 48")
     dev = parse_device(device)
+    by_range = stream or sample is not None     # a sample never downloads: Hub ids are read by range
 
     opened: list[Checkpoint] = []
     try:
         plans = []
         for name, b, i in todo:
-            cb = Checkpoint.open(b, "base", allow_pickle)
+            cb = Checkpoint.open(b, "base", allow_pickle, by_range)
             opened.append(cb)
-            ci = Checkpoint.open(i, "instruct", allow_pickle)
+            ci = Checkpoint.open(i, "instruct", allow_pickle, by_range)
             opened.append(ci)
             ct = None
             if tuned is not None:
-                where = resolve(tuned, allow_pickle)
+                where = resolve(tuned, allow_pickle, by_range)
                 ct = LoraTuned(cb, tuned, allow_pickle, where) if is_adapter(where) else \
                     Checkpoint(where, "tuned", str(tuned), allow_pickle)
             if ct is not None:
@@ -116,28 +161,91 @@ def similarity(base: str | Path | None = None, instruct: str | Path | None = Non
                                        f"and Instruct of one model family and size")
             if matrix is not None:
                 _check_matrix(matrix, items, name)
-            plans.append((items, result, cb, ci, ct))
+            population = [n for n, *_ in items if OFFICIAL.search(n)]
+            if sample is not None:
+                items = choose(items, sample, seed)
+                if not items:
+                    raise ShadowMergeError(f"{name}: no model.layers.N.* tensor to sample (the official figure's "
+                                           f"tensors); leave out --sample for a full scan")
+                if matrix is not None and matrix not in {n for n, *_ in items}:
+                    items.append(next(it for it in _compare_names(name, cb, ci, ct)[0] if it[0] == matrix))
+            plans.append((items, result, cb, ci, ct, population))
         target = None
         if out is not None:
             target = OutputFolder(out, force=force, inputs=[c.folder for c in opened], need_bytes=0,
                                   record=FILES["similarity"])
         total = sum(info.nbytes + b.nbytes + (t.nbytes if t else 0) for items, *_ in plans for _, info, b, t in items)
-        for c in opened:         # Hub inputs: download the weights, now that everything was checked
-            c.fetch(progress)
-        with progress_bar(total, progress, "similarity") as bar:
-            for items, result, cb, ci, ct in plans:
+        if not by_range:
+            for c in opened:         # Hub inputs: download the weights, now that everything was checked
+                c.fetch(progress)
+        with progress_bar(total, progress, "similarity") as bar, (sampling() if sample is not None else
+                                                                  contextlib.nullcontext()):
+            for items, result, cb, ci, ct, population in plans:
                 sums = scan(items, cb, ci, ct, on_bytes=bar.update, device=dev)
                 result.rows = [TensorRow(n, a.shape, sums[n]) for n, a, _, _ in items]
+                if sample is not None:
+                    result.sampled = estimate({r.name: r.sums.sigma for r in result.rows if OFFICIAL.search(r.name)},
+                                              population, seed)
+        if sample is None:
+            from ..pipeline import finish_streams
+
+            for note in finish_streams(opened):
+                print(f"warning: {note}", file=sys.stderr)
         results = [p[1] for p in plans]
+        if found is not None:
+            _rank(found, results)
         if target is None:
-            return SimilarityReport(results, None, None)
+            return SimilarityReport(results, None, None, found)
         with target as tmp:
-            report = _write(tmp, plans, results, matrix, matrix_size, command)
+            report = _write(tmp, plans, results, matrix, matrix_size, command, found)
             target.commit()
-        return SimilarityReport(results, report, target.target)
+        return SimilarityReport(results, report, target.target, found)
     finally:
         for c in opened:
             c.close()
+
+
+def _screen(instruct: str, candidates: list[str], allow_pickle: bool) -> list[dict]:
+    """Each candidate against the Instruct from configs and headers alone (read by range: nothing downloaded)."""
+    from .sample import compatibility
+
+    if len(set(candidates)) != len(candidates):
+        raise ShadowMergeError("--candidates names a model twice; name each once")
+    inst = Checkpoint.open(instruct, "instruct", allow_pickle, True)
+    found = []
+    try:
+        for ref in candidates:
+            entry = {"candidate": ref, "unusable": [], "notes": [], "sigma": None, "interval": None, "verdict": None}
+            try:
+                cand = Checkpoint.open(ref, "candidate", allow_pickle, True)
+            except ShadowMergeError as exc:
+                entry["unusable"].append(f"cannot be read: {exc}")
+            else:
+                try:
+                    entry["unusable"], entry["notes"] = compatibility(inst, cand)
+                finally:
+                    cand.close()
+            found.append(entry)
+    finally:
+        inst.close()
+    return found
+
+
+def _rank(found: list[dict], results: list[PairResult]) -> None:
+    """The usable candidates' sampled σ and verdicts, ranked closest first (then the unusable, with reasons)."""
+    from .sample import shadow_verdict
+
+    by_ref = {r.base: r for r in results}
+    for entry in found:
+        r = by_ref.get(entry["candidate"])
+        if r is not None:
+            est = r.sampled
+            entry["sigma"] = est["value"] if est else r.official
+            entry["interval"] = [est["low"], est["high"]] if est else None
+            entry["verdict"] = shadow_verdict(entry["sigma"], est)
+    found.sort(key=lambda e: (bool(e["unusable"]), e["sigma"] if e["sigma"] is not None else 0.0))
+    for k, entry in enumerate(found, 1):
+        entry["rank"] = k if not entry["unusable"] else None
 
 
 def _check_matrix(name: str, items, pair: str) -> None:
@@ -150,12 +258,12 @@ def _check_matrix(name: str, items, pair: str) -> None:
 
 
 def _write(folder: Path, plans, results: list[PairResult], matrix: str | None, size: int,
-           command: str | None = None) -> dict:
+           command: str | None = None, candidates: list[dict] | None = None) -> dict:
     from . import plots
     from .report import write_all
 
-    figures: dict[str, list[str]] = {"": plots.pair_bars(results, folder)}
-    for k, (items, result, cb, ci, ct) in enumerate(plans):
+    figures: dict[str, list[str]] = {"": plots.pair_bars(results, folder) if results else []}
+    for k, (items, result, cb, ci, ct, _) in enumerate(plans):
         stem = f"{k + 1:02d}-{_slug(result.name)}"
         names = plots.per_layer_lines(result, folder, f"{stem}-sigma_per_layer")
         names += plots.heatmap(result, folder, f"{stem}-layer_module_heatmap")
@@ -165,7 +273,7 @@ def _write(folder: Path, plans, results: list[PairResult], matrix: str | None, s
         if ct is not None:
             names += plots.diagnostics(result, folder, f"{stem}-diagnostics")
         figures[result.name] = names
-    return write_all(folder, results, figures, command)
+    return write_all(folder, results, figures, command, candidates)
 
 
 def _matrix_slice(ckpt: Checkpoint, info, size: int):

@@ -96,10 +96,14 @@ class PairResult:
     not_in_tuned: list[str] = field(default_factory=list)     # compared tensors the tuned model lacks or reshapes
     not_floating: list[str] = field(default_factory=list)     # integer tensors (buffers, quantized weights)
     hub: dict = field(default_factory=dict)                   # Hub inputs: id, revision, commit sha by role
+    sampled: dict | None = None      # with --sample: the official figure's estimate and interval (sample.estimate)
 
     @property
     def official(self) -> float | None:
-        """Unweighted mean of per-tensor sigma over `model.layers.N.` tensors (the official script's figure)."""
+        """Unweighted mean of per-tensor sigma over `model.layers.N.` tensors (the official script's figure); from a
+        sample, its stratified estimate."""
+        if self.sampled is not None:
+            return self.sampled["value"]
         sig = [r.sums.sigma for r in self.rows if OFFICIAL.search(r.name)]
         return sum(sig) / len(sig) if sig else None
 
@@ -174,6 +178,10 @@ class PairResult:
             else:
                 reasons.append(f"cos(T - B, I - B) = {cos:+.3f} overall; no layer below -0.3, so the update does "
                                f"not undo instruction tuning")
+        if self.sampled is not None:
+            from .sample import interval_note
+
+            reasons.append(interval_note(self.sampled))
         if self.only_in_base or self.only_in_instruct or self.shape_differs or self.not_in_tuned:
             level = "caution" if level == "ok" else level
             reasons.append(f"{len(self.only_in_base) + len(self.only_in_instruct)} tensor name(s) and "

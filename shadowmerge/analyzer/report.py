@@ -61,17 +61,20 @@ def pair_dict(p: PairResult, figures: list[str]) -> dict:
         "tensors": [{"name": r.name, "shape": list(r.shape), "layer": r.layer, "module": r.module,
                      "tower": r.tower, **metrics(r.sums, tuned)} for r in p.rows],
         "figures": figures,
+        **({"sample": p.sampled} if p.sampled is not None else {}),
     }
 
 
-def write_all(folder: Path, pairs: list[PairResult], figures: dict[str, list[str]], command: str | None = None) -> dict:
+def write_all(folder: Path, pairs: list[PairResult], figures: dict[str, list[str]], command: str | None = None,
+              candidates: list[dict] | None = None) -> dict:
     from datetime import datetime, timezone
 
     report = new_record("similarity", {
         "schema_version": SCHEMA_VERSION, "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command or "shadowmerge.analyzer.similarity() from Python",
         "definitions": DEFINITIONS, "figures": figures.get("", []),
-        "pairs": [pair_dict(p, figures.get(p.name, [])) for p in pairs]})
+        "pairs": [pair_dict(p, figures.get(p.name, [])) for p in pairs],
+        **({"candidates": candidates} if candidates is not None else {})})
     write_record(folder, report, indent=1, allow_nan=False)
     _csv(folder / "tensors.csv", report)
     (folder / "summary.md").write_text(_markdown(report))
@@ -122,9 +125,12 @@ def _sections(p: dict) -> list[tuple[str, list[list[str]]]]:
     """(title, table) pairs shared by summary.md and report.html."""
     tuned = p["tuned"] is not None
     extra = ["update_rel", "update_cos"] if tuned else []
+    s = p.get("sample")
     agg = _table(["figure", "value", "over"], [
         ["official σ(B, I) (mean of per-tensor σ, model.layers.N.*)", p["official_sigma"]["value"],
-         f"{p['official_sigma']['tensors']} tensors"],
+         f"{p['official_sigma']['tensors']} tensors" if s is None else
+         f"estimated from {s['tensors']} of {s['of']} tensors (seed {s['seed']}), {s['level']:.0%} interval "
+         f"{s['low']:.4g}–{s['high']:.4g}"],
         ["weighted σ (all tensors together)", p["weighted_sigma"]["value"],
          f"{p['weighted_sigma']['tensors']} tensors, {p['weighted_sigma']['parameters']:,} parameters"]]
         + [[f"weighted σ, {k} tower", v["sigma"], f"{v['numel']:,} parameters"] for k, v in p["towers"].items()])
@@ -144,6 +150,16 @@ def _markdown(report: dict) -> str:
     lines = ["# Similarity report", "", f"shadowmerge {report['version']}, {report['created']}: `{report['command']}`",
              "", "Definitions:", ""]
     lines += [f"- **{k}**: {v}" for k, v in report["definitions"].items()]
+    if report.get("candidates") is not None:
+        lines += ["", "## Shadow candidates", "", "Closest first; a close sibling is a hypothesis to test with "
+                  "`shadowmerge eval`, not a proven Base.", "", "| rank | candidate | σ to the Instruct | interval | "
+                  "verdict |", "|---|---|---|---|---|"]
+        for c in report["candidates"]:
+            iv = f"{c['interval'][0]:.4g}–{c['interval'][1]:.4g}" if c.get("interval") else "-"
+            say = "unusable: " + "; ".join(c["unusable"]) if c["unusable"] else c["verdict"] + \
+                "".join(f"; {n}" for n in c["notes"])
+            sigma = "-" if c["sigma"] is None else f"{c['sigma']:.4g}"
+            lines.append(f"| {c.get('rank') or '-'} | `{c['candidate']}` | {sigma} | {iv} | {say} |")
     for p in report["pairs"]:
         lines += ["", f"## {short_label(p['name'])}", "", f"B (Base) `{p['base']}`, I (Instruct) `{p['instruct']}`"
                   + (f", T (tuned Base) `{p['tuned']}`" if p["tuned"] else ""), "", f"**Verdict**: {p['verdict']['line']}"]
@@ -181,6 +197,12 @@ def _html(report: dict, folder: Path) -> str:
              f"<code>{html.escape(report['command'])}</code></p><ul>"]
     parts += [f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in report["definitions"].items()]
     parts.append("</ul>")
+    if report.get("candidates") is not None:
+        rows = [["rank", "candidate", "σ to the Instruct", "verdict"]] + [
+            [str(c.get("rank") or "-"), c["candidate"], "-" if c["sigma"] is None else f"{c['sigma']:.4g}",
+             "unusable: " + "; ".join(c["unusable"]) if c["unusable"] else c["verdict"]]
+            for c in report["candidates"]]
+        parts.append(f"<h2>Shadow candidates</h2>{table(rows)}")
     parts += [img(f) for f in report["figures"] if f.endswith(".png")]
     for p in report["pairs"]:
         parts.append(f"<h2>{html.escape(short_label(p['name']))}</h2><p>B (Base) <code>{html.escape(p['base'])}</code>, "

@@ -8,6 +8,7 @@ memory is bounded by the chunk, never by a tensor or a model.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -18,6 +19,7 @@ from ..checkpoint import Checkpoint, TensorInfo
 from ..chunks import SUM_CHUNK_ELEMENTS, ranges
 from ..formats.safetensors import itemsize
 from ..tensors import Buffers, widen
+from ..transports.stream import is_sampling, sampling
 
 F64 = torch.float64
 
@@ -95,7 +97,13 @@ def scan(items: list[tuple[str, TensorInfo, TensorInfo, TensorInfo | None]], a: 
         slot.pin = cuda
     work = Buffers(device, torch.float32)
 
+    sampled = is_sampling()             # (--sample: the reader thread's reads are samples too)
+
     def read(k: int):
+        with sampling() if sampled else contextlib.nullcontext():
+            return _read(k)
+
+    def _read(k: int):
         name, ia, ib, it, e0, e1 = jobs[k]
         buf, n = slots[k % 2], e1 - e0
         raw = [a.read_into(ia, e0, e1, buf("a", n * itemsize(ia.dtype))),

@@ -17,7 +17,7 @@ from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import ShadowMergeError
 from ..formats.safetensors import itemsize
 from ..tensors import Buffers, widen
-from ..transport import Transport
+from ..transports import Transport
 
 
 def is_adapter(where: Transport) -> bool:

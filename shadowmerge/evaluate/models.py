@@ -61,11 +61,12 @@ def parse(specs: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
 def open_model(label: str, ref: str, chat_template: bool, allow_pickle: bool, progress: bool,
                why: str | None = None) -> Model:
     """Checked, its side files at hand (a Hub id's downloaded), its weights not yet downloaded."""
-    from .. import hub
+    from ..transports import hub
     from ..checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(ref, f"model {label}", allow_pickle)
     try:
+        ckpt.needs_local("eval")
         if ckpt.quantized:             # FP8 blocks transformers cannot decode on a CPU: refused now, not after loading
             from ..formats.fp8 import check_decodable
 

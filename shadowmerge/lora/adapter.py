@@ -15,11 +15,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import hub, jsonfile
+from .. import jsonfile
+from ..transports import hub
 from ..checkpoint import TensorInfo, TensorStore
 from ..errors import ShadowMergeError
 from ..patterns import Matcher
-from ..transport import Transport, resolve
+from ..transports import Transport, resolve
 
 CONFIG = "adapter_config.json"
 SAVE = "re-save the adapter with peft's save_pretrained"      # the next step for an adapter that is not what peft saves
@@ -98,8 +99,8 @@ class Adapter(TensorStore):
         self._sort_keys()
 
     @classmethod
-    def open(cls, ref: str | Path, allow_pickle: bool = False) -> "Adapter":
-        return cls(resolve(ref, allow_pickle), str(ref), allow_pickle)
+    def open(cls, ref: str | Path, allow_pickle: bool = False, stream: bool = False) -> "Adapter":
+        return cls(resolve(ref, allow_pickle, stream), str(ref), allow_pickle)
 
     # --- config ---------------------------------------------------------------------------
     def _read_config(self) -> dict:

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import hub
+from ..transports import hub
 from ..checkpoint import Checkpoint
 from ..errors import ShadowMergeError
 from ..output import OutputFolder
@@ -44,6 +44,7 @@ def retarget(adapter: str | Path, instruct: str | Path, out: str | Path, *, forc
     try:
         ad = Adapter.open(adapter, allow_pickle)
         opened.append(ad)
+        ad.needs_local("lora retarget")
         why = ad.needs_base()
         if why:
             raise ShadowMergeError(

@@ -221,9 +221,9 @@ class LoraDelta:
     def open(cls, spec, instruct: Checkpoint, opened: list) -> "LoraDelta":
         base = None
         if spec.base is not None:
-            base = Checkpoint.open(spec.base, "base", spec.allow_pickle)
+            base = Checkpoint.open(spec.base, "base", spec.allow_pickle, spec.stream)
             opened.append(base)
-        opened.append(Adapter.open(spec.lora, spec.allow_pickle))
+        opened.append(Adapter.open(spec.lora, spec.allow_pickle, spec.stream))
         return cls(opened[-1], base, instruct)
 
     def card_inputs(self) -> dict:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import hub, jsonfile
+from .. import jsonfile
+from ..transports import hub
 from .._version import versions
 from ..checkpoint import Checkpoint
 from ..errors import ShadowMergeError
@@ -92,6 +93,8 @@ def prepare(recipe: Recipe, *, baseline: bool, emit_only: bool, force: bool, res
     base = Checkpoint.open(r.base, "base", allow_pickle)
     inst = Checkpoint.open(r.instruct, "instruct", allow_pickle)
     try:
+        base.needs_local("train")
+        inst.needs_local("train")
         checks.check_pair(base, inst)
         for ckpt, role in ((base, "base"), (inst, "instruct")):
             if ckpt.quantized:        # trainers load it decoded by transformers: what it cannot decode, refused now

@@ -26,11 +26,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import jsonfile
-from .errors import ShadowMergeError
-from .formats.safetensors import MAX_HEADER, read_header
-from .transport import LocalFiles, register
+from .. import jsonfile
+from ..errors import ShadowMergeError
+from ..formats.safetensors import MAX_HEADER, read_header
+from . import register
+from .local import LocalFiles
+from .stream import FileFacts, RangeStream, Retry, Settings, stream_timeout
 
+HF_URL = "hf://"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REVISION = re.compile(r"^[\w.][\w./-]{0,254}$")
 # Weight formats we never read; pickles are fetched only when the user allows them.
@@ -186,6 +189,7 @@ class Remote:
         self.repo, self.revision, self.sha, self.files, self.folder = repo, revision, sha, files, folder
         self.downloaded: set[str] = set()
         self.pickles: list[str] = []      # the repo's top-level .bin files, fetched only with --allow-pickle
+        self.digests: dict[str, dict[str, str]] = {}   # file -> the Hub's digests of it (LFS sha256, git blob sha1)
 
     @property
     def name(self) -> str:
@@ -251,6 +255,7 @@ class Remote:
             raise explain(exc, repo, revision) from None
         remote = cls(repo, revision, sha, files, path.parent)
         remote.pickles = pickles            # listed even when not wanted: to say why no weights were found
+        remote.digests = {s.rfilename: _digests(s) for s in info.siblings or () if s.rfilename in files}
         remote.downloaded.add(first)
         remote.download([f for f in METADATA if f in files], progress=False)
         return remote
@@ -263,7 +268,7 @@ class Remote:
         self.downloaded.update(n for n in names if n not in todo)
         if not todo:
             return
-        from .progress import bar
+        from ..progress import bar
 
         total = sum(self.files.get(n) or 0 for n in todo)
         with bar(total, progress, desc or f"download {self.repo}") as shown:
@@ -385,14 +390,19 @@ class HubFiles(LocalFiles):
         self.remote, self.name, self.commit, self.pickles = remote, remote.name, remote.sha, remote.pickles
         self._checked: dict[str, tuple[int, dict]] = {}      # headers read from the Hub, by file name
 
-    @classmethod
-    def claims(cls, ref: str) -> bool:
-        return not Path(ref).expanduser().exists()          # not a folder here: a Hub id, or nothing
+    streamable = True                   # resolve() passes --stream on
 
     @classmethod
-    def open(cls, ref: str | Path, allow_pickle: bool = False) -> LocalFiles:
-        """A Hub repo id opened header first; offline, its cached snapshot as a local folder."""
+    def claims(cls, ref: str) -> bool:        # not a folder here: a Hub id (or hf://), or nothing
+        return ref.startswith(HF_URL) or ("://" not in ref and not Path(ref).expanduser().exists())
+
+    @classmethod
+    def open(cls, ref: str | Path, allow_pickle: bool = False, stream: bool = False) -> LocalFiles:
+        """A Hub repo id opened header first; offline, its cached snapshot as a local folder. With stream (or an
+        hf:// URL) its weights are read by range, never downloaded (HubStream)."""
         text = str(ref)
+        if text.startswith(HF_URL):
+            text, stream = text[len(HF_URL):].rstrip("/"), True
         repo, revision = split_ref(text)
         if not _REPO_ID.match(repo) or ".." in repo:
             raise ShadowMergeError(f"model folder not found: {ref}; check the path, or pass a Hub id like "
@@ -401,7 +411,9 @@ class HubFiles(LocalFiles):
             raise ShadowMergeError(f"{text[:200]!r}: {revision[:80]!r} is not a revision (a branch, tag or commit "
                                    f"sha after '@'); write it as e.g. {repo}@main")
         found = Remote.open(repo, revision, allow_pickle)
-        return LocalFiles(found) if isinstance(found, Path) else cls(found)
+        if isinstance(found, Path):
+            return LocalFiles(found)
+        return HubStream(found) if stream else cls(found)
 
     def has(self, name: str) -> bool:
         return name in self.remote.files
@@ -456,6 +468,20 @@ class HubFiles(LocalFiles):
         return self.remote.describe()
 
 
+def _digests(sibling) -> dict[str, str]:
+    """What the Hub says a file's bytes hash to: its LFS sha256, else its git blob sha1."""
+    lfs = getattr(sibling, "lfs", None)
+    sha256 = getattr(lfs, "sha256", None) if lfs is not None else None
+    if isinstance(lfs, dict):
+        sha256 = lfs.get("sha256")
+    if isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        return {"sha256": sha256.lower()}
+    blob = getattr(sibling, "blob_id", None)
+    if isinstance(blob, str) and re.fullmatch(r"[0-9a-fA-F]{40}", blob):
+        return {"git-sha1": blob.lower()}
+    return {}
+
+
 def _wanted(name: str, allow_pickle: bool) -> bool:
     from fnmatch import fnmatch
 
@@ -488,7 +514,9 @@ def _hub_id_in_cache(store) -> str | None:
 def reference(store) -> tuple[str, str | None]:
     """How an adapter config names an input (base_model_name_or_path, revision): its Hub id, with the commit
     sha when a revision was asked for; or, for a local folder, its absolute path."""
-    repo, revision = split_ref(store.ref)
+    if store.transport.streams and store.transport.commit is None:      # an object-store URL: itself
+        return store.ref, None
+    repo, revision = split_ref(store.ref.removeprefix(HF_URL))
     sha = store.transport.commit or _hub_id_in_cache(store)
     if sha is None:
         return str(Path(store.folder).absolute()), None
@@ -516,3 +544,109 @@ def cache_revision(folder: Path) -> str | None:
     folder = Path(folder).absolute()
     return folder.name if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
 
+
+
+class HubStream(HubFiles):
+    """A Hub revision read by HTTP range (`--stream`, `hf://`): headers as HubFiles, then every weight byte by range
+    from the commit's URL (the CDN's, once redirected there), each file checked against the Hub's sha256 of it as it
+    flows (stream.RangeStream). Nothing is written to the cache but the JSON files read when it is opened and the
+    side files a command fetches (tokenizer, chat template)."""
+
+    streams = True
+
+    def __init__(self, remote: Remote):
+        super().__init__(remote)
+        facts = {n: FileFacts(n, size or 0, remote.digests.get(n, {}), remote.sha)
+                 for n, size in remote.files.items() if n.endswith(".safetensors")}
+        self.settings = Settings.from_env(stream_timeout(timeout()))
+        self.stream = RangeStream(f"{remote.name}", facts, self._get, self.settings)
+        self._cdn: dict[str, str] = {}            # file -> the URL its range requests were redirected to
+
+    def header(self, path: Path) -> tuple[int, dict]:
+        name = path.relative_to(self.folder).as_posix()
+        return self.stream.header(name, f"{self.label} {self.remote.name}: {name}")
+
+    def fetch(self, names: list[str], progress: bool = False, desc: str | None = None) -> None:
+        """Side files (and pickles, read whole) are downloaded; safetensors weights are read by range."""
+        self.remote.download([n for n in names if not n.endswith(".safetensors")], progress, desc)
+
+    def pread(self, path: Path, view: memoryview, pos: int) -> int:
+        return self.stream.pread(path.relative_to(self.folder).as_posix(), view, pos)
+
+    def zero_copy_fd(self, path: Path) -> int | None:
+        return None
+
+    def source(self) -> dict | None:
+        return {"url": f"{HF_URL}{self.remote.repo}@{self.remote.sha}",
+                "files": {n: c.facts.record() for n, c in sorted(self.stream.cursors.items()) if c.read}}
+
+    def finish(self) -> str | None:
+        return self.stream.finish()
+
+    def close(self) -> None:
+        self.stream.close()
+        super().close()
+
+    def _get(self, name: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a file of this commit: one range request (Retry on a passing failure)."""
+        from huggingface_hub import constants, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        cdn = self._cdn.get(name)
+        url = cdn or hf_hub_url(self.remote.repo, name, revision=self.remote.sha, endpoint=constants.ENDPOINT)
+        headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity",
+                   **({} if cdn else build_hf_headers())}          # the token goes to the Hub, never to its CDN
+        size = self.stream.facts[name].size
+        try:
+            with get_session().stream("GET", url, headers=headers, timeout=self.settings.timeout,
+                                      follow_redirects=True) as r:
+                if r.status_code == 429 or r.status_code >= 500:
+                    raise Retry(f"HTTP {r.status_code}")
+                if cdn and r.status_code in (401, 403, 404, 410):       # a signed CDN link that expired
+                    self._cdn.pop(name, None)
+                    raise Retry("expired link")
+                if r.status_code >= 400:
+                    r.read()
+                    hf_raise_for_status(r)
+                if r.status_code != 206:
+                    raise ShadowMergeError(
+                        f"{self.label} {self.remote.name}: the server answered a range request for {name} with HTTP "
+                        f"{r.status_code}; it cannot be streamed: bypass the proxy in between (e.g. unset "
+                        f"HTTPS_PROXY), or leave out --stream to download it")
+                got = r.headers.get("Content-Range", "")
+                first, _, total = got.removeprefix("bytes ").partition("/")
+                if not first.startswith(f"{start}-") or total != str(size):
+                    raise ShadowMergeError(f"{self.label} {self.remote.name}: {name} changed during the run (the Hub "
+                                           f"answered {got[:60]!r} for bytes {start}-{end - 1} of {size}); nothing was "
+                                           f"written: run again")
+                data = bytearray()
+                for chunk in r.iter_raw():
+                    data += chunk
+                    if len(data) >= end - start:
+                        break
+                if not cdn and r.url.host != httpx_url_host(url):
+                    self._cdn[name] = str(r.url)
+                return bytes(data[:end - start])
+        except (ShadowMergeError, Retry):
+            raise
+        except Exception as exc:
+            if _transport_error(exc):
+                raise Retry("timeout" if "Timeout" in type(exc).__name__ else "dropped connection") from None
+            raise explain(exc, self.remote.repo, self.remote.revision) from None
+
+
+def httpx_url_host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or ""
+
+
+def _transport_error(exc: BaseException) -> bool:
+    """A dropped connection or a timeout (httpx's TransportError, whichever httpx huggingface_hub uses)."""
+    import importlib
+
+    kinds: list[type] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            kinds.append(importlib.import_module(module).TransportError)
+    return isinstance(exc, tuple(kinds))

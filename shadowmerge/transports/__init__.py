@@ -1,26 +1,26 @@
-"""Where a model's bytes come from: the Transport interface, its registry, and LocalFiles (a folder here).
+"""Where a model's bytes come from: the Transport interface, its registry, and the transports built in.
 
 A TensorStore (checkpoint.py) asks its transport for everything it reads: which files the model has, their
 safetensors headers, and bytes at an offset (`pread`); a writer copying a tensor unchanged asks for a file
-descriptor (`zero_copy_fd`) to copy in the kernel, and reads with pread where there is none. Built in:
-LocalFiles, and hub.HubFiles (a Hub revision: headers by HTTP range, weights downloaded into the
-huggingface_hub cache on first read). A new transport is a class with these methods, registered with
-`@register` (see docs/architecture.md); `resolve(ref)` asks each registered transport whether the reference
-is its kind, the most recently registered first.
+descriptor (`zero_copy_fd`) to copy in the kernel, and reads with pread where there is none. Built in, a file
+each: local.LocalFiles (a folder here), hub.HubFiles (a Hub revision: headers by HTTP range, weights downloaded
+into the huggingface_hub cache), hub.HubStream (a Hub revision read by range, `--stream`, `hf://`), and
+objectstore.ObjectFiles (`s3://`, `gs://`, `az://` through fsspec); the last two share stream.RangeStream (reads
+in order, several requests in flight, every byte checked against the store's own digest). A new transport is a
+class with these methods in a file of this folder, named in MODULES (see docs/architecture.md); `resolve(ref)`
+asks each registered transport whether the reference is its kind, the most recently registered first.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
+import contextvars
 from pathlib import Path
 from typing import Protocol
 
-from .errors import ShadowMergeError
-from .formats.safetensors import read_header
+from ..errors import ShadowMergeError
 
-MODULES = ("shadowmerge.hub",)            # imported to register their transports
+MODULES = ("shadowmerge.transports.hub", "shadowmerge.transports.objectstore")   # imported to register their transports
 TRANSPORTS: list[type] = []
 
 
@@ -30,6 +30,7 @@ class Transport(Protocol):
     commit: str | None       # the Hub commit it resolved to; None for a folder of this machine
     pickles: list[str]       # pickle weights it lists but does not read (to say why no weights were found)
     label: str               # the role it is read in (base, instruct, adapter), for messages; set by its reader
+    streams: bool            # True when weights are read by range from elsewhere, never copied down (fetch: side files)
 
     @classmethod
     def claims(cls, ref: str) -> bool:
@@ -66,6 +67,14 @@ class Transport(Protocol):
     def describe(self) -> dict | None:
         """For run records: the Hub id, revision and commit; None for a folder of this machine."""
 
+    def source(self) -> dict | None:
+        """For run records of a streamed input: its URL and each file read with its pinned version and digest (what
+        `verify --recompute` re-reads and checks); None for files on this machine."""
+
+    def finish(self) -> str | None:
+        """After the run read what it needed: check every streamed file whole (the rest of it read, its digest and
+        version compared; a one-line error naming the file); a line on retries and re-reads, or None."""
+
     def close(self) -> None:
         """Release open descriptors."""
 
@@ -76,20 +85,23 @@ def register(cls: type) -> type:
     return cls
 
 
-def resolve(ref: str | Path, allow_pickle: bool = False) -> Transport:
-    """The transport of a model reference: a folder of this machine, a Hub id, or another registered kind."""
+def resolve(ref: str | Path, allow_pickle: bool = False, stream: bool = False) -> Transport:
+    """The transport of a model reference: a folder of this machine, a Hub id (read by range with stream=True), a
+    URL (s3://, gs://, az://, hf://), or another registered kind."""
     text = str(ref)
     try:
         if "\0" in text:
             raise ValueError
-        Path(ref).expanduser().exists()
+        if "://" not in text:
+            Path(ref).expanduser().exists()
     except (OSError, ValueError, RuntimeError):      # a NUL byte, a name too long, ~unknown-user
         raise ShadowMergeError(f"{text[:200]!r} is not a usable path or Hub id; pass a model folder or an "
                                f"id like org/name") from None
     _load()
     for cls in reversed(TRANSPORTS):
         if cls.claims(text):
-            return cls.open(ref, allow_pickle)
+            return cls.open(ref, allow_pickle, stream) if getattr(cls, "streamable", False) else \
+                cls.open(ref, allow_pickle)
     raise ShadowMergeError(f"model folder not found: {ref}; check the path, or pass a Hub id like org/name")
 
 
@@ -100,67 +112,26 @@ def _load() -> None:
         importlib.import_module(module)
 
 
-@register
-class LocalFiles:
-    """A model folder of this machine: pread on descriptors opened once, and the same descriptors for copies."""
 
-    commit = None
 
-    def __init__(self, folder: Path):
-        self.folder, self.name, self.pickles, self.label = Path(folder), str(folder), [], ""
-        self._fds: dict[Path, int] = {}
-        self._opening = threading.Lock()       # the reader and compute threads (a LoRA's Wide factors) read at once
+PINS: "contextvars.ContextVar[dict]" = contextvars.ContextVar("shadowmerge_pins", default={})
 
-    @classmethod
-    def claims(cls, ref: str) -> bool:
-        return Path(ref).expanduser().exists()
 
-    @classmethod
-    def open(cls, ref: str | Path, allow_pickle: bool = False) -> LocalFiles:
-        path = Path(ref).expanduser()
-        if not path.is_dir():
-            raise ShadowMergeError(f"{ref} is a file; pass the model folder that contains it")
-        return cls(path)
+@contextlib.contextmanager
+def pinned(sources: dict):
+    """Within: streamed inputs opened again by URL must hold what a record says they held (`source()` of each, by
+    URL): the same versions, read as those versions where the store keeps them (verify --recompute)."""
+    token = PINS.set({**PINS.get(), **sources})
+    try:
+        yield
+    finally:
+        PINS.reset(token)
 
-    def has(self, name: str) -> bool:
-        return (self.folder / name).is_file()
 
-    def names(self) -> list[str]:
-        return sorted(p.name for p in self.folder.iterdir())
+def pins_of(url: str) -> dict | None:
+    """The record's word on the files of a URL being opened again (pinned()), or None."""
+    return PINS.get().get(url)
 
-    def size(self, name: str) -> int:
-        path = self.folder / name
-        return path.stat().st_size if path.is_file() else 0
+from .local import LocalFiles  # noqa: E402  (registered first: asked last)
 
-    def header(self, path: Path) -> tuple[int, dict]:
-        start, header, _ = read_header(path, path.stat().st_size)
-        return start, header
-
-    def fetch(self, names: list[str], progress: bool = False, desc: str | None = None) -> None:
-        return None
-
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            with self._opening:
-                fd = self._fds.get(path)
-                if fd is None:
-                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        return fd
-
-    def pread(self, path: Path, view: memoryview, pos: int) -> int:
-        return os.preadv(self._fd(path), [view], pos)
-
-    def zero_copy_fd(self, path: Path) -> int | None:
-        return self._fd(path)
-
-    def evicting_metadata(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    def describe(self) -> dict | None:
-        return None
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+__all__ = ["MODULES", "TRANSPORTS", "Transport", "register", "resolve", "pinned", "pins_of", "LocalFiles"]
