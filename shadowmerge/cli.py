@@ -204,8 +204,9 @@ def _parse_pairs(values: tuple[str, ...]) -> dict[str, tuple[str, str]]:
 @main.command(context_settings={"max_content_width": 100})
 @click.option("--base", metavar="MODEL", help="Base model: local folder or Hub id.")
 @click.option("--instruct", metavar="MODEL", help="Instruct model: local folder or Hub id.")
-@click.option("--tuned", metavar="MODEL", help="A fine-tune of the Base (a model, or a LoRA adapter: its update is "
-              "computed on the fly, nothing merged): adds graft-risk diagnostics.")
+@click.option("--tuned", metavar="MODEL", multiple=True, help="A fine-tune of the Base (a model, or a LoRA adapter: its "
+              "update is computed on the fly, nothing merged): adds graft-risk diagnostics. Repeated: how the updates "
+              "interfere (cosine, sign conflicts per layer and module), before grafting them at once.")
 @click.option("--pair", "pairs", multiple=True, metavar="NAME=BASE,INSTRUCT",
               help="A named pair; repeat it to compare many pairs in one report and one bar chart.")
 @click.option("--out", metavar="DIR", help="Report folder (written beside, then renamed); optional with --sample and "
@@ -243,10 +244,11 @@ def similarity(base, instruct, tuned, pairs, out, sample, seed, candidates, stre
       shadowmerge similarity --base B --instruct I --tuned T --out report/ --matrix model.layers.0.mlp.up_proj.weight
       shadowmerge similarity --base s3://ckpts/base --instruct org/Instruct --sample 64
       shadowmerge similarity --instruct Qwen/Qwen3-32B --candidates Qwen/Qwen3-32B-Base,Qwen/Qwen3-14B
+      shadowmerge similarity --base B --tuned ./math-sft --tuned ./code-lora     # interference before a multi-graft
     """
     from .analyzer import similarity as run_similarity
 
-    if out is None and sample is None and candidates is None:
+    if out is None and sample is None and candidates is None and len(tuned) < 2:
         raise ShadowMergeError("--out is required (the report folder); or pass --sample N for a quick estimate "
                                "printed here")
     listed = None
@@ -255,7 +257,8 @@ def similarity(base, instruct, tuned, pairs, out, sample, seed, candidates, stre
         if not all(listed):
             raise ShadowMergeError(f"--candidates {candidates!r}: write the models separated by commas, e.g. "
                                    f"--candidates org/a,org/b")
-    report = run_similarity(base, instruct, tuned, pairs=_parse_pairs(pairs), out=out, matrix=matrix,
+    report = run_similarity(base, instruct, list(tuned) if len(tuned) > 1 else (tuned[0] if tuned else None),
+                            pairs=_parse_pairs(pairs), out=out, matrix=matrix,
                             matrix_size=matrix_size, force=force, allow_pickle=allow_pickle, device=device,
                             progress=not quiet, command=_command(), sample=sample, seed=seed, stream=stream,
                             candidates=listed)
@@ -423,13 +426,21 @@ def _alphas(text: str | None) -> tuple[float, ...] | None:
               "and --lora, or --base and --tuned); each is what `graft --alpha` writes. [default with those: 1, "
               "the graft itself]")
 @click.option("--instruct", metavar="MODEL", help="α sweep: the Instruct (the reference).")
-@click.option("--lora", metavar="ADAPTER", help="α sweep: the adapter trained on the Base.")
+@click.option("--lora", metavar="ADAPTER", multiple=True, help="α sweep: the adapter trained on the Base (repeatable, "
+              "with --tuned too: several updates, as graft combines them).")
 @click.option("--base", metavar="MODEL", help="α sweep: the Base that was tuned.")
-@click.option("--tuned", metavar="MODEL", help="α sweep: the tuned Base.")
+@click.option("--tuned", metavar="MODEL", multiple=True, help="α sweep: the tuned Base (repeatable).")
+@click.option("--weights", metavar="W1,W2,...", help="α sweep of several updates: graft's --weights.")
+@click.option("--combine", type=click.Choice(["sum", "ties", "dare_ties", "dare_linear"]), default="sum",
+              show_default=True, help="α sweep of several updates: graft's --combine.")
+@click.option("--density", type=float, help="α sweep with --combine ties/dare_*: graft's --density.")
+@click.option("--dare-seed", type=int, default=0, show_default=True, help="α sweep with --combine dare_*: graft's "
+              "--seed.")
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin weights (loaded with torch.load(weights_only=True)).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars (one line per model stays).")
-def eval_command(models, out, alphas, instruct, lora, base, tuned, force, allow_pickle, quiet, **settings):
+def eval_command(models, out, alphas, instruct, lora, base, tuned, weights, combine, density, dare_seed, force,
+                 allow_pickle, quiet, **settings):
     """Evaluate models side by side: lm_eval tasks, held-out loss, paired statistics.
 
     The first model is the reference; each other one is compared with it item by item, and
@@ -454,17 +465,21 @@ def eval_command(models, out, alphas, instruct, lora, base, tuned, force, allow_
     from .evaluate import EvalSettings, Sweep, evaluate
 
     values = _alphas(alphas)
+    lora = None if not lora else lora[0] if len(lora) == 1 else tuple(lora)
+    tuned = None if not tuned else tuned[0] if len(tuned) == 1 else tuple(tuned)
+    several = {"weights": weights, "combine": combine, "density": density, "seed": dare_seed}
     sweep_inputs = {"--instruct": instruct, "--lora": lora, "--base": base, "--tuned": tuned}
     sweep = None
     if values is None and instruct is not None and (lora is not None or (base is not None and tuned is not None)):
         values = (1.0,)                # the graft itself: the Instruct and I + Δ
     if values is not None:
-        if instruct is None or (lora is None and (base is None or tuned is None)) or (lora and tuned):
+        if instruct is None or (lora is None and (base is None or tuned is None)) or (tuned and base is None):
             raise ShadowMergeError("--alpha sweeps I + α·Δ: pass --instruct with --lora ADAPTER, or with --base and "
                                    "--tuned")
-        sweep = Sweep(instruct, values, base=base, tuned=tuned, lora=lora)
-    elif any(sweep_inputs.values()):
-        given = ", ".join(k for k, v in sweep_inputs.items() if v)
+        sweep = Sweep(instruct, values, base=base, tuned=tuned, lora=lora, **several)
+    elif any(sweep_inputs.values()) or weights or density is not None or combine != "sum":
+        given = ", ".join(k for k, v in {**sweep_inputs, "--weights": weights, "--density": density,
+                                         "--combine": combine != "sum"}.items() if v)
         raise ShadowMergeError(f"{given}: evaluating the graft I + α·Δ needs --instruct with --lora ADAPTER, or "
                                f"with --base and --tuned; add the missing one, or give the models as LABEL=PATH "
                                f"arguments")

@@ -5,7 +5,9 @@
 mergekit 0.1.5 has no plugin discovery, so stock `mergekit-yaml` cannot see this method; use
 `shadowmerge mergekit CONFIG OUT` (see mergekit_run.py) or register it in your own process with
 this import. The arithmetic is shadowmerge's: float32, `I + alpha * (T - B)` in the same order as
-`shadowmerge graft`, cast once to the dtype mergekit hands the inputs in.
+`shadowmerge graft`, cast once to the dtype mergekit hands the inputs in. Several models with role tuned (each with
+its `weight`) are combined as `combine` says (sum, ties, dare_ties, dare_linear, with `density` and `seed`), by the
+same functions as `shadowmerge graft --tuned ... --tuned ...` (multi.py): the same output, bit for bit.
 """
 
 from __future__ import annotations
@@ -21,20 +23,42 @@ ROLES = ("instruct", "tuned")
 
 
 @merge_method(name=NAME, pretty_name="Shadow-FT graft", reference_url="https://arxiv.org/abs/2505.12716",
-              contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2, max_non_base=2))
-def shadow_graft(group: TensorGroup, role: PerNonBase[Literal["instruct", "tuned"]],
-                 alpha: float = 1.0) -> torch.Tensor:
-    """out = I + alpha * (T - B): I has role instruct, T role tuned, B is base_model."""
-    by_role = {role[e.id]: e.tensor for e in group.non_base}
-    if sorted(by_role) != sorted(ROLES):
+              contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2, max_non_base=None))
+def shadow_graft(group: TensorGroup, role: PerNonBase[Literal["instruct", "tuned"]], weight: PerNonBase[float] = 1.0,
+                 alpha: float = 1.0, combine: Literal["sum", "ties", "dare_ties", "dare_linear"] = "sum",
+                 density: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """out = I + alpha * (T - B): I has role instruct, T role tuned, B is base_model; several T combined."""
+    instruct = [e.tensor for e in group.non_base if role[e.id] == "instruct"]
+    tuned = [(weight[e.id], e.tensor) for e in group.non_base if role[e.id] == "tuned"]
+    if len(instruct) != 1 or not tuned:
         given = ", ".join(f"{e.id}: {role[e.id]}" for e in group.non_base)
-        raise ValueError(f"shadow_graft needs one model with role instruct and one with role tuned; got {given}")
-    inst, tuned, base = by_role["instruct"], by_role["tuned"], group.base.tensor
-    delta = torch.sub(tuned.float(), base.float())
+        raise ValueError(f"shadow_graft needs one model with role instruct and one or more with role tuned; got "
+                         f"{given}")
+    inst, base = instruct[0], group.base.tensor
+    if len(tuned) == 1 and combine == "sum" and tuned[0][0] == 1.0:
+        delta = torch.sub(tuned[0][1].float(), base.float())
+    else:
+        delta = _combined(tuned, base, group.metadata.name or "", combine, density, seed)
     if alpha != 1.0:
         delta.mul_(alpha)
     out = delta.add_(inst.float())      # == I + alpha * (T - B), as shadowmerge's engine computes it
     return out if inst.dtype == torch.float32 else out.to(inst.dtype)
+
+
+def _combined(tuned: list, base: torch.Tensor, name: str, combine: str, density: float, seed: int) -> torch.Tensor:
+    """Several updates of one whole tensor, as `graft` combines them piece by piece (multi.py)."""
+    from .multi import combined, sparsified
+    from .select import top_k
+
+    b = base.float().reshape(-1)
+    terms = []
+    for k, (w, t) in enumerate(tuned):
+        d = torch.sub(t.float().reshape(-1), b)
+        cut = None
+        if combine == "ties":
+            cut = top_k(lambda d=d: iter([(0, d)]), d.numel(), max(1, int(density * d.numel())))
+        terms.append((float(w), sparsified(d, combine, density, seed, k, name, 0, cut)))
+    return combined(terms, combine).reshape(base.shape)
 
 
 def register() -> None:

@@ -64,11 +64,16 @@ def check_shadow_graft(cfg: dict, path: str | Path) -> dict[str, str]:
         raise ShadowMergeError(f"{where} no `models:` list; add the Instruct (parameters: {{role: instruct}}) and "
                                f"the tuned Base (parameters: {{role: tuned}}) under `models:`")
     others = [m for m in models if _model_ref(m) != base]
-    if len(others) != 2:
+    if len(others) < 2:
         names = ", ".join(str(_model_ref(m)) for m in others) or "none"
-        raise ShadowMergeError(f"{where} shadow_graft takes exactly two models besides base_model, one with "
-                               f"`parameters: {{role: instruct}}` and one with `{{role: tuned}}`; found "
-                               f"{len(others)} ({names}); give each of the two its role")
+        raise ShadowMergeError(f"{where} shadow_graft takes two or more models besides base_model, one with "
+                               f"`parameters: {{role: instruct}}` and one or more with `{{role: tuned}}`; found "
+                               f"{len(others)} ({names}); give each its role")
+    params = cfg.get("parameters") if isinstance(cfg.get("parameters"), dict) else {}
+    combine = params.get("combine", "sum")
+    if combine != "sum" and not isinstance(params.get("density"), (int, float)):
+        raise ShadowMergeError(f"{where} combine: {combine} needs `density:` under parameters (the share of each "
+                               f"update kept, in (0, 1]); add e.g. `density: 0.5`")
     roles: dict[str, str] = {"base": base}
     for m in others:
         ref = _model_ref(m)
@@ -82,6 +87,9 @@ def check_shadow_graft(cfg: dict, path: str | Path) -> dict[str, str]:
         if role not in ROLES:
             raise ShadowMergeError(f"{where} model {ref} has role {role!r}; use role instruct (the Instruct model) "
                                    f"or role tuned (the fine-tuned Base)")
+        if role == "tuned" and "tuned" in roles:          # several updates: tuned 2, tuned 3, ...
+            roles[f"tuned {sum(r.startswith('tuned') for r in roles) + 1}"] = ref
+            continue
         if role in roles:
             other = "tuned" if role == "instruct" else "instruct"
             raise ShadowMergeError(f"{where} two models have role {role} ({roles[role]}, {ref}); give the "
@@ -183,7 +191,8 @@ def _card(folder: Path, roles: dict, instruct: Path, cfg: dict, command: str | N
     alpha = (cfg.get("parameters") or {}).get("alpha", 1.0)
     card.write(folder, title=f"{Path(roles['instruct']).name} + the update of a fine-tune of its Base (Shadow-FT, "
                              f"mergekit)",
-               made_from={"Instruct": roles["instruct"], "Base": roles["base"], "tuned Base": roles["tuned"]},
+               made_from={"Instruct": roles["instruct"], "Base": roles["base"], "tuned Base": roles["tuned"],
+                          **{f"{r} (another tuned Base)": v for r, v in roles.items() if r.startswith("tuned ")}},
                relation="merge", license_from=instruct, command=command or card.command_line(None),
                what="The Instruct model with the update of a fine-tune of its Base grafted onto it, by mergekit's "
                     "`shadow_graft` merge method (`shadowmerge mergekit`); mergekit's own config is in "
@@ -298,8 +307,23 @@ def _recompute_inputs(cfg: dict, ckpts: dict[str, Checkpoint], dtype) -> dict | 
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
         return None       # per-tensor or filtered alpha: not one graft
     paths = {role: str(c.folder.absolute()) for role, c in ckpts.items()}
-    spec = GraftSpec(instruct=paths["instruct"], base=paths.get("base"), tuned=paths.get("tuned"), alpha=float(alpha),
-                     dtype=dtype_name(dtype))
+    params = cfg["parameters"] if isinstance(cfg.get("parameters"), dict) else {}
+    tuned = tuple(paths[r] for r in sorted((r for r in paths if r.startswith("tuned")),
+                                           key=lambda r: int(r[6:] or 1)))
+    weights = []
+    for m in cfg.get("models") or []:
+        p = m.get("parameters") if isinstance(m, dict) and isinstance(m.get("parameters"), dict) else {}
+        if p.get("role") == "tuned":
+            weights.append(p.get("weight", 1.0))
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        return None       # per-tensor weights: not one graft
+    combine = params.get("combine", "sum")
+    several = len(tuned) > 1 or combine != "sum" or any(w != 1 for w in weights)
+    spec = GraftSpec(instruct=paths["instruct"], base=paths.get("base"), tuned=tuned, alpha=float(alpha),
+                     dtype=dtype_name(dtype),
+                     **({"weights": ",".join(repr(float(w)) for w in weights), "combine": combine,
+                         "density": params.get("density") if combine != "sum" else None,
+                         "seed": int(params.get("seed", 0))} if several else {}))
     return new_record("graft", {"input_paths": paths, "spec": spec.as_record()})
 
 

@@ -99,10 +99,16 @@ class GraftSummary:
 def _card(plan: Plan, spec: GraftSpec, inst_folder: Path) -> card.Early:
     """The output's own model card (never the Instruct's: it would claim to be the official model), rendered on
     a thread while the data moves."""
-    made_from = {"Instruct": spec.instruct, "Base": spec.base, "tuned Base": spec.tuned,
-                 "LoRA adapter (trained on the Base)": spec.lora, **plan.source.card_inputs()}
+    multi = plan.source.kind == "multi"
+    made_from = {"Instruct": spec.instruct, "Base": spec.base, "tuned Base": None if multi else spec.tuned,
+                 "LoRA adapter (trained on the Base)": None if multi else spec.lora, **plan.source.card_inputs()}
     kind = "LoRA adapter" if spec.lora is not None else "fine-tune"
+    if multi:
+        kind = f"{len(plan.source.parts)} fine-tunes or adapters"
     details = {"alpha": spec.alpha, "output dtype": spec.dtype or "as the Instruct's tensors",
+               **({"combine": spec.combine, "weights": ", ".join(f"{w:g}" for w in plan.source.weights),
+                   **({"density": spec.density} if spec.density is not None else {}),
+                   **({"seed": spec.seed} if spec.combine.startswith("dare") else {})} if multi else {}),
                "tensors grafted": sum(1 for t in plan.tensors if t.graft_rows),
                "tensors copied from the Instruct": sum(1 for t in plan.tensors if not t.graft_rows)}
     details.update({k: f"`{v}`" for k, v in (("--include", spec.include), ("--exclude", spec.exclude)) if v})
@@ -149,7 +155,8 @@ def run(spec: GraftSpec) -> GraftSummary:
         with timeline("plan"):
             plan = open_and_plan(ckpts, spec)
         inst, source = plan.instruct, plan.source
-        if spec.check_roles:
+        multi = source.kind == "multi"        # several updates: checked each against the Instruct, not as one triangle
+        if spec.check_roles and not multi:
             _refuse_misplaced_inputs(ckpts, lora)
         shards = layout([(t.name, t.out_dtype, t.info.shape, t.out_nbytes) for t in plan.tensors], shard_bytes)
         shard_of = {e[0]: i for i, s in enumerate(shards, 1) for e in s.entries}
@@ -162,7 +169,8 @@ def run(spec: GraftSpec) -> GraftSummary:
             for c in ckpts:          # Hub inputs: download what the graft reads, now that everything was checked
                 c.fetch(spec.progress, side=c is inst)
             readme = _card(plan, spec, inst.folder)       # (after the fetch: it reads the Instruct's card)
-            role_check = _RoleCheck(ckpts, plan, timeline) if spec.check_roles and lora is None else None
+            role_check = _RoleCheck(ckpts, plan, timeline) if spec.check_roles and lora is None and not multi \
+                else None
             if role_check is not None and any(c.transport.streams for c in ckpts):
                 role_check.wait()        # streamed: its samples first, kept ahead of the graft's reads, not read twice
             with progress_bar(plan.total_bytes, spec.progress, "graft") as bar:
@@ -235,7 +243,12 @@ def finish_streams(stores) -> list[str]:
 
 def stream_sources(stores) -> dict:
     """For run records: each streamed input's URL and the files read, with versions and digests, by role."""
-    return {("lora" if s.label == "adapter" else s.label): s.transport.source() for s in stores if s.transport.streams}
+    return {_role(s.label): s.transport.source() for s in stores if s.transport.streams}
+
+
+def _role(label: str) -> str:
+    """A record's name for an input: its label, an adapter's as lora ("adapter 2" -> "lora 2")."""
+    return "lora" + label[len("adapter"):] if label.startswith("adapter") else label
 
 
 def check_roles(spec: GraftSpec) -> Plan:
@@ -245,6 +258,8 @@ def check_roles(spec: GraftSpec) -> Plan:
     ckpts: list = []
     try:
         plan = open_and_plan(ckpts, spec)
+        if plan.source.kind == "multi":
+            return plan
         _refuse_misplaced_inputs(ckpts, spec.lora)
         if spec.lora is None:
             from . import roles
@@ -335,7 +350,7 @@ def _record(plan: Plan, spec: GraftSpec, ckpts, shards, side, shard_bytes, devic
         "formula": source.formula,
         "inputs": {"instruct": plan.instruct.ref, **source.describe()},
         # absolute folders of the inputs, to re-read them from anywhere (shadowmerge verify --recompute)
-        "input_paths": {c.label if c.label != "adapter" else "lora": str(c.folder.absolute()) for c in ckpts},
+        "input_paths": {_role(c.label): str(c.folder.absolute()) for c in ckpts},
         "hub": hub.provenance(ckpts),   # Hub inputs: id, revision asked for, the commit sha it resolved to
         # streamed inputs: URL, and each file read with its pinned version and digests (verify --recompute re-reads)
         "input_urls": stream_sources(ckpts),

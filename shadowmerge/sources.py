@@ -8,7 +8,8 @@ open, and writes only into `out` and the buffers `to_float` gives it). It also s
 is for the plan, the record and the card. An entry has a `shape`, and may have a `tile` (at most
 that many rows per piece: see chunks.ranges).
 
-The built-in sources: `deltas.FullDelta` (tuned − base) and `lora.LoraDelta` (a PEFT adapter). A new
+The built-in sources: `deltas.FullDelta` (tuned − base), `lora.LoraDelta` (a PEFT adapter) and `multi.MultiDelta`
+(several of those at once, combined by sum, TIES or DARE; asked first, as it is last in MODULES). A new
 one is a class implementing DeltaSource, decorated with `@register`, in a module listed in MODULES:
 see docs/architecture.md.
 """
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from .spec import GraftSpec
 
 #: modules whose import registers a source (built-in ones first; a source registered later is asked first)
-MODULES = ("shadowmerge.deltas", "shadowmerge.lora.source")
+MODULES = ("shadowmerge.deltas", "shadowmerge.lora.source", "shadowmerge.multi")
 
 
 class Entry(Protocol):
@@ -96,7 +97,10 @@ def registered() -> dict[str, type]:
     """Every registered source by kind, MODULES imported first, in MODULES' order."""
     for module in MODULES:
         importlib.import_module(module)
-    return dict(_REGISTERED)
+
+    def order(cls):              # MODULES' order, whichever was imported first; other modules' after them
+        return MODULES.index(cls.__module__) if cls.__module__ in MODULES else len(MODULES)
+    return {kind: cls for kind, cls in sorted(_REGISTERED.items(), key=lambda kv: order(kv[1]))}
 
 
 def open_source(spec: "GraftSpec", instruct: "Checkpoint", opened: list) -> DeltaSource:

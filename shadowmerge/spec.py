@@ -16,6 +16,14 @@ from .options import FORCE_HELP, option as _option
 SPEC_VERSION = 1
 
 
+def _one_or_many(value):
+    """--tuned / --lora as given: nothing -> None, one -> its text, several -> a tuple of texts (a record's list too)."""
+    if value is None or isinstance(value, (str, Path)):
+        return None if value is None else str(value)
+    items = tuple(str(v) for v in value)
+    return None if not items else items[0] if len(items) == 1 else items
+
+
 @dataclass(frozen=True)
 class GraftSpec:
     """A graft: OUT = INSTRUCT + ALPHA * delta, the delta from TUNED - BASE or from a LoRA adapter."""
@@ -24,15 +32,27 @@ class GraftSpec:
                                            metavar="MODEL"))
     base: str | None = field(default=None, metadata=_option(
         "--base", "Base model that was fine-tuned: local folder or Hub id.", metavar="MODEL"))
-    tuned: str | None = field(default=None, metadata=_option(
-        "--tuned", "The fine-tuned Base (full fine-tune): local folder or Hub id.", metavar="MODEL"))
-    lora: str | None = field(default=None, metadata=_option(
-        "--lora", "A PEFT LoRA adapter trained on the Base, instead of --tuned (DoRA and modules_to_save also need "
-                  "--base).", metavar="ADAPTER"))
+    tuned: str | tuple[str, ...] | None = field(default=None, metadata=_option(
+        "--tuned", "The fine-tuned Base (full fine-tune): local folder or Hub id. Repeat it (and --lora) to graft "
+                   "several updates at once (--combine).", metavar="MODEL", multiple=True, convert=_one_or_many))
+    lora: str | tuple[str, ...] | None = field(default=None, metadata=_option(
+        "--lora", "A PEFT LoRA adapter trained on the Base (DoRA and modules_to_save also need --base); "
+                  "repeatable, and may go with --tuned.", metavar="ADAPTER", multiple=True, convert=_one_or_many))
     out: str | None = field(default=None, metadata=_option(
         "--out", "Output folder (written beside, then renamed into place).", metavar="DIR"))
     alpha: float = field(default=1.0, metadata=_option("--alpha", "Scale of the grafted update.", type=float,
                                                        show_default=True))
+    weights: str | None = field(default=None, metadata=_option(
+        "--weights", "Several updates: one weight each, in order (the --tuned ones, then the --lora ones) "
+                     "[default: 1 each].", metavar="W1,W2,..."))
+    combine: str = field(default="sum", metadata=_option(
+        "--combine", "How several updates are combined: sum (Σ w·Δ), ties (trim to --density by magnitude, elect "
+                     "signs, disjoint mean), dare_ties / dare_linear (random drop to --density, rescaled; seeded).",
+        choices=("sum", "ties", "dare_ties", "dare_linear"), show_default=True))
+    density: float | None = field(default=None, metadata=_option(
+        "--density", "ties/dare: the share of each update kept, in (0, 1].", type=float))
+    seed: int = field(default=0, metadata=_option("--seed", "dare: the seed of the drop (recorded; the same on every "
+                                                            "device and thread count).", type=int, show_default=True))
     include: str | None = field(default=None, metadata=_option(
         "--include", "Graft only tensors whose name matches (re.search).", metavar="REGEX"))
     exclude: str | None = field(default=None, metadata=_option(
@@ -76,9 +96,11 @@ class GraftSpec:
         from .errors import ShadowMergeError
         from .tensors import dtype_name, parse_dtype
 
-        if self.lora is not None and self.tuned is not None:
-            raise ShadowMergeError("pass either --tuned (a full fine-tune of the Base) or --lora (an adapter trained "
-                                   "on it), not both")
+        for name in ("tuned", "lora"):                 # one reference, several (a tuple), or none
+            object.__setattr__(self, name, _one_or_many(getattr(self, name)))
+        if self.tuned is not None and self.base is None:
+            raise ShadowMergeError("a graft needs --base (the model that was tuned) and --tuned (its fine-tuned "
+                                   "copy), or --lora (an adapter trained on it); pass one of them")
         if self.lora is None and (self.base is None or self.tuned is None):
             raise ShadowMergeError("a graft needs --base (the model that was tuned) and --tuned (its fine-tuned "
                                    "copy), or --lora (an adapter trained on the Base); pass one of them")
@@ -125,7 +147,8 @@ class GraftSpec:
 
 
 _JSON_TYPES = {"str": (str,), "str | None": (str, type(None)), "float": (int, float), "bool": (bool,),
-               "str | int": (str, int)}
+               "str | int": (str, int), "str | tuple[str, ...] | None": (str, list, tuple, type(None)),
+               "float | None": (int, float, type(None)), "int": (int,)}
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,11 @@ def _input_paths(where: Path, rec: dict, roles: tuple[str, ...]) -> dict:
 def _recompute(folder: Path, rec: dict, sample: int | None, device, progress: bool) -> int:
     """Recompute the tensors of one graft output folder from the inputs its record names."""
     paths = _input_paths(folder / RECORD, rec, ("instruct",))
-    inputs = {role: paths.get(role) for role in ("instruct", "base", "tuned", "lora")}
+    inputs = {role: paths.get(role) for role in ("instruct", "base")}
+    for role in ("tuned", "lora"):          # several updates: "tuned", "tuned 2", ... in order
+        found = sorted((int(k[len(role):] or 1), v) for k, v in paths.items()
+                       if k == role or (k.startswith(role + " ") and k[len(role) + 1:].isdigit()))
+        inputs[role] = None if not found else found[0][1] if len(found) == 1 else tuple(v for _, v in found)
     if isinstance(rec.get("spec"), dict):
         spec = GraftSpec.from_record(rec["spec"], **inputs)
     else:                                    # a record written before the spec was recorded

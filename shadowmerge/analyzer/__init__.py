@@ -36,9 +36,15 @@ class SimilarityReport:
     report: dict | None          # the contents of report.json (None without an output folder)
     out: Path | None
     candidates: list[dict] | None = field(default=None)   # the shadow finder's ranking (similarity --candidates)
+    interference: dict | None = field(default=None)       # several --tuned: interference between the updates
 
     def __str__(self) -> str:
         lines = []
+        if self.interference is not None:
+            from .interference import text
+
+            return text(self.interference) + (f"\nwrote {self.out}: report.json, summary.md, report.html and the "
+                                              f"figure" if self.out is not None else "")
         if self.candidates is not None:
             lines.append("shadow candidates for the Instruct, closest first (σ to the Instruct, sampled):")
             for c in self.candidates:
@@ -109,6 +115,11 @@ def similarity(base: str | Path | None = None, instruct: str | Path | None = Non
     `stream=True`: Hub ids read by range, each file checked against the Hub's sha256. Returns the numbers; with `out`,
     also writes the report folder.
     """
+    several = [str(t) for t in tuned] if isinstance(tuned, (list, tuple)) else None
+    if several is not None and len(several) > 1:
+        return _interference(base, several, out, force, allow_pickle, progress, command)
+    if several is not None:
+        tuned = several[0] if several else None
     if sample is not None and sample < 2:
         raise ShadowMergeError(f"--sample must be at least 2 (tensors), not {sample}; pass e.g. --sample 64")
     found = None
@@ -200,6 +211,53 @@ def similarity(base: str | Path | None = None, instruct: str | Path | None = Non
             report = _write(tmp, plans, results, matrix, matrix_size, command, found)
             target.commit()
         return SimilarityReport(results, report, target.target, found)
+    finally:
+        for c in opened:
+            c.close()
+
+
+def _interference(base, tuned: list[str], out, force: bool, allow_pickle: bool, progress: bool,
+                  command: str | None) -> SimilarityReport:
+    """Several --tuned of one --base: how their updates interfere (analyzer/interference.py)."""
+    from . import interference
+    from ..plan import check_architecture
+
+    if base is None:
+        raise ShadowMergeError("several --tuned need --base (the model they were tuned from); pass it")
+    if len(set(tuned)) != len(tuned):
+        raise ShadowMergeError("--tuned names one model twice; name each update once")
+    opened: list = []
+    try:
+        cb = Checkpoint.open(base, "base", allow_pickle)
+        opened.append(cb)
+        updates = []
+        for k, ref in enumerate(tuned, 1):
+            where = resolve(ref, allow_pickle)
+            u = LoraTuned(cb, ref, allow_pickle, where) if is_adapter(where) else \
+                Checkpoint(where, f"tuned {k}", ref, allow_pickle)
+            opened.append(u)
+            updates.append(u)
+        check_architecture(cb, tuple(u for u in updates if isinstance(u, Checkpoint)))
+        target = None
+        if out is not None:
+            target = OutputFolder(out, force=force, inputs=[c.folder for c in opened], need_bytes=0,
+                                  record=FILES["similarity"])
+        for c in opened:
+            c.fetch(progress)
+        sums = interference.measure(cb, updates)
+        if not any(sums.values()):
+            raise ShadowMergeError("the updates share no tensor of the Base's shape; pass fine-tunes or adapters of "
+                                   "this --base")
+        found = interference.summarize(sums, [_pair_name(t) for t in tuned])
+        if target is None:
+            return SimilarityReport([], None, None, interference=found)
+        from .report import write_all
+
+        with target as tmp:
+            figures = interference.figure(found, tmp)
+            report = write_all(tmp, [], {"": figures}, command, extra={"interference": found})
+            target.commit()
+        return SimilarityReport([], report, target.target, interference=found)
     finally:
         for c in opened:
             c.close()

@@ -66,7 +66,7 @@ def pair_dict(p: PairResult, figures: list[str]) -> dict:
 
 
 def write_all(folder: Path, pairs: list[PairResult], figures: dict[str, list[str]], command: str | None = None,
-              candidates: list[dict] | None = None) -> dict:
+              candidates: list[dict] | None = None, extra: dict | None = None) -> dict:
     from datetime import datetime, timezone
 
     report = new_record("similarity", {
@@ -74,7 +74,7 @@ def write_all(folder: Path, pairs: list[PairResult], figures: dict[str, list[str
         "command": command or "shadowmerge.analyzer.similarity() from Python",
         "definitions": DEFINITIONS, "figures": figures.get("", []),
         "pairs": [pair_dict(p, figures.get(p.name, [])) for p in pairs],
-        **({"candidates": candidates} if candidates is not None else {})})
+        **({"candidates": candidates} if candidates is not None else {}), **(extra or {})})
     write_record(folder, report, indent=1, allow_nan=False)
     _csv(folder / "tensors.csv", report)
     (folder / "summary.md").write_text(_markdown(report))
@@ -150,6 +150,11 @@ def _markdown(report: dict) -> str:
     lines = ["# Similarity report", "", f"shadowmerge {report['version']}, {report['created']}: `{report['command']}`",
              "", "Definitions:", ""]
     lines += [f"- **{k}**: {v}" for k, v in report["definitions"].items()]
+    if report.get("interference") is not None:
+        lines += ["", "## Interference between the updates", "", "| updates | cos | sign conflicts | verdict |",
+                  "|---|---|---|---|"]
+        lines += [f"| {p['a']} vs {p['b']} | {p['cosine']:+.3f} | {p['sign_conflicts']:.1%} | {p['verdict']} |"
+                  for p in report["interference"]["pairs"]]
     if report.get("candidates") is not None:
         lines += ["", "## Shadow candidates", "", "Closest first; a close sibling is a hypothesis to test with "
                   "`shadowmerge eval`, not a proven Base.", "", "| rank | candidate | σ to the Instruct | interval | "
@@ -197,6 +202,11 @@ def _html(report: dict, folder: Path) -> str:
              f"<code>{html.escape(report['command'])}</code></p><ul>"]
     parts += [f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in report["definitions"].items()]
     parts.append("</ul>")
+    if report.get("interference") is not None:
+        rows = [["updates", "cos", "sign conflicts", "verdict"]] + [
+            [f"{p['a']} vs {p['b']}", f"{p['cosine']:+.3f}", f"{p['sign_conflicts']:.1%}", p["verdict"]]
+            for p in report["interference"]["pairs"]]
+        parts.append(f"<h2>Interference between the updates</h2>{table(rows)}")
     if report.get("candidates") is not None:
         rows = [["rank", "candidate", "σ to the Instruct", "verdict"]] + [
             [str(c.get("rank") or "-"), c["candidate"], "-" if c["sigma"] is None else f"{c['sigma']:.4g}",

@@ -88,8 +88,8 @@ def prepare(models: list[tuple[str, str]], settings: EvalSettings, *, sweep: Swe
             from ..pipeline import check_roles
             from ..spec import GraftSpec
 
-            plan = check_roles(GraftSpec(sweep.instruct, sweep.base, sweep.tuned, sweep.lora,
-                                         allow_pickle=allow_pickle, progress=progress))   # from headers, + a sample
+            plan = check_roles(GraftSpec(sweep.instruct, sweep.base, sweep.tuned, sweep.lora, allow_pickle=allow_pickle,
+                                         progress=progress, **sweep.graft_options()))   # from headers, + a sample
             prepared.sweep_bytes = plan.total_bytes
             at = 1 if prepared.models else 0
             for k, alpha in enumerate(sweep.alphas):
@@ -264,12 +264,11 @@ def run(prepared: Prepared, folder: Path | None, *, progress: bool = True, comma
                 made = folder / f".model-{model.label}"
                 log(f"model {k}/{len(prepared.models)} {model.label}: grafting I + {model.alpha:g}·Δ")
                 graft(sweep.instruct, sweep.base, sweep.tuned, made, lora=sweep.lora, alpha=model.alpha,
-                      progress=progress, check_roles=False)      # checked in prepare()
+                      progress=progress, check_roles=False, **sweep.graft_options())      # checked in prepare()
                 model.folder = made
                 model.described = {"ref": f"graft --alpha {model.alpha:g}", "path": None, "commit": None,
                                    "alpha": model.alpha, "instruct": local_ref(sweep.instruct),
-                                   **({"lora": local_ref(sweep.lora)} if sweep.lora else
-                                      {"base": local_ref(sweep.base), "tuned": local_ref(sweep.tuned)})}
+                                   **_sweep_inputs(sweep)}
             else:
                 model.fetch(progress)
             what = " and ".join(x for x, on in (("tasks " + ",".join(settings.tasks), settings.tasks),
@@ -522,3 +521,16 @@ def _task_notes(what: str, b: dict, ref: str) -> list[str]:
         notes.append(f"{what}: α = {b['alpha']:g} is not told apart from α = 1 ({v1['verdict']}, "
                      f"{v1['differing']} of {v1['n']} differ)")
     return notes
+
+
+def _sweep_inputs(sweep) -> dict:
+    """A swept model's inputs, for eval.json: the adapter(s), or the Base and the tuned model(s); with several
+    updates, how they were combined."""
+    def refs(v):
+        return None if v is None else local_ref(v) if isinstance(v, str) else [local_ref(x) for x in v]
+    out = {k: refs(v) for k, v in (("lora", sweep.lora), ("base", sweep.base), ("tuned", sweep.tuned)) if v}
+    if isinstance(sweep.tuned, tuple) or isinstance(sweep.lora, tuple) or (sweep.tuned and sweep.lora) or \
+            sweep.combine != "sum" or sweep.weights:
+        out["combine"] = {k: v for k, v in sweep.graft_options().items() if v is not None}
+    return out
+

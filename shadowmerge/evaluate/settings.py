@@ -159,8 +159,16 @@ class Sweep:
     instruct: str
     alphas: tuple[float, ...]
     base: str | None = None
-    tuned: str | None = None
-    lora: str | None = None
+    tuned: str | tuple[str, ...] | None = None
+    lora: str | tuple[str, ...] | None = None
+    weights: str | None = None               # several updates: graft's --weights, --combine, --density, --seed
+    combine: str = "sum"
+    density: float | None = None
+    seed: int = 0
+
+    def graft_options(self) -> dict:
+        """What graft takes besides the inputs and α: how several updates are combined."""
+        return {"weights": self.weights, "combine": self.combine, "density": self.density, "seed": self.seed}
 
     def label(self, alpha: float) -> str:
         return f"{ALPHA_LABEL}{alpha:g}"

@@ -182,7 +182,7 @@ class ObjectFiles:
             version = want.get("version") if isinstance(want, dict) else None
             if have is None:
                 raise ShadowMergeError(f"{self.url}: {name}, read by the run, is not there any more; --recompute "
-                                       f"needs the inputs as they were")
+                                       f"needs the inputs as they were: run verify without --recompute (sha256 and headers)")
             if version and have.version != version:
                 if self.store == "s3" and not str(version).startswith("etag:"):
                     self._held.add(name)
@@ -191,7 +191,8 @@ class ObjectFiles:
                     have.size = int(want.get("size", have.size))
                 else:
                     raise ShadowMergeError(f"{self.url}: {name} changed since the run (version {have.version}, the "
-                                           f"record says {version}); --recompute needs the inputs as they were")
+                                           f"record says {version}); --recompute needs the inputs as they were: run verify "
+                                           f"without --recompute (sha256 and headers)")
 
     # --- the Transport interface ----------------------------------------------------------
     def has(self, name: str) -> bool:
