@@ -148,6 +148,8 @@ class MultiDelta:
         self.formula = (f"out = float32(I) + alpha * {combine}_k(w_k * delta_k) over {len(parts)} updates, cast once "
                         f"(docs/graft.md#several-updates)")
         self._cuts: dict[tuple[str, int], Cut] = {}       # (tensor, update) -> its TIES cut (reader thread only)
+        self._raw = Buffers(torch.device("cpu"))             # the threshold passes' buffers (reader thread only)
+        self._work = Buffers(torch.device("cpu"), torch.float32)
 
     # --- what it is ---------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -228,8 +230,7 @@ class MultiDelta:
     def _one(self, entry: MultiEntry, k: int, e0: int, e1: int) -> torch.Tensor:
         """Δ_k of elements [e0, e1), on this machine's CPU (the threshold passes)."""
         p, e = self.parts[k], entry.parts[k]
-        scratch = Buffers(torch.device("cpu"))
-        work = Buffers(torch.device("cpu"), torch.float32)
+        work = self._work
 
         def to_float(raw, dtype, key):
             if hasattr(raw, "decode"):
@@ -237,8 +238,8 @@ class MultiDelta:
             n = raw.numel() // itemsize(dtype)
             return raw.view(torch.float32) if dtype == torch.float32 else widen(raw, dtype, work(key, n))
 
-        payload = p.read(e, e0, e1, scratch)
-        return p.delta_into(e, payload, torch.empty(e1 - e0, dtype=torch.float32), to_float).clone()
+        payload = p.read(e, e0, e1, self._raw)
+        return p.delta_into(e, payload, torch.empty(e1 - e0, dtype=torch.float32), to_float)
 
     # --- compute threads ----------------------------------------------------------------------------------
     def delta_into(self, entry: MultiEntry, payload, out: torch.Tensor, to_float) -> torch.Tensor:

@@ -137,15 +137,9 @@ def explain(exc: BaseException, repo: str, revision: str | None) -> ShadowMergeE
 
 def _offline_error(exc: BaseException) -> bool:
     """True when the Hub is out of reach (or the user said so), rather than refusing the request."""
-    import importlib
-
     from huggingface_hub import errors
 
-    kinds = [errors.OfflineModeIsEnabled, ConnectionError, TimeoutError]
-    for module in ("httpx2", "httpx"):         # huggingface_hub 2.x uses httpx2, 1.x httpx
-        with contextlib.suppress(ImportError):
-            kinds.append(importlib.import_module(module).TransportError)
-    return isinstance(exc, tuple(kinds))
+    return isinstance(exc, errors.OfflineModeIsEnabled) or _transport_error(exc)
 
 
 def _from_cache(repo: str, revision: str | None, why: BaseException) -> Path:
@@ -642,7 +636,8 @@ def httpx_url_host(url: str) -> str:
 
 
 def _transport_error(exc: BaseException) -> bool:
-    """A dropped connection or a timeout (httpx's TransportError, whichever httpx huggingface_hub uses)."""
+    """A dropped connection or a timeout (httpx's TransportError, whichever httpx huggingface_hub uses: httpx2 in
+    huggingface_hub 2.x, httpx in 1.x)."""
     import importlib
 
     kinds: list[type] = [ConnectionError, TimeoutError]
