@@ -10,7 +10,9 @@ Two synthetic bf16 checkpoints (Instruct, Base = Instruct + noise, Tuned = Base 
 Each goes through a full graft and a LoRA graft (rank 128, float32, peft's key names): on the
 embedding an embedding LoRA, and DoRA with --base (norms over all 262144 rows, from a streamed pass);
 on the experts a LoRA on the router with `--dtype float32`, so the 3-D tensor is cast piece by piece; on the
-wide pair only the LoRA grafts (no full graft).
+wide pair only the LoRA grafts (no full graft). The embedding and the experts also go through grafts of several
+updates (issue 35): two fine-tunes and the LoRA at once, summed, by TIES (the threshold passes over the whole
+tensor) and by DARE.
 Peak RSS and wall time come from GNU time per process. With `--compare REV`, the same commands also
 run on shadowmerge at git revision REV (a worktree), for a before/after.
 
@@ -49,7 +51,7 @@ CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "tie_wor
 
 
 def build(root: Path, case: str) -> list[Path]:
-    folders = [root / n for n in ("instruct", "base", "tuned")]
+    folders = [root / n for n in ("instruct", "base", "tuned", "tuned2")]
     if all((f / "done").exists() for f in folders):
         return folders
     g = torch.Generator().manual_seed(0)
@@ -113,7 +115,7 @@ def adapters(root: Path, case: str) -> dict[str, Path]:
 
 
 def commands(case: str, folders: list[Path], ads: dict[str, Path], out: Path) -> list[tuple[str, list[str]]]:
-    i, b, t = map(str, folders)
+    i, b, t, t2 = map(str, folders)
     if case == "wide":
         return [(f"LoRA graft rank {kind[6:]}", ["graft", "--instruct", i, "--lora", str(path), "--out", str(out)])
                 for kind, path in ads.items()]
@@ -124,6 +126,12 @@ def commands(case: str, folders: list[Path], ads: dict[str, Path], out: Path) ->
     if "dora" in ads:
         cmds.append(("DoRA graft --base", ["graft", "--instruct", i, "--lora", str(ads["dora"]), "--base", b,
                                            "--out", str(out)]))
+    several = ["graft", "--instruct", i, "--base", b, "--tuned", t, "--tuned", t2, "--lora", str(ads["lora"])]
+    cmds += [("2 fine-tunes + LoRA, sum", [*several, "--out", str(out)]),
+             ("2 fine-tunes + LoRA, ties --density 0.3", [*several, "--combine", "ties", "--density", "0.3", "--out",
+                                                          str(out)]),
+             ("2 fine-tunes + LoRA, dare_ties --density 0.5", [*several, "--combine", "dare_ties", "--density", "0.5",
+                                                               "--out", str(out)])]
     return cmds
 
 

@@ -430,9 +430,11 @@ def _alphas(text: str | None) -> tuple[float, ...] | None:
               "with --tuned too: several updates, as graft combines them).")
 @click.option("--base", metavar="MODEL", help="α sweep: the Base that was tuned.")
 @click.option("--tuned", metavar="MODEL", multiple=True, help="α sweep: the tuned Base (repeatable).")
-@click.option("--weights", metavar="W1,W2,...", help="α sweep of several updates: graft's --weights.")
-@click.option("--combine", type=click.Choice(["sum", "ties", "dare_ties", "dare_linear"]), default="sum",
-              show_default=True, help="α sweep of several updates: graft's --combine.")
+@click.option("--weights", metavar="W1,W2,...", help="α sweep of several updates: graft's --weights; several sets "
+              "separated by ';' (e.g. '1,1;1,0.5') sweep them too.")
+@click.option("--combine", default="sum", show_default=True, metavar="METHOD[,METHOD]", help="α sweep of several "
+              "updates: graft's --combine (sum, ties, dare_ties, dare_linear); several separated by ',' sweep them "
+              "too.")
 @click.option("--density", type=float, help="α sweep with --combine ties/dare_*: graft's --density.")
 @click.option("--dare-seed", type=int, default=0, show_default=True, help="α sweep with --combine dare_*: graft's "
               "--seed.")
@@ -460,6 +462,9 @@ def eval_command(models, out, alphas, instruct, lora, base, tuned, weights, comb
       shadowmerge eval instruct=./instruct shadow=./shadow --heldout val.jsonl --out eval/
       shadowmerge eval --instruct Qwen/Qwen3-4B --lora ./base-lora --alpha 0.5,0.75,1,1.25 \\
                        --tasks mytask --include-path tasks/ --out sweep/
+      shadowmerge eval --instruct Qwen/Qwen3-4B --base Qwen/Qwen3-4B-Base --tuned ./math --tuned ./code \\
+                       --weights '1,1;1,0.5' --combine sum,ties --density 0.5 --alpha 1 \\
+                       --heldout val.jsonl --out grid/
       shadowmerge eval a=./a b=./b --tasks gsm8k --backend vllm --model-args tensor_parallel_size=2 --out e/
     """
     from .evaluate import EvalSettings, Sweep, evaluate

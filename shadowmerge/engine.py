@@ -183,11 +183,14 @@ def workers(device: torch.device) -> tuple[int, int]:
 
 
 def run(plan: Plan, writer: ShardWriter, device: str | torch.device = "cpu", allow_nonfinite: bool = False,
-        chunk_elements: int = CHUNK_ELEMENTS, timeline: Timeline | None = None,
+        chunk_elements: int | None = None, timeline: Timeline | None = None,
         cancel: threading.Event | None = None) -> RunStats:
     """Carry out the plan into the writer. `cancel`, when another thread sets it, stops the run within a piece
-    (raising Cancelled): the graft's role check does, on a refusal, so that nothing more is read or written."""
+    (raising Cancelled): the graft's role check does, on a refusal, so that nothing more is read or written.
+    chunk_elements: the pieces' size (default: the source's own `chunk_elements`, else CHUNK_ELEMENTS)."""
     device = torch.device(device)
+    if chunk_elements is None:
+        chunk_elements = getattr(plan.source, "chunk_elements", CHUNK_ELEMENTS)
     with exact_float32(device):
         return _Run(plan, writer, device, allow_nonfinite, chunk_elements, timeline or Timeline(), cancel).go()
 
@@ -272,6 +275,8 @@ class _Run:
     # --- the threads ---------------------------------------------------------------------------------------
     def read(self) -> None:
         instruct, source, clock = self.plan.instruct, self.plan.source, time.perf_counter
+        if hasattr(source, "upcoming"):          # a source that works ahead (multi.py's TIES passes)
+            source.upcoming([t.entry for t in self.plan.tensors if t.graft_rows and t.scales_of is None], self.stop)
         for job in jobs(self.plan, self.chunk_elements):
             if job.kind in ("copy", "scales"):
                 piece = _Piece(job, None, threading.Event())

@@ -42,23 +42,34 @@ def shadow_graft(group: TensorGroup, role: PerNonBase[Literal["instruct", "tuned
     if alpha != 1.0:
         delta.mul_(alpha)
     out = delta.add_(inst.float())      # == I + alpha * (T - B), as shadowmerge's engine computes it
-    return out if inst.dtype == torch.float32 else out.to(inst.dtype)
+    out = out if inst.dtype == torch.float32 else out.to(inst.dtype)
+    if not bool(torch.isfinite(out).all()):                  # as graft refuses them (its --allow-nonfinite aside)
+        from .errors import ShadowMergeError
+        raise ShadowMergeError(f"the result for {group.metadata.name or 'a tensor'} has NaN/Inf values; check the "
+                               f"weights and alpha in the config, and the models' own weights")
+    return out
 
 
 def _combined(tuned: list, base: torch.Tensor, name: str, combine: str, density: float, seed: int) -> torch.Tensor:
-    """Several updates of one whole tensor, as `graft` combines them piece by piece (multi.py)."""
-    from .multi import combined, sparsified
+    """Several updates of one whole tensor, as `graft` combines them piece by piece (multi.py's own functions)."""
+    from types import SimpleNamespace
+
+    from .multi import Scratch, combine_into, shaped_
     from .select import top_k
 
     b = base.float().reshape(-1)
-    terms = []
-    for k, (w, t) in enumerate(tuned):
-        d = torch.sub(t.float().reshape(-1), b)
+    how = SimpleNamespace(combine=combine, density=density, seed=seed, weights=[float(w) for w, _ in tuned])
+    work = Scratch(b.device, torch.float32)
+
+    def term(k: int, into: torch.Tensor) -> torch.Tensor:
+        d = torch.sub(tuned[k][1].float().reshape(-1), b, out=into)
         cut = None
         if combine == "ties":
-            cut = top_k(lambda d=d: iter([(0, d)]), d.numel(), max(1, int(density * d.numel())))
-        terms.append((float(w), sparsified(d, combine, density, seed, k, name, 0, cut)))
-    return combined(terms, combine).reshape(base.shape)
+            cut = top_k(lambda: iter([(0, d)]), d.numel(), max(1, int(density * d.numel())))
+        return shaped_(d, how, k, name, 0, cut, work)
+
+    out = torch.empty_like(b)
+    return combine_into(out, list(range(len(tuned))), term, combine, how.weights, work).reshape(base.shape)
 
 
 def register() -> None:

@@ -11,6 +11,7 @@ merge methods run through unchanged, with the same atomic output.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -70,10 +71,7 @@ def check_shadow_graft(cfg: dict, path: str | Path) -> dict[str, str]:
                                f"`parameters: {{role: instruct}}` and one or more with `{{role: tuned}}`; found "
                                f"{len(others)} ({names}); give each its role")
     params = cfg.get("parameters") if isinstance(cfg.get("parameters"), dict) else {}
-    combine = params.get("combine", "sum")
-    if combine != "sum" and not isinstance(params.get("density"), (int, float)):
-        raise ShadowMergeError(f"{where} combine: {combine} needs `density:` under parameters (the share of each "
-                               f"update kept, in (0, 1]); add e.g. `density: 0.5`")
+    _check_combine(params, where)
     roles: dict[str, str] = {"base": base}
     for m in others:
         ref = _model_ref(m)
@@ -87,6 +85,8 @@ def check_shadow_graft(cfg: dict, path: str | Path) -> dict[str, str]:
         if role not in ROLES:
             raise ShadowMergeError(f"{where} model {ref} has role {role!r}; use role instruct (the Instruct model) "
                                    f"or role tuned (the fine-tuned Base)")
+        if "weight" in params:
+            _check_numbers(params["weight"], f"{where} model {ref}: weight", "a finite number, e.g. `weight: 1`")
         if role == "tuned" and "tuned" in roles:          # several updates: tuned 2, tuned 3, ...
             roles[f"tuned {sum(r.startswith('tuned') for r in roles) + 1}"] = ref
             continue
@@ -96,6 +96,46 @@ def check_shadow_graft(cfg: dict, path: str | Path) -> dict[str, str]:
                                    f"{'fine-tuned Base' if other == 'tuned' else 'Instruct'} role {other}")
         roles[role] = ref
     return roles
+
+
+def _check_combine(params: dict, where: str) -> None:
+    """shadow_graft's `combine`, `density`, `seed` and `alpha` under parameters, as graft's own options are checked."""
+    from .multi import COMBINE
+
+    combine = params.get("combine", "sum")
+    if combine not in COMBINE:
+        raise ShadowMergeError(f"{where} combine: {combine!r}; use one of {', '.join(COMBINE)}")
+    density = params.get("density")
+    if combine == "sum":
+        if density is not None:
+            raise ShadowMergeError(f"{where} density goes with combine: ties, dare_ties or dare_linear; remove "
+                                   f"`density:` (or set `combine:`)")
+    elif not _number(density) or not 0 < density <= 1:
+        raise ShadowMergeError(f"{where} combine: {combine} needs `density:` under parameters, the share of each "
+                               f"update kept, in (0, 1], not {density!r}; write e.g. `density: 0.5`")
+    seed = params.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ShadowMergeError(f"{where} seed: {seed!r}; give a whole number, e.g. `seed: 0`")
+    if "alpha" in params:
+        _check_numbers(params["alpha"], f"{where} alpha", "a finite number, e.g. `alpha: 1`")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_numbers(value, what: str, want: str) -> None:
+    """A parameter as mergekit takes it (a number, a list of them interpolated over the layers, or conditional
+    values {filter, value}): every number in it finite (a NaN or infinite weight would write NaN everywhere)."""
+    if isinstance(value, list):
+        if not value:
+            raise ShadowMergeError(f"{what}: an empty list; give {want}")
+        for v in value:
+            _check_numbers(v, what, want)
+    elif isinstance(value, dict) and "value" in value:
+        _check_numbers(value["value"], what, want)
+    elif not _number(value):
+        raise ShadowMergeError(f"{what}: {value!r}; give {want}")
 
 
 def validate(cfg: dict, path: str | Path):
@@ -336,7 +376,14 @@ def _mergekit_yaml(cfg: dict, out: Path, args: tuple[str, ...]) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
-        mergekit_yaml.main(args=[cfg_path, str(out), *args], standalone_mode=False)
+        from transformers.utils import logging as transformers_logging
+
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()        # mergekit's own use of transformers' deprecated names
+        try:
+            mergekit_yaml.main(args=[cfg_path, str(out), *args], standalone_mode=False)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
     except click.ClickException as exc:
         raise ShadowMergeError(f"mergekit-yaml option error: {exc.format_message()}; see `mergekit-yaml --help` "
                                f"for the options it takes") from None

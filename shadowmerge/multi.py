@@ -17,6 +17,13 @@ engine adds (out = I + α·Δ, float32, cast once) is, in float32, left to right
   `verify --recompute` draws it again. mergekit 0.1 rescales DARE's survivors to the update's l1 norm instead of
   by 1/density (a whole-tensor ratio); shadowmerge keeps the paper's 1/density.
 
+How it runs: the engine's reader reads, per piece, the Base once and every update's bytes; a compute thread widens
+the Base once, computes each update's term in its own reusable buffers and combines them in place (combine_into),
+so a piece allocates nothing. The engine's pieces shrink with the number of updates (_piece_elements) so that its
+buffers never hold more than a one-update graft's. TIES' thresholds are found in passes over each tensor
+(find_cuts, select.top_k_many: all the updates of a tensor in the same passes), run ahead of the reader on threads
+of their own (_Ahead) for the next tensors while the engine grafts the current one.
+
 Written here: mergekit's implementation needs every update's whole tensor in memory (and its top-k is unstable at
 ties); this is the same arithmetic over pieces, with the per-tensor thresholds found first (select.py).
 """
@@ -25,15 +32,16 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
 
 from .checkpoint import Checkpoint
-from .chunks import SUM_CHUNK_ELEMENTS, ranges
+from .chunks import CHUNK_ELEMENTS, ranges
 from .deltas import FullDelta
 from .errors import ShadowMergeError
-from .select import Cut, top_k
+from .select import top_k_many
 from .sources import register
 from .tensors import Buffers, widen
 from .formats.safetensors import itemsize
@@ -42,6 +50,11 @@ COMBINE = ("sum", "ties", "dare_ties", "dare_linear")
 TIE_RULE = ("exactly k = max(1, int(density x numel)) elements of largest |delta| survive; of those equal to the "
             "k-th largest, the lowest flat indices")
 _MASK31 = (1 << 31) - 1
+MAX_UPDATES = 64               # the pieces shrink as updates are added (_piece_elements): a floor keeps them useful
+PASS_ELEMENTS = 1 << 21        # the threshold passes' pieces (their own buffers: the Base, one update, its delta)
+AHEAD = 4                      # TIES cuts held or being found: the reader's tensor's and those ahead of it
+THREADS = 2                    # threads finding them
+_HASH_BLOCK = 1 << 18          # DARE's hash works on blocks of this many elements (1 MiB of int32: in cache)
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,10 @@ class MultiDelta:
         from .lora.source import LoraDelta
 
         updates = updates_of(spec)
+        if len(updates) > MAX_UPDATES:
+            raise ShadowMergeError(f"{len(updates)} updates (--tuned and --lora together): graft combines at most "
+                                   f"{MAX_UPDATES} at once, every one read beside the others piece by piece; pass at "
+                                   f"most {MAX_UPDATES}")
         weights = weights_of(spec, len(updates))
         combine = spec.combine
         if combine not in COMBINE:
@@ -147,9 +164,9 @@ class MultiDelta:
         self.warnings = [w for p in parts for w in p.warnings]
         self.formula = (f"out = float32(I) + alpha * {combine}_k(w_k * delta_k) over {len(parts)} updates, cast once "
                         f"(docs/graft.md#several-updates)")
-        self._cuts: dict[tuple[str, int], Cut] = {}       # (tensor, update) -> its TIES cut (reader thread only)
-        self._raw = Buffers(torch.device("cpu"))             # the threshold passes' buffers (reader thread only)
-        self._work = Buffers(torch.device("cpu"), torch.float32)
+        self._cuts: dict[str, list] = {}                   # the last tensor's TIES cuts (reader thread only)
+        self._ahead: _Ahead | None = None
+        self._bufs = _pass_buffers()                         # the threshold passes' buffers (on the reader thread)
 
     # --- what it is ---------------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -194,6 +211,23 @@ class MultiDelta:
     def rows(self, entry: MultiEntry) -> int:
         return entry.shape[0] if entry.shape else 1
 
+    # --- how it is cut and read ----------------------------------------------------------------------------
+    @property
+    def chunk_elements(self) -> int:
+        """The engine's piece size: its buffers hold, per piece, every update's raw bytes and (ties, dare_ties) every
+        update's float32 delta, so pieces shrink as updates are added, to keep the buffers' total at most the
+        one-update graft's (see _piece_elements)."""
+        return _piece_elements(len(self.parts), self.combine, any(not isinstance(p, FullDelta) for p in self.parts))
+
+    def upcoming(self, entries: list, stop) -> None:
+        """The engine's reader, before its first read: the entries it will graft, in order. With --combine ties the
+        threshold passes run ahead on threads of their own (_Ahead: for the next tensors while the engine grafts the
+        current one), on local inputs; a streamed input is read in order, so its passes stay on the reader."""
+        if self.combine != "ties" or any(getattr(getattr(c, "transport", None), "streams", False)
+                                         for c in self.checkpoints):
+            return
+        self._ahead = _Ahead(self, [e for e in entries if isinstance(e, MultiEntry)], stop)
+
     # --- reader thread ------------------------------------------------------------------------------------
     def read(self, entry: MultiEntry, e0: int, e1: int, buffers) -> tuple:
         base_raw, payloads = None, []
@@ -207,91 +241,166 @@ class MultiDelta:
                                                    buffers(f"{k}:tuned", (e1 - e0) * itemsize(e.tuned.dtype))))
             else:
                 payloads.append(p.read(e, e0, e1, _Prefixed(buffers, f"{k}:")))
-        cuts = [self._cut(entry, k) if self.combine == "ties" and e is not None else None
-                for k, e in enumerate(entry.parts)]
+        cuts = self.cuts(entry) if self.combine == "ties" else None
         return base_raw, payloads, cuts, e0
 
-    def _cut(self, entry: MultiEntry, k: int) -> Cut:
-        """The TIES cut of update k over this tensor (found once, in passes over it: select.top_k)."""
-        got = self._cuts.get((entry.name, k))
+    def cuts(self, entry: MultiEntry) -> list:
+        """Each update's TIES cut of this tensor (None where the update does not change it)."""
+        if self._ahead is not None:
+            return self._ahead.take(entry)
+        got = self._cuts.get(entry.name)
         if got is None:
-            numel = math.prod(entry.shape) if entry.shape else 1
-            e = entry.parts[k]
-            row = numel // entry.shape[0] if entry.shape and entry.shape[0] else max(numel, 1)
-            spans = list(ranges(0, numel, row, SUM_CHUNK_ELEMENTS, getattr(e, "tile", None)))
-
-            def pieces():
-                for a, b in spans:
-                    yield a, self._one(entry, k, a, b)
-
-            got = self._cuts[(entry.name, k)] = top_k(pieces, numel, max(1, int(self.density * numel)))
+            self._cuts = {entry.name: self.find_cuts(entry)}       # the reader asks for one tensor after another
+            got = self._cuts[entry.name]
         return got
 
-    def _one(self, entry: MultiEntry, k: int, e0: int, e1: int) -> torch.Tensor:
-        """Δ_k of elements [e0, e1), on this machine's CPU (the threshold passes)."""
-        p, e = self.parts[k], entry.parts[k]
-        work = self._work
+    def find_cuts(self, entry: MultiEntry, bufs: tuple | None = None, stop=None) -> list:
+        """The TIES cuts of every update of one tensor, found together in passes over it (select.top_k_many): each
+        pass reads the Base once for all of them. bufs: the calling thread's (_pass_buffers()); stop: an Event that
+        ends the passes (engine.Stopped) between pieces."""
+        bufs = bufs or self._bufs
+        numel = math.prod(entry.shape) if entry.shape else 1
+        present = [k for k, e in enumerate(entry.parts) if e is not None]
+        row = numel // entry.shape[0] if entry.shape and entry.shape[0] else max(numel, 1)
+        spans = list(ranges(0, numel, row, PASS_ELEMENTS, entry.tile))
 
-        def to_float(raw, dtype, key):
-            if hasattr(raw, "decode"):
-                return raw.decode(work(key, raw.numel))
-            n = raw.numel() // itemsize(dtype)
-            return raw.view(torch.float32) if dtype == torch.float32 else widen(raw, dtype, work(key, n))
+        def pieces(which, start=0):
+            for a, b in spans:
+                if stop is not None and stop.is_set():
+                    from .engine import Stopped
+                    raise Stopped
+                if a >= start:
+                    yield a, self._deltas(entry, [present[j] for j in which], a, b, bufs)
 
-        payload = p.read(e, e0, e1, self._raw)
-        return p.delta_into(e, payload, torch.empty(e1 - e0, dtype=torch.float32), to_float)
+        found = top_k_many(pieces, numel, [max(1, int(self.density * numel))] * len(present))
+        cuts = [None] * len(self.parts)
+        for k, c in zip(present, found):
+            cuts[k] = c
+        return cuts
+
+    def _deltas(self, entry: MultiEntry, which: list[int], e0: int, e1: int, bufs: tuple):
+        """Δ_k of elements [e0, e1) for each update k in which, one after another in one float32 buffer (each valid
+        until the next is taken), on this machine's CPU, the Base read and widened once (the threshold passes)."""
+        (raw, work), n = bufs, e1 - e0
+
+        def to_float(data, dtype, key):
+            if hasattr(data, "decode"):
+                return data.decode(work(key, data.numel))
+            m = data.numel() // itemsize(dtype)
+            return data.view(torch.float32) if dtype == torch.float32 else widen(data, dtype, work(key, m))
+
+        shared, lora = _SharedBase(to_float), _PrefixedFloat(to_float, "lora:")
+        base_raw = None
+        for k in which:
+            p, e = self.parts[k], entry.parts[k]
+            if isinstance(p, FullDelta):
+                if base_raw is None:
+                    base_raw = p.base.read_piece(e.base, e0, e1, raw("base", n * itemsize(e.base.dtype)))
+                payload = (p.tuned.read_piece(e.tuned, e0, e1, raw("tuned", n * itemsize(e.tuned.dtype))), base_raw)
+                yield _into(p.delta_into(e, payload, work("delta", n), shared), work("delta", n))
+            else:
+                payload = p.read(e, e0, e1, _Prefixed(raw, "lora:"))
+                yield _into(p.delta_into(e, payload, work("delta", n), lora), work("delta", n))
 
     # --- compute threads ----------------------------------------------------------------------------------
     def delta_into(self, entry: MultiEntry, payload, out: torch.Tensor, to_float) -> torch.Tensor:
+        """The combined delta of one piece, in `out`, float32, with the arithmetic of the module's docstring done in
+        place in this thread's reusable buffers (the Base widened once for all full fine-tunes)."""
         base_raw, payloads, cuts, e0 = payload
-        terms = []                   # (w_k, the update's piece after trimming / dropping)
-        for k, (p, e, raw) in enumerate(zip(self.parts, entry.parts, payloads)):
-            if e is None:
-                continue
-            d = torch.empty_like(out)
+        shared, lora = _SharedBase(to_float), _PrefixedFloat(to_float, "lora:")
+        work = _scratch(out.device)
+
+        def term(k: int, into: torch.Tensor) -> torch.Tensor:
+            p, e, raw = self.parts[k], entry.parts[k], payloads[k]
             if isinstance(p, FullDelta):
-                d = p.delta_into(e, (raw, base_raw), d, _PrefixedFloat(to_float, f"{k}:"))
+                d = _into(p.delta_into(e, (raw, base_raw), into, shared), into)
             else:
-                d = p.delta_into(e, raw, d, _PrefixedFloat(to_float, f"{k}:"))
-            terms.append((self.weights[k], sparsified(d, self.combine, self.density, self.seed, k, entry.name, e0,
-                                                      cuts[k])))
-        return out.copy_(combined(terms, self.combine))
+                d = _into(p.delta_into(e, raw, into, lora), into)
+            return shaped_(d, self, k, entry.name, e0, cuts[k] if cuts else None, work)
+
+        return combine_into(out, [k for k, e in enumerate(entry.parts) if e is not None], term, self.combine,
+                            self.weights, work)
 
 
-def sparsified(d: torch.Tensor, method: str, density, seed: int, k: int, name: str, e0: int, cut) -> torch.Tensor:
-    """Update k's piece (flat elements [e0, e0 + n) of tensor `name`) as the method uses it: trimmed by its TIES cut,
-    or dropped and rescaled by DARE, or as it is."""
-    zero = torch.zeros((), dtype=d.dtype, device=d.device)
+def shaped_(d: torch.Tensor, how, k: int, name: str, e0: int, cut, work: "Scratch") -> torch.Tensor:
+    """Update k's piece d (flat elements [e0, e0 + n) of tensor `name`, float32) as the method uses it, in place:
+    trimmed by its TIES cut or dropped and rescaled by DARE (the dropped set to +0.0), then times its weight.
+    `how`: what has combine, density, seed and weights (a MultiDelta)."""
+    method, n = how.combine, d.numel()
     if method == "ties":
-        return torch.where(cut.mask(d, e0), d, zero)
-    if method.startswith("dare"):
-        return torch.where(dare_keep(seed, k, name, e0, d.numel(), density, d.device), d / density, zero)
+        cut.apply_(d, e0, work.int32(n))
+    elif method.startswith("dare"):
+        d.div_(how.density)
+        d.view(torch.int32).bitwise_and_(dare_mask_(how.seed, k, name, e0, how.density, work.int32(n),
+                                                    work.int32(min(n, _HASH_BLOCK), "hash")))
+    if how.weights[k] != 1.0:          # x · 1 is x, bit for bit
+        d.mul_(how.weights[k])
     return d
 
 
-def combined(terms: list, method: str) -> torch.Tensor:
-    """The combined delta of (w_k, sparsified Δ_k) in float32, left to right over the updates (module docstring)."""
+def combine_into(out: torch.Tensor, present: list[int], term, method: str, weights: list, work: "Scratch"):
+    """The combined delta of one piece, in `out` (float32), of the updates k in `present`, term(k, into) putting
+    w_k · (update k's piece as the method uses it) in `into`: the module docstring's arithmetic, in place in
+    `work`'s reusable buffers. In float32 and in the order of the formula, so the result is bit for bit the formula
+    (as mergekit's functions compute it: torch.where(sum >= 0, 1, -1), (sign(t) == it).float(), ...)."""
+    n = out.numel()
     if method in ("sum", "dare_linear"):
-        acc = None
-        for w, d in terms:
-            wd = d * w
-            acc = wd if acc is None else acc.add_(wd)
-        return acc
-    weighted = [(w, d * w) for w, d in terms]
-    total = weighted[0][1].clone()
-    for _, wd in weighted[1:]:
-        total.add_(wd)
-    sign = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
-    mixed, divisor = None, None
-    for w, wd in weighted:
-        m = (torch.sign(wd) == sign).to(total.dtype)
-        part, weight = wd * m, m * w
-        mixed = part if mixed is None else mixed.add_(part)
-        divisor = weight if divisor is None else divisor.add_(weight)
-    if method == "ties":
-        divisor[divisor == 0] = 1
-        mixed.div_(divisor)
-    return mixed
+        term(present[0], out)
+        for k in present[1:]:
+            out.add_(term(k, work("term", n)))
+        return out
+    # ties / dare_ties: the sign per element is that of the sum of the terms (≥ 0: +); the terms that agree with it
+    # are summed (and, for ties, divided by the sum of their weights, a sum of 0 taken as 1)
+    terms = [term(k, work(f"term{j}", n)) for j, k in enumerate(present)]
+    sign = work("sign", n)
+    if len(terms) > 1:
+        torch.add(terms[0], terms[1], out=sign)
+    else:
+        sign.copy_(terms[0])
+    for t in terms[2:]:
+        sign.add_(t)
+    torch.sign(sign, out=sign).add_(0.5)      # 1, -1, ±0 -> 1.5, -0.5, 0.5 (NaN stays NaN)
+    torch.sign(sign, out=sign)                # the elected sign: 1 where the sum is >= 0 (-0 too), else -1
+    m, divisor = work("agree", n), work("divisor", n) if method == "ties" else None
+    for j, (k, t) in enumerate(zip(present, terms)):
+        torch.sign(t, out=m).mul_(sign).add_(1).mul_(0.5).floor_()     # 1 where t has the elected sign, else +0
+        if j == 0:
+            torch.mul(t, m, out=out)
+        else:
+            out.add_(t.mul_(m))
+        if divisor is not None:
+            w = weights[k]
+            if j == 0:
+                divisor.copy_(m) if w == 1.0 else torch.mul(m, w, out=divisor)
+            else:
+                divisor.add_(m if w == 1.0 else m.mul_(w))
+    if divisor is not None:
+        divisor.add_(torch.sign(divisor, out=m).abs_().neg_().add_(1))     # + 1 where it is ±0 (+ +0 elsewhere)
+        out.div_(divisor)
+    return out
+
+
+def _into(d: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """A source's delta as the flat float32 buffer it was asked to fill (copied there if it made its own)."""
+    if d.data_ptr() == into.data_ptr() and d.is_contiguous():
+        return into
+    return into.copy_(d.reshape(-1))
+
+
+def _piece_elements(updates: int, method: str, lora: bool) -> int:
+    """Elements per engine piece for several updates: CHUNK_ELEMENTS scaled by the one-update graft's bytes per
+    element over these updates' (in multiples of 64 Ki elements, at least one). Per element, taking 2-byte inputs:
+    the engine's 6 slots (workers + 3, on a CPU) hold the Instruct, the Base, each update and the output as stored;
+    each of its 3 compute workers holds float32 buffers: the Instruct, the Base, an update, the delta, then the
+    method's own (a term for sum/dare_linear; for ties/dare_ties every update's term, the sign and the agreement,
+    and for ties the divisor), an int32 mask, and a LoRA factor's (or DoRA Base's) buffers when adapters are among
+    the updates."""
+    one = 6 * 4 * 2 + 3 * 4 * 4                        # the one-update graft: 96 bytes per element
+    floats = 4 + (updates + 2 + (method == "ties") if method in ("ties", "dare_ties") else 1) + \
+        (method != "sum") + 2 * lora
+    bytes_per = 6 * (3 + updates) * 2 + 3 * floats * 4
+    step = 1 << 16
+    return max(step, CHUNK_ELEMENTS * one // bytes_per // step * step)
 
 
 class _Prefixed:
@@ -319,19 +428,142 @@ def _key(seed: int, k: int, name: str) -> int:
     return int.from_bytes(digest[:4], "little") & _MASK31
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A 31-bit integer hash (xor-shift-multiply rounds; products stay below 2^63, so int64 arithmetic is exact on
-    every device)."""
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK31
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK31
-    return x ^ (x >> 16)
+def _mix_(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A 31-bit integer hash of x (int32, values in [0, 2^31)), in place (t: int32 scratch of as many): xor-shift-
+    multiply rounds. x · 0x45D9F3B overflows int32, and torch's integer product wraps modulo 2^32 on every device
+    (two's complement: the low 32 bits of the exact product), so `& (2^31 − 1)` leaves the exact product modulo
+    2^31: the hash is the one an unbounded integer computation gives (tests/test_multi.py checks it against Python's
+    integers)."""
+    for _ in range(2):
+        x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=t)).mul_(0x45D9F3B).bitwise_and_(_MASK31)
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=t))
+
+
+def dare_mask_(seed: int, k: int, name: str, e0: int, density: float, out: torch.Tensor,
+               t: torch.Tensor) -> torch.Tensor:
+    """Which of the flat elements [e0, e0 + n) of update k of a tensor DARE keeps, as an int32 mask in `out` (−1:
+    kept, 0: dropped; t: int32 scratch of at least min(n, _HASH_BLOCK)): hash(seed, k, name, index) below
+    density · 2^31 — a function of the index alone, so any cut into pieces, on any device, draws the same. The hash
+    of index i: h = mix(mix((i mod 2^31) ^ key) ^ (i div 2^31) ^ (key >> 7)), key from (seed, k, name); done in
+    blocks that stay in cache, in int32 (the low and high parts of an index in turn)."""
+    n = out.numel()
+    if density >= 1:
+        return out.fill_(-1)
+    key, limit = _key(seed, k, name), int(density * (1 << 31))
+    at = 0
+    while at < n:
+        i = e0 + at
+        size = min(n - at, _HASH_BLOCK, ((i >> 31) + 1 << 31) - i)      # a block stays within one 2^31 run
+        x, tt = out[at:at + size], t[:size]
+        torch.arange(i & _MASK31, (i & _MASK31) + size, out=x)
+        _mix_(x.bitwise_xor_(key), tt)
+        _mix_(x.bitwise_xor_(((i >> 31) & _MASK31) ^ (key >> 7)), tt)
+        x.sub_(limit).bitwise_right_shift_(31)          # h − limit (no overflow: both in [0, 2^31)) < 0: kept
+        at += size
+    return out
 
 
 def dare_keep(seed: int, k: int, name: str, e0: int, n: int, density: float, device) -> torch.Tensor:
-    """Which of the flat elements [e0, e0 + n) of update k of a tensor DARE keeps: hash(seed, k, name, index) below
-    density · 2^31 — a function of the index alone, so any cut into pieces, on any device, draws the same."""
-    at = torch.arange(e0, e0 + n, dtype=torch.int64, device=device)
-    key = _key(seed, k, name)
-    x = _mix((at & _MASK31) ^ key)
-    x = _mix(x ^ ((at >> 31) & _MASK31) ^ (key >> 7))
-    return x < int(density * (1 << 31))
+    """dare_mask_ as booleans (True: kept)."""
+    out = torch.empty(n, dtype=torch.int32, device=device)
+    return dare_mask_(seed, k, name, e0, density, out, torch.empty(min(n, _HASH_BLOCK), dtype=torch.int32,
+                                                                    device=device)) == -1
+
+
+class _SharedBase:
+    """A compute thread's to_float for the full fine-tunes of one piece: the Base (the same raw bytes for all of
+    them) widened once."""
+
+    def __init__(self, to_float):
+        self.to_float, self.raw, self.value = to_float, None, None
+
+    def __call__(self, raw, dtype, key: str):
+        if key != "base":
+            return self.to_float(raw, dtype, key)
+        if raw is not self.raw:
+            self.raw, self.value = raw, self.to_float(raw, dtype, key)
+        return self.value
+
+
+class Scratch(Buffers):
+    """A compute thread's own float32 buffers for the terms (and int32 views for the masks)."""
+
+    def int32(self, n: int, key: str = "ints") -> torch.Tensor:
+        return self(key, n).view(torch.int32)
+
+
+_local = threading.local()
+
+
+def _pass_buffers() -> tuple:
+    """A thread's buffers for the threshold passes: raw bytes, and float32."""
+    return Buffers(torch.device("cpu")), Buffers(torch.device("cpu"), torch.float32)
+
+
+def _scratch(device: torch.device) -> Scratch:
+    """This thread's buffers on that device (they go with the thread: the engine's compute threads end with the
+    run)."""
+    mine = getattr(_local, "scratch", None)
+    if mine is None:
+        mine = _local.scratch = {}
+    got = mine.get(device)
+    if got is None:
+        got = mine[device] = Scratch(device, torch.float32)
+    return got
+
+
+class _Ahead:
+    """The TIES threshold passes run ahead of the engine's reader on threads of their own (THREADS, each taking the
+    next tensor): the cuts of the next tensors while the engine grafts the current one, at most AHEAD of them held.
+    An error there is raised where the reader takes that tensor's cuts."""
+
+    def __init__(self, multi: MultiDelta, entries: list, stop):
+        self.multi, self.stop = multi, stop
+        self.cond = threading.Condition()
+        self.todo = iter(entries)
+        self.found: dict[str, list] = {}
+        self.busy = 0                    # tensors being worked on
+        self.last = None                 # the tensor the reader took last
+        self.error: BaseException | None = None
+        for i in range(THREADS):
+            threading.Thread(target=self._run, daemon=True, name=f"shadowmerge-ties-{i}").start()
+
+    def _run(self) -> None:
+        bufs = _pass_buffers()
+        try:
+            while True:
+                with self.cond:
+                    while len(self.found) + self.busy >= AHEAD and not self.stop.is_set():
+                        self.cond.wait(0.1)
+                    entry = next(self.todo, None)
+                    if entry is None or self.stop.is_set() or self.error is not None:
+                        return
+                    self.busy += 1
+                try:
+                    cuts = self.multi.find_cuts(entry, bufs, self.stop)
+                finally:
+                    with self.cond:
+                        self.busy -= 1
+                with self.cond:
+                    self.found[entry.name] = cuts
+                    self.cond.notify_all()
+        except BaseException as exc:         # handed to the reader, which raises it
+            with self.cond:
+                self.error = self.error or exc
+                self.cond.notify_all()
+
+    def take(self, entry: MultiEntry) -> list:
+        from .engine import Stopped
+
+        with self.cond:
+            while entry.name not in self.found:
+                if self.error is not None:
+                    raise self.error
+                if self.stop.is_set():
+                    raise Stopped
+                self.cond.wait(0.1)
+            if self.last != entry.name:
+                self.found.pop(self.last, None)
+                self.last = entry.name
+                self.cond.notify_all()
+            return self.found[entry.name]

@@ -6,7 +6,10 @@ them into a float32 delta (`delta_into`: arithmetic, on the compute device; on a
 threads call it at once for different pieces, so it keeps no state between calls beyond what it read at
 open, and writes only into `out` and the buffers `to_float` gives it). It also says what it
 is for the plan, the record and the card. An entry has a `shape`, and may have a `tile` (at most
-that many rows per piece: see chunks.ranges).
+that many rows per piece: see chunks.ranges). Two optional hooks: `chunk_elements` (the engine's piece size for
+this source, when it holds more per piece than one update does) and `upcoming(entries, stop)` (called by the
+engine's reader before its first read, with the entries it will graft in order: work ahead, as MultiDelta's TIES
+passes do, stopping when the Event `stop` is set).
 
 The built-in sources: `deltas.FullDelta` (tuned − base), `lora.LoraDelta` (a PEFT adapter) and `multi.MultiDelta`
 (several of those at once, combined by sum, TIES or DARE; asked first, as it is last in MODULES). A new

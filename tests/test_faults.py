@@ -63,6 +63,8 @@ def _inputs(root: Path) -> dict:
     import tinymodels
 
     inst, base, tuned = tinymodels.triple(root / "triple", "llama")
+    tuned2 = tinymodels.save(tinymodels.perturb(tinymodels.perturb(tinymodels.build("llama", 0), 0.02, 1), 0.01, 9),
+                             root / "tuned2", eos=7, template="base")         # another fine-tune of the Base
     chat_inst, chat_base = tinymodels.chat_pair(root / "pair")
     adapter = make_adapter(base, root / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     cfg = root / "merge.yml"
@@ -73,13 +75,17 @@ def _inputs(root: Path) -> dict:
     rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is w{100 + k}"},
                                                      {"role": "assistant", "content": f"w{200 + k}"}]}) + "\n"
                             for k in range(8)))
-    return {"instruct": inst, "base": base, "tuned": tuned, "adapter": adapter, "config": cfg,
+    return {"instruct": inst, "base": base, "tuned": tuned, "tuned2": tuned2, "adapter": adapter, "config": cfg,
             "chat_instruct": chat_inst, "chat_base": chat_base, "rows": rows}
 
 
 COMMANDS = {
     "graft": Command(lambda i, out: ["graft", "--instruct", i["instruct"], "--base", i["base"], "--tuned",
                                      i["tuned"], "--out", out, "-q"], ("instruct", "base", "tuned")),
+    "graft, several updates": Command(lambda i, out: ["graft", "--instruct", i["instruct"], "--base", i["base"],
+                                                      "--tuned", i["tuned"], "--tuned", i["tuned2"], "--lora",
+                                                      i["adapter"], "--combine", "ties", "--density", "0.5", "--out",
+                                                      out, "-q"], ("instruct", "base", "tuned", "tuned2", "adapter")),
     "graft --lora": Command(lambda i, out: ["graft", "--instruct", i["instruct"], "--lora", i["adapter"], "--out",
                                             out, "-q"], ("instruct", "adapter")),
     "lora retarget": Command(lambda i, out: ["lora", "retarget", i["adapter"], "--instruct", i["instruct"], "--out",

@@ -4,10 +4,10 @@ A fresh clone on an AVX-512 machine was red while CI elsewhere was green: MKL an
 kernels (AVX2, AVX-512, AMX) and thread splits at start-up, and those round sums differently. Each case
 below starts pytest anew with the kernels pinned by MKL_ENABLE_INSTRUCTIONS and ATEN_CPU_CAPABILITY and
 torch's thread count set (conftest reads SHADOWMERGE_TEST_THREADS), and runs the graft, LoRA, DoRA,
-pieces and similarity exactness tests there. The three cases cover every value of each setting;
-`make test-kernels` runs all twelve combinations. MKL falls back to the widest instructions the CPU has; ATen
-does not (ATEN_CPU_CAPABILITY=avx512 on a CPU without AVX-512, e.g. an AMD EPYC with AVX2 only, dies of an
-illegal instruction), so an ATen capability above the CPU's is skipped, saying so.
+pieces, similarity and several-update (sum, TIES, DARE's int32 hash) exactness tests there. The three cases
+cover every value of each setting; `make test-kernels` runs all twelve combinations. MKL falls back to the
+widest instructions the CPU has; ATen does not (ATEN_CPU_CAPABILITY=avx512 on a CPU without AVX-512, e.g. an AMD
+EPYC with AVX2 only, dies of an illegal instruction), so an ATen capability above the CPU's is skipped, saying so.
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ EXACTNESS = ["tests/test_graft.py::test_bit_exact_against_reference_expression",
              "tests/test_pieces.py::test_full_graft_of_huge_rows_is_bit_exact",
              "tests/test_similarity.py::test_sigma_is_exact_on_hand_made_tensors",
              "tests/test_similarity.py::test_chunks_do_not_change_the_sums",
-             "tests/test_similarity.py::test_both_aggregations_match_independent_code"]
+             "tests/test_similarity.py::test_both_aggregations_match_independent_code",
+             "tests/test_multi.py::test_sum_is_the_float32_formula_bit_for_bit",
+             "tests/test_multi.py::test_combination_in_place_is_the_formula_bit_for_bit",
+             "tests/test_multi.py::test_dare_draw_is_the_integer_hash_across_the_2_31_boundary",
+             "tests/test_multi.py::test_select_is_exact_when_its_first_guess_misses_and_at_every_kind_of_tie",
+             "tests/test_multi.py::test_small_pieces_give_the_same_bits"]
 MKL, ATEN, THREADS = ("AVX2", "AVX512"), ("default", "avx2", "avx512"), (1, 2)
 CASES = [("AVX2", "default", 1), ("AVX512", "avx2", 2), ("AVX512", "avx512", 1)]
 if os.environ.get("SHADOWMERGE_KERNELS") == "all":

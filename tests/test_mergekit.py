@@ -139,11 +139,33 @@ def _bad_configs(inst, base, tuned):
         "slices": ({"slices": []}, "takes `models:`, not `slices:`"),
         "tokenizer": ({"tokenizer_source": "base"}, "remove `tokenizer_source`"),
         "mergekit's own check": ({"dtype": ["x"]}, "dtype: Input should be a valid string (mergekit's config check)"),
+        # hostile values: each refused before mergekit runs, with the form that works
+        "nan weight": (_tuned_weight(good, float("nan")), "weight: nan; give a finite number, e.g. `weight: 1`"),
+        "text weight": (_tuned_weight(good, "heavy"), "weight: 'heavy'; give a finite number"),
+        "boolean weight": (_tuned_weight(good, True), "weight: True; give a finite number"),
+        "empty weight list": (_tuned_weight(good, []), "weight: an empty list; give a finite number"),
+        "infinite weight in a gradient": (_tuned_weight(good, [1.0, float("inf")]), "weight: inf; give a finite"),
+        "weight that overflows": (_tuned_weight(good, 1e300), "has NaN/Inf values; check the weights and alpha"),
+        "unknown combine": ({"parameters": {"combine": "average"}},
+                            "combine: 'average'; use one of sum, ties, dare_ties, dare_linear"),
+        "density out of range": ({"parameters": {"combine": "ties", "density": 1.5}},
+                                 "in (0, 1], not 1.5; write e.g. `density: 0.5`"),
+        "density without combine": ({"parameters": {"density": 0.5}}, "density goes with combine: ties"),
+        "fractional seed": ({"parameters": {"combine": "dare_ties", "density": 0.5, "seed": 1.5}},
+                            "seed: 1.5; give a whole number, e.g. `seed: 0`"),
+        "nan alpha": ({"parameters": {"alpha": float("nan")}}, "alpha: nan; give a finite number, e.g. `alpha: 1`"),
     }
 
 
+def _tuned_weight(good, weight):
+    return {"models": [good[0], {"model": good[1]["model"], "parameters": {"role": "tuned", "weight": weight}}]}
+
+
 @pytest.mark.parametrize("case", ["no role", "two instruct", "unknown role", "three models", "one model", "no base",
-                                  "slices", "tokenizer", "mergekit's own check"])
+                                  "slices", "tokenizer", "mergekit's own check", "nan weight", "text weight",
+                                  "boolean weight", "empty weight list", "infinite weight in a gradient",
+                                  "weight that overflows", "unknown combine", "density out of range",
+                                  "density without combine", "fractional seed", "nan alpha"])
 def test_yaml_errors_say_how_to_fix_the_yaml(triple, cli, tmp_path, case):
     inst, base, tuned = triple
     change, expect = _bad_configs(inst, base, tuned)[case]
@@ -152,6 +174,28 @@ def test_yaml_errors_say_how_to_fix_the_yaml(triple, cli, tmp_path, case):
     cfg.update(change)
     path.write_text(yaml.safe_dump(cfg))
     run_bad(cli, tmp_path, [inst, base, tuned], path, command=("mergekit",), expect=expect)
+
+
+@pytest.mark.parametrize("bad, fixed", [
+    ({"models": "weight", "value": float("nan")}, 1),
+    ({"parameters": {"combine": "ties", "density": 1.5}}, {"combine": "ties", "density": 0.5}),
+    ({"parameters": {"density": 0.5}}, {}),
+    ({"parameters": {"combine": "dare_ties", "density": 0.5, "seed": 1.5}},
+     {"combine": "dare_ties", "density": 0.5, "seed": 0}),
+])
+def test_the_fix_a_yaml_error_suggests_works(triple, cli, tmp_path, bad, fixed):
+    """Written as the one line says (`weight: 1`, `density: 0.5`, no density, `seed: 0`), the config runs."""
+    inst, base, tuned = triple
+    path = shadow_yaml(tmp_path / "c.yml", inst, base, tuned)
+    cfg = yaml.safe_load(path.read_text())
+    if "models" in bad:
+        cfg["models"][1]["parameters"]["weight"] = fixed
+    else:
+        cfg["parameters"] = fixed
+    path.write_text(yaml.safe_dump(cfg))
+    res = cli("mergekit", path, tmp_path / "out", "-q")
+    assert res.exit_code == 0, res.output
+    assert cli("verify", tmp_path / "out", "--recompute", "-q").exit_code == 0
 
 
 def test_unreadable_config_and_bad_passthrough_option(triple, cli, tmp_path):

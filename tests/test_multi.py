@@ -335,3 +335,283 @@ def test_eval_sweeps_a_graft_of_several_updates(family, tmp_path, cli):
     assert len(swept) == 2 and all(m["combine"]["combine"] == "ties" and len(m["tuned"]) == 2 for m in swept)
     res = cli("eval", "a=x", "b=y", "--weights", "1,2", "--heldout", rows, "--out", tmp_path / "f", "-q")
     assert res.exit_code == 1 and "--weights" in res.stderr
+
+
+# --- the pieces the engine runs: the select's passes, the in-place masks and combination, the DARE hash ----------
+
+def _pieces_of(x: torch.Tensor, size: int):
+    def pieces():
+        for a in range(0, x.numel(), size):
+            yield a, x[a:a + size]
+    return pieces
+
+
+@pytest.mark.parametrize("case", ["unrepresentative first piece", "float32 ties", "bf16 ties", "zeros"])
+def test_select_is_exact_when_its_first_guess_misses_and_at_every_kind_of_tie(case):
+    """The first piece guesses the threshold's bin; a first piece unlike the rest makes it miss (a second pass), a
+    float32 key with low bits makes the tie walk the pieces, bf16 deltas put it at a bin's first pattern (one piece
+    read again), many exact zeros put it at 0. Each is the documented rule exactly, on pieces of several sizes."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(20_000, generator=g)
+    if case == "unrepresentative first piece":
+        x[:3000] *= 1e-3
+    elif case == "float32 ties":
+        x[::3] = 0.123456789                      # thousands equal to one float32 magnitude with low bits
+    elif case == "bf16 ties":
+        x = x.to(torch.bfloat16).float()
+    else:
+        x[::2] = 0.0
+        x[1::4] = -0.0
+    for size in (999, 3000, 20_000):
+        for density in (0.05, 0.4, 0.7, 0.95):
+            k = max(1, int(density * x.numel()))
+            cut = top_k(_pieces_of(x, size), x.numel(), k)
+            mask = torch.cat([cut.mask(x[a:a + size], a) for a in range(0, x.numel(), size)])
+            assert int(mask.sum()) == k, (size, density)
+            assert torch.equal(torch.where(mask, x, torch.zeros(())), _stable_top(x, density)), (size, density)
+
+
+def test_select_of_several_updates_at_once_equals_each_alone():
+    from shadowmerge.select import top_k_many
+
+    g = torch.Generator().manual_seed(6)
+    xs = [torch.randn(10_000, generator=g).to(torch.bfloat16).float() * s for s in (1.0, 3.0, 1e-4)]
+    ks = [100, 5000, 9999]
+
+    def pieces(which, start=0):
+        for a in range(0, 10_000, 1500):
+            if a >= start:
+                yield a, (xs[j][a:a + 1500].clone() for j in which)
+
+    together = top_k_many(pieces, 10_000, ks)
+    for x, k, cut in zip(xs, ks, together):
+        assert cut == top_k(_pieces_of(x, 1500), 10_000, k)
+
+
+def test_cut_applied_in_place_is_where_of_its_mask():
+    """Cut.apply_ (an int32 mask and-ed into the bit patterns) keeps exactly what torch.where(mask, x, 0) keeps, bit
+    for bit: -0.0, NaN, ±inf, ties before and after the cut's index, and a piece starting past it."""
+    from shadowmerge.select import Cut
+
+    x = torch.tensor([0.5, -0.5, 0.25, -0.0, float("nan"), float("inf"), -float("inf"), 0.5, -0.5, 1e-40, 0.0, 2.0])
+    key = int(torch.tensor(0.5).view(torch.int32))
+    for cut in (Cut(key, 100 + 1, 5), Cut(key, 100 + 8, 5), Cut(key, 100 + 12, 5), Cut(0, 100 + 3, 9), Cut(-1, 0, 0)):
+        for e0 in (100, 100 + 4):
+            piece = x[e0 - 100:]
+            want = torch.where(cut.mask(piece, e0), piece, torch.zeros(()))
+            got = cut.apply_(piece.clone(), e0, torch.empty(piece.numel(), dtype=torch.int32))
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (cut, e0)
+
+
+def _dare_reference(seed: int, k: int, name: str, index: int, density: float) -> bool:
+    """DARE's draw for one flat index, in Python's unbounded integers (what the int32 arithmetic must equal)."""
+    from shadowmerge.multi import _key
+
+    m31 = (1 << 31) - 1
+
+    def mix(x):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & m31
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & m31
+        return x ^ (x >> 16)
+
+    key = _key(seed, k, name)
+    x = mix((index & m31) ^ key)
+    x = mix(x ^ ((index >> 31) & m31) ^ (key >> 7))
+    return x < int(density * (1 << 31))
+
+
+def test_dare_draw_is_the_integer_hash_across_the_2_31_boundary():
+    """torch's int32 products wrap modulo 2^32; the draw equals the hash in unbounded integers, for indices below,
+    across and far above 2^31 (tensors of more than 2^31 elements), in pieces of any size."""
+    for e0, n in ((0, 3000), ((1 << 31) - 1500, 3000), (5 * (1 << 31) + 7, 2000)):
+        got = dare_keep(4, 2, "model.layers.3.mlp.experts.down_proj", e0, n, 0.37, "cpu")
+        want = torch.tensor([_dare_reference(4, 2, "model.layers.3.mlp.experts.down_proj", e0 + i, 0.37)
+                             for i in range(n)])
+        assert torch.equal(got, want), e0
+        halves = torch.cat([dare_keep(4, 2, "model.layers.3.mlp.experts.down_proj", e0 + a, min(777, n - a), 0.37,
+                                      "cpu") for a in range(0, n, 777)])
+        assert torch.equal(halves, want)
+    assert bool(dare_keep(1, 0, "x", 0, 100, 1.0, "cpu").all())
+
+
+def _combined_reference(terms, method):
+    """The combination as mergekit's functions write it (torch.where / sign / == / .float()), on whole pieces."""
+    weighted = [d * w for w, d in terms]
+    if method in ("sum", "dare_linear"):
+        acc = weighted[0].clone()
+        for wd in weighted[1:]:
+            acc.add_(wd)
+        return acc
+    total = weighted[0].clone()
+    for wd in weighted[1:]:
+        total.add_(wd)
+    sign = torch.where(total >= 0, 1.0, -1.0)
+    mixed = divisor = None
+    for (w, _), wd in zip(terms, weighted):
+        m = (torch.sign(wd) == sign).float()
+        mixed = wd * m if mixed is None else mixed.add_(wd * m)
+        divisor = m * w if divisor is None else divisor.add_(m * w)
+    if method == "ties":
+        divisor[divisor == 0] = 1
+        mixed.div_(divisor)
+    return mixed
+
+
+@pytest.mark.parametrize("method", ["sum", "ties", "dare_ties", "dare_linear"])
+def test_combination_in_place_is_the_formula_bit_for_bit(method):
+    """combine_into (in place, in reused buffers) against the formula written plainly, bit for bit: exact zeros of
+    both signs, terms that cancel, negative and unit weights, one to four updates."""
+    from types import SimpleNamespace
+
+    from shadowmerge.multi import Scratch, combine_into, shaped_
+    from shadowmerge.select import top_k
+
+    g = torch.Generator().manual_seed(7)
+    for count in (1, 2, 3, 4):
+        deltas = [torch.randn(4096, generator=g).to(torch.bfloat16).float() for _ in range(count)]
+        for d in deltas:
+            d[::5] = 0.0
+            d[1::7] = -0.0
+        if count > 1:
+            deltas[1][::3] = -deltas[0][::3]                  # cancels exactly
+        weights = [1.0, -0.5, 2.0, 1.0][:count]
+        how = SimpleNamespace(combine=method, density=0.6, seed=3, weights=weights)
+        cuts = [top_k(_pieces_of(d, 4096), 4096, max(1, int(0.6 * 4096))) for d in deltas]
+        shaped = []
+        for k, d in enumerate(deltas):
+            if method == "ties":
+                s = torch.where(cuts[k].mask(d, 0), d, torch.zeros(()))
+            elif method.startswith("dare"):
+                s = torch.where(dare_keep(3, k, "t", 0, 4096, 0.6, "cpu"), d / 0.6, torch.zeros(()))
+            else:
+                s = d
+            shaped.append((weights[k], s))
+        want = _combined_reference(shaped, method)
+        work = Scratch(torch.device("cpu"), torch.float32)
+
+        def term(k, into):
+            return shaped_(into.copy_(deltas[k]), how, k, "t", 0, cuts[k], work)
+
+        got = combine_into(torch.empty(4096), list(range(count)), term, method, weights, work)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (method, count)
+
+
+def test_pieces_shrink_with_the_updates_to_keep_the_one_update_budget():
+    """The engine's buffers for K updates (its 6 slots of raw bytes, 3 workers' float32 buffers) stay within the
+    one-update graft's at 4 Mi elements, for every method, with and without adapters, up to MAX_UPDATES."""
+    from shadowmerge.chunks import CHUNK_ELEMENTS
+    from shadowmerge.multi import COMBINE, MAX_UPDATES, _piece_elements
+
+    budget = (6 * 4 * 2 + 3 * 4 * 4) * CHUNK_ELEMENTS
+    for method in COMBINE:
+        for lora in (False, True):
+            last = CHUNK_ELEMENTS
+            for k in range(2, MAX_UPDATES + 1):
+                n = _piece_elements(k, method, lora)
+                floats = 4 + (k + 3 if method == "ties" else k + 2 if method == "dare_ties" else 1) + (method != "sum") \
+                    + 2 * lora
+                assert (6 * (3 + k) * 2 + 3 * floats * 4) * n <= budget and 0 < n <= last, (method, lora, k)
+                last = n
+
+
+def test_small_pieces_give_the_same_bits(family, tmp_path, monkeypatch):
+    """The engine's pieces and the threshold passes' pieces cut smaller than a row (first-piece guesses that miss,
+    ties found in a later piece): the same output as the default pieces, for ties and dare_ties on bf16."""
+    import shadowmerge.multi as multi
+
+    fam = family[torch.bfloat16]
+    outs = {}
+    for label in ("default", "small"):
+        if label == "small":
+            monkeypatch.setattr(multi, "PASS_ELEMENTS", 777)
+            monkeypatch.setattr(multi.MultiDelta, "chunk_elements", property(lambda self: 1000))
+        for combine in ("ties", "dare_ties"):
+            out = tmp_path / f"{label}-{combine}"
+            graft(fam["instruct"], fam["base"], tuple(fam["tuned"]), out, combine=combine, density=0.3, seed=2,
+                  weights="1,-0.5,2", progress=False)
+            outs[(label, combine)] = tinymodels.state(out)
+    for combine in ("ties", "dare_ties"):
+        a, b = outs[("default", combine)], outs[("small", combine)]
+        for name in a:
+            assert torch.equal(a[name], b[name]), (combine, name)
+
+
+def test_a_failure_in_the_threshold_passes_is_one_line_and_writes_nothing(family, tmp_path, monkeypatch):
+    """The TIES passes run ahead on threads of their own: an error there reaches the user as the graft's one line,
+    nothing is written, and no thread is left behind."""
+    import threading
+    import time
+
+    import shadowmerge.multi as multi
+
+    fam = family[F32]
+    real, calls = multi.MultiDelta.find_cuts, []
+
+    def failing(self, entry, bufs=None, stop=None):
+        calls.append(entry.name)
+        if len(calls) == 5:
+            raise ShadowMergeError(f"cannot read {entry.name}: the file changed under us; run again")
+        return real(self, entry, bufs, stop)
+
+    monkeypatch.setattr(multi.MultiDelta, "find_cuts", failing)
+    before = threading.active_count()
+    with pytest.raises(ShadowMergeError, match="the file changed under us"):
+        graft(fam["instruct"], fam["base"], tuple(fam["tuned"][:2]), tmp_path / "out", combine="ties", density=0.5,
+              progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*out*"))
+    for _ in range(50):
+        if threading.active_count() <= before:
+            break
+        time.sleep(0.1)
+    assert threading.active_count() <= before
+
+
+def test_more_updates_than_the_cap_are_one_line(family, tmp_path):
+    from shadowmerge.multi import MAX_UPDATES
+
+    fam = family[F32]
+    with pytest.raises(ShadowMergeError, match=f"at most {MAX_UPDATES}"):
+        graft(fam["instruct"], fam["base"], tuple([fam["tuned"][0]] * (MAX_UPDATES + 1)), tmp_path / "out",
+              progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_sweeps_a_grid_of_weights_and_combine_methods(family, tmp_path, cli):
+    """eval --weights '1,1;1,0.5' --combine sum,ties: every (weights, method) at every α is grafted and evaluated,
+    labelled by what varies; each is the graft of that setting (its held-out loss equals the same graft made by
+    `graft` and evaluated beside it); the best is named with its setting; a bad grid is one line."""
+    import shutil
+
+    fam = family[F32]
+    inst = tmp_path / "instruct"
+    shutil.copytree(fam["instruct"], inst)
+    tinymodels.chat_tokenizer(inst, "instruct")
+    direct = tmp_path / "direct"
+    graft(inst, fam["base"], tuple(fam["tuned"][:2]), direct, weights="1,0.5", combine="ties", density=0.5,
+          progress=False)
+    rows = tmp_path / "heldout.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {k} plus {k}"},
+                                                     {"role": "assistant", "content": f"{2 * k}"}]}) + "\n"
+                            for k in range(6)))
+    common = ["--instruct", inst, "--base", fam["base"], "--tuned", fam["tuned"][0], "--tuned", fam["tuned"][1],
+              "--heldout", rows, "--device", "cpu", "-q"]
+    res = cli("eval", f"direct={direct}", *common, "--weights", "1,1;1,0.5", "--combine", "sum,ties",
+              "--density", "0.5", "--alpha", "1", "--out", tmp_path / "e")
+    assert res.exit_code == 0, res.stdout + res.stderr
+    record = json.loads((tmp_path / "e" / "eval.json").read_text())
+    held = {h["model"]: h["nll_per_token"] for h in record["heldout"]}
+    swept = {"alpha=1+w=1_1+sum", "alpha=1+w=1_1+ties", "alpha=1+w=1_0.5+sum", "alpha=1+w=1_0.5+ties"}
+    assert swept <= set(held) and len(held) == 6
+    assert held["alpha=1+w=1_0.5+ties"] == held["direct"]
+    assert len({held[label] for label in swept}) == 4            # four different models
+    models = record["models"] if isinstance(record["models"], dict) else {m["label"]: m for m in record["models"]}
+    assert models["alpha=1+w=1_0.5+ties"]["combine"] == {"weights": "1,0.5", "combine": "ties", "density": 0.5,
+                                                         "seed": 0}
+    best = record["best_alpha"]["heldout"]
+    assert best["model"] in swept and best["setting"] and held[best["model"]] == min(held[label] for label in swept)
+    assert f"with {best['setting']}" in (tmp_path / "e" / "eval.md").read_text()
+    for extra, expect in ((["--combine", "sum,average"], "'average' is not a method"),
+                          (["--weights", "1,1;1,1"], "names a setting twice"),
+                          (["--density", "0.5"], "--density goes with --combine ties")):
+        res = cli("eval", *common, *extra, "--out", tmp_path / "f")
+        assert res.exit_code == 1 and expect in res.stderr and not (tmp_path / "f").exists(), res.stderr

@@ -22,6 +22,7 @@ class Model:
     folder: Path | None = None
     described: dict = field(default_factory=dict)
     alpha: float | None = None            # an α-sweep model: made (grafted) when its turn comes
+    setting: int = 0                      # ... with the sweep's setting (several updates: weights, combine)
     checkpoint: object = None             # the opened Checkpoint (Hub ids: weights fetched when evaluated)
 
     def fetch(self, progress: bool) -> None:

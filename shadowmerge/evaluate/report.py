@@ -234,11 +234,11 @@ def alpha_lines(data: dict) -> list[str]:
     lines = []
     overall, held = b.get("overall"), b.get("heldout")
     if overall and overall["by"] != "held-out NLL per token":
-        choice = f"best α by the tasks ({overall['by']}): {overall['alpha']:g}"
-        choice += f"; by held-out loss: {held['alpha']:g}" if held else ""
+        choice = f"best α by the tasks ({overall['by']}): {_pick(overall)}"
+        choice += f"; by held-out loss: {_pick(held)}" if held else ""
         lines.append(choice)
     elif held:
-        lines.append(f"best α by held-out loss: {held['alpha']:g}")
+        lines.append(f"best α by held-out loss: {_pick(held)}")
     for task, t in list(b.get("per_task", {}).items()) + ([("held-out loss", held)] if held else []):
         parts = []
         for name, p in (("against the reference", t.get("vs_reference")), ("against α = 1", t.get("vs_alpha_1"))):
@@ -246,14 +246,19 @@ def alpha_lines(data: dict) -> list[str]:
                 d = 4 if task == "held-out loss" else 3
                 parts.append(f"{name} Δ {_signed(p['delta'], d)} {_interval(p['ci95'], d)}, {p['verdict']} "
                              f"({p['differing']} of {p['n']} differ)")
-        pick = _alpha_list(t["tied"]) + " (tied)" if t["tied"] else f"{t['alpha']:g}"
+        pick = _alpha_list(t["tied"]) + " (tied)" if t["tied"] else _pick(t)
         lines.append(f"  {task}: α = {pick}" + (": " + "; ".join(parts) if parts else ""))
     lines += [f"note: {n}" for n in b.get("notes", [])]
     return lines
 
 
+def _pick(b: dict) -> str:
+    """A best α, with its setting when the sweep had several (weight sets, combine methods)."""
+    return f"{b['alpha']:g}" + (f" with {b['setting']}" if b.get("setting") else "")
+
+
 def _alpha_list(values) -> str:
-    return ", ".join(f"{a:g}" for a in values)
+    return ", ".join(f"{a:g}" if isinstance(a, (int, float)) else str(a) for a in values)
 
 
 def md_table(header, rows) -> list[str]:
@@ -401,29 +406,38 @@ def _forest(ax, data: dict, rows: list[dict], title: str, xlabel: str, sign: int
 
 
 def _sweep_figure(plt, data: dict):
-    """Each task's first metric against α with its 95 % interval, the reference as a line with its band; the
-    held-out loss the same way."""
+    """Each task's first metric against α with its 95 % interval (one line per setting when the sweep had several:
+    weight sets, combine methods), the reference as a line with its band; the held-out loss the same way."""
     from .settings import ALPHA_LABEL
 
     keys = primary(data)
-    alphas = sorted((float(m[len(ALPHA_LABEL):]), m) for m in data["models"] if m.startswith(ALPHA_LABEL))
+    lines: dict[str, list] = {}                 # setting tag ('' for one setting) -> [(α, label)] sorted by α
+    for m in data["models"]:
+        if m.startswith(ALPHA_LABEL):
+            alpha, _, tag = m[len(ALPHA_LABEL):].partition("+")
+            lines.setdefault(tag, []).append((float(alpha), m))
+    for tag in lines:
+        lines[tag].sort()
     panels = len(keys) + (1 if data["heldout"] else 0)
     fig, axes = plt.subplots(1, max(panels, 1), figsize=(4.2 * max(panels, 1), 3.8), squeeze=False)
     axes = list(axes[0])
-    xs = [a for a, _ in alphas]
+    colors = plt.get_cmap("tab10")
 
-    def draw(ax, points, ref, title, ylabel, best):
-        ys = [v for v, _ in points]
-        err = [[max(v - ci[0], 0) if ci else 0 for v, ci in points], [max(ci[1] - v, 0) if ci else 0
-                                                                       for v, ci in points]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color="tab:blue", label="I + α·Δ (95 % interval)")
+    def draw(ax, value_of, ref, title, ylabel, best):
+        for j, (tag, alphas) in enumerate(lines.items()):
+            points = [value_of(label) for _, label in alphas]
+            ys = [v for v, _ in points]
+            err = [[max(v - ci[0], 0) if ci else 0 for v, ci in points],
+                   [max(ci[1] - v, 0) if ci else 0 for v, ci in points]]
+            ax.errorbar([a for a, _ in alphas], ys, yerr=err, marker="o", capsize=3, color=colors(j % 10),
+                        label=f"I + α·Δ{', ' + tag if tag else ''} (95 % interval)")
         if ref is not None:
             v, ci = ref
             ax.axhline(v, color="tab:gray", ls="--", label=f"{data['reference']} (reference)")
             if ci:
                 ax.axhspan(ci[0], ci[1], color="tab:gray", alpha=0.15)
         if best is not None:
-            ax.axvline(best, color="tab:green", lw=0.8, ls=":", label=f"best α = {best:g}")
+            ax.axvline(best["alpha"], color="tab:green", lw=0.8, ls=":", label=f"best α = {_pick(best)}")
         ax.set_xlabel("α")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=9)
@@ -432,24 +446,24 @@ def _sweep_figure(plt, data: dict):
     b = data["best_alpha"]
     for key in keys:
         ax = axes.pop(0)
-        points = []
-        for _, label in alphas:
+
+        def score(label, key=key):
             s = _score(data, label, key)
-            points.append((s["value"] if s else float("nan"), s.get("ci95") if s else None))
+            return s["value"] if s else float("nan"), s.get("ci95") if s else None
+
         r = _score(data, data["reference"], key)
         t = b.get("per_task", {}).get(key[0])
-        draw(ax, points, (r["value"], r.get("ci95")) if r else None, f"{_column(*key)}, n={items_of(data, key)}",
-             "score", t["alpha"] if t and not t["tied"] else None)
+        draw(ax, score, (r["value"], r.get("ci95")) if r else None, f"{_column(*key)}, n={items_of(data, key)}",
+             "score", t if t and not t["tied"] else None)
     if data["heldout"]:
         ax = axes.pop(0)
         held = {h["model"]: h for h in data["heldout"]}
-        points = [(held[label]["nll_per_token"], held[label]["ci95"]) if label in held else (float("nan"), None)
-                  for _, label in alphas]
         r = held.get(data["reference"])
         t = b.get("heldout")
-        draw(ax, points, (r["nll_per_token"], r["ci95"]) if r else None,
+        draw(ax, lambda label: (held[label]["nll_per_token"], held[label]["ci95"]) if label in held else
+             (float("nan"), None), (r["nll_per_token"], r["ci95"]) if r else None,
              f"held-out loss, {data.get('heldout_data', {}).get('rows', '?')} rows (lower is better)",
-             "NLL per answer token", t["alpha"] if t and not t["tied"] else None)
+             "NLL per answer token", t if t and not t["tied"] else None)
     return fig
 
 

@@ -57,8 +57,9 @@ def prepare(models: list[tuple[str, str]], settings: EvalSettings, *, sweep: Swe
         if any(not math.isfinite(a) for a in sweep.alphas) or len(set(sweep.alphas)) != len(sweep.alphas):
             raise ShadowMergeError("--alpha values must be finite numbers, each given once; pass e.g. "
                                    "--alpha 0.5,0.75,1")
+        _check_grid(sweep)
         taken = {label for label, _ in models}
-        clash = next((sweep.label(a) for a in sweep.alphas if sweep.label(a) in taken), None) or \
+        clash = next((label for label, _, _ in sweep.points() if label in taken), None) or \
             ("instruct" if "instruct" in taken else None)
         if clash:
             raise ShadowMergeError(f"the label {clash!r} is the α sweep's own; give that model another label")
@@ -88,17 +89,38 @@ def prepare(models: list[tuple[str, str]], settings: EvalSettings, *, sweep: Swe
             from ..pipeline import check_roles
             from ..spec import GraftSpec
 
-            plan = check_roles(GraftSpec(sweep.instruct, sweep.base, sweep.tuned, sweep.lora, allow_pickle=allow_pickle,
-                                         progress=progress, **sweep.graft_options()))   # from headers, + a sample
+            for k in range(len(sweep.settings())):                     # from headers, + a sample
+                plan = check_roles(GraftSpec(sweep.instruct, sweep.base, sweep.tuned, sweep.lora,
+                                             allow_pickle=allow_pickle, progress=progress and k == 0,
+                                             **sweep.graft_options(k)))
             prepared.sweep_bytes = plan.total_bytes
             at = 1 if prepared.models else 0
-            for k, alpha in enumerate(sweep.alphas):
-                prepared.models.insert(at + k, modelrefs.Model(sweep.label(alpha), f"I + {alpha:g}·Δ", alpha=alpha))
+            for k, (label, alpha, setting) in enumerate(sweep.points()):
+                said = sweep.described(setting)
+                prepared.models.insert(at + k, modelrefs.Model(label, f"I + {alpha:g}·Δ" + (f" ({said})" if said else ""),
+                                                               alpha=alpha, setting=setting))
         check_pairs(settings.compare, [m.label for m in prepared.models])
     except BaseException:
         prepared.close()
         raise
     return prepared
+
+
+def _check_grid(sweep: Sweep) -> None:
+    """The sweep's settings: known methods, each setting once, --density only where a method uses it."""
+    from ..multi import COMBINE
+
+    methods = sweep.methods()
+    bad = next((m for m in methods if m not in COMBINE), None)
+    if bad is not None:
+        raise ShadowMergeError(f"--combine {sweep.combine!r}: {bad!r} is not a method; use {', '.join(COMBINE)}, or "
+                               f"several separated by commas, e.g. --combine sum,ties")
+    sets = sweep.weight_sets()
+    for what, values in (("--combine", methods), ("--weights", sets)):
+        if len(set(values)) != len(values):
+            raise ShadowMergeError(f"{what} names a setting twice; give each setting once, e.g. --combine sum,ties")
+    if sweep.density is not None and all(m == "sum" for m in methods):
+        raise ShadowMergeError("--density goes with --combine ties, dare_ties or dare_linear; leave it out for sum")
 
 
 def _answers(res: dict) -> dict:
@@ -262,13 +284,13 @@ def run(prepared: Prepared, folder: Path | None, *, progress: bool = True, comma
                 if folder is None:
                     raise ShadowMergeError("an α sweep needs an output folder; pass one")
                 made = folder / f".model-{model.label}"
-                log(f"model {k}/{len(prepared.models)} {model.label}: grafting I + {model.alpha:g}·Δ")
+                log(f"model {k}/{len(prepared.models)} {model.label}: grafting {model.ref}")
                 graft(sweep.instruct, sweep.base, sweep.tuned, made, lora=sweep.lora, alpha=model.alpha,
-                      progress=progress, check_roles=False, **sweep.graft_options())      # checked in prepare()
+                      progress=progress, check_roles=False, **sweep.graft_options(model.setting))   # checked before
                 model.folder = made
                 model.described = {"ref": f"graft --alpha {model.alpha:g}", "path": None, "commit": None,
                                    "alpha": model.alpha, "instruct": local_ref(sweep.instruct),
-                                   **_sweep_inputs(sweep)}
+                                   **_sweep_inputs(sweep, model.setting)}
             else:
                 model.fetch(progress)
             what = " and ".join(x for x, on in (("tasks " + ",".join(settings.tasks), settings.tasks),
@@ -411,13 +433,15 @@ def best_alpha(data: dict, sweep: Sweep, results: dict) -> dict:
     """The best α per task (its first metric), over tasks and by held-out loss, each with its paired comparison
     against the reference and against α = 1, and what the grid cannot tell said in words (`notes`): a best at
     the edge of the grid, a tie, tasks that disagree (with each other or with held-out loss), and the reference
-    beating every α."""
+    beating every α. A sweep over several settings (weight sets, combine methods) picks among every (setting, α):
+    each pick then names its setting, and is compared with α = 1 of the same setting."""
     from .report import primary
 
-    labels = {sweep.label(a): a for a in sweep.alphas}
+    points = {label: (alpha, k) for label, alpha, k in sweep.points()}
+    labels = {label: alpha for label, (alpha, _) in points.items()}
     grid = sorted(sweep.alphas)
+    several = len(sweep.settings()) > 1
     ref = data["reference"]
-    one = sweep.label(1.0) if 1.0 in sweep.alphas else None
     hib = {(s["task"], s["metric"]): s.get("higher_is_better", True) for s in data["scores"]}
     paired = {(p["model"], p["against"], p["task"], p["metric"], p["filter"]): p for p in data["paired"]}
     per_task, means, notes = {}, {}, []
@@ -427,7 +451,22 @@ def best_alpha(data: dict, sweep: Sweep, results: dict) -> dict:
             return None
         return "largest" if alpha == grid[-1] else "smallest" if alpha == grid[0] else None
 
+    def one_of(label: str) -> str | None:
+        return sweep.label(1.0, points[label][1]) if 1.0 in sweep.alphas else None
+
+    def nearest_one(tied: list[str]) -> str:                        # of a tie: the α nearest 1 (then the first setting)
+        return min(tied, key=lambda label: (abs(labels[label] - 1), labels[label], points[label][1]))
+
+    def told(tied: list[str]) -> list:
+        return [labels[label] for label in sorted(tied, key=lambda t: labels[t])] if not several else \
+            sorted(tied, key=lambda t: (points[t][1], labels[t]))
+
+    def pick(best: str) -> dict:
+        return {"alpha": labels[best], **({"setting": sweep.described(points[best][1]), "model": best}
+                                          if several else {})}
+
     def against_one(label: str, key) -> dict | None:
+        one = one_of(label)
         if one is None or label == one:
             return None
         mine, theirs = results[label]["items"].get(key), results[one]["items"].get(key)
@@ -444,13 +483,14 @@ def best_alpha(data: dict, sweep: Sweep, results: dict) -> dict:
             continue
         higher = hib.get((task, metric), True)
         top = (max if higher else min)(vals.values())
-        tied = sorted(labels[label] for label, v in vals.items() if v == top)
-        best = sweep.label(min(tied, key=lambda a: (abs(a - 1), a)))           # of a tie: the α nearest 1
+        tied = [label for label, v in vals.items() if v == top]
+        best = nearest_one(tied)
         refv = next((s["value"] for s in data["scores"] if s["model"] == ref
                      and (s["task"], s["metric"], s["filter"]) == key), None)
         beaten = refv is not None and all((refv > v) if higher else (refv < v) for v in vals.values())
-        per_task[task] = {"alpha": labels[best], "metric": metric, "filter": filt, "value": vals[best],
-                          "tied": tied if len(tied) > 1 else [], "edge": edge(labels[best]) if len(tied) == 1 else None,
+        per_task[task] = {**pick(best), "metric": metric, "filter": filt, "value": vals[best],
+                          "tied": told(tied) if len(tied) > 1 else [],
+                          "edge": edge(labels[best]) if len(tied) == 1 else None,
                           "reference_value": refv, "reference_beats_every_alpha": beaten,
                           "vs_reference": _brief(paired.get((best, ref, *key))), "vs_alpha_1": against_one(best, key)}
         for label, v in vals.items():
@@ -459,35 +499,35 @@ def best_alpha(data: dict, sweep: Sweep, results: dict) -> dict:
     out: dict = {"per_task": per_task}
     if means:
         avg = {label: sum(v) / len(v) for label, v in means.items()}
-        best = max(avg, key=lambda label: (avg[label], -abs(labels[label] - 1)))
-        out["overall"] = {"alpha": labels[best], "by": "mean primary score over tasks", "value": avg[best],
+        best = max(avg, key=lambda label: (avg[label], -abs(labels[label] - 1), -points[label][1]))
+        out["overall"] = {**pick(best), "by": "mean primary score over tasks", "value": avg[best],
                           "edge": edge(labels[best])}
-        picks = {task: b["tied"] or [b["alpha"]] for task, b in per_task.items()}
+        picks = {task: b["tied"] or [b.get("model", b["alpha"])] for task, b in per_task.items()}
         if len(picks) > 1 and not set.intersection(*(set(a) for a in picks.values())):
-            notes.append("the tasks disagree: " + ", ".join(f"{task} picks α = {_alphas(a)}" for task, a in
+            notes.append("the tasks disagree: " + ", ".join(f"{task} picks {_picked(a, several)}" for task, a in
                                                             picks.items()) + "; no one α is best for all of them")
     held = {h["model"]: h["nll_per_token"] for h in data["heldout"] if h["model"] in labels}
     if held:
         top = min(held.values())
-        tied = sorted(labels[label] for label, v in held.items() if v == top)
-        best = sweep.label(min(tied, key=lambda a: (abs(a - 1), a)))
+        tied = [label for label, v in held.items() if v == top]
+        best = nearest_one(tied)
         refv = next((h["nll_per_token"] for h in data["heldout"] if h["model"] == ref), None)
-        vs_one = None
+        vs_one, one = None, one_of(best)
         if one is not None and best != one:
             mine, theirs = results[best]["losses"], results[one]["losses"]
             vs_one = stats.compare_losses((mine.nll, mine.tokens), (theirs.nll, theirs.tokens)).as_dict()
-        out["heldout"] = {"alpha": labels[best], "nll_per_token": held[best], "tied": tied if len(tied) > 1 else [],
+        out["heldout"] = {**pick(best), "nll_per_token": held[best], "tied": told(tied) if len(tied) > 1 else [],
                           "edge": edge(labels[best]) if len(tied) == 1 else None,
                           "reference_beats_every_alpha": refv is not None and all(refv < v for v in held.values()),
                           "vs_reference": _brief(paired.get((best, ref, "heldout", "nll_per_token", "none"))),
                           "vs_alpha_1": vs_one}
         notes += _task_notes("held-out loss", out["heldout"], ref)
         if "overall" not in out:
-            out["overall"] = {"alpha": labels[best], "by": "held-out NLL per token", "value": held[best],
+            out["overall"] = {**pick(best), "by": "held-out NLL per token", "value": held[best],
                               "edge": out["heldout"]["edge"]}
-        elif out["overall"]["alpha"] != labels[best]:
-            notes.append(f"the tasks and the held-out loss disagree: the tasks (mean primary score) pick α = "
-                         f"{out['overall']['alpha']:g}, the held-out loss picks α = {labels[best]:g}")
+        elif out["overall"].get("model", out["overall"]["alpha"]) != out["heldout"].get("model", labels[best]):
+            notes.append(f"the tasks and the held-out loss disagree: the tasks (mean primary score) pick "
+                         f"{_named(out['overall'])}, the held-out loss picks {_named(out['heldout'])}")
     if per_task or held:
         notes.append("the best α is picked on the same items it is scored on, so its comparisons are optimistic; "
                      "confirm it on items it was not picked on")
@@ -496,8 +536,18 @@ def best_alpha(data: dict, sweep: Sweep, results: dict) -> dict:
 
 
 def _alphas(values) -> str:
-    values = [f"{a:g}" for a in values]
+    values = [f"{a:g}" if isinstance(a, (int, float)) else str(a) for a in values]
     return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
+
+
+def _picked(values, several: bool) -> str:
+    """What a task picks, in words: α values, or (a grid of settings) model labels."""
+    return f"α = {_alphas(values)}" if not several else _alphas(values)
+
+
+def _named(b: dict) -> str:
+    """A pick in words: α = 0.75, or α = 0.75 with weights 1,0.5, ties."""
+    return f"α = {b['alpha']:g}" + (f" with {b['setting']}" if b.get("setting") else "")
 
 
 def _brief(p: dict | None) -> dict | None:
@@ -509,7 +559,7 @@ def _task_notes(what: str, b: dict, ref: str) -> list[str]:
     """What one task's (or the held-out loss's) best α does not tell, in words."""
     notes = []
     if b["tied"]:
-        notes.append(f"{what}: α = {_alphas(b['tied'])} tie: the task does not pick one")
+        notes.append(f"{what}: {_picked(b['tied'], 'setting' in b)} tie: the task does not pick one")
     elif b["edge"]:
         beyond = "larger" if b["edge"] == "largest" else "smaller"
         notes.append(f"{what}: the best α ({b['alpha']:g}) is the {b['edge']} value tried, so the best may lie "
@@ -518,19 +568,20 @@ def _task_notes(what: str, b: dict, ref: str) -> list[str]:
         notes.append(f"{what}: the reference ({ref}) does better than every α: grafting did not help here")
     v1 = b.get("vs_alpha_1")
     if v1 is not None and v1["verdict"] in (stats.NOISE, stats.TOO_FEW):
-        notes.append(f"{what}: α = {b['alpha']:g} is not told apart from α = 1 ({v1['verdict']}, "
+        notes.append(f"{what}: {_named(b)} is not told apart from α = 1 ({v1['verdict']}, "
                      f"{v1['differing']} of {v1['n']} differ)")
     return notes
 
 
-def _sweep_inputs(sweep) -> dict:
+def _sweep_inputs(sweep, setting: int = 0) -> dict:
     """A swept model's inputs, for eval.json: the adapter(s), or the Base and the tuned model(s); with several
     updates, how they were combined."""
     def refs(v):
         return None if v is None else local_ref(v) if isinstance(v, str) else [local_ref(x) for x in v]
     out = {k: refs(v) for k, v in (("lora", sweep.lora), ("base", sweep.base), ("tuned", sweep.tuned)) if v}
+    options = sweep.graft_options(setting)
     if isinstance(sweep.tuned, tuple) or isinstance(sweep.lora, tuple) or (sweep.tuned and sweep.lora) or \
-            sweep.combine != "sum" or sweep.weights:
-        out["combine"] = {k: v for k, v in sweep.graft_options().items() if v is not None}
+            options["combine"] != "sum" or options["weights"]:
+        out["combine"] = {k: v for k, v in options.items() if v is not None}
     return out
 

@@ -155,20 +155,57 @@ ALPHA_LABEL = "alpha="          # an α sweep's models are labelled alpha=0.5, a
 @dataclass(frozen=True)
 class Sweep:
     """Evaluate I + α·Δ for each α (Δ: --lora, or --tuned minus --base), each exactly what `graft --alpha`
-    writes."""
+    writes. With several updates, a small grid too: several weight sets (`weights` "1,1;1,0.5": sets separated by
+    ';') and several combine methods (`combine` "sum,ties"), every α of every setting grafted and evaluated."""
     instruct: str
     alphas: tuple[float, ...]
     base: str | None = None
     tuned: str | tuple[str, ...] | None = None
     lora: str | tuple[str, ...] | None = None
-    weights: str | None = None               # several updates: graft's --weights, --combine, --density, --seed
-    combine: str = "sum"
+    weights: str | None = None               # several updates: graft's --weights (sets separated by ';'),
+    combine: str = "sum"                     # --combine (methods separated by ','), --density, --seed
     density: float | None = None
     seed: int = 0
 
-    def graft_options(self) -> dict:
-        """What graft takes besides the inputs and α: how several updates are combined."""
-        return {"weights": self.weights, "combine": self.combine, "density": self.density, "seed": self.seed}
+    def weight_sets(self) -> list[str | None]:
+        return [None] if self.weights is None else [w.strip() for w in str(self.weights).split(";")]
 
-    def label(self, alpha: float) -> str:
-        return f"{ALPHA_LABEL}{alpha:g}"
+    def methods(self) -> list[str]:
+        return [c.strip() for c in str(self.combine).split(",")]
+
+    def settings(self) -> list[dict]:
+        """Each setting of the grid: graft's options besides the inputs and α (density and seed where the method
+        uses them)."""
+        return [{"weights": w, "combine": c, "density": self.density if c != "sum" else None,
+                 "seed": self.seed if c.startswith("dare") else 0}
+                for w in self.weight_sets() for c in self.methods()]
+
+    def graft_options(self, setting: int = 0) -> dict:
+        """What graft takes besides the inputs and α for one setting: how several updates are combined."""
+        return self.settings()[setting]
+
+    def tag(self, setting: int) -> str:
+        """The setting in a label: what varies over the grid (w=1_0.5, ties), '' when nothing does."""
+        options, parts = self.settings()[setting], []
+        if len(self.weight_sets()) > 1:
+            parts.append("w=" + options["weights"].replace(",", "_"))
+        if len(self.methods()) > 1:
+            parts.append(options["combine"])
+        return "+".join(parts)
+
+    def described(self, setting: int) -> str:
+        """The setting in words, for reports ('' for a sweep of one setting)."""
+        options, parts = self.settings()[setting], []
+        if len(self.weight_sets()) > 1:
+            parts.append(f"weights {options['weights']}")
+        if len(self.methods()) > 1:
+            parts.append(options["combine"])
+        return ", ".join(parts)
+
+    def label(self, alpha: float, setting: int = 0) -> str:
+        tag = self.tag(setting)
+        return f"{ALPHA_LABEL}{alpha:g}" + (f"+{tag}" if tag else "")
+
+    def points(self) -> list[tuple[str, float, int]]:
+        """(label, α, setting) of every swept model, setting by setting."""
+        return [(self.label(a, k), a, k) for k in range(len(self.settings())) for a in self.alphas]

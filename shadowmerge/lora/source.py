@@ -101,7 +101,8 @@ class LoraDelta:
                 f"{flag} {adapter.ref}: none of its {len(self._targets)} target(s) is in the {model} "
                 f"(e.g. {sorted(self._targets)[0]}): the adapter was made for another model{base_model}; pass "
                 f"{which}")
-        self._norms_of: tuple[object, torch.Tensor | None] = (None, None)
+        self._norms_of: dict = {}         # entry -> DoRA norms, the last few (the reader and TIES' passes ask)
+        self._norms_lock = threading.Lock()
         self._local = threading.local()
 
     def _to_disk_names(self, instruct: Checkpoint) -> None:
@@ -329,8 +330,10 @@ class LoraDelta:
 
     def norms(self, entry: LoraWeight) -> torch.Tensor:
         """DoRA's ||W_B + dW|| per output unit, streamed over the tensor (float64 sums), for one entry at a time."""
-        if self._norms_of[0] is entry:
-            return self._norms_of[1]
+        with self._norms_lock:
+            got = self._norms_of.get(id(entry))
+        if got is not None and got[0] is entry:
+            return got[1]
         mod = entry.module
         rows, cols = mod.shape
         sums = torch.zeros(cols if mod.transposed else rows, dtype=torch.float64)
@@ -353,7 +356,10 @@ class LoraDelta:
             else:
                 sums[r0:r1] += sq.sum(1)
         norms = sums.sqrt().float()
-        self._norms_of = (entry, norms)
+        with self._norms_lock:
+            while len(self._norms_of) >= 4:
+                self._norms_of.pop(next(iter(self._norms_of)))
+            self._norms_of[id(entry)] = (entry, norms)
         return norms
 
     # --- compute (main thread, on the arithmetic device): each entry computes its own delta ---------
